@@ -1,0 +1,288 @@
+//! The `keybroker mount` configuration file (YAML), parsed once into validated types.
+//!
+//! ```yaml
+//! provider:
+//!   local:
+//!     path: secrets/          # a directory or a .yaml file; relative to this file
+//! volume:
+//!   type: fuse                # fuse (default) or tmpfs
+//!   pollInterval: 2m          # refresh of values without a lease
+//!   gid: 1000                 # group of the files (like fsGroup); default: the caller's
+//!   limits: { maxFiles: 64, maxObjectBytes: 1048576, maxVolumeBytes: 8388608 }
+//! audit:
+//!   path: audit.jsonl         # relative to this file
+//!   failClosed: false         # true: stop serving opens when the audit log cannot be written
+//! files:
+//!   - name: db-password       # file name in the volume
+//!     object: db              # object at the provider
+//!     key: password           # one key of a JSON object value
+//!     mode: "0440"            # octal, as a string
+//!     encoding: utf-8         # how the value is stored: utf-8, base64 or hex
+//!   - name: database-url
+//!     object: db
+//!     template: "postgresql://{{username}}:{{password}}@db:5432/app"
+//! ```
+//!
+//! Unknown fields are errors (a typo must not silently drop a setting).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::volume::VolumeKind;
+use crate::volume::content::{ContentError, Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent};
+
+pub const DEFAULT_POLL: Duration = Duration::from_secs(120);
+pub const DEFAULT_MODE: u32 = 0o440;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    provider: RawProvider,
+    #[serde(default)]
+    volume: RawVolume,
+    #[serde(default)]
+    audit: RawAudit,
+    files: Vec<RawFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProvider {
+    local: Option<RawLocal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLocal {
+    path: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawVolume {
+    #[serde(rename = "type")]
+    kind: Option<VolumeKind>,
+    poll_interval: Option<String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    fuse_threads: Option<usize>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLimits {
+    max_files: Option<usize>,
+    max_object_bytes: Option<usize>,
+    max_volume_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAudit {
+    path: Option<PathBuf>,
+    #[serde(default)]
+    fail_closed: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    name: String,
+    object: String,
+    key: Option<String>,
+    version: Option<String>,
+    encoding: Option<String>,
+    mode: Option<serde_norway::Value>,
+    template: Option<String>,
+}
+
+/// Where secrets come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProviderConfig {
+    Local { path: PathBuf },
+}
+
+/// A validated `keybroker mount` configuration.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub provider: ProviderConfig,
+    pub content: VolumeContent,
+    pub kind: VolumeKind,
+    pub poll: Duration,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub fuse_threads: usize,
+    pub audit_path: PathBuf,
+    pub fail_closed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: String },
+    #[error("{path} is not a valid keybroker config: {error}")]
+    Syntax { path: PathBuf, error: String },
+    #[error("{path}: {field}: {error}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        error: String,
+    },
+}
+
+/// Parses a mode given as an octal string ("0440", "440").
+pub fn parse_mode(v: &serde_norway::Value) -> Result<u32, String> {
+    let s = match v {
+        serde_norway::Value::String(s) => s.as_str(),
+        _ => return Err("write the mode as a quoted octal string, e.g. \"0440\"".into()),
+    };
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("\"{}\" is not an octal mode", s.escape_debug()))?;
+    if m > 0o777 {
+        return Err(format!("{s} has bits beyond 0777 (setuid/setgid/sticky are not allowed)"));
+    }
+    Ok(m)
+}
+
+impl MountConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Parses `text` (read from `path`); relative paths are taken from `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+        let invalid = |field: String, error: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            error,
+        };
+        let provider = match raw.provider.local {
+            Some(l) => ProviderConfig::Local {
+                path: base.join(l.path),
+            },
+            None => return Err(invalid("provider".into(), "name a provider: `local: {path: ...}`".into())),
+        };
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_files: raw.volume.limits.max_files.unwrap_or(defaults.max_files),
+            max_object_bytes: raw.volume.limits.max_object_bytes.unwrap_or(defaults.max_object_bytes),
+            max_volume_bytes: raw.volume.limits.max_volume_bytes.unwrap_or(defaults.max_volume_bytes),
+        };
+        let poll = match &raw.volume.poll_interval {
+            None => DEFAULT_POLL,
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|e| invalid("volume.pollInterval".into(), format!("\"{s}\": {e} (write e.g. 30s or 2m)")))?,
+        };
+        if poll < Duration::from_millis(500) {
+            return Err(invalid("volume.pollInterval".into(), "must be at least 500ms".into()));
+        }
+        let mut files = Vec::with_capacity(raw.files.len());
+        for (i, f) in raw.files.into_iter().enumerate() {
+            let field = |sub: &str| format!("files[{i}].{sub}");
+            let ctx = |sub: &str, e: ContentError| invalid(field(sub), e.to_string());
+            let name = FileName::parse(&f.name).map_err(|e| ctx("name", e))?;
+            if f.object.is_empty() || f.object.chars().any(char::is_control) {
+                return Err(invalid(field("object"), "must be a non-empty object name".into()));
+            }
+            let mode = match &f.mode {
+                None => DEFAULT_MODE,
+                Some(v) => parse_mode(v).map_err(|e| invalid(field("mode"), e))?,
+            };
+            let source = match (f.template, f.key, f.encoding) {
+                (Some(_), Some(_), _) => {
+                    return Err(invalid(field("template"), "use either `template` or `key`, not both".into()));
+                }
+                (Some(_), _, Some(_)) => {
+                    return Err(invalid(field("template"), "`encoding` does not apply to a template".into()));
+                }
+                (Some(t), None, None) => FileSource::Template(Template::parse(&t).map_err(|e| ctx("template", e))?),
+                (None, key, enc) => FileSource::Object {
+                    key,
+                    encoding: match enc {
+                        None => Encoding::Utf8,
+                        Some(e) => Encoding::parse(&e).map_err(|e| ctx("encoding", e))?,
+                    },
+                },
+            };
+            files.push(FileSpec {
+                name,
+                object: f.object,
+                version: f.version,
+                mode,
+                source,
+            });
+        }
+        let content = VolumeContent::new(files, limits).map_err(|e| invalid("files".into(), e.to_string()))?;
+        Ok(Self {
+            provider,
+            content,
+            kind: raw.volume.kind.unwrap_or_default(),
+            poll,
+            uid: raw.volume.uid,
+            gid: raw.volume.gid,
+            fuse_threads: raw.volume.fuse_threads.unwrap_or(2).clamp(1, 16),
+            audit_path: base.join(raw.audit.path.unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl"))),
+            fail_closed: raw.audit.fail_closed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<MountConfig, String> {
+        MountConfig::parse(text, Path::new("c.yaml"), Path::new("/base")).map_err(|e| e.to_string())
+    }
+
+    const OK: &str = "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a}\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(OK).unwrap();
+        assert_eq!(c.provider, ProviderConfig::Local { path: "/base/s".into() });
+        assert_eq!(c.kind, VolumeKind::Fuse);
+        assert_eq!(c.poll, DEFAULT_POLL);
+        assert_eq!(c.content.files[0].mode, 0o440);
+        assert_eq!(c.audit_path, Path::new("/base/keybroker-audit.jsonl"));
+        assert_eq!(c.content.limits, Limits::default());
+    }
+
+    #[test]
+    fn each_mistake_names_its_field_and_rule() {
+        let cases = [
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: /etc/x, object: a}\n", "files[0].name"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: ../x, object: a}\n", "'..'"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: 440}\n", "quoted octal"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: \"4755\"}\n", "setuid"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, encoding: rot13}\n", "files[0].encoding"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, template: \"{{x\"}\n", "files[0].template"),
+            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, tempalte: x}\n", "unknown field `tempalte`"),
+            ("provider: {local: {path: s}}\nvolume: {pollInterval: soon}\nfiles:\n  - {name: a, object: a}\n", "pollInterval"),
+            ("provider: {local: {path: s}}\nvolume: {type: nfs}\nfiles:\n  - {name: a, object: a}\n", "unknown variant `nfs`"),
+            ("provider: {}\nfiles:\n  - {name: a, object: a}\n", "name a provider"),
+            ("provider: {local: {path: s}}\nfiles: []\n", "no files"),
+            (
+                "provider: {local: {path: s}}\nvolume: {limits: {maxFiles: 1}}\nfiles:\n  - {name: a, object: a}\n  - {name: b, object: b}\n",
+                "at most 1",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text}\n=> {err}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! keybroker: serves secrets to pods from memory, as the pod's own identity.
+//!
+//! The core (everything in this crate except the protocol edges named below) has no FUSE, gRPC
+//! or provider-SDK types in it. Request flow and module ownership: docs/ARCHITECTURE.md.
+//!
+//! - [`secret`]: secret bytes (zeroized, redacted);
+//! - [`provider`]: where objects come from (`local` here; Vault and Azure behind the same trait);
+//! - [`cache`] + [`rotation`]: one fetch per object per cycle on the node, and when to refetch;
+//! - [`refresh`]: keeps one volume fresh;
+//! - [`volume`]: content model, the in-memory filesystem, and the FUSE/tmpfs edges;
+//! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
+//! - [`config`] + [`mount`]: `keybroker mount`.
+
+pub mod audit;
+pub mod cache;
+pub mod config;
+pub mod mount;
+pub mod procinfo;
+pub mod provider;
+pub mod refresh;
+pub mod rotation;
+pub mod secret;
+pub mod volume;

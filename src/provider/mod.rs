@@ -1,0 +1,81 @@
+//! Providers: where secret objects come from.
+//!
+//! A [`Provider`] fetches one object for one identity. It knows nothing of volumes, caching or
+//! rotation timing (see [`crate::cache`] and [`crate::rotation`]); it reports the version and
+//! lease it got so the scheduler can decide when to come back.
+
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::secret::SecretObject;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to fetch: an object name as the provider knows it, optionally pinned to a version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRequest {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+/// A provider of secret objects. Implementations must be cheap to call concurrently.
+pub trait Provider: Send + Sync + 'static {
+    /// A short name for logs, metrics and the audit log ("local", "vault", "azure").
+    fn kind(&self) -> &'static str;
+
+    /// Fetches one object. Errors name the object and say what to fix; they never carry a value
+    /// or a credential.
+    fn fetch<'a>(&'a self, req: &'a ObjectRequest) -> BoxFuture<'a, Result<SecretObject, ProviderError>>;
+
+    /// A channel that ticks when the provider knows its objects changed (file watches); `None`
+    /// when the provider can only be polled.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Why a fetch failed. `Clone` because one failed fetch is reported to every waiter of a
+/// single-flight group.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProviderError {
+    #[error("object \"{object}\" was not found at the {provider} provider")]
+    NotFound { provider: &'static str, object: String },
+    #[error("the {provider} provider refused access to \"{object}\": {detail}")]
+    PermissionDenied {
+        provider: &'static str,
+        object: String,
+        detail: String,
+    },
+    #[error("the {provider} provider is throttling requests; retry after {retry_after:?}")]
+    Throttled {
+        provider: &'static str,
+        retry_after: Option<Duration>,
+    },
+    #[error("the {provider} provider is unavailable: {detail}")]
+    Unavailable { provider: &'static str, detail: String },
+    #[error("object \"{object}\" at the {provider} provider is not usable: {detail}")]
+    Invalid {
+        provider: &'static str,
+        object: String,
+        detail: String,
+    },
+}
+
+impl ProviderError {
+    /// Whether waiting and trying again may help (throttling, outages); a permanent error is
+    /// still retried by rotation, but reported as a configuration problem.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled { .. } | Self::Unavailable { .. })
+    }
+
+    /// The wait a provider asked for (HTTP `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}

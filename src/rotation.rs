@@ -1,0 +1,165 @@
+//! When to come back for a secret: pure functions of what was fetched, the time and a random
+//! number, so every rule is unit-tested without a clock.
+//!
+//! The rules (DESIGN.md §6, as Vault Agent and consul-template apply them):
+//! - no lease, no expiry (KV, local files): poll every `poll` with up to +10% jitter, so that
+//!   volumes mounted at the same moment do not refresh in lock-step;
+//! - non-renewable lease: refetch at 90% ± 5% of the lease;
+//! - renewable lease: renew at about 2/3 of the remaining lease minus a 10–20% random grace;
+//!   when a renewal no longer extends the lease and what is left is below 4× the grace,
+//!   fetch a new secret instead;
+//! - a value with a hard expiry (a certificate): reissue at 90% of its lifetime;
+//! - after a failure: exponential backoff 1-2-4-8-16 s with ±20% jitter, never sooner than the
+//!   provider's `Retry-After`.
+//!
+//! `jitter` arguments are uniform random numbers in [0, 1), drawn by the caller.
+
+use std::time::Duration;
+
+/// Shortest delay any rule may produce: protects providers from a tight loop when a lease is
+/// tiny or a clock is off.
+pub const MIN_DELAY: Duration = Duration::from_millis(250);
+/// Ceiling of the failure backoff.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(16);
+
+/// What the scheduler should do next for one object.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Next {
+    /// Fetch the object again after the delay.
+    Refetch(Duration),
+    /// Renew the lease after the delay.
+    Renew(Duration),
+}
+
+impl Next {
+    pub fn delay(self) -> Duration {
+        match self {
+            Next::Refetch(d) | Next::Renew(d) => d,
+        }
+    }
+}
+
+/// What is known about a value that was just fetched or renewed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Validity {
+    /// No lease and no expiry: poll.
+    Unleased,
+    /// A lease that cannot be renewed, `remaining` from now.
+    Lease { remaining: Duration },
+    /// A renewable lease. `extended` is false when the last renewal did not move the end of the
+    /// lease (max TTL reached).
+    RenewableLease { remaining: Duration, extended: bool },
+    /// A value with a hard end of life (certificate), `lifetime` in total and `remaining` now.
+    Expires { lifetime: Duration, remaining: Duration },
+}
+
+fn clamp(d: Duration) -> Duration {
+    d.max(MIN_DELAY)
+}
+
+/// The next step for an object, from its validity.
+pub fn next(validity: Validity, poll: Duration, jitter: f64) -> Next {
+    let j = jitter.clamp(0.0, 1.0);
+    match validity {
+        Validity::Unleased => Next::Refetch(clamp(poll.mul_f64(1.0 + 0.1 * j))),
+        Validity::Lease { remaining } => Next::Refetch(clamp(remaining.mul_f64(0.85 + 0.1 * j))),
+        Validity::RenewableLease { remaining, extended } => {
+            let grace = remaining.mul_f64(0.10 + 0.10 * j);
+            if !extended && remaining < grace * 4 + MIN_DELAY {
+                // The lease cannot grow any more and is about to end: replace the secret while
+                // the current one is still valid.
+                return Next::Refetch(clamp(remaining.saturating_sub(grace)));
+            }
+            if !extended {
+                // Past max TTL growth: keep it until the last stretch, then refetch.
+                return Next::Refetch(clamp(remaining.saturating_sub(grace * 4)));
+            }
+            Next::Renew(clamp((remaining * 2 / 3).saturating_sub(grace)))
+        }
+        Validity::Expires { lifetime, remaining } => {
+            // Reissue at 90% of the lifetime, i.e. when 10% of it is left.
+            Next::Refetch(clamp(remaining.saturating_sub(lifetime / 10)))
+        }
+    }
+}
+
+/// Delay before retry number `failures` (1 for the first failure).
+pub fn backoff(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let j = jitter.clamp(0.0, 1.0);
+    let exp = failures.saturating_sub(1).min(4);
+    let base = Duration::from_secs(1u64 << exp).min(MAX_BACKOFF);
+    let jittered = base.mul_f64(0.8 + 0.4 * j);
+    match retry_after {
+        // Honour the provider: never earlier than it asked, plus a little spread so a fleet of
+        // waiters does not return in the same millisecond.
+        Some(ra) => jittered.max(ra + ra.mul_f64(0.1 * j)),
+        None => jittered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn unleased_polls_with_bounded_jitter() {
+        assert_eq!(next(Validity::Unleased, S(120), 0.0), Next::Refetch(S(120)));
+        assert_eq!(next(Validity::Unleased, S(120), 0.999).delay().as_secs(), 131);
+        assert_eq!(next(Validity::Unleased, Duration::ZERO, 0.5).delay(), MIN_DELAY);
+    }
+
+    #[test]
+    fn non_renewable_lease_refetches_at_90_percent_plus_minus_5() {
+        for j in [0.0, 0.5, 0.999] {
+            let d = next(Validity::Lease { remaining: S(100) }, S(120), j).delay();
+            assert!(d >= S(85) && d <= S(95), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn renewable_lease_renews_at_two_thirds_minus_grace() {
+        for j in [0.0, 0.5, 0.999] {
+            match next(Validity::RenewableLease { remaining: S(300), extended: true }, S(120), j) {
+                Next::Renew(d) => assert!(d >= S(140) && d <= S(170), "{d:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lease_that_stopped_growing_is_replaced_before_it_ends() {
+        // Remaining 30 s of a lease that no longer extends: refetch well before the end.
+        match next(Validity::RenewableLease { remaining: S(30), extended: false }, S(120), 0.5) {
+            Next::Refetch(d) => assert!(d < S(30) && d >= S(10), "{d:?}"),
+            other => panic!("{other:?}"),
+        }
+        // Even a tiny remainder never yields a zero delay (no tight loop).
+        let d = next(Validity::RenewableLease { remaining: Duration::from_millis(10), extended: false }, S(120), 0.5);
+        assert_eq!(d, Next::Refetch(MIN_DELAY));
+    }
+
+    #[test]
+    fn certificates_reissue_at_90_percent_of_lifetime() {
+        let d = next(Validity::Expires { lifetime: S(1000), remaining: S(1000) }, S(120), 0.3);
+        assert_eq!(d, Next::Refetch(S(900)));
+        let d = next(Validity::Expires { lifetime: S(1000), remaining: S(50) }, S(120), 0.3);
+        assert_eq!(d, Next::Refetch(MIN_DELAY));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling_and_honours_retry_after() {
+        let mid: Vec<u64> = (1..=7).map(|n| backoff(n, None, 0.5).as_secs()).collect();
+        assert_eq!(mid, [1, 2, 4, 8, 16, 16, 16]);
+        for j in [0.0, 0.999] {
+            let d = backoff(1, None, j);
+            assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200));
+        }
+        // Retry-After wins when it is longer than the backoff, and is never undercut.
+        for j in [0.0, 0.5, 0.999] {
+            let d = backoff(1, Some(S(30)), j);
+            assert!(d >= S(30) && d <= S(33), "{d:?}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Secret values in memory.
+//!
+//! Every byte that came from a provider lives in a [`SecretBytes`]: zeroized when dropped,
+//! redacted in `Debug`, never `Display`. Nothing in this module writes, logs or serializes a
+//! value; the only way to the bytes is [`SecretBytes::expose`], which makes each use greppable.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Bytes of a secret. Zeroized on drop; `Debug` prints only the length.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The raw bytes. Call sites are the only places a value leaves this type.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// A short, non-reversible fingerprint used to tell versions apart (never the value).
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.expose());
+        hex::encode(&digest[..8])
+    }
+}
+
+impl From<Vec<u8>> for SecretBytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.len())
+    }
+}
+
+/// A lease attached to a fetched secret (Vault dynamic secrets, PKI certificates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub duration: Duration,
+    pub renewable: bool,
+}
+
+/// One object as a provider returned it.
+#[derive(Clone, Debug)]
+pub struct SecretObject {
+    pub value: SecretBytes,
+    /// Provider version (Key Vault version id, KV v2 version, or a content fingerprint).
+    pub version: String,
+    pub content_type: Option<String>,
+    /// Hard expiry of the value itself, when the provider knows one (certificate notAfter).
+    pub expires_at: Option<SystemTime>,
+    pub lease: Option<Lease>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let s = SecretBytes::new(b"hunter2-very-secret".to_vec());
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("19 bytes"));
+        let obj = SecretObject {
+            value: s,
+            version: "v1".into(),
+            content_type: None,
+            expires_at: None,
+            lease: None,
+        };
+        assert!(!format!("{obj:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn fingerprint_differs_by_content_and_hides_it() {
+        let a = SecretBytes::new(b"a".to_vec());
+        let b = SecretBytes::new(b"b".to_vec());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 16);
+    }
+}

@@ -1,0 +1,569 @@
+//! The volume content model, shared by every volume type.
+//!
+//! A volume is a flat set of files. Each file comes from one provider object: the whole value,
+//! one key of a JSON value, or a template that renders several keys of one object into one file
+//! (so a connection string's username and password always come from the same fetch/lease).
+//! Everything here is validated once, when the config is parsed ([`FileName::parse`],
+//! [`Template::parse`], [`Limits`]); rendering only reports what the *values* got wrong.
+//!
+//! What this module does not do: fetch, mount, or write anything.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine;
+use serde_json::Value;
+use zeroize::Zeroize;
+
+use crate::provider::ObjectRequest;
+use crate::secret::{SecretBytes, SecretObject};
+
+/// Bounds on what one volume may hold. Every limit applies to input a pod or config controls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Files in one volume (default 64).
+    pub max_files: usize,
+    /// Bytes of one object as fetched, and of one rendered file (default 1 MiB, the size limit
+    /// of a Kubernetes Secret).
+    pub max_object_bytes: usize,
+    /// Bytes of all files of one volume together (default 8 MiB).
+    pub max_volume_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_files: 64,
+            max_object_bytes: 1 << 20,
+            max_volume_bytes: 8 << 20,
+        }
+    }
+}
+
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// A validated file name inside a volume: one path element, no traversal, not reserved.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileName(String);
+
+impl FileName {
+    pub fn parse(name: &str) -> Result<Self, ContentError> {
+        let bad = |rule: &'static str| ContentError::BadFileName {
+            name: printable(name),
+            rule,
+        };
+        if name.is_empty() {
+            return Err(bad("must not be empty"));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(bad("must be at most 255 bytes"));
+        }
+        if name.starts_with('/') {
+            return Err(bad("must be relative, not an absolute path"));
+        }
+        if name == "." || name == ".." || name.split('/').any(|p| p == "..") {
+            return Err(bad("must not contain '..' path elements"));
+        }
+        if name.contains('/') {
+            return Err(bad("must be a single file name without '/'"));
+        }
+        if name.starts_with("..") {
+            return Err(bad("must not start with '..' (reserved for the volume layout)"));
+        }
+        if name.chars().any(|c| c.is_control()) {
+            return Err(bad("must not contain control characters"));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for FileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How the value is encoded at the provider. The file receives the decoded bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    #[default]
+    Utf8,
+    Base64,
+    Hex,
+}
+
+impl Encoding {
+    pub fn parse(s: &str) -> Result<Self, ContentError> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "utf-8" | "utf8" | "text" => Ok(Self::Utf8),
+            "base64" => Ok(Self::Base64),
+            "hex" => Ok(Self::Hex),
+            _ => Err(ContentError::BadEncoding(printable(s))),
+        }
+    }
+}
+
+/// A parsed template: literal text and `{{ key }}` placeholders naming keys of one JSON object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Key(String),
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Self, ContentError> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Literal(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 2..];
+            let end = after.find("}}").ok_or(ContentError::BadTemplate(
+                "a '{{' has no matching '}}'".into(),
+            ))?;
+            let key = after[..end].trim();
+            if key.is_empty() || key.contains("{{") {
+                return Err(ContentError::BadTemplate(
+                    "a placeholder must name a key, as in {{password}}".into(),
+                ));
+            }
+            parts.push(Part::Key(key.to_owned()));
+            rest = &after[end + 2..];
+        }
+        if rest.contains("}}") {
+            return Err(ContentError::BadTemplate(
+                "a '}}' has no matching '{{'".into(),
+            ));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Key(_))) {
+            return Err(ContentError::BadTemplate(
+                "a template needs at least one {{key}} placeholder".into(),
+            ));
+        }
+        Ok(Self { parts })
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Key(k) => Some(k.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+}
+
+/// What one file is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileSource {
+    /// The object's value, or one key of it when it is a JSON object, decoded per `encoding`.
+    Object {
+        key: Option<String>,
+        encoding: Encoding,
+    },
+    /// Keys of the object's JSON value rendered into a template.
+    Template(Template),
+}
+
+/// One file of a volume, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSpec {
+    pub name: FileName,
+    /// Name of the object at the provider this file is made from.
+    pub object: String,
+    /// A pinned version of the object, if any (otherwise the latest).
+    pub version: Option<String>,
+    pub mode: u32,
+    pub source: FileSource,
+}
+
+impl FileSpec {
+    pub fn request(&self) -> ObjectRequest {
+        ObjectRequest {
+            name: self.object.clone(),
+            version: self.version.clone(),
+        }
+    }
+}
+
+/// The whole content description of a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeContent {
+    pub files: Vec<FileSpec>,
+    pub limits: Limits,
+}
+
+impl VolumeContent {
+    /// Checks the rules that span files: count, duplicate names.
+    pub fn new(files: Vec<FileSpec>, limits: Limits) -> Result<Self, ContentError> {
+        if files.is_empty() {
+            return Err(ContentError::NoFiles);
+        }
+        if files.len() > limits.max_files {
+            return Err(ContentError::TooManyFiles {
+                count: files.len(),
+                max: limits.max_files,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &files {
+            if !seen.insert(f.name.clone()) {
+                return Err(ContentError::DuplicateFile(f.name.to_string()));
+            }
+        }
+        Ok(Self { files, limits })
+    }
+
+    /// The distinct provider objects this volume needs, in a stable order.
+    pub fn objects(&self) -> Vec<ObjectRequest> {
+        let set: std::collections::BTreeSet<ObjectRequest> =
+            self.files.iter().map(FileSpec::request).collect();
+        set.into_iter().collect()
+    }
+
+    /// Renders every file from one consistent set of objects.
+    pub fn render(
+        &self,
+        objects: &BTreeMap<ObjectRequest, Arc<SecretObject>>,
+    ) -> Result<Vec<RenderedFile>, ContentError> {
+        let mut out = Vec::with_capacity(self.files.len());
+        let mut total = 0usize;
+        for spec in &self.files {
+            let obj = objects
+                .get(&spec.request())
+                .ok_or_else(|| ContentError::MissingObject(spec.object.clone()))?;
+            if obj.value.len() > self.limits.max_object_bytes {
+                return Err(ContentError::TooLarge {
+                    object: spec.object.clone(),
+                    size: obj.value.len(),
+                    max: self.limits.max_object_bytes,
+                });
+            }
+            let bytes = render_one(spec, obj)?;
+            if bytes.len() > self.limits.max_object_bytes {
+                return Err(ContentError::TooLarge {
+                    object: spec.object.clone(),
+                    size: bytes.len(),
+                    max: self.limits.max_object_bytes,
+                });
+            }
+            total += bytes.len();
+            if total > self.limits.max_volume_bytes {
+                return Err(ContentError::VolumeTooLarge {
+                    max: self.limits.max_volume_bytes,
+                });
+            }
+            out.push(RenderedFile {
+                name: spec.name.clone(),
+                mode: spec.mode,
+                bytes,
+                object: spec.object.clone(),
+                version: obj.version.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A file ready to be served: name, mode and the bytes (secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedFile {
+    pub name: FileName,
+    pub mode: u32,
+    pub bytes: SecretBytes,
+    pub object: String,
+    pub version: String,
+}
+
+/// A parsed JSON value whose strings are zeroized when it is dropped.
+struct JsonSecret(Value);
+
+impl Drop for JsonSecret {
+    fn drop(&mut self) {
+        fn wipe(v: &mut Value) {
+            match v {
+                Value::String(s) => s.zeroize(),
+                Value::Array(a) => a.iter_mut().for_each(wipe),
+                Value::Object(m) => m.values_mut().for_each(wipe),
+                _ => {}
+            }
+        }
+        wipe(&mut self.0);
+    }
+}
+
+fn parse_json_object(object: &str, value: &SecretBytes) -> Result<JsonSecret, ContentError> {
+    let v: Value = serde_json::from_slice(value.expose()).map_err(|_| ContentError::NotJson {
+        object: object.to_owned(),
+    })?;
+    let v = JsonSecret(v);
+    if !v.0.is_object() {
+        return Err(ContentError::NotJson {
+            object: object.to_owned(),
+        });
+    }
+    Ok(v)
+}
+
+fn json_field(object: &str, json: &JsonSecret, key: &str) -> Result<SecretBytes, ContentError> {
+    match json.0.get(key) {
+        Some(Value::String(s)) => Ok(SecretBytes::new(s.as_bytes().to_vec())),
+        Some(Value::Null) | None => Err(ContentError::MissingKey {
+            object: object.to_owned(),
+            key: key.to_owned(),
+        }),
+        // Numbers, booleans and nested values are written as their JSON text.
+        Some(other) => Ok(SecretBytes::new(other.to_string().into_bytes())),
+    }
+}
+
+fn render_one(spec: &FileSpec, obj: &SecretObject) -> Result<SecretBytes, ContentError> {
+    match &spec.source {
+        FileSource::Object { key, encoding } => {
+            let raw = match key {
+                None => obj.value.clone(),
+                Some(k) => {
+                    let json = parse_json_object(&spec.object, &obj.value)?;
+                    json_field(&spec.object, &json, k)?
+                }
+            };
+            decode(&spec.object, *encoding, raw)
+        }
+        FileSource::Template(t) => {
+            let json = parse_json_object(&spec.object, &obj.value)?;
+            let mut out = zeroize::Zeroizing::new(Vec::new());
+            for part in &t.parts {
+                match part {
+                    Part::Literal(s) => out.extend_from_slice(s.as_bytes()),
+                    Part::Key(k) => out.extend_from_slice(json_field(&spec.object, &json, k)?.expose()),
+                }
+            }
+            Ok(SecretBytes::new(std::mem::take(&mut *out)))
+        }
+    }
+}
+
+fn decode(object: &str, encoding: Encoding, raw: SecretBytes) -> Result<SecretBytes, ContentError> {
+    let bad = || ContentError::BadValueEncoding {
+        object: object.to_owned(),
+        encoding,
+    };
+    match encoding {
+        Encoding::Utf8 => Ok(raw),
+        Encoding::Base64 => {
+            let trimmed = raw.expose().trim_ascii();
+            base64::engine::general_purpose::STANDARD
+                .decode(trimmed)
+                .map(SecretBytes::new)
+                .map_err(|_| bad())
+        }
+        Encoding::Hex => hex::decode(raw.expose().trim_ascii())
+            .map(SecretBytes::new)
+            .map_err(|_| bad()),
+    }
+}
+
+/// A name as it may be shown in an error: control characters escaped, long names cut.
+fn printable(s: &str) -> String {
+    let escaped: String = s.escape_debug().collect();
+    if escaped.len() > 80 {
+        let cut: String = escaped.chars().take(80).collect();
+        format!("{cut}... ({} bytes)", s.len())
+    } else {
+        escaped
+    }
+}
+
+/// Everything that can be wrong with volume content. Messages name the object or file and the
+/// rule, never a value.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ContentError {
+    #[error("file name \"{name}\" is not allowed: it {rule}")]
+    BadFileName { name: String, rule: &'static str },
+    #[error("encoding \"{0}\" is not known: use utf-8, base64 or hex")]
+    BadEncoding(String),
+    #[error("template is not valid: {0}")]
+    BadTemplate(String),
+    #[error("the volume lists no files")]
+    NoFiles,
+    #[error("the volume has {count} files; at most {max} are allowed (limits.maxFiles)")]
+    TooManyFiles { count: usize, max: usize },
+    #[error("file name \"{0}\" is used twice")]
+    DuplicateFile(String),
+    #[error("object \"{0}\" was not fetched")]
+    MissingObject(String),
+    #[error("object \"{object}\" is {size} bytes; at most {max} are allowed (limits.maxObjectBytes)")]
+    TooLarge {
+        object: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("the volume's files together exceed {max} bytes (limits.maxVolumeBytes)")]
+    VolumeTooLarge { max: usize },
+    #[error("object \"{object}\" is not a JSON object, so a key or template cannot be read from it")]
+    NotJson { object: String },
+    #[error("object \"{object}\" has no key \"{key}\"")]
+    MissingKey { object: String, key: String },
+    #[error("object \"{object}\" is not valid {encoding:?} as its encoding says")]
+    BadValueEncoding { object: String, encoding: Encoding },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: &str) -> Arc<SecretObject> {
+        Arc::new(SecretObject {
+            value: SecretBytes::new(v.as_bytes().to_vec()),
+            version: "1".into(),
+            content_type: None,
+            expires_at: None,
+            lease: None,
+        })
+    }
+
+    fn req(name: &str) -> ObjectRequest {
+        ObjectRequest { name: name.into(), version: None }
+    }
+
+    fn spec(name: &str, object: &str, source: FileSource) -> FileSpec {
+        FileSpec {
+            name: FileName::parse(name).unwrap(),
+            object: object.into(),
+            version: None,
+            mode: 0o440,
+            source,
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_rejected_with_the_rule() {
+        let long = "a".repeat(256);
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("/etc/passwd", "absolute"),
+            ("..", "'..'"),
+            ("a/../b", "'..'"),
+            ("a/b", "'/'"),
+            ("..data", "reserved"),
+            ("a\nb", "control"),
+            (long.as_str(), "255"),
+        ];
+        for (name, rule) in cases {
+            let err = FileName::parse(name).unwrap_err().to_string();
+            assert!(err.contains(rule), "{name:?}: {err}");
+        }
+        assert_eq!(FileName::parse("tls.crt").unwrap().as_str(), "tls.crt");
+        assert!(FileName::parse(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn templates_parse_and_reject_malformed() {
+        let t = Template::parse("postgresql://{{username}}:{{ password }}@db:5432/app").unwrap();
+        assert_eq!(t.keys().collect::<Vec<_>>(), ["username", "password"]);
+        for bad in ["{{username", "user}}", "no placeholders", "{{}}"] {
+            assert!(Template::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_whole_key_encoded_and_template() {
+        let content = VolumeContent::new(
+            vec![
+                spec("plain", "p", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
+                spec("b64", "b", FileSource::Object { key: None, encoding: Encoding::Base64 }),
+                spec("hex", "h", FileSource::Object { key: None, encoding: Encoding::Hex }),
+                spec("user", "db", FileSource::Object { key: Some("username".into()), encoding: Encoding::Utf8 }),
+                spec("port", "db", FileSource::Object { key: Some("port".into()), encoding: Encoding::Utf8 }),
+                spec(
+                    "url",
+                    "db",
+                    FileSource::Template(Template::parse("postgresql://{{username}}:{{password}}@db:{{port}}/app").unwrap()),
+                ),
+            ],
+            Limits::default(),
+        )
+        .unwrap();
+        let mut objects = BTreeMap::new();
+        objects.insert(req("p"), obj("plain-value"));
+        objects.insert(req("b"), obj("aGVsbG8=\n"));
+        objects.insert(req("h"), obj("776f726c64"));
+        objects.insert(req("db"), obj(r#"{"username":"app","password":"s3cr3t","port":5432}"#));
+        let files = content.render(&objects).unwrap();
+        let got: Vec<(&str, &[u8])> = files.iter().map(|f| (f.name.as_str(), f.bytes.expose())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("plain", &b"plain-value"[..]),
+                ("b64", b"hello"),
+                ("hex", b"world"),
+                ("user", b"app"),
+                ("port", b"5432"),
+                ("url", b"postgresql://app:s3cr3t@db:5432/app"),
+            ]
+        );
+        assert_eq!(content.objects().iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["b", "db", "h", "p"]);
+    }
+
+    #[test]
+    fn value_errors_name_the_object_never_the_value() {
+        let content = VolumeContent::new(
+            vec![spec("f", "o", FileSource::Object { key: Some("k".into()), encoding: Encoding::Utf8 })],
+            Limits::default(),
+        )
+        .unwrap();
+        let mut objects = BTreeMap::new();
+        objects.insert(req("o"), obj("top-secret-not-json"));
+        let err = content.render(&objects).unwrap_err().to_string();
+        assert!(err.contains("\"o\"") && !err.contains("top-secret"), "{err}");
+
+        objects.insert(req("o"), obj(r#"{"other":"top-secret"}"#));
+        let err = content.render(&objects).unwrap_err().to_string();
+        assert!(err.contains("no key \"k\"") && !err.contains("top-secret"), "{err}");
+
+        let content = VolumeContent::new(
+            vec![spec("f", "o", FileSource::Object { key: None, encoding: Encoding::Base64 })],
+            Limits::default(),
+        )
+        .unwrap();
+        objects.insert(req("o"), obj("top-secret!!"));
+        let err = content.render(&objects).unwrap_err().to_string();
+        assert!(err.contains("Base64") && !err.contains("top-secret"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits { max_files: 1, max_object_bytes: 4, max_volume_bytes: 6 };
+        let two = vec![
+            spec("a", "a", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
+            spec("b", "b", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
+        ];
+        assert!(matches!(VolumeContent::new(two.clone(), limits), Err(ContentError::TooManyFiles { count: 2, max: 1 })));
+        let dup = vec![two[0].clone(), two[0].clone()];
+        assert!(matches!(
+            VolumeContent::new(dup, Limits::default()),
+            Err(ContentError::DuplicateFile(_))
+        ));
+        let limits = Limits { max_files: 2, ..limits };
+        let content = VolumeContent::new(two, limits).unwrap();
+        let mut objects = BTreeMap::new();
+        objects.insert(req("a"), obj("12345"));
+        objects.insert(req("b"), obj("1"));
+        assert!(matches!(content.render(&objects), Err(ContentError::TooLarge { size: 5, .. })));
+        objects.insert(req("a"), obj("1234"));
+        objects.insert(req("b"), obj("1234"));
+        assert!(matches!(content.render(&objects), Err(ContentError::VolumeTooLarge { max: 6 })));
+    }
+}

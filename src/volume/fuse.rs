@@ -1,0 +1,275 @@
+//! The FUSE edge: a thin `fuser` adapter over [`MemFs`]. No logic lives here beyond translating
+//! requests and replies, mapping [`FsError`] to errno (one exhaustive match), and telling the
+//! kernel which directory entries a rotation replaced.
+//!
+//! Kernel caching: entries and attributes are cached for a day and file pages are kept across
+//! opens (`FOPEN_KEEP_CACHE`); this is safe because an inode's content never changes (see
+//! [`MemFs`]). An open still reaches this process, so every open is audited and pins a version.
+//! `flush` answers ENOSYS once, after which the kernel stops sending it.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, Request, SessionACL,
+};
+
+use super::content::RenderedFile;
+use super::memfs::{Attr, Caller, FsError, MemFs, NodeKind, ROOT_INO, read_range};
+use super::{Volume, VolumeError, VolumeKind};
+
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The one place a filesystem error becomes an errno.
+pub fn errno(e: FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::BadHandle => Errno::EBADF,
+        FsError::AuditDown => Errno::EIO,
+    }
+}
+
+fn to_fuser(a: Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: match a.kind {
+            NodeKind::Dir => FileType::Directory,
+            NodeKind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+struct Adapter(Arc<MemFs>);
+
+impl Filesystem for Adapter {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.0.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &to_fuser(a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.0.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.0.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &to_fuser(a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let caller = Caller {
+            tid: req.pid(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.0.open(ino.0, write, caller) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.0.handle(fh.0) {
+            Ok(node) => reply.data(read_range(node.bytes(), offset, size)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.0.release(fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.0.readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let kind = match kind {
+                NodeKind::Dir => FileType::Directory,
+                NodeKind::File => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// Options of a FUSE mount.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// Request-serving threads (2 measured best on 2 cores).
+    pub threads: usize,
+    /// Let users other than the mounting one read (the kernel still enforces file modes).
+    pub allow_other: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        Self {
+            threads: 2,
+            allow_other: true,
+        }
+    }
+}
+
+/// A live FUSE mount of a [`MemFs`].
+pub struct FuseVolume {
+    fs: Arc<MemFs>,
+    notifier: Notifier,
+    session: fuser::BackgroundSession,
+    dir: PathBuf,
+}
+
+impl FuseVolume {
+    /// Mounts `fs` at `dir` (which must exist and not be a mount already).
+    pub fn mount(dir: &Path, fs: Arc<MemFs>, opts: &FuseOptions) -> Result<Self, VolumeError> {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::NoExec,
+            MountOption::NoAtime,
+            // The kernel checks modes and owners itself: a file with mode 0400 is unreadable by
+            // other uids even though this process could serve it.
+            MountOption::DefaultPermissions,
+            MountOption::FSName("keybroker".into()),
+            MountOption::Subtype("keybroker".into()),
+        ];
+        config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = opts.threads > 1;
+        let session = fuser::spawn_mount(Adapter(fs.clone()), dir, &config).map_err(|e| VolumeError::Mount {
+            kind: VolumeKind::Fuse,
+            path: dir.to_owned(),
+            error: e.to_string(),
+        })?;
+        Ok(Self {
+            notifier: session.notifier(),
+            fs,
+            session,
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn fs(&self) -> &Arc<MemFs> {
+        &self.fs
+    }
+}
+
+impl Volume for FuseVolume {
+    fn kind(&self) -> VolumeKind {
+        VolumeKind::Fuse
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        let changed = self.fs.apply(files);
+        for name in &changed {
+            // The kernel answers ENOENT when it had nothing cached for the name: fine.
+            if let Err(e) = self.notifier.inval_entry(INodeNo(ROOT_INO), OsStr::new(name))
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                tracing::warn!(volume = %self.dir.display(), file = %name, error = %e, "cannot invalidate a cached directory entry");
+            }
+        }
+        if !changed.is_empty()
+            && let Err(e) = self.notifier.inval_inode(INodeNo(ROOT_INO), 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::warn!(volume = %self.dir.display(), error = %e, "cannot invalidate the cached directory");
+        }
+        Ok(changed)
+    }
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        let dir = self.dir.clone();
+        let Self { session, .. } = *self;
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // A reader still has a file open (or its cwd inside): detach now, the kernel
+                // finishes the unmount when the last user goes.
+                tracing::warn!(volume = %dir.display(), "files were still open; detaching the mount lazily");
+                nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| VolumeError::Unmount {
+                    path: dir.clone(),
+                    error: e.to_string(),
+                })
+            }
+            Err(e) => Err(VolumeError::Unmount {
+                path: dir,
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fs_error_has_its_errno() {
+        let table = [
+            (FsError::NotFound, libc::ENOENT),
+            (FsError::NotDir, libc::ENOTDIR),
+            (FsError::IsDir, libc::EISDIR),
+            (FsError::ReadOnly, libc::EROFS),
+            (FsError::BadHandle, libc::EBADF),
+            (FsError::AuditDown, libc::EIO),
+        ];
+        for (e, want) in table {
+            assert_eq!(errno(e), Errno::from_i32(want), "{e:?}");
+        }
+    }
+}

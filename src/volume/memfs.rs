@@ -1,0 +1,376 @@
+//! The in-memory, read-only filesystem served over FUSE, with no FUSE types in it.
+//!
+//! Inodes are immutable: a file's inode number stands for one content. A rotation that changes a
+//! file gives it a new inode and the adapter invalidates the kernel's directory entry, so the
+//! kernel may keep every file's pages cached for as long as it likes (no stale page can ever be
+//! served), and a reader's open file keeps the content it opened (each open pins one version).
+//! Replaced inodes live on until the kernel forgets them.
+//!
+//! Every open is audited with the caller's thread id, uid and gid (resolved to the process by
+//! the audit writer, off this path).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use crate::audit::{AuditLog, ReadEvent};
+use crate::secret::SecretBytes;
+use crate::volume::Owner;
+use crate::volume::content::RenderedFile;
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    Dir,
+    File,
+}
+
+/// Attributes of one inode, in the filesystem's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+/// Why an operation failed; mapped to an errno in exactly one place (the FUSE adapter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("read-only volume")]
+    ReadOnly,
+    #[error("unknown file handle")]
+    BadHandle,
+    #[error("serving is paused: the audit log cannot be written")]
+    AuditDown,
+}
+
+/// Who is asking (from the FUSE request header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug)]
+pub struct FileNode {
+    ino: u64,
+    name: String,
+    perm: u16,
+    bytes: SecretBytes,
+    object: String,
+    version: String,
+    mtime: SystemTime,
+}
+
+impl FileNode {
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.expose()
+    }
+}
+
+struct State {
+    dir: BTreeMap<String, Arc<FileNode>>,
+    /// Every inode the kernel may still refer to, with its lookup count.
+    inodes: HashMap<u64, (Arc<FileNode>, u64)>,
+    next_ino: u64,
+    mtime: SystemTime,
+}
+
+pub struct MemFs {
+    volume: Arc<str>,
+    owner: Owner,
+    audit: Option<AuditLog>,
+    state: RwLock<State>,
+    handles: Mutex<HashMap<u64, Arc<FileNode>>>,
+    next_fh: AtomicU64,
+}
+
+impl std::fmt::Debug for MemFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemFs").field("volume", &self.volume).finish_non_exhaustive()
+    }
+}
+
+impl MemFs {
+    pub fn new(volume: &str, owner: Owner, audit: Option<AuditLog>) -> Self {
+        Self {
+            volume: Arc::from(volume),
+            owner,
+            audit,
+            state: RwLock::new(State {
+                dir: BTreeMap::new(),
+                inodes: HashMap::new(),
+                next_ino: ROOT_INO + 1,
+                mtime: SystemTime::now(),
+            }),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<FileNode>>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the content. Files whose bytes and mode are unchanged keep their inode.
+    /// Returns the names whose directory entry changed.
+    pub fn apply(&self, files: &[RenderedFile]) -> Vec<String> {
+        let now = SystemTime::now();
+        let mut st = self.state_mut();
+        let mut changed = Vec::new();
+        let mut dir = BTreeMap::new();
+        for f in files {
+            let name = f.name.as_str().to_owned();
+            let perm = (f.mode & 0o777) as u16;
+            match st.dir.get(&name) {
+                Some(old) if old.bytes == f.bytes && old.perm == perm => {
+                    dir.insert(name, old.clone());
+                }
+                _ => {
+                    let ino = st.next_ino;
+                    st.next_ino += 1;
+                    let node = Arc::new(FileNode {
+                        ino,
+                        name: name.clone(),
+                        perm,
+                        bytes: f.bytes.clone(),
+                        object: f.object.clone(),
+                        version: f.version.clone(),
+                        mtime: now,
+                    });
+                    st.inodes.insert(ino, (node.clone(), 0));
+                    changed.push(name.clone());
+                    dir.insert(name, node);
+                }
+            }
+        }
+        for gone in st.dir.keys().filter(|n| !dir.contains_key(*n)) {
+            changed.push(gone.clone());
+        }
+        if !changed.is_empty() {
+            st.mtime = now;
+        }
+        st.dir = dir;
+        // Replaced inodes the kernel never looked up can go now.
+        let State { dir, inodes, .. } = &mut *st;
+        inodes.retain(|_, (node, n)| *n > 0 || dir.get(&node.name).is_some_and(|d| d.ino == node.ino));
+        changed
+    }
+
+    fn file_attr(&self, n: &FileNode) -> Attr {
+        Attr {
+            ino: n.ino,
+            kind: NodeKind::File,
+            size: n.bytes.len() as u64,
+            perm: n.perm,
+            nlink: 1,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+            mtime: n.mtime,
+        }
+    }
+
+    fn root_attr(&self, st: &State) -> Attr {
+        Attr {
+            ino: ROOT_INO,
+            kind: NodeKind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+            mtime: st.mtime,
+        }
+    }
+
+    /// Looks `name` up in the root and counts the kernel's reference.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        if parent != ROOT_INO {
+            return Err(if self.state().inodes.contains_key(&parent) { FsError::NotDir } else { FsError::NotFound });
+        }
+        let mut st = self.state_mut();
+        let node = st.dir.get(name).cloned().ok_or(FsError::NotFound)?;
+        let entry = st.inodes.entry(node.ino).or_insert_with(|| (node.clone(), 0));
+        entry.1 += 1;
+        Ok(self.file_attr(&node))
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.state_mut();
+        let State { dir, inodes, .. } = &mut *st;
+        if let Some((node, count)) = inodes.get_mut(&ino) {
+            *count = count.saturating_sub(n);
+            let current = dir.get(&node.name).is_some_and(|d| d.ino == ino);
+            if *count == 0 && !current {
+                inodes.remove(&ino);
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let st = self.state();
+        if ino == ROOT_INO {
+            return Ok(self.root_attr(&st));
+        }
+        st.inodes.get(&ino).map(|(n, _)| self.file_attr(n)).ok_or(FsError::NotFound)
+    }
+
+    /// Opens a file for reading, pinning its content, and audits the read.
+    pub fn open(&self, ino: u64, write: bool, caller: Caller) -> Result<u64, FsError> {
+        if ino == ROOT_INO {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        if let Some(a) = &self.audit
+            && !a.may_serve()
+        {
+            return Err(FsError::AuditDown);
+        }
+        let node = self.state().inodes.get(&ino).map(|(n, _)| n.clone()).ok_or(FsError::NotFound)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(a) = &self.audit {
+            a.read(ReadEvent {
+                time: SystemTime::now(),
+                tid: caller.tid,
+                uid: caller.uid,
+                gid: caller.gid,
+                volume: self.volume.clone(),
+                file: node.name.clone(),
+                object: node.object.clone(),
+                version: node.version.clone(),
+            });
+        }
+        self.handles().insert(fh, node);
+        Ok(fh)
+    }
+
+    /// The pinned content of an open file.
+    pub fn handle(&self, fh: u64) -> Result<Arc<FileNode>, FsError> {
+        self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles().remove(&fh);
+    }
+
+    /// Entries of the root directory, with "." and "..".
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>, FsError> {
+        if ino != ROOT_INO {
+            return Err(if self.state().inodes.contains_key(&ino) { FsError::NotDir } else { FsError::NotFound });
+        }
+        let st = self.state();
+        let mut out = vec![(ROOT_INO, NodeKind::Dir, ".".to_owned()), (ROOT_INO, NodeKind::Dir, "..".to_owned())];
+        out.extend(st.dir.values().map(|n| (n.ino, NodeKind::File, n.name.clone())));
+        Ok(out)
+    }
+
+    /// Number of open file handles (for leak checks).
+    pub fn open_handles(&self) -> usize {
+        self.handles().len()
+    }
+}
+
+/// The slice of `data` a read at `offset` of `size` bytes returns.
+pub fn read_range(data: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+    let end = start.saturating_add(size as usize).min(data.len());
+    &data[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::content::FileName;
+
+    fn file(name: &str, v: &str, mode: u32) -> RenderedFile {
+        RenderedFile {
+            name: FileName::parse(name).unwrap(),
+            mode,
+            bytes: SecretBytes::new(v.as_bytes().to_vec()),
+            object: name.into(),
+            version: v.into(),
+        }
+    }
+
+    const ME: Caller = Caller { tid: 1, uid: 0, gid: 0 };
+
+    #[test]
+    fn an_open_file_keeps_its_version_across_a_rotation() {
+        let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
+        assert_eq!(fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]), ["a", "b"]);
+        let a1 = fs.lookup(ROOT_INO, "a").unwrap();
+        assert_eq!((a1.size, a1.perm), (3, 0o440));
+        let fh = fs.open(a1.ino, false, ME).unwrap();
+        // Rotation: only "a" changes; it gets a new inode; "b" keeps its own.
+        let b1 = fs.lookup(ROOT_INO, "b").unwrap().ino;
+        assert_eq!(fs.apply(&[file("a", "two!", 0o440), file("b", "x", 0o400)]), ["a"]);
+        assert_eq!(fs.handle(fh).unwrap().bytes(), b"one");
+        let a2 = fs.lookup(ROOT_INO, "a").unwrap();
+        assert_ne!(a2.ino, a1.ino);
+        assert_eq!(a2.size, 4);
+        assert_eq!(fs.lookup(ROOT_INO, "b").unwrap().ino, b1);
+        // The old inode is still answerable until the kernel forgets it.
+        assert_eq!(fs.getattr(a1.ino).unwrap().size, 3);
+        fs.forget(a1.ino, 1);
+        assert_eq!(fs.getattr(a1.ino), Err(FsError::NotFound));
+        fs.release(fh);
+        assert_eq!(fs.open_handles(), 0);
+    }
+
+    #[test]
+    fn unchanged_content_changes_nothing_and_removal_is_reported() {
+        let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
+        fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]);
+        assert!(fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]).is_empty());
+        assert_eq!(fs.apply(&[file("a", "one", 0o440)]), ["b"]);
+        assert_eq!(fs.lookup(ROOT_INO, "b"), Err(FsError::NotFound));
+        // A mode change alone is a change.
+        assert_eq!(fs.apply(&[file("a", "one", 0o400)]), ["a"]);
+    }
+
+    #[test]
+    fn writes_directories_and_bad_handles_are_refused() {
+        let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
+        fs.apply(&[file("a", "one", 0o440)]);
+        let a = fs.lookup(ROOT_INO, "a").unwrap().ino;
+        assert_eq!(fs.open(a, true, ME), Err(FsError::ReadOnly));
+        assert_eq!(fs.open(ROOT_INO, false, ME), Err(FsError::IsDir));
+        assert_eq!(fs.lookup(a, "x"), Err(FsError::NotDir));
+        assert_eq!(fs.handle(999).err(), Some(FsError::BadHandle));
+        let names: Vec<String> = fs.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.2).collect();
+        assert_eq!(names, [".", "..", "a"]);
+    }
+
+    #[test]
+    fn read_range_is_bounded() {
+        assert_eq!(read_range(b"hello", 0, 100), b"hello");
+        assert_eq!(read_range(b"hello", 3, 1), b"l");
+        assert_eq!(read_range(b"hello", 9, 4), b"");
+        assert_eq!(read_range(b"hello", u64::MAX, u32::MAX), b"");
+    }
+}

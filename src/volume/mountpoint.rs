@@ -1,0 +1,180 @@
+//! Mount targets: what is mounted at a directory, whether its server is alive, and cleaning up
+//! after a keybroker that was killed.
+//!
+//! Liveness of a previous keybroker is decided by a lock (flock) it held on a per-target lock
+//! file, not by guessing from the mount table: the kernel releases the lock when the process
+//! dies, however it dies.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::MntFlags;
+use sha2::{Digest, Sha256};
+
+use super::VolumeError;
+
+/// One line of /proc/self/mountinfo, the fields keybroker needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+}
+
+/// Decodes the octal escapes mountinfo uses for spaces and the like (`\040`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fs_type = post.next()?;
+            let source = post.next().unwrap_or("");
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                fs_type: fs_type.to_owned(),
+                source: unescape(source),
+            })
+        })
+        .collect()
+}
+
+/// The topmost mount at `dir`, if `dir` is a mount point.
+pub fn mount_at(dir: &Path) -> Option<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == dir)
+}
+
+/// Whether a mount entry is one keybroker made.
+pub fn is_keybroker_mount(m: &MountEntry) -> bool {
+    m.fs_type == "fuse.keybroker" || m.source == "keybroker"
+}
+
+/// A held claim on a mount target; released when dropped or when the process dies.
+#[derive(Debug)]
+pub struct TargetLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl TargetLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn lock_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/keybroker/targets")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("keybroker-targets")
+    }
+}
+
+/// Claims `dir` for this process, and if a keybroker that is no longer running left a mount
+/// there, unmounts it (saying so). `dir` is created when missing. Returns the claim and whether
+/// a stale mount was cleaned.
+pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
+    let target_err = |e: String| VolumeError::Target {
+        path: dir.to_owned(),
+        error: e,
+    };
+    // A dead FUSE server makes stat fail with ENOTCONN; create_dir_all would fail too.
+    let dead_fuse = matches!(std::fs::metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    if !dead_fuse {
+        std::fs::create_dir_all(dir).map_err(|e| target_err(e.to_string()))?;
+    }
+    let canonical = if dead_fuse {
+        std::path::absolute(dir).map_err(|e| target_err(e.to_string()))?
+    } else {
+        dir.canonicalize().map_err(|e| target_err(e.to_string()))?
+    };
+    let locks = lock_dir();
+    std::fs::create_dir_all(&locks).map_err(|e| target_err(format!("cannot create {}: {e}", locks.display())))?;
+    let key = hex::encode(&Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..12]);
+    let lock_path = locks.join(format!("{key}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| target_err(format!("cannot open {}: {e}", lock_path.display())))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(VolumeError::Busy {
+                path: canonical,
+                pid: pid.trim().to_owned(),
+            });
+        }
+    };
+    let _ = lock.set_len(0);
+    let _ = lock.rewind();
+    let _ = write!(lock, "{}", std::process::id());
+
+    // Nobody alive holds the target: anything keybroker left mounted there is stale.
+    let mut cleaned = false;
+    while let Some(m) = mount_at(&canonical).filter(is_keybroker_mount) {
+        tracing::warn!(
+            target_dir = %canonical.display(),
+            fs_type = %m.fs_type,
+            "found a mount left by a keybroker that is no longer running; unmounting it"
+        );
+        nix::mount::umount2(&canonical, MntFlags::MNT_DETACH)
+            .map_err(|e| target_err(format!("cannot unmount the stale mount: {e}")))?;
+        cleaned = true;
+    }
+    if dead_fuse && !cleaned {
+        return Err(target_err(
+            "a dead FUSE mount is there that keybroker did not make; unmount it with `fusermount3 -u`".into(),
+        ));
+    }
+    if let Some(m) = mount_at(&canonical) {
+        return Err(target_err(format!("a {} filesystem is already mounted there", m.fs_type)));
+    }
+    Ok((TargetLock { _lock: lock, path: canonical }, cleaned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines_with_escapes() {
+        let text = "36 35 98:0 / /mnt/my\\040dir rw,noatime master:1 - fuse.keybroker keybroker rw,user_id=0\n\
+                    37 35 0:40 / /run/x rw shared:2 - tmpfs keybroker rw,size=1024k\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m[0].mount_point, Path::new("/mnt/my dir"));
+        assert_eq!(m[0].fs_type, "fuse.keybroker");
+        assert!(is_keybroker_mount(&m[0]));
+        assert_eq!(m[1].source, "keybroker");
+        assert!(is_keybroker_mount(&m[1]));
+    }
+}

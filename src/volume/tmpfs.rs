@@ -1,0 +1,240 @@
+//! The tmpfs volume: real files on a tmpfs mount (memory, never disk), in the layout kubelet's
+//! atomic writer uses for Secret and ConfigMap volumes, so applications that already watch
+//! those keep working:
+//!
+//! ```text
+//! DIR/..2026_11_23_14_42_58.123456789/   the files of one snapshot
+//! DIR/..data -> ..2026_11_23_14_42_58.123456789
+//! DIR/<name> -> ..data/<name>
+//! ```
+//!
+//! A new snapshot is written to a new timestamped directory and published by renaming one
+//! symlink (`..data`), so a reader that resolves `..data` once sees a complete snapshot. When
+//! nothing changed nothing is written (inotify on `..data` fires only for real changes).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::mount::{MntFlags, MsFlags};
+use sha2::{Digest, Sha256};
+
+use super::content::RenderedFile;
+use super::{Owner, Volume, VolumeError, VolumeKind};
+
+pub const DATA_LINK: &str = "..data";
+const DATA_TMP: &str = "..data_tmp";
+
+/// What was last written, to detect "nothing changed" without reading files back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Written {
+    snapshot_dir: String,
+    files: BTreeMap<String, (u32, [u8; 32])>,
+}
+
+pub struct TmpfsVolume {
+    dir: PathBuf,
+    owner: Owner,
+    written: Mutex<Option<Written>>,
+    mounted: bool,
+}
+
+impl TmpfsVolume {
+    /// Mounts a tmpfs of at most `size` bytes at `dir`.
+    pub fn mount(dir: &Path, size: usize, owner: Owner) -> Result<Self, VolumeError> {
+        let data = format!("size={size},mode=0755,uid={},gid={}", owner.uid, owner.gid);
+        nix::mount::mount(
+            Some("keybroker"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(data.as_str()),
+        )
+        .map_err(|e| VolumeError::Mount {
+            kind: VolumeKind::Tmpfs,
+            path: dir.to_owned(),
+            error: if e == nix::errno::Errno::EPERM {
+                "permission denied: mounting a tmpfs needs root (CAP_SYS_ADMIN); use type: fuse instead".into()
+            } else {
+                e.to_string()
+            },
+        })?;
+        Ok(Self::at(dir, owner, true))
+    }
+
+    /// Writes into an existing directory without mounting anything (the directory must be on
+    /// a memory filesystem for secrets to stay off disk; the caller decides).
+    pub fn at(dir: &Path, owner: Owner, mounted: bool) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            owner,
+            written: Mutex::new(None),
+            mounted,
+        }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> VolumeError {
+        VolumeError::Write {
+            path: self.dir.clone(),
+            error: e.to_string(),
+        }
+    }
+
+    fn write_snapshot(&self, files: &[RenderedFile], want: &Written) -> Result<(), VolumeError> {
+        let snap = self.dir.join(&want.snapshot_dir);
+        std::fs::create_dir(&snap).map_err(|e| self.err(e))?;
+        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o755)).map_err(|e| self.err(e))?;
+        std::os::unix::fs::chown(&snap, Some(self.owner.uid), Some(self.owner.gid)).map_err(|e| self.err(e))?;
+        for f in files {
+            let path = snap.join(f.name.as_str());
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
+            file.write_all(f.bytes.expose()).map_err(|e| self.err(format!("{}: {e}", f.name)))?;
+            std::os::unix::fs::fchown(&file, Some(self.owner.uid), Some(self.owner.gid))
+                .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
+            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
+                .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
+        }
+        // Publish: one rename of the ..data symlink.
+        let tmp = self.dir.join(DATA_TMP);
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&want.snapshot_dir, &tmp).map_err(|e| self.err(e))?;
+        std::fs::rename(&tmp, self.dir.join(DATA_LINK)).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn fix_links_and_clean(&self, want: &Written) -> Result<(), VolumeError> {
+        for name in want.files.keys() {
+            let link = self.dir.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(Path::new(DATA_LINK).join(name), &link).map_err(|e| self.err(e))?;
+            }
+        }
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| self.err(e))? {
+            let entry = entry.map_err(|e| self.err(e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == DATA_LINK || name == want.snapshot_dir {
+                continue;
+            }
+            if name.starts_with("..") {
+                // An older snapshot (or a leftover of a crash mid-write).
+                let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+            } else if !want.files.contains_key(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn snapshot_dir_name() -> String {
+    // kubelet's format: ..2006_01_02_15_04_05.000000000
+    let t = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    let t = t.trim_end_matches('Z').replace(['-', ':', 'T'], "_");
+    format!("..{t}")
+}
+
+impl Volume for TmpfsVolume {
+    fn kind(&self) -> VolumeKind {
+        VolumeKind::Tmpfs
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        let mut guard = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let digests: BTreeMap<String, (u32, [u8; 32])> = files
+            .iter()
+            .map(|f| (f.name.as_str().to_owned(), (f.mode & 0o777, Sha256::digest(f.bytes.expose()).into())))
+            .collect();
+        let old = guard.clone().unwrap_or_default();
+        if guard.is_some() && old.files == digests {
+            return Ok(Vec::new());
+        }
+        let mut changed: Vec<String> = digests
+            .iter()
+            .filter(|(n, d)| old.files.get(*n) != Some(*d))
+            .map(|(n, _)| n.clone())
+            .collect();
+        changed.extend(old.files.keys().filter(|n| !digests.contains_key(*n)).cloned());
+        let mut want = Written {
+            snapshot_dir: snapshot_dir_name(),
+            files: digests,
+        };
+        if want.snapshot_dir == old.snapshot_dir {
+            want.snapshot_dir.push('_');
+        }
+        self.write_snapshot(files, &want)?;
+        self.fix_links_and_clean(&want)?;
+        *guard = Some(want);
+        Ok(changed)
+    }
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        if !self.mounted {
+            return Ok(());
+        }
+        // Lazy: a reader holding a file open must not make shutdown fail; the memory is freed
+        // when the last reference goes.
+        nix::mount::umount2(&self.dir, MntFlags::MNT_DETACH).map_err(|e| VolumeError::Unmount {
+            path: self.dir.clone(),
+            error: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretBytes;
+    use crate::volume::content::FileName;
+
+    fn file(name: &str, v: &str, mode: u32) -> RenderedFile {
+        RenderedFile {
+            name: FileName::parse(name).unwrap(),
+            mode,
+            bytes: SecretBytes::new(v.as_bytes().to_vec()),
+            object: name.into(),
+            version: "1".into(),
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    #[test]
+    fn atomic_writer_layout_and_no_rewrite_when_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = TmpfsVolume::at(dir.path(), owner(), false);
+        assert_eq!(v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)]).unwrap(), ["a", "b"]);
+        let data1 = std::fs::read_link(dir.path().join(DATA_LINK)).unwrap();
+        assert_eq!(std::fs::read_link(dir.path().join("a")).unwrap(), Path::new("..data/a"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "one");
+        let mode = std::fs::metadata(dir.path().join("b")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400);
+
+        assert!(v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)]).unwrap().is_empty());
+        assert_eq!(std::fs::read_link(dir.path().join(DATA_LINK)).unwrap(), data1);
+
+        assert_eq!(v.apply(&[file("a", "uno", 0o440)]).unwrap(), ["a", "b"]);
+        let data2 = std::fs::read_link(dir.path().join(DATA_LINK)).unwrap();
+        assert_ne!(data1, data2);
+        assert!(!dir.path().join(&data1).exists(), "old snapshot removed");
+        assert!(std::fs::symlink_metadata(dir.path().join("b")).is_err(), "removed name unlinked");
+        assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "uno");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+    }
+}
