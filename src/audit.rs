@@ -1,8 +1,8 @@
 //! The audit log: JSON lines, one record per event, each carrying the SHA-256 of the line before
 //! it, so that an edited, deleted, reordered or truncated record breaks the chain.
 //!
-//! Producers (FUSE threads, the refresher, the CLI) only enqueue; one writer thread resolves the
-//! calling process of reads (/proc), stamps `seq` and `prev`, writes and flushes. Next to the log
+//! Producers (FUSE threads, the refresher, the CLI) only enqueue; one writer thread stamps
+//! `seq`, `time` and `prev`, writes and flushes. Next to the log
 //! the writer keeps `<log>.head` (the last sequence number and hash it wrote) so that cutting
 //! records off the end is detected too. [`verify`] checks a log offline.
 //!
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::procinfo::{ProcCache, ProcessRef};
+use crate::procinfo::ProcessRef;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const QUEUE: usize = 65_536;
@@ -132,28 +132,18 @@ impl Event {
         };
         self
     }
+    pub fn process(mut self, p: ProcessRef) -> Self {
+        self.process = Some(p);
+        self
+    }
     pub fn latency(mut self, d: Duration) -> Self {
         self.latency_ms = Some((d.as_secs_f64() * 1e6).round() / 1e3);
         self
     }
 }
 
-/// A read as the FUSE layer sees it: cheap to build on the request path.
-#[derive(Clone, Debug)]
-pub struct ReadEvent {
-    pub time: SystemTime,
-    pub tid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub volume: Arc<str>,
-    pub file: String,
-    pub object: String,
-    pub version: String,
-}
-
 enum Msg {
     Event(SystemTime, Box<Event>),
-    Read(Box<ReadEvent>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -210,7 +200,6 @@ impl AuditLog {
             seq,
             prev,
             healthy: healthy.clone(),
-            procs: ProcCache::default(),
             last_head: Instant::now(),
             head_dirty: false,
         };
@@ -227,13 +216,11 @@ impl AuditLog {
 
     /// Records an event. Blocks when the queue is full: audit records are never dropped.
     pub fn record(&self, event: Event) {
-        if self.tx.send(Msg::Event(SystemTime::now(), Box::new(event))).is_err() {
-            self.healthy.store(false, Ordering::Relaxed);
-        }
-    }
-
-    pub fn read(&self, read: ReadEvent) {
-        if self.tx.send(Msg::Read(Box::new(read))).is_err() {
+        if self
+            .tx
+            .send(Msg::Event(SystemTime::now(), Box::new(event)))
+            .is_err()
+        {
             self.healthy.store(false, Ordering::Relaxed);
         }
     }
@@ -280,7 +267,9 @@ fn tail_state(file: &mut File) -> std::io::Result<(u64, String)> {
         .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
         .map(|s| s + 1)
         .unwrap_or_else(|| {
-            tracing::error!("the audit log's last line is not a record; the chain will break there");
+            tracing::error!(
+                "the audit log's last line is not a record; the chain will break there"
+            );
             0
         });
     if !buf.ends_with(b"\n") {
@@ -296,7 +285,6 @@ struct Writer {
     seq: u64,
     prev: String,
     healthy: Arc<AtomicBool>,
-    procs: ProcCache,
     last_head: Instant,
     head_dirty: bool,
 }
@@ -321,19 +309,6 @@ impl Writer {
     fn handle(&mut self, msg: Msg, waiters: &mut Vec<mpsc::Sender<()>>) {
         match msg {
             Msg::Event(t, e) => self.write(t, &e),
-            Msg::Read(r) => {
-                let process = self.procs.resolve(r.tid, r.uid, r.gid);
-                let e = Event {
-                    event: Some(EventKind::Read),
-                    volume: Some(r.volume.to_string()),
-                    object: Some(r.object),
-                    version: Some(r.version),
-                    file: Some(r.file),
-                    process: Some(process),
-                    ..Event::default()
-                };
-                self.write(r.time, &e);
-            }
             Msg::Flush(w) => waiters.push(w),
         }
     }
@@ -353,7 +328,10 @@ impl Writer {
                 return;
             }
         };
-        let res = self.out.write_all(&line).and_then(|_| self.out.write_all(b"\n"));
+        let res = self
+            .out
+            .write_all(&line)
+            .and_then(|_| self.out.write_all(b"\n"));
         if let Err(e) = res {
             tracing::error!(error = %e, "cannot write the audit log");
             self.healthy.store(false, Ordering::Relaxed);
@@ -421,16 +399,21 @@ pub fn verify(path: &Path) -> Result<Result<VerifyReport, ChainBreak>, AuditErro
     let brk = |line: u64, reason: String| Ok(Err(ChainBreak { line, reason }));
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| AuditError::Open {
-            path: path.to_owned(),
-            error: e.to_string(),
-        })?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| AuditError::Open {
+                path: path.to_owned(),
+                error: e.to_string(),
+            })?;
         if n == 0 {
             break;
         }
         line_no += 1;
         if !buf.ends_with(b"\n") {
-            return brk(line_no, "the line is cut off (no end of line): the log was truncated".into());
+            return brk(
+                line_no,
+                "the line is cut off (no end of line): the log was truncated".into(),
+            );
         }
         let line = &buf[..buf.len() - 1];
         let v: serde_json::Value = match serde_json::from_slice(line) {
@@ -445,7 +428,9 @@ pub fn verify(path: &Path) -> Result<Result<VerifyReport, ChainBreak>, AuditErro
                     "sequence jumps from {} to {s}: records were deleted",
                     expect_seq as i64 - 1
                 ),
-                Some(s) => format!("sequence goes back to {s} (expected {expect_seq}): records were reordered or duplicated"),
+                Some(s) => format!(
+                    "sequence goes back to {s} (expected {expect_seq}): records were reordered or duplicated"
+                ),
                 None => "the record has no sequence number".into(),
             };
             return brk(line_no, reason);
@@ -462,17 +447,26 @@ pub fn verify(path: &Path) -> Result<Result<VerifyReport, ChainBreak>, AuditErro
     let mut anchored = false;
     if let Ok(head) = std::fs::read_to_string(head_path(path)) {
         let head: serde_json::Value = serde_json::from_str(&head).unwrap_or_default();
-        let (Some(hseq), Some(hhash)) = (head.get("seq").and_then(|s| s.as_u64()), head.get("hash").and_then(|h| h.as_str())) else {
+        let (Some(hseq), Some(hhash)) = (
+            head.get("seq").and_then(|s| s.as_u64()),
+            head.get("hash").and_then(|h| h.as_str()),
+        ) else {
             return brk(line_no + 1, "the head anchor is unreadable".into());
         };
         if expect_seq <= hseq {
             return brk(
                 line_no + 1,
-                format!("the log ends at record {} but the head anchor records {hseq}: records were cut off the end", expect_seq as i64 - 1),
+                format!(
+                    "the log ends at record {} but the head anchor records {hseq}: records were cut off the end",
+                    expect_seq as i64 - 1
+                ),
             );
         }
         if expect_seq == hseq + 1 && hhash != prev {
-            return brk(line_no, "the last record does not match the head anchor: it was edited".into());
+            return brk(
+                line_no,
+                "the last record does not match the head anchor: it was edited".into(),
+            );
         }
         anchored = true;
     }
@@ -496,29 +490,53 @@ mod tests {
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path, false).unwrap();
         for i in 0..n {
-            log.record(Event::new(EventKind::Fetch).object(format!("obj{i}")).version("v1"));
+            log.record(
+                Event::new(EventKind::Fetch)
+                    .object(format!("obj{i}"))
+                    .version("v1"),
+            );
         }
         log.flush();
         path
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn put(path: &Path, lines: &[String]) {
-        std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     #[test]
     fn an_intact_log_verifies_and_continues_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 3);
-        assert_eq!(verify(&path).unwrap(), Ok(VerifyReport { records: 3, anchored: true }));
+        assert_eq!(
+            verify(&path).unwrap(),
+            Ok(VerifyReport {
+                records: 3,
+                anchored: true
+            })
+        );
         let log = AuditLog::open(&path, false).unwrap();
         log.record(Event::new(EventKind::Unmount));
         log.flush();
-        assert_eq!(verify(&path).unwrap(), Ok(VerifyReport { records: 4, anchored: true }));
+        assert_eq!(
+            verify(&path).unwrap(),
+            Ok(VerifyReport {
+                records: 4,
+                anchored: true
+            })
+        );
         let last: serde_json::Value = serde_json::from_str(&lines(&path)[3]).unwrap();
         assert_eq!(last["event"], "unmount");
         assert_eq!(last["seq"], 3);

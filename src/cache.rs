@@ -128,7 +128,8 @@ impl FetchCache {
             match result {
                 Ok(obj) => {
                     let obj = Arc::new(obj);
-                    let delay = rotation::next(validity_of(&obj), self.poll, fastrand::f64()).delay();
+                    let delay =
+                        rotation::next(validity_of(&obj), self.poll, fastrand::f64()).delay();
                     slot.current = Some(Current {
                         object: obj.clone(),
                         refresh_at: now + delay,
@@ -145,8 +146,9 @@ impl FetchCache {
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     slot.failures += 1;
-                    slot.retry_at =
-                        Some(now + rotation::backoff(slot.failures, e.retry_after(), fastrand::f64()));
+                    slot.retry_at = Some(
+                        now + rotation::backoff(slot.failures, e.retry_after(), fastrand::f64()),
+                    );
                     slot.last_error = Some(e.clone());
                     match &slot.current {
                         Some(cur) => {
@@ -286,7 +288,10 @@ mod tests {
         CacheKey {
             identity: "local".into(),
             provider: "local",
-            object: ObjectRequest { name: name.into(), version: None },
+            object: ObjectRequest {
+                name: name.into(),
+                version: None,
+            },
         }
     }
 
@@ -329,21 +334,39 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refreshes_after_poll_and_keeps_last_good_on_failure() {
         let cache = FetchCache::new(Duration::from_secs(10));
-        cache.get(&key("a"), || async { Ok(value("v1")) }).await.unwrap();
+        cache
+            .get(&key("a"), || async { Ok(value("v1")) })
+            .await
+            .unwrap();
         // Within the poll interval: a hit, the fetch is not called.
-        let r = cache.get(&key("a"), || async { panic!("must not fetch") }).await.unwrap();
+        let r = cache
+            .get(&key("a"), || async { panic!("must not fetch") })
+            .await
+            .unwrap();
         assert!(!r.fetched);
         tokio::time::advance(Duration::from_secs(12)).await;
-        let unavailable = ProviderError::Unavailable { provider: "local", detail: "down".into() };
+        let unavailable = ProviderError::Unavailable {
+            provider: "local",
+            detail: "down".into(),
+        };
         let e = unavailable.clone();
-        let r = cache.get(&key("a"), || async move { Err(e) }).await.unwrap();
+        let r = cache
+            .get(&key("a"), || async move { Err(e) })
+            .await
+            .unwrap();
         assert_eq!(r.object.version, "v1");
         assert_eq!(r.stale, Some(unavailable.clone()));
         // During the backoff the provider is not asked again.
-        let r = cache.get(&key("a"), || async { panic!("must back off") }).await.unwrap();
+        let r = cache
+            .get(&key("a"), || async { panic!("must back off") })
+            .await
+            .unwrap();
         assert!(r.stale.is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
-        let r = cache.get(&key("a"), || async { Ok(value("v2")) }).await.unwrap();
+        let r = cache
+            .get(&key("a"), || async { Ok(value("v2")) })
+            .await
+            .unwrap();
         assert_eq!(r.object.version, "v2");
         assert!(r.stale.is_none());
     }
@@ -351,14 +374,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn first_fetch_failure_is_an_error_and_is_not_retried_in_a_loop() {
         let cache = FetchCache::new(Duration::from_secs(10));
-        let e = ProviderError::Throttled { provider: "local", retry_after: Some(Duration::from_secs(5)) };
+        let e = ProviderError::Throttled {
+            provider: "local",
+            retry_after: Some(Duration::from_secs(5)),
+        };
         let e2 = e.clone();
-        assert_eq!(cache.get(&key("a"), || async move { Err(e2) }).await.unwrap_err(), e);
+        assert_eq!(
+            cache
+                .get(&key("a"), || async move { Err(e2) })
+                .await
+                .unwrap_err(),
+            e
+        );
         // Retry-After 5 s: asking again at 4 s gets the remembered error without a fetch.
         tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(cache.get(&key("a"), || async { panic!("must honour Retry-After") }).await.is_err());
+        assert!(
+            cache
+                .get(&key("a"), || async { panic!("must honour Retry-After") })
+                .await
+                .is_err()
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(cache.get(&key("a"), || async { Ok(value("v1")) }).await.is_ok());
+        assert!(
+            cache
+                .get(&key("a"), || async { Ok(value("v1")) })
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -374,7 +416,8 @@ mod tests {
         });
         tokio::time::advance(Duration::from_millis(10)).await;
         let c = cache.clone();
-        let waiter = tokio::spawn(async move { c.get(&key("a"), || async { Ok(value("v1")) }).await });
+        let waiter =
+            tokio::spawn(async move { c.get(&key("a"), || async { Ok(value("v1")) }).await });
         tokio::time::advance(Duration::from_millis(10)).await;
         leader.abort();
         let r = waiter.await.unwrap().unwrap();
@@ -384,9 +427,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expire_provider_forces_a_refetch() {
         let cache = FetchCache::new(Duration::from_secs(600));
-        cache.get(&key("a"), || async { Ok(value("v1")) }).await.unwrap();
+        cache
+            .get(&key("a"), || async { Ok(value("v1")) })
+            .await
+            .unwrap();
         cache.expire_provider("local");
-        let r = cache.get(&key("a"), || async { Ok(value("v2")) }).await.unwrap();
+        let r = cache
+            .get(&key("a"), || async { Ok(value("v2")) })
+            .await
+            .unwrap();
         assert_eq!(r.object.version, "v2");
         cache.retain(|_| false);
         assert!(cache.is_empty());

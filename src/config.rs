@@ -31,7 +31,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::volume::VolumeKind;
-use crate::volume::content::{ContentError, Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent};
+use crate::volume::content::{
+    ContentError, Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent,
+};
 
 pub const DEFAULT_POLL: Duration = Duration::from_secs(120);
 pub const DEFAULT_MODE: u32 = 0o440;
@@ -143,7 +145,9 @@ pub fn parse_mode(v: &serde_norway::Value) -> Result<u32, String> {
     let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|_| format!("\"{}\" is not an octal mode", s.escape_debug()))?;
     if m > 0o777 {
-        return Err(format!("{s} has bits beyond 0777 (setuid/setgid/sticky are not allowed)"));
+        return Err(format!(
+            "{s} has bits beyond 0777 (setuid/setgid/sticky are not allowed)"
+        ));
     }
     Ok(m)
 }
@@ -173,21 +177,41 @@ impl MountConfig {
             Some(l) => ProviderConfig::Local {
                 path: base.join(l.path),
             },
-            None => return Err(invalid("provider".into(), "name a provider: `local: {path: ...}`".into())),
+            None => {
+                return Err(invalid(
+                    "provider".into(),
+                    "name a provider: `local: {path: ...}`".into(),
+                ));
+            }
         };
         let defaults = Limits::default();
         let limits = Limits {
             max_files: raw.volume.limits.max_files.unwrap_or(defaults.max_files),
-            max_object_bytes: raw.volume.limits.max_object_bytes.unwrap_or(defaults.max_object_bytes),
-            max_volume_bytes: raw.volume.limits.max_volume_bytes.unwrap_or(defaults.max_volume_bytes),
+            max_object_bytes: raw
+                .volume
+                .limits
+                .max_object_bytes
+                .unwrap_or(defaults.max_object_bytes),
+            max_volume_bytes: raw
+                .volume
+                .limits
+                .max_volume_bytes
+                .unwrap_or(defaults.max_volume_bytes),
         };
         let poll = match &raw.volume.poll_interval {
             None => DEFAULT_POLL,
-            Some(s) => humantime::parse_duration(s)
-                .map_err(|e| invalid("volume.pollInterval".into(), format!("\"{s}\": {e} (write e.g. 30s or 2m)")))?,
+            Some(s) => humantime::parse_duration(s).map_err(|e| {
+                invalid(
+                    "volume.pollInterval".into(),
+                    format!("\"{s}\": {e} (write e.g. 30s or 2m)"),
+                )
+            })?,
         };
         if poll < Duration::from_millis(500) {
-            return Err(invalid("volume.pollInterval".into(), "must be at least 500ms".into()));
+            return Err(invalid(
+                "volume.pollInterval".into(),
+                "must be at least 500ms".into(),
+            ));
         }
         let mut files = Vec::with_capacity(raw.files.len());
         for (i, f) in raw.files.into_iter().enumerate() {
@@ -195,7 +219,10 @@ impl MountConfig {
             let ctx = |sub: &str, e: ContentError| invalid(field(sub), e.to_string());
             let name = FileName::parse(&f.name).map_err(|e| ctx("name", e))?;
             if f.object.is_empty() || f.object.chars().any(char::is_control) {
-                return Err(invalid(field("object"), "must be a non-empty object name".into()));
+                return Err(invalid(
+                    field("object"),
+                    "must be a non-empty object name".into(),
+                ));
             }
             let mode = match &f.mode {
                 None => DEFAULT_MODE,
@@ -203,12 +230,20 @@ impl MountConfig {
             };
             let source = match (f.template, f.key, f.encoding) {
                 (Some(_), Some(_), _) => {
-                    return Err(invalid(field("template"), "use either `template` or `key`, not both".into()));
+                    return Err(invalid(
+                        field("template"),
+                        "use either `template` or `key`, not both".into(),
+                    ));
                 }
                 (Some(_), _, Some(_)) => {
-                    return Err(invalid(field("template"), "`encoding` does not apply to a template".into()));
+                    return Err(invalid(
+                        field("template"),
+                        "`encoding` does not apply to a template".into(),
+                    ));
                 }
-                (Some(t), None, None) => FileSource::Template(Template::parse(&t).map_err(|e| ctx("template", e))?),
+                (Some(t), None, None) => {
+                    FileSource::Template(Template::parse(&t).map_err(|e| ctx("template", e))?)
+                }
                 (None, key, enc) => FileSource::Object {
                     key,
                     encoding: match enc {
@@ -225,7 +260,8 @@ impl MountConfig {
                 source,
             });
         }
-        let content = VolumeContent::new(files, limits).map_err(|e| invalid("files".into(), e.to_string()))?;
+        let content = VolumeContent::new(files, limits)
+            .map_err(|e| invalid("files".into(), e.to_string()))?;
         Ok(Self {
             provider,
             content,
@@ -234,7 +270,11 @@ impl MountConfig {
             uid: raw.volume.uid,
             gid: raw.volume.gid,
             fuse_threads: raw.volume.fuse_threads.unwrap_or(2).clamp(1, 16),
-            audit_path: base.join(raw.audit.path.unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl"))),
+            audit_path: base.join(
+                raw.audit
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl")),
+            ),
             fail_closed: raw.audit.fail_closed,
         })
     }
@@ -253,7 +293,12 @@ mod tests {
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = parse(OK).unwrap();
-        assert_eq!(c.provider, ProviderConfig::Local { path: "/base/s".into() });
+        assert_eq!(
+            c.provider,
+            ProviderConfig::Local {
+                path: "/base/s".into()
+            }
+        );
         assert_eq!(c.kind, VolumeKind::Fuse);
         assert_eq!(c.poll, DEFAULT_POLL);
         assert_eq!(c.content.files[0].mode, 0o440);
@@ -264,16 +309,46 @@ mod tests {
     #[test]
     fn each_mistake_names_its_field_and_rule() {
         let cases = [
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: /etc/x, object: a}\n", "files[0].name"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: ../x, object: a}\n", "'..'"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: 440}\n", "quoted octal"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: \"4755\"}\n", "setuid"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, encoding: rot13}\n", "files[0].encoding"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, template: \"{{x\"}\n", "files[0].template"),
-            ("provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, tempalte: x}\n", "unknown field `tempalte`"),
-            ("provider: {local: {path: s}}\nvolume: {pollInterval: soon}\nfiles:\n  - {name: a, object: a}\n", "pollInterval"),
-            ("provider: {local: {path: s}}\nvolume: {type: nfs}\nfiles:\n  - {name: a, object: a}\n", "unknown variant `nfs`"),
-            ("provider: {}\nfiles:\n  - {name: a, object: a}\n", "name a provider"),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: /etc/x, object: a}\n",
+                "files[0].name",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: ../x, object: a}\n",
+                "'..'",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: 440}\n",
+                "quoted octal",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, mode: \"4755\"}\n",
+                "setuid",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, encoding: rot13}\n",
+                "files[0].encoding",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, template: \"{{x\"}\n",
+                "files[0].template",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, tempalte: x}\n",
+                "unknown field `tempalte`",
+            ),
+            (
+                "provider: {local: {path: s}}\nvolume: {pollInterval: soon}\nfiles:\n  - {name: a, object: a}\n",
+                "pollInterval",
+            ),
+            (
+                "provider: {local: {path: s}}\nvolume: {type: nfs}\nfiles:\n  - {name: a, object: a}\n",
+                "unknown variant `nfs`",
+            ),
+            (
+                "provider: {}\nfiles:\n  - {name: a, object: a}\n",
+                "name a provider",
+            ),
             ("provider: {local: {path: s}}\nfiles: []\n", "no files"),
             (
                 "provider: {local: {path: s}}\nvolume: {limits: {maxFiles: 1}}\nfiles:\n  - {name: a, object: a}\n  - {name: b, object: b}\n",

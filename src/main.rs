@@ -10,7 +10,11 @@ use keybroker::mount::MountOverrides;
 use keybroker::volume::VolumeKind;
 
 #[derive(Parser)]
-#[command(name = "keybroker", version, about = "Serves secrets to pods and programs from memory, as their own identity.")]
+#[command(
+    name = "keybroker",
+    version,
+    about = "Serves secrets to pods and programs from memory, as their own identity."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KEYBROKER_LOG_FORMAT")]
@@ -70,8 +74,13 @@ enum AuditCommand {
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -83,7 +92,10 @@ fn shutdown_on_signals() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -100,12 +112,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     match cli.command {
-        Command::Audit { command: AuditCommand::Verify { file } } => match keybroker::audit::verify(&file) {
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match keybroker::audit::verify(&file) {
             Ok(Ok(report)) => {
                 println!(
                     "ok: {} records, chain intact{}",
                     report.records,
-                    if report.anchored { ", head anchor matches" } else { " (no head anchor found)" }
+                    if report.anchored {
+                        ", head anchor matches"
+                    } else {
+                        " (no head anchor found)"
+                    }
                 );
                 ExitCode::SUCCESS
             }
@@ -118,8 +136,17 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Mount { config, kind, audit_log, dir } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Command::Mount {
+            config,
+            kind,
+            audit_log,
+            dir,
+        } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

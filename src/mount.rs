@@ -30,12 +30,20 @@ pub struct MountOverrides {
 
 pub fn build_provider(cfg: &MountConfig) -> anyhow::Result<Arc<dyn Provider>> {
     match &cfg.provider {
-        ProviderConfig::Local { path } => Ok(Arc::new(LocalProvider::open(path, cfg.content.limits.max_object_bytes)?)),
+        ProviderConfig::Local { path } => Ok(Arc::new(LocalProvider::open(
+            path,
+            cfg.content.limits.max_object_bytes,
+        )?)),
     }
 }
 
 /// Runs `keybroker mount` until `shutdown` is cancelled.
-pub async fn run(config_path: &Path, dir: &Path, overrides: MountOverrides, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: &Path,
+    dir: &Path,
+    overrides: MountOverrides,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut cfg = MountConfig::load(config_path)?;
     if let Some(k) = overrides.kind {
         cfg.kind = k;
@@ -48,17 +56,33 @@ pub async fn run(config_path: &Path, dir: &Path, overrides: MountOverrides, shut
     let volume_id = target.display().to_string();
     let audit = AuditLog::open(&cfg.audit_path, cfg.fail_closed)?;
     if cleaned {
-        audit.record(Event::new(EventKind::Unmount).volume(volume_id.clone()).error("stale mount of a keybroker that is no longer running was cleaned"));
+        audit.record(
+            Event::new(EventKind::Unmount)
+                .volume(volume_id.clone())
+                .error("stale mount of a keybroker that is no longer running was cleaned"),
+        );
     }
     let provider = build_provider(&cfg)?;
     let cache = Arc::new(FetchCache::new(cfg.poll));
-    let mut refresher = Refresher::new(volume_id.clone(), cfg.content.clone(), provider.clone(), "local", cache, audit.clone());
+    let mut refresher = Refresher::new(
+        volume_id.clone(),
+        cfg.content.clone(),
+        provider.clone(),
+        "local",
+        cache,
+        audit.clone(),
+    );
 
     let started = Instant::now();
     let first = match refresher.render().await {
         Ok(r) => r,
         Err(e) => {
-            audit.record(Event::new(EventKind::Mount).volume(volume_id.clone()).provider(provider.kind()).error(&e));
+            audit.record(
+                Event::new(EventKind::Mount)
+                    .volume(volume_id.clone())
+                    .provider(provider.kind())
+                    .error(&e),
+            );
             audit.flush();
             anyhow::bail!("nothing was mounted at {}: {e}", target.display());
         }
@@ -72,11 +96,16 @@ pub async fn run(config_path: &Path, dir: &Path, overrides: MountOverrides, shut
             let fs = Arc::new(MemFs::new(&volume_id, owner, Some(audit.clone())));
             // Content is in place before the kernel can send the first request.
             fs.apply(&first.files);
-            let opts = FuseOptions { threads: cfg.fuse_threads, ..FuseOptions::default() };
+            let opts = FuseOptions {
+                threads: cfg.fuse_threads,
+                ..FuseOptions::default()
+            };
             Box::new(FuseVolume::mount(&target, fs, &opts)?)
         }
         VolumeKind::Tmpfs => {
-            let v = TmpfsVolume::mount(&target, cfg.content.limits.max_volume_bytes * 3, owner)?;
+            // Room for two snapshots (old and new) during a rotation, plus slack.
+            let size = cfg.content.limits.max_volume_bytes * 3;
+            let v = TmpfsVolume::mount(&target, &mountpoint::staging_dir(&target), size, owner)?;
             v.apply(&first.files)?;
             Box::new(v)
         }

@@ -2,7 +2,8 @@
 //! turns the thread id into the process (thread group) id, its command name and, when the
 //! process runs in a Kubernetes pod, the pod UID and container id from its cgroup path.
 //!
-//! Reads of /proc happen on the audit writer thread, never on the FUSE request path.
+//! Lookups are cached per thread id for two seconds, so a process that opens many files costs
+//! one set of /proc reads.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -49,7 +50,11 @@ pub fn parse_cgroup(cgroup: &str) -> (Option<String>, Option<String>) {
         let seg = seg.trim_end_matches(".slice").trim_end_matches(".scope");
         if let Some(i) = seg.rfind("pod") {
             let cand = &seg[i + 3..];
-            if cand.len() == 36 && cand.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_') {
+            if cand.len() == 36
+                && cand
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+            {
                 pod = Some(cand.replace('_', "-"));
                 continue;
             }
@@ -120,7 +125,10 @@ mod tests {
 
     #[test]
     fn tgid_is_read_from_status() {
-        assert_eq!(parse_tgid("Name:\tcat\nUmask:\t0022\nState:\tR\nTgid:\t4242\nPid:\t4243\n"), Some(4242));
+        assert_eq!(
+            parse_tgid("Name:\tcat\nUmask:\t0022\nState:\tR\nTgid:\t4242\nPid:\t4243\n"),
+            Some(4242)
+        );
         assert_eq!(parse_tgid("Name: x\n"), None);
     }
 
@@ -129,12 +137,18 @@ mod tests {
         let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e3d4c_5b6a_7988_a1b2_c3d4e5f60718.slice/cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n";
         let (pod, c) = parse_cgroup(systemd);
         assert_eq!(pod.as_deref(), Some("1f2e3d4c-5b6a-7988-a1b2-c3d4e5f60718"));
-        assert_eq!(c.as_deref(), Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"));
+        assert_eq!(
+            c.as_deref(),
+            Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+        );
         let cgroupfs = "0::/kubepods/besteffort/pod1f2e3d4c-5b6a-7988-a1b2-c3d4e5f60718/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n";
         let (pod, c) = parse_cgroup(cgroupfs);
         assert_eq!(pod.as_deref(), Some("1f2e3d4c-5b6a-7988-a1b2-c3d4e5f60718"));
         assert!(c.is_some());
-        assert_eq!(parse_cgroup("0::/user.slice/session-1.scope\n"), (None, None));
+        assert_eq!(
+            parse_cgroup("0::/user.slice/session-1.scope\n"),
+            (None, None)
+        );
     }
 
     #[test]

@@ -75,7 +75,11 @@ impl Refresher {
     }
 
     pub fn keys(&self) -> Vec<CacheKey> {
-        self.content.objects().into_iter().map(|o| self.key(o)).collect()
+        self.content
+            .objects()
+            .into_iter()
+            .map(|o| self.key(o))
+            .collect()
     }
 
     /// Fetches every object this volume needs (in parallel, deduplicated by the cache) and
@@ -140,7 +144,12 @@ impl Refresher {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(volume = %self.volume_id, error = %e, "refresh failed; still serving the last good content");
-                self.audit.record(Event::new(EventKind::Error).volume(self.volume_id.clone()).outcome(Outcome::Stale).error(&e));
+                self.audit.record(
+                    Event::new(EventKind::Error)
+                        .volume(self.volume_id.clone())
+                        .outcome(Outcome::Stale)
+                        .error(&e),
+                );
                 return Err(e);
             }
         };
@@ -158,7 +167,11 @@ impl Refresher {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(volume = %self.volume_id, error = %e, "cannot update the volume");
-                self.audit.record(Event::new(EventKind::Error).volume(self.volume_id.clone()).error(&e));
+                self.audit.record(
+                    Event::new(EventKind::Error)
+                        .volume(self.volume_id.clone())
+                        .error(&e),
+                );
                 return Ok(Vec::new());
             }
         };
@@ -169,7 +182,9 @@ impl Refresher {
         }
         if !first {
             for name in &changed {
-                let mut ev = Event::new(EventKind::Rotate).volume(self.volume_id.clone()).file(name.clone());
+                let mut ev = Event::new(EventKind::Rotate)
+                    .volume(self.volume_id.clone())
+                    .file(name.clone());
                 ev.previous_version = self.applied.get(name).cloned();
                 if let Some(f) = rendered.files.iter().find(|f| f.name.as_str() == name) {
                     ev = ev.object(f.object.clone()).version(f.version.clone());

@@ -50,7 +50,10 @@ pub enum Validity {
     /// lease (max TTL reached).
     RenewableLease { remaining: Duration, extended: bool },
     /// A value with a hard end of life (certificate), `lifetime` in total and `remaining` now.
-    Expires { lifetime: Duration, remaining: Duration },
+    Expires {
+        lifetime: Duration,
+        remaining: Duration,
+    },
 }
 
 fn clamp(d: Duration) -> Duration {
@@ -63,7 +66,10 @@ pub fn next(validity: Validity, poll: Duration, jitter: f64) -> Next {
     match validity {
         Validity::Unleased => Next::Refetch(clamp(poll.mul_f64(1.0 + 0.1 * j))),
         Validity::Lease { remaining } => Next::Refetch(clamp(remaining.mul_f64(0.85 + 0.1 * j))),
-        Validity::RenewableLease { remaining, extended } => {
+        Validity::RenewableLease {
+            remaining,
+            extended,
+        } => {
             let grace = remaining.mul_f64(0.10 + 0.10 * j);
             if !extended && remaining < grace * 4 + MIN_DELAY {
                 // The lease cannot grow any more and is about to end: replace the secret while
@@ -76,7 +82,10 @@ pub fn next(validity: Validity, poll: Duration, jitter: f64) -> Next {
             }
             Next::Renew(clamp((remaining * 2 / 3).saturating_sub(grace)))
         }
-        Validity::Expires { lifetime, remaining } => {
+        Validity::Expires {
+            lifetime,
+            remaining,
+        } => {
             // Reissue at 90% of the lifetime, i.e. when 10% of it is left.
             Next::Refetch(clamp(remaining.saturating_sub(lifetime / 10)))
         }
@@ -106,8 +115,14 @@ mod tests {
     #[test]
     fn unleased_polls_with_bounded_jitter() {
         assert_eq!(next(Validity::Unleased, S(120), 0.0), Next::Refetch(S(120)));
-        assert_eq!(next(Validity::Unleased, S(120), 0.999).delay().as_secs(), 131);
-        assert_eq!(next(Validity::Unleased, Duration::ZERO, 0.5).delay(), MIN_DELAY);
+        assert_eq!(
+            next(Validity::Unleased, S(120), 0.999).delay().as_secs(),
+            131
+        );
+        assert_eq!(
+            next(Validity::Unleased, Duration::ZERO, 0.5).delay(),
+            MIN_DELAY
+        );
     }
 
     #[test]
@@ -121,7 +136,14 @@ mod tests {
     #[test]
     fn renewable_lease_renews_at_two_thirds_minus_grace() {
         for j in [0.0, 0.5, 0.999] {
-            match next(Validity::RenewableLease { remaining: S(300), extended: true }, S(120), j) {
+            match next(
+                Validity::RenewableLease {
+                    remaining: S(300),
+                    extended: true,
+                },
+                S(120),
+                j,
+            ) {
                 Next::Renew(d) => assert!(d >= S(140) && d <= S(170), "{d:?}"),
                 other => panic!("{other:?}"),
             }
@@ -131,20 +153,48 @@ mod tests {
     #[test]
     fn lease_that_stopped_growing_is_replaced_before_it_ends() {
         // Remaining 30 s of a lease that no longer extends: refetch well before the end.
-        match next(Validity::RenewableLease { remaining: S(30), extended: false }, S(120), 0.5) {
+        match next(
+            Validity::RenewableLease {
+                remaining: S(30),
+                extended: false,
+            },
+            S(120),
+            0.5,
+        ) {
             Next::Refetch(d) => assert!(d < S(30) && d >= S(10), "{d:?}"),
             other => panic!("{other:?}"),
         }
         // Even a tiny remainder never yields a zero delay (no tight loop).
-        let d = next(Validity::RenewableLease { remaining: Duration::from_millis(10), extended: false }, S(120), 0.5);
+        let d = next(
+            Validity::RenewableLease {
+                remaining: Duration::from_millis(10),
+                extended: false,
+            },
+            S(120),
+            0.5,
+        );
         assert_eq!(d, Next::Refetch(MIN_DELAY));
     }
 
     #[test]
     fn certificates_reissue_at_90_percent_of_lifetime() {
-        let d = next(Validity::Expires { lifetime: S(1000), remaining: S(1000) }, S(120), 0.3);
+        let d = next(
+            Validity::Expires {
+                lifetime: S(1000),
+                remaining: S(1000),
+            },
+            S(120),
+            0.3,
+        );
         assert_eq!(d, Next::Refetch(S(900)));
-        let d = next(Validity::Expires { lifetime: S(1000), remaining: S(50) }, S(120), 0.3);
+        let d = next(
+            Validity::Expires {
+                lifetime: S(1000),
+                remaining: S(50),
+            },
+            S(120),
+            0.3,
+        );
         assert_eq!(d, Next::Refetch(MIN_DELAY));
     }
 

@@ -41,7 +41,9 @@ pub struct LocalProvider {
 
 impl std::fmt::Debug for LocalProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalProvider").field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("LocalProvider")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
@@ -67,7 +69,10 @@ impl LocalProvider {
         let (tx, rx) = watch::channel(0u64);
         let watch_dir = match &source {
             Source::Dir(d) => d.clone(),
-            Source::Yaml(f) => f.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from(".")),
+            Source::Yaml(f) => f
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from(".")),
         };
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res
@@ -120,7 +125,10 @@ impl LocalProvider {
             return Err(ProviderError::Invalid {
                 provider: KIND,
                 object: object.to_owned(),
-                detail: format!("larger than {} bytes (limits.maxObjectBytes)", self.max_bytes),
+                detail: format!(
+                    "larger than {} bytes (limits.maxObjectBytes)",
+                    self.max_bytes
+                ),
             });
         }
         Ok(buf)
@@ -137,10 +145,11 @@ impl LocalProvider {
                 // Object names come from config or pods: one path element, nothing else.
                 let name = FileName::parse(&req.name).map_err(|e| invalid(e.to_string()))?;
                 let path = dir.join(name.as_str());
-                let meta = std::fs::symlink_metadata(&path).map_err(|_| ProviderError::NotFound {
-                    provider: KIND,
-                    object: req.name.clone(),
-                })?;
+                let meta =
+                    std::fs::symlink_metadata(&path).map_err(|_| ProviderError::NotFound {
+                        provider: KIND,
+                        object: req.name.clone(),
+                    })?;
                 if !meta.is_file() {
                     return Err(invalid("not a regular file".into()));
                 }
@@ -152,7 +161,10 @@ impl LocalProvider {
                     .map_err(|e| ProviderError::Unavailable {
                         provider: KIND,
                         // serde_norway's messages carry a location, not the document text.
-                        detail: format!("{} is not a YAML mapping of name to value: {e}", file.display()),
+                        detail: format!(
+                            "{} is not a YAML mapping of name to value: {e}",
+                            file.display()
+                        ),
                     })?;
                 let v = doc.get(&req.name).ok_or_else(|| ProviderError::NotFound {
                     provider: KIND,
@@ -163,8 +175,9 @@ impl LocalProvider {
                     serde_norway::Value::Number(n) => SecretBytes::new(n.to_string().into_bytes()),
                     serde_norway::Value::Bool(b) => SecretBytes::new(b.to_string().into_bytes()),
                     serde_norway::Value::Mapping(_) => {
-                        let json = serde_json::to_vec(v)
-                            .map_err(|_| invalid("a mapping that cannot be written as JSON".into()))?;
+                        let json = serde_json::to_vec(v).map_err(|_| {
+                            invalid("a mapping that cannot be written as JSON".into())
+                        })?;
                         SecretBytes::new(json)
                     }
                     _ => return Err(invalid("must be a string or a mapping".into())),
@@ -195,7 +208,10 @@ impl Provider for LocalProvider {
         KIND
     }
 
-    fn fetch<'a>(&'a self, req: &'a ObjectRequest) -> BoxFuture<'a, Result<SecretObject, ProviderError>> {
+    fn fetch<'a>(
+        &'a self,
+        req: &'a ObjectRequest,
+    ) -> BoxFuture<'a, Result<SecretObject, ProviderError>> {
         Box::pin(async move { self.fetch_sync(req) })
     }
 
@@ -219,7 +235,10 @@ mod tests {
     use super::*;
 
     fn req(name: &str) -> ObjectRequest {
-        ObjectRequest { name: name.into(), version: None }
+        ObjectRequest {
+            name: name.into(),
+            version: None,
+        }
     }
 
     #[tokio::test]
@@ -229,10 +248,19 @@ mod tests {
         let p = LocalProvider::open(dir.path(), 16).unwrap();
         let got = p.fetch(&req("api-key")).await.unwrap();
         assert_eq!(got.value.expose(), b"k1");
-        assert!(matches!(p.fetch(&req("missing")).await, Err(ProviderError::NotFound { .. })));
-        assert!(matches!(p.fetch(&req("../etc/passwd")).await, Err(ProviderError::Invalid { .. })));
+        assert!(matches!(
+            p.fetch(&req("missing")).await,
+            Err(ProviderError::NotFound { .. })
+        ));
+        assert!(matches!(
+            p.fetch(&req("../etc/passwd")).await,
+            Err(ProviderError::Invalid { .. })
+        ));
         std::fs::write(dir.path().join("big"), vec![b'x'; 17]).unwrap();
-        assert!(matches!(p.fetch(&req("big")).await, Err(ProviderError::Invalid { .. })));
+        assert!(matches!(
+            p.fetch(&req("big")).await,
+            Err(ProviderError::Invalid { .. })
+        ));
     }
 
     #[tokio::test]

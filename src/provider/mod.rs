@@ -28,7 +28,10 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Fetches one object. Errors name the object and say what to fix; they never carry a value
     /// or a credential.
-    fn fetch<'a>(&'a self, req: &'a ObjectRequest) -> BoxFuture<'a, Result<SecretObject, ProviderError>>;
+    fn fetch<'a>(
+        &'a self,
+        req: &'a ObjectRequest,
+    ) -> BoxFuture<'a, Result<SecretObject, ProviderError>>;
 
     /// A channel that ticks when the provider knows its objects changed (file watches); `None`
     /// when the provider can only be polled.
@@ -42,7 +45,10 @@ pub trait Provider: Send + Sync + 'static {
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProviderError {
     #[error("object \"{object}\" was not found at the {provider} provider")]
-    NotFound { provider: &'static str, object: String },
+    NotFound {
+        provider: &'static str,
+        object: String,
+    },
     #[error("the {provider} provider refused access to \"{object}\": {detail}")]
     PermissionDenied {
         provider: &'static str,
@@ -55,7 +61,10 @@ pub enum ProviderError {
         retry_after: Option<Duration>,
     },
     #[error("the {provider} provider is unavailable: {detail}")]
-    Unavailable { provider: &'static str, detail: String },
+    Unavailable {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("object \"{object}\" at the {provider} provider is not usable: {detail}")]
     Invalid {
         provider: &'static str,

@@ -69,7 +69,9 @@ impl FileName {
             return Err(bad("must be a single file name without '/'"));
         }
         if name.starts_with("..") {
-            return Err(bad("must not start with '..' (reserved for the volume layout)"));
+            return Err(bad(
+                "must not start with '..' (reserved for the volume layout)",
+            ));
         }
         if name.chars().any(|c| c.is_control()) {
             return Err(bad("must not contain control characters"));
@@ -347,7 +349,9 @@ fn render_one(spec: &FileSpec, obj: &SecretObject) -> Result<SecretBytes, Conten
             for part in &t.parts {
                 match part {
                     Part::Literal(s) => out.extend_from_slice(s.as_bytes()),
-                    Part::Key(k) => out.extend_from_slice(json_field(&spec.object, &json, k)?.expose()),
+                    Part::Key(k) => {
+                        out.extend_from_slice(json_field(&spec.object, &json, k)?.expose())
+                    }
                 }
             }
             Ok(SecretBytes::new(std::mem::take(&mut *out)))
@@ -404,7 +408,9 @@ pub enum ContentError {
     DuplicateFile(String),
     #[error("object \"{0}\" was not fetched")]
     MissingObject(String),
-    #[error("object \"{object}\" is {size} bytes; at most {max} are allowed (limits.maxObjectBytes)")]
+    #[error(
+        "object \"{object}\" is {size} bytes; at most {max} are allowed (limits.maxObjectBytes)"
+    )]
     TooLarge {
         object: String,
         size: usize,
@@ -412,7 +418,9 @@ pub enum ContentError {
     },
     #[error("the volume's files together exceed {max} bytes (limits.maxVolumeBytes)")]
     VolumeTooLarge { max: usize },
-    #[error("object \"{object}\" is not a JSON object, so a key or template cannot be read from it")]
+    #[error(
+        "object \"{object}\" is not a JSON object, so a key or template cannot be read from it"
+    )]
     NotJson { object: String },
     #[error("object \"{object}\" has no key \"{key}\"")]
     MissingKey { object: String, key: String },
@@ -435,7 +443,10 @@ mod tests {
     }
 
     fn req(name: &str) -> ObjectRequest {
-        ObjectRequest { name: name.into(), version: None }
+        ObjectRequest {
+            name: name.into(),
+            version: None,
+        }
     }
 
     fn spec(name: &str, object: &str, source: FileSource) -> FileSpec {
@@ -482,15 +493,53 @@ mod tests {
     fn renders_whole_key_encoded_and_template() {
         let content = VolumeContent::new(
             vec![
-                spec("plain", "p", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
-                spec("b64", "b", FileSource::Object { key: None, encoding: Encoding::Base64 }),
-                spec("hex", "h", FileSource::Object { key: None, encoding: Encoding::Hex }),
-                spec("user", "db", FileSource::Object { key: Some("username".into()), encoding: Encoding::Utf8 }),
-                spec("port", "db", FileSource::Object { key: Some("port".into()), encoding: Encoding::Utf8 }),
+                spec(
+                    "plain",
+                    "p",
+                    FileSource::Object {
+                        key: None,
+                        encoding: Encoding::Utf8,
+                    },
+                ),
+                spec(
+                    "b64",
+                    "b",
+                    FileSource::Object {
+                        key: None,
+                        encoding: Encoding::Base64,
+                    },
+                ),
+                spec(
+                    "hex",
+                    "h",
+                    FileSource::Object {
+                        key: None,
+                        encoding: Encoding::Hex,
+                    },
+                ),
+                spec(
+                    "user",
+                    "db",
+                    FileSource::Object {
+                        key: Some("username".into()),
+                        encoding: Encoding::Utf8,
+                    },
+                ),
+                spec(
+                    "port",
+                    "db",
+                    FileSource::Object {
+                        key: Some("port".into()),
+                        encoding: Encoding::Utf8,
+                    },
+                ),
                 spec(
                     "url",
                     "db",
-                    FileSource::Template(Template::parse("postgresql://{{username}}:{{password}}@db:{{port}}/app").unwrap()),
+                    FileSource::Template(
+                        Template::parse("postgresql://{{username}}:{{password}}@db:{{port}}/app")
+                            .unwrap(),
+                    ),
                 ),
             ],
             Limits::default(),
@@ -500,9 +549,15 @@ mod tests {
         objects.insert(req("p"), obj("plain-value"));
         objects.insert(req("b"), obj("aGVsbG8=\n"));
         objects.insert(req("h"), obj("776f726c64"));
-        objects.insert(req("db"), obj(r#"{"username":"app","password":"s3cr3t","port":5432}"#));
+        objects.insert(
+            req("db"),
+            obj(r#"{"username":"app","password":"s3cr3t","port":5432}"#),
+        );
         let files = content.render(&objects).unwrap();
-        let got: Vec<(&str, &[u8])> = files.iter().map(|f| (f.name.as_str(), f.bytes.expose())).collect();
+        let got: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|f| (f.name.as_str(), f.bytes.expose()))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -514,56 +569,116 @@ mod tests {
                 ("url", b"postgresql://app:s3cr3t@db:5432/app"),
             ]
         );
-        assert_eq!(content.objects().iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["b", "db", "h", "p"]);
+        assert_eq!(
+            content
+                .objects()
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>(),
+            ["b", "db", "h", "p"]
+        );
     }
 
     #[test]
     fn value_errors_name_the_object_never_the_value() {
         let content = VolumeContent::new(
-            vec![spec("f", "o", FileSource::Object { key: Some("k".into()), encoding: Encoding::Utf8 })],
+            vec![spec(
+                "f",
+                "o",
+                FileSource::Object {
+                    key: Some("k".into()),
+                    encoding: Encoding::Utf8,
+                },
+            )],
             Limits::default(),
         )
         .unwrap();
         let mut objects = BTreeMap::new();
         objects.insert(req("o"), obj("top-secret-not-json"));
         let err = content.render(&objects).unwrap_err().to_string();
-        assert!(err.contains("\"o\"") && !err.contains("top-secret"), "{err}");
+        assert!(
+            err.contains("\"o\"") && !err.contains("top-secret"),
+            "{err}"
+        );
 
         objects.insert(req("o"), obj(r#"{"other":"top-secret"}"#));
         let err = content.render(&objects).unwrap_err().to_string();
-        assert!(err.contains("no key \"k\"") && !err.contains("top-secret"), "{err}");
+        assert!(
+            err.contains("no key \"k\"") && !err.contains("top-secret"),
+            "{err}"
+        );
 
         let content = VolumeContent::new(
-            vec![spec("f", "o", FileSource::Object { key: None, encoding: Encoding::Base64 })],
+            vec![spec(
+                "f",
+                "o",
+                FileSource::Object {
+                    key: None,
+                    encoding: Encoding::Base64,
+                },
+            )],
             Limits::default(),
         )
         .unwrap();
         objects.insert(req("o"), obj("top-secret!!"));
         let err = content.render(&objects).unwrap_err().to_string();
-        assert!(err.contains("Base64") && !err.contains("top-secret"), "{err}");
+        assert!(
+            err.contains("Base64") && !err.contains("top-secret"),
+            "{err}"
+        );
     }
 
     #[test]
     fn limits_are_enforced() {
-        let limits = Limits { max_files: 1, max_object_bytes: 4, max_volume_bytes: 6 };
+        let limits = Limits {
+            max_files: 1,
+            max_object_bytes: 4,
+            max_volume_bytes: 6,
+        };
         let two = vec![
-            spec("a", "a", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
-            spec("b", "b", FileSource::Object { key: None, encoding: Encoding::Utf8 }),
+            spec(
+                "a",
+                "a",
+                FileSource::Object {
+                    key: None,
+                    encoding: Encoding::Utf8,
+                },
+            ),
+            spec(
+                "b",
+                "b",
+                FileSource::Object {
+                    key: None,
+                    encoding: Encoding::Utf8,
+                },
+            ),
         ];
-        assert!(matches!(VolumeContent::new(two.clone(), limits), Err(ContentError::TooManyFiles { count: 2, max: 1 })));
+        assert!(matches!(
+            VolumeContent::new(two.clone(), limits),
+            Err(ContentError::TooManyFiles { count: 2, max: 1 })
+        ));
         let dup = vec![two[0].clone(), two[0].clone()];
         assert!(matches!(
             VolumeContent::new(dup, Limits::default()),
             Err(ContentError::DuplicateFile(_))
         ));
-        let limits = Limits { max_files: 2, ..limits };
+        let limits = Limits {
+            max_files: 2,
+            ..limits
+        };
         let content = VolumeContent::new(two, limits).unwrap();
         let mut objects = BTreeMap::new();
         objects.insert(req("a"), obj("12345"));
         objects.insert(req("b"), obj("1"));
-        assert!(matches!(content.render(&objects), Err(ContentError::TooLarge { size: 5, .. })));
+        assert!(matches!(
+            content.render(&objects),
+            Err(ContentError::TooLarge { size: 5, .. })
+        ));
         objects.insert(req("a"), obj("1234"));
         objects.insert(req("b"), obj("1234"));
-        assert!(matches!(content.render(&objects), Err(ContentError::VolumeTooLarge { max: 6 })));
+        assert!(matches!(
+            content.render(&objects),
+            Err(ContentError::VolumeTooLarge { max: 6 })
+        ));
     }
 }

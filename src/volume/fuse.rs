@@ -15,7 +15,7 @@ use std::time::Duration;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, Request, SessionACL,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 
 use super::content::RenderedFile;
@@ -127,7 +127,42 @@ impl Filesystem for Adapter {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing to flush on a read-only volume; ENOSYS tells the kernel to stop sending flush.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // No extended attributes; ENOSYS makes the kernel stop asking.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = match self.0.readdir(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -187,13 +222,19 @@ impl FuseVolume {
             MountOption::FSName("keybroker".into()),
             MountOption::Subtype("keybroker".into()),
         ];
-        config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = opts.threads > 1;
-        let session = fuser::spawn_mount(Adapter(fs.clone()), dir, &config).map_err(|e| VolumeError::Mount {
-            kind: VolumeKind::Fuse,
-            path: dir.to_owned(),
-            error: e.to_string(),
+        let session = fuser::spawn_mount(Adapter(fs.clone()), dir, &config).map_err(|e| {
+            VolumeError::Mount {
+                kind: VolumeKind::Fuse,
+                path: dir.to_owned(),
+                error: e.to_string(),
+            }
         })?;
         Ok(Self {
             notifier: session.notifier(),
@@ -217,7 +258,9 @@ impl Volume for FuseVolume {
         let changed = self.fs.apply(files);
         for name in &changed {
             // The kernel answers ENOENT when it had nothing cached for the name: fine.
-            if let Err(e) = self.notifier.inval_entry(INodeNo(ROOT_INO), OsStr::new(name))
+            if let Err(e) = self
+                .notifier
+                .inval_entry(INodeNo(ROOT_INO), OsStr::new(name))
                 && e.raw_os_error() != Some(libc::ENOENT)
             {
                 tracing::warn!(volume = %self.dir.display(), file = %name, error = %e, "cannot invalidate a cached directory entry");
@@ -241,9 +284,11 @@ impl Volume for FuseVolume {
                 // A reader still has a file open (or its cwd inside): detach now, the kernel
                 // finishes the unmount when the last user goes.
                 tracing::warn!(volume = %dir.display(), "files were still open; detaching the mount lazily");
-                nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| VolumeError::Unmount {
-                    path: dir.clone(),
-                    error: e.to_string(),
+                nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                    VolumeError::Unmount {
+                        path: dir.clone(),
+                        error: e.to_string(),
+                    }
                 })
             }
             Err(e) => Err(VolumeError::Unmount {

@@ -6,15 +6,16 @@
 //! served), and a reader's open file keeps the content it opened (each open pins one version).
 //! Replaced inodes live on until the kernel forgets them.
 //!
-//! Every open is audited with the caller's thread id, uid and gid (resolved to the process by
-//! the audit writer, off this path).
+//! Every open is audited with the calling process (thread id resolved to pid, command, pod),
+//! uid and gid.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use crate::audit::{AuditLog, ReadEvent};
+use crate::audit::{AuditLog, Event, EventKind};
+use crate::procinfo::ProcCache;
 use crate::secret::SecretBytes;
 use crate::volume::Owner;
 use crate::volume::content::RenderedFile;
@@ -97,11 +98,14 @@ pub struct MemFs {
     state: RwLock<State>,
     handles: Mutex<HashMap<u64, Arc<FileNode>>>,
     next_fh: AtomicU64,
+    procs: Mutex<ProcCache>,
 }
 
 impl std::fmt::Debug for MemFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemFs").field("volume", &self.volume).finish_non_exhaustive()
+        f.debug_struct("MemFs")
+            .field("volume", &self.volume)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,6 +123,7 @@ impl MemFs {
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            procs: Mutex::new(ProcCache::default()),
         }
     }
 
@@ -175,7 +180,9 @@ impl MemFs {
         st.dir = dir;
         // Replaced inodes the kernel never looked up can go now.
         let State { dir, inodes, .. } = &mut *st;
-        inodes.retain(|_, (node, n)| *n > 0 || dir.get(&node.name).is_some_and(|d| d.ino == node.ino));
+        inodes.retain(|_, (node, n)| {
+            *n > 0 || dir.get(&node.name).is_some_and(|d| d.ino == node.ino)
+        });
         changed
     }
 
@@ -208,11 +215,18 @@ impl MemFs {
     /// Looks `name` up in the root and counts the kernel's reference.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
         if parent != ROOT_INO {
-            return Err(if self.state().inodes.contains_key(&parent) { FsError::NotDir } else { FsError::NotFound });
+            return Err(if self.state().inodes.contains_key(&parent) {
+                FsError::NotDir
+            } else {
+                FsError::NotFound
+            });
         }
         let mut st = self.state_mut();
         let node = st.dir.get(name).cloned().ok_or(FsError::NotFound)?;
-        let entry = st.inodes.entry(node.ino).or_insert_with(|| (node.clone(), 0));
+        let entry = st
+            .inodes
+            .entry(node.ino)
+            .or_insert_with(|| (node.clone(), 0));
         entry.1 += 1;
         Ok(self.file_attr(&node))
     }
@@ -235,7 +249,10 @@ impl MemFs {
         if ino == ROOT_INO {
             return Ok(self.root_attr(&st));
         }
-        st.inodes.get(&ino).map(|(n, _)| self.file_attr(n)).ok_or(FsError::NotFound)
+        st.inodes
+            .get(&ino)
+            .map(|(n, _)| self.file_attr(n))
+            .ok_or(FsError::NotFound)
     }
 
     /// Opens a file for reading, pinning its content, and audits the read.
@@ -251,19 +268,30 @@ impl MemFs {
         {
             return Err(FsError::AuditDown);
         }
-        let node = self.state().inodes.get(&ino).map(|(n, _)| n.clone()).ok_or(FsError::NotFound)?;
+        let node = self
+            .state()
+            .inodes
+            .get(&ino)
+            .map(|(n, _)| n.clone())
+            .ok_or(FsError::NotFound)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(a) = &self.audit {
-            a.read(ReadEvent {
-                time: SystemTime::now(),
-                tid: caller.tid,
-                uid: caller.uid,
-                gid: caller.gid,
-                volume: self.volume.clone(),
-                file: node.name.clone(),
-                object: node.object.clone(),
-                version: node.version.clone(),
-            });
+            // Resolved here, while the caller is certainly alive (a short-lived `cat` is gone
+            // by the time a background thread would look); cached per thread id, so only a
+            // process's first open pays for reading /proc.
+            let process = self
+                .procs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resolve(caller.tid, caller.uid, caller.gid);
+            a.record(
+                Event::new(EventKind::Read)
+                    .volume(&*self.volume)
+                    .file(node.name.clone())
+                    .object(node.object.clone())
+                    .version(node.version.clone())
+                    .process(process),
+            );
         }
         self.handles().insert(fh, node);
         Ok(fh)
@@ -281,11 +309,22 @@ impl MemFs {
     /// Entries of the root directory, with "." and "..".
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>, FsError> {
         if ino != ROOT_INO {
-            return Err(if self.state().inodes.contains_key(&ino) { FsError::NotDir } else { FsError::NotFound });
+            return Err(if self.state().inodes.contains_key(&ino) {
+                FsError::NotDir
+            } else {
+                FsError::NotFound
+            });
         }
         let st = self.state();
-        let mut out = vec![(ROOT_INO, NodeKind::Dir, ".".to_owned()), (ROOT_INO, NodeKind::Dir, "..".to_owned())];
-        out.extend(st.dir.values().map(|n| (n.ino, NodeKind::File, n.name.clone())));
+        let mut out = vec![
+            (ROOT_INO, NodeKind::Dir, ".".to_owned()),
+            (ROOT_INO, NodeKind::Dir, "..".to_owned()),
+        ];
+        out.extend(
+            st.dir
+                .values()
+                .map(|n| (n.ino, NodeKind::File, n.name.clone())),
+        );
         Ok(out)
     }
 
@@ -297,7 +336,9 @@ impl MemFs {
 
 /// The slice of `data` a read at `offset` of `size` bytes returns.
 pub fn read_range(data: &[u8], offset: u64, size: u32) -> &[u8] {
-    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
     let end = start.saturating_add(size as usize).min(data.len());
     &data[start..end]
 }
@@ -317,18 +358,28 @@ mod tests {
         }
     }
 
-    const ME: Caller = Caller { tid: 1, uid: 0, gid: 0 };
+    const ME: Caller = Caller {
+        tid: 1,
+        uid: 0,
+        gid: 0,
+    };
 
     #[test]
     fn an_open_file_keeps_its_version_across_a_rotation() {
         let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
-        assert_eq!(fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]), ["a", "b"]);
+        assert_eq!(
+            fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]),
+            ["a", "b"]
+        );
         let a1 = fs.lookup(ROOT_INO, "a").unwrap();
         assert_eq!((a1.size, a1.perm), (3, 0o440));
         let fh = fs.open(a1.ino, false, ME).unwrap();
         // Rotation: only "a" changes; it gets a new inode; "b" keeps its own.
         let b1 = fs.lookup(ROOT_INO, "b").unwrap().ino;
-        assert_eq!(fs.apply(&[file("a", "two!", 0o440), file("b", "x", 0o400)]), ["a"]);
+        assert_eq!(
+            fs.apply(&[file("a", "two!", 0o440), file("b", "x", 0o400)]),
+            ["a"]
+        );
         assert_eq!(fs.handle(fh).unwrap().bytes(), b"one");
         let a2 = fs.lookup(ROOT_INO, "a").unwrap();
         assert_ne!(a2.ino, a1.ino);
@@ -346,7 +397,10 @@ mod tests {
     fn unchanged_content_changes_nothing_and_removal_is_reported() {
         let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
         fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]);
-        assert!(fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)]).is_empty());
+        assert!(
+            fs.apply(&[file("a", "one", 0o440), file("b", "x", 0o400)])
+                .is_empty()
+        );
         assert_eq!(fs.apply(&[file("a", "one", 0o440)]), ["b"]);
         assert_eq!(fs.lookup(ROOT_INO, "b"), Err(FsError::NotFound));
         // A mode change alone is a change.
@@ -362,7 +416,12 @@ mod tests {
         assert_eq!(fs.open(ROOT_INO, false, ME), Err(FsError::IsDir));
         assert_eq!(fs.lookup(a, "x"), Err(FsError::NotDir));
         assert_eq!(fs.handle(999).err(), Some(FsError::BadHandle));
-        let names: Vec<String> = fs.readdir(ROOT_INO).unwrap().into_iter().map(|e| e.2).collect();
+        let names: Vec<String> = fs
+            .readdir(ROOT_INO)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.2)
+            .collect();
         assert_eq!(names, [".", "..", "a"]);
     }
 

@@ -30,7 +30,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -62,7 +65,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 /// The topmost mount at `dir`, if `dir` is a mount point.
 pub fn mount_at(dir: &Path) -> Option<MountEntry> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == dir)
+    parse_mountinfo(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == dir)
 }
 
 /// Whether a mount entry is one keybroker made.
@@ -83,15 +89,29 @@ impl TargetLock {
     }
 }
 
-fn lock_dir() -> PathBuf {
+/// keybroker's runtime state directory (lock files, tmpfs staging mounts): memory-backed
+/// /run for root, the user's runtime directory otherwise.
+fn runtime_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/keybroker/targets")
+        PathBuf::from("/run/keybroker")
     } else {
         std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir)
-            .join("keybroker-targets")
+            .join("keybroker")
     }
+}
+
+fn target_key(canonical: &Path) -> String {
+    hex::encode(&Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..12])
+}
+
+/// Where the tmpfs behind a target is mounted read-write; the target itself is a read-only
+/// bind of it. Derived from the target so a restarted keybroker finds it again.
+pub fn staging_dir(canonical_target: &Path) -> PathBuf {
+    runtime_dir()
+        .join("staging")
+        .join(target_key(canonical_target))
 }
 
 /// Claims `dir` for this process, and if a keybroker that is no longer running left a mount
@@ -103,7 +123,8 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
         error: e,
     };
     // A dead FUSE server makes stat fail with ENOTCONN; create_dir_all would fail too.
-    let dead_fuse = matches!(std::fs::metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let dead_fuse =
+        matches!(std::fs::metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
     if !dead_fuse {
         std::fs::create_dir_all(dir).map_err(|e| target_err(e.to_string()))?;
     }
@@ -112,10 +133,10 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
     } else {
         dir.canonicalize().map_err(|e| target_err(e.to_string()))?
     };
-    let locks = lock_dir();
-    std::fs::create_dir_all(&locks).map_err(|e| target_err(format!("cannot create {}: {e}", locks.display())))?;
-    let key = hex::encode(&Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..12]);
-    let lock_path = locks.join(format!("{key}.lock"));
+    let locks = runtime_dir().join("targets");
+    std::fs::create_dir_all(&locks)
+        .map_err(|e| target_err(format!("cannot create {}: {e}", locks.display())))?;
+    let lock_path = locks.join(format!("{}.lock", target_key(&canonical)));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -151,15 +172,33 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
             .map_err(|e| target_err(format!("cannot unmount the stale mount: {e}")))?;
         cleaned = true;
     }
+    let staging = staging_dir(&canonical);
+    while mount_at(&staging).is_some_and(|m| is_keybroker_mount(&m)) {
+        nix::mount::umount2(&staging, MntFlags::MNT_DETACH).map_err(|e| {
+            target_err(format!(
+                "cannot unmount the stale staging tmpfs {}: {e}",
+                staging.display()
+            ))
+        })?;
+    }
     if dead_fuse && !cleaned {
         return Err(target_err(
             "a dead FUSE mount is there that keybroker did not make; unmount it with `fusermount3 -u`".into(),
         ));
     }
     if let Some(m) = mount_at(&canonical) {
-        return Err(target_err(format!("a {} filesystem is already mounted there", m.fs_type)));
+        return Err(target_err(format!(
+            "a {} filesystem is already mounted there",
+            m.fs_type
+        )));
     }
-    Ok((TargetLock { _lock: lock, path: canonical }, cleaned))
+    Ok((
+        TargetLock {
+            _lock: lock,
+            path: canonical,
+        },
+        cleaned,
+    ))
 }
 
 #[cfg(test)]

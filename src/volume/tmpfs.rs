@@ -32,43 +32,89 @@ const DATA_TMP: &str = "..data_tmp";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Written {
     snapshot_dir: String,
+    /// The snapshot before this one, kept until the next rotation so that a reader that
+    /// resolved `..data` just before the swap still finds its files.
+    previous_dir: Option<String>,
     files: BTreeMap<String, (u32, [u8; 32])>,
 }
 
 pub struct TmpfsVolume {
+    /// Where readers look: a read-only bind of `dir` (or `dir` itself when not mounted here).
+    target: PathBuf,
+    /// Where this process writes: the tmpfs itself.
     dir: PathBuf,
     owner: Owner,
     written: Mutex<Option<Written>>,
     mounted: bool,
 }
 
+const MOUNT_FLAGS: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
 impl TmpfsVolume {
-    /// Mounts a tmpfs of at most `size` bytes at `dir`.
-    pub fn mount(dir: &Path, size: usize, owner: Owner) -> Result<Self, VolumeError> {
-        let data = format!("size={size},mode=0755,uid={},gid={}", owner.uid, owner.gid);
-        nix::mount::mount(
-            Some("keybroker"),
-            dir,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            Some(data.as_str()),
-        )
-        .map_err(|e| VolumeError::Mount {
+    /// Mounts a tmpfs of at most `size` bytes at `staging` (private to keybroker) and binds it
+    /// read-only at `target`, so that nobody, root included, can change a secret file in place.
+    pub fn mount(
+        target: &Path,
+        staging: &Path,
+        size: usize,
+        owner: Owner,
+    ) -> Result<Self, VolumeError> {
+        let fail = |path: &Path, e: nix::errno::Errno| VolumeError::Mount {
             kind: VolumeKind::Tmpfs,
-            path: dir.to_owned(),
+            path: path.to_owned(),
             error: if e == nix::errno::Errno::EPERM {
                 "permission denied: mounting a tmpfs needs root (CAP_SYS_ADMIN); use type: fuse instead".into()
             } else {
                 e.to_string()
             },
+        };
+        std::fs::create_dir_all(staging).map_err(|e| VolumeError::Mount {
+            kind: VolumeKind::Tmpfs,
+            path: staging.to_owned(),
+            error: e.to_string(),
         })?;
-        Ok(Self::at(dir, owner, true))
+        let data = format!("size={size},mode=0755,uid={},gid={}", owner.uid, owner.gid);
+        nix::mount::mount(
+            Some("keybroker"),
+            staging,
+            Some("tmpfs"),
+            MOUNT_FLAGS,
+            Some(data.as_str()),
+        )
+        .map_err(|e| fail(staging, e))?;
+        let bind = nix::mount::mount(
+            Some(staging),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .and_then(|_| {
+            nix::mount::mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MOUNT_FLAGS,
+                None::<&str>,
+            )
+        });
+        if let Err(e) = bind {
+            let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+            let _ = nix::mount::umount2(staging, MntFlags::MNT_DETACH);
+            return Err(fail(target, e));
+        }
+        let mut v = Self::at(staging, owner, true);
+        v.target = target.to_owned();
+        Ok(v)
     }
 
     /// Writes into an existing directory without mounting anything (the directory must be on
     /// a memory filesystem for secrets to stay off disk; the caller decides).
     pub fn at(dir: &Path, owner: Owner, mounted: bool) -> Self {
         Self {
+            target: dir.to_owned(),
             dir: dir.to_owned(),
             owner,
             written: Mutex::new(None),
@@ -86,8 +132,10 @@ impl TmpfsVolume {
     fn write_snapshot(&self, files: &[RenderedFile], want: &Written) -> Result<(), VolumeError> {
         let snap = self.dir.join(&want.snapshot_dir);
         std::fs::create_dir(&snap).map_err(|e| self.err(e))?;
-        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o755)).map_err(|e| self.err(e))?;
-        std::os::unix::fs::chown(&snap, Some(self.owner.uid), Some(self.owner.gid)).map_err(|e| self.err(e))?;
+        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| self.err(e))?;
+        std::os::unix::fs::chown(&snap, Some(self.owner.uid), Some(self.owner.gid))
+            .map_err(|e| self.err(e))?;
         for f in files {
             let path = snap.join(f.name.as_str());
             let mut file = OpenOptions::new()
@@ -96,7 +144,8 @@ impl TmpfsVolume {
                 .mode(0o600)
                 .open(&path)
                 .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
-            file.write_all(f.bytes.expose()).map_err(|e| self.err(format!("{}: {e}", f.name)))?;
+            file.write_all(f.bytes.expose())
+                .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
             std::os::unix::fs::fchown(&file, Some(self.owner.uid), Some(self.owner.gid))
                 .map_err(|e| self.err(format!("{}: {e}", f.name)))?;
             file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
@@ -114,18 +163,23 @@ impl TmpfsVolume {
         for name in want.files.keys() {
             let link = self.dir.join(name);
             if std::fs::symlink_metadata(&link).is_err() {
-                std::os::unix::fs::symlink(Path::new(DATA_LINK).join(name), &link).map_err(|e| self.err(e))?;
+                std::os::unix::fs::symlink(Path::new(DATA_LINK).join(name), &link)
+                    .map_err(|e| self.err(e))?;
             }
         }
         for entry in std::fs::read_dir(&self.dir).map_err(|e| self.err(e))? {
             let entry = entry.map_err(|e| self.err(e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name == DATA_LINK || name == want.snapshot_dir {
+            if name == DATA_LINK
+                || name == want.snapshot_dir
+                || Some(&name) == want.previous_dir.as_ref()
+            {
                 continue;
             }
             if name.starts_with("..") {
                 // An older snapshot (or a leftover of a crash mid-write).
-                let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+                let _ = std::fs::remove_dir_all(entry.path())
+                    .or_else(|_| std::fs::remove_file(entry.path()));
             } else if !want.files.contains_key(&name) {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -150,7 +204,12 @@ impl Volume for TmpfsVolume {
         let mut guard = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let digests: BTreeMap<String, (u32, [u8; 32])> = files
             .iter()
-            .map(|f| (f.name.as_str().to_owned(), (f.mode & 0o777, Sha256::digest(f.bytes.expose()).into())))
+            .map(|f| {
+                (
+                    f.name.as_str().to_owned(),
+                    (f.mode & 0o777, Sha256::digest(f.bytes.expose()).into()),
+                )
+            })
             .collect();
         let old = guard.clone().unwrap_or_default();
         if guard.is_some() && old.files == digests {
@@ -161,9 +220,15 @@ impl Volume for TmpfsVolume {
             .filter(|(n, d)| old.files.get(*n) != Some(*d))
             .map(|(n, _)| n.clone())
             .collect();
-        changed.extend(old.files.keys().filter(|n| !digests.contains_key(*n)).cloned());
+        changed.extend(
+            old.files
+                .keys()
+                .filter(|n| !digests.contains_key(*n))
+                .cloned(),
+        );
         let mut want = Written {
             snapshot_dir: snapshot_dir_name(),
+            previous_dir: guard.as_ref().map(|w| w.snapshot_dir.clone()),
             files: digests,
         };
         if want.snapshot_dir == old.snapshot_dir {
@@ -181,10 +246,17 @@ impl Volume for TmpfsVolume {
         }
         // Lazy: a reader holding a file open must not make shutdown fail; the memory is freed
         // when the last reference goes.
-        nix::mount::umount2(&self.dir, MntFlags::MNT_DETACH).map_err(|e| VolumeError::Unmount {
-            path: self.dir.clone(),
-            error: e.to_string(),
-        })
+        let res = nix::mount::umount2(&self.target, MntFlags::MNT_DETACH).map_err(|e| {
+            VolumeError::Unmount {
+                path: self.target.clone(),
+                error: e.to_string(),
+            }
+        });
+        if self.dir != self.target {
+            let _ = nix::mount::umount2(&self.dir, MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+        res
     }
 }
 
@@ -215,26 +287,61 @@ mod tests {
     fn atomic_writer_layout_and_no_rewrite_when_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let v = TmpfsVolume::at(dir.path(), owner(), false);
-        assert_eq!(v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)]).unwrap(), ["a", "b"]);
+        assert_eq!(
+            v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)])
+                .unwrap(),
+            ["a", "b"]
+        );
         let data1 = std::fs::read_link(dir.path().join(DATA_LINK)).unwrap();
-        assert_eq!(std::fs::read_link(dir.path().join("a")).unwrap(), Path::new("..data/a"));
-        assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "one");
-        let mode = std::fs::metadata(dir.path().join("b")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            std::fs::read_link(dir.path().join("a")).unwrap(),
+            Path::new("..data/a")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a")).unwrap(),
+            "one"
+        );
+        let mode = std::fs::metadata(dir.path().join("b"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o400);
 
-        assert!(v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)]).unwrap().is_empty());
-        assert_eq!(std::fs::read_link(dir.path().join(DATA_LINK)).unwrap(), data1);
+        assert!(
+            v.apply(&[file("a", "one", 0o440), file("b", "two", 0o400)])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            std::fs::read_link(dir.path().join(DATA_LINK)).unwrap(),
+            data1
+        );
 
         assert_eq!(v.apply(&[file("a", "uno", 0o440)]).unwrap(), ["a", "b"]);
         let data2 = std::fs::read_link(dir.path().join(DATA_LINK)).unwrap();
         assert_ne!(data1, data2);
-        assert!(!dir.path().join(&data1).exists(), "old snapshot removed");
-        assert!(std::fs::symlink_metadata(dir.path().join("b")).is_err(), "removed name unlinked");
-        assert_eq!(std::fs::read_to_string(dir.path().join("a")).unwrap(), "uno");
+        assert!(
+            dir.path().join(&data1).exists(),
+            "the previous snapshot stays for one rotation"
+        );
+        v.apply(&[file("a", "tres", 0o440)]).unwrap();
+        assert!(
+            !dir.path().join(&data1).exists(),
+            "older snapshots are removed"
+        );
+        assert!(
+            std::fs::symlink_metadata(dir.path().join("b")).is_err(),
+            "removed name unlinked"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a")).unwrap(),
+            "tres"
+        );
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(names.len(), 4, "..data, two snapshots, one link: {names:?}");
     }
 }

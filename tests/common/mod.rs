@@ -1,0 +1,227 @@
+//! Helpers for tests that run the built `keybroker` binary against real mounts.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
+
+/// Tests here mount filesystems: they need root and /dev/fuse. In CI a missing prerequisite is a
+/// failure, never a skip.
+pub fn require_root_and_fuse() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests mount filesystems and must run as root"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: install fuse3 (scripts/install-peers.sh)"
+    );
+}
+
+/// A temporary directory that other uids may traverse (tempfile makes 0700 directories).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("kb-test-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+pub struct Mounted {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    /// Whether dropping this unmounts the target (off after a deliberate kill -9, whose dead
+    /// mount the test wants to leave behind).
+    cleanup: bool,
+}
+
+impl Mounted {
+    /// Starts `keybroker mount` and waits until `ready_file` can be read in the mount.
+    pub fn start(config: &Path, dir: &Path, extra: &[&str], ready_file: &str) -> Self {
+        let log = config.with_extension("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut m = Mounted {
+            child,
+            dir: dir.to_owned(),
+            log,
+            cleanup: true,
+        };
+        m.wait_ready(ready_file);
+        m
+    }
+
+    fn wait_ready(&mut self, file: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // The process says when it has mounted (a volume left by a killed predecessor may be
+            // readable before that).
+            if self.logs().contains(": mounted ")
+                && is_mount_point(&self.dir)
+                && std::fs::read(self.dir.join(file)).is_ok()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("keybroker mount exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not ready after 20 s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20));
+        let logs = self.logs();
+        assert!(
+            status.success(),
+            "keybroker mount did not exit cleanly ({status}):\n{logs}"
+        );
+        assert!(
+            !is_mount_point(&self.dir),
+            "still mounted after SIGTERM:\n{logs}"
+        );
+        logs
+    }
+
+    /// SIGKILL, leaving whatever the process had mounted in place.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.cleanup = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if self.cleanup {
+            while is_mount_point(&self.dir) {
+                if nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn is_mount_point(dir: &Path) -> bool {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_string_lossy();
+    mi.lines().any(|l| l.split(' ').nth(4) == Some(&*dir))
+}
+
+/// Runs `cmd args` as `uid`/`gid` (a separate process, an unprivileged user) and returns
+/// (success, stdout, stderr).
+pub fn run_as(uid: u32, gid: u32, cmd: &str, args: &[&str]) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(cmd)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to `path` atomically (as editors and config tools do).
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Reads a whole file with one open, as an application would.
+pub fn read_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// Every audit record of a log, parsed.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that none of `secrets` occurs in any file under `root` (recursively) or in `texts`.
+pub fn assert_no_secrets(secrets: &[&str], files: &[&Path], texts: &[(&str, &str)]) {
+    for f in files {
+        let mut stack = vec![f.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    stack.push(e.unwrap().path());
+                }
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&p).unwrap();
+                let text = String::from_utf8_lossy(&bytes);
+                for s in secrets {
+                    assert!(!text.contains(s), "secret {s:?} found in {}", p.display());
+                }
+            }
+        }
+    }
+    for (what, text) in texts {
+        for s in secrets {
+            assert!(!text.contains(s), "secret {s:?} found in {what}");
+        }
+    }
+}
