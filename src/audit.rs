@@ -86,6 +86,12 @@ pub struct Event {
     pub latency_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessRef>,
+    /// For coalesced reads: how many opens this record stands for (absent: one) ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// ... the first of which happened at this time (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
 }
 
 impl Event {

@@ -204,6 +204,8 @@ impl Refresher {
     pub async fn run(mut self, volume: &dyn Volume, shutdown: CancellationToken, poll: Duration) {
         let mut changes: Option<watch::Receiver<u64>> = self.provider.changes();
         let keys = self.keys();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self
                 .cache
@@ -212,6 +214,10 @@ impl Refresher {
                 .max(tokio::time::Instant::now() + MIN_CYCLE);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    volume.tick();
+                    continue;
+                }
                 _ = tokio::time::sleep_until(due) => {}
                 changed = async {
                     match changes.as_mut() {

@@ -59,26 +59,30 @@ fn to_fuser(a: Attr) -> FileAttr {
     }
 }
 
-struct Adapter(Arc<MemFs>);
+struct Adapter {
+    fs: Arc<MemFs>,
+    ttl: Duration,
+    open_flags: FopenFlags,
+}
 
 impl Filesystem for Adapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
-        match self.0.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &to_fuser(a), Generation(0)),
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&self.ttl, &to_fuser(a), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.0.forget(ino.0, nlookup);
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &to_fuser(a)),
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&self.ttl, &to_fuser(a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -90,8 +94,8 @@ impl Filesystem for Adapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.0.open(ino.0, write, caller) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        match self.fs.open(ino.0, write, caller) {
+            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -107,7 +111,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.0.handle(fh.0) {
+        match self.fs.handle(fh.0) {
             Ok(node) => reply.data(read_range(node.bytes(), offset, size)),
             Err(e) => reply.error(errno(e)),
         }
@@ -123,7 +127,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.0.release(fh.0);
+        self.fs.release(fh.0);
         reply.ok();
     }
 
@@ -163,7 +167,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.0.readdir(ino.0) {
+        let entries = match self.fs.readdir(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
@@ -187,6 +191,9 @@ pub struct FuseOptions {
     pub threads: usize,
     /// Let users other than the mounting one read (the kernel still enforces file modes).
     pub allow_other: bool,
+    /// Let the kernel cache entries, attributes and pages (safe: inodes are immutable). Off
+    /// only to measure the uncached baseline.
+    pub kernel_cache: bool,
 }
 
 impl Default for FuseOptions {
@@ -194,6 +201,7 @@ impl Default for FuseOptions {
         Self {
             threads: 2,
             allow_other: true,
+            kernel_cache: true,
         }
     }
 }
@@ -229,7 +237,12 @@ impl FuseVolume {
         };
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = opts.threads > 1;
-        let session = fuser::spawn_mount(Adapter(fs.clone()), dir, &config).map_err(|e| {
+        let adapter = if opts.kernel_cache {
+            Adapter { fs: fs.clone(), ttl: TTL, open_flags: FopenFlags::FOPEN_KEEP_CACHE }
+        } else {
+            Adapter { fs: fs.clone(), ttl: Duration::ZERO, open_flags: FopenFlags::FOPEN_DIRECT_IO }
+        };
+        let session = fuser::spawn_mount(adapter, dir, &config).map_err(|e| {
             VolumeError::Mount {
                 kind: VolumeKind::Fuse,
                 path: dir.to_owned(),
@@ -275,10 +288,16 @@ impl Volume for FuseVolume {
         Ok(changed)
     }
 
+    fn tick(&self) {
+        self.fs.flush_reads(false);
+    }
+
     fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
         let dir = self.dir.clone();
-        let Self { session, .. } = *self;
-        match session.umount_and_join() {
+        let Self { session, fs, .. } = *self;
+        let res = session.umount_and_join();
+        fs.flush_reads(true);
+        match res {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 // A reader still has a file open (or its cwd inside): detach now, the kernel

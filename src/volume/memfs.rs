@@ -7,12 +7,15 @@
 //! Replaced inodes live on until the kernel forgets them.
 //!
 //! Every open is audited with the calling process (thread id resolved to pid, command, pod),
-//! uid and gid.
+//! uid and gid. The first open of a file version by a process is recorded at once; further
+//! opens of it by the same process within [`READ_WINDOW`] are counted and recorded as one
+//! record with `count` when the window closes ([`MemFs::flush_reads`]), so a reader in a hot
+//! loop costs the audit log one line a second, and every open is still accounted for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::procinfo::ProcCache;
@@ -21,6 +24,8 @@ use crate::volume::Owner;
 use crate::volume::content::RenderedFile;
 
 pub const ROOT_INO: u64 = 1;
+/// Window in which repeated opens of one file version by one process are coalesced.
+pub const READ_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
@@ -99,6 +104,17 @@ pub struct MemFs {
     handles: Mutex<HashMap<u64, Arc<FileNode>>>,
     next_fh: AtomicU64,
     procs: Mutex<ProcCache>,
+    reads: Mutex<HashMap<ReadKey, ReadWindow>>,
+}
+
+/// (pid, uid, inode): an inode is one version of one file.
+type ReadKey = (u32, u32, u64);
+
+struct ReadWindow {
+    opened: Instant,
+    first_time: SystemTime,
+    repeats: u64,
+    event: Event,
 }
 
 impl std::fmt::Debug for MemFs {
@@ -124,6 +140,7 @@ impl MemFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             procs: Mutex::new(ProcCache::default()),
+            reads: Mutex::new(HashMap::new()),
         }
     }
 
@@ -284,14 +301,32 @@ impl MemFs {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .resolve(caller.tid, caller.uid, caller.gid);
-            a.record(
-                Event::new(EventKind::Read)
-                    .volume(&*self.volume)
-                    .file(node.name.clone())
-                    .object(node.object.clone())
-                    .version(node.version.clone())
-                    .process(process),
-            );
+            let key = (process.pid, caller.uid, ino);
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            match reads.get_mut(&key) {
+                Some(w) if w.opened.elapsed() < READ_WINDOW => w.repeats += 1,
+                _ => {
+                    if let Some(old) = reads.remove(&key) {
+                        record_repeats(a, old);
+                    }
+                    let event = Event::new(EventKind::Read)
+                        .volume(&*self.volume)
+                        .file(node.name.clone())
+                        .object(node.object.clone())
+                        .version(node.version.clone())
+                        .process(process);
+                    a.record(event.clone());
+                    reads.insert(
+                        key,
+                        ReadWindow {
+                            opened: Instant::now(),
+                            first_time: SystemTime::now(),
+                            repeats: 0,
+                            event,
+                        },
+                    );
+                }
+            }
         }
         self.handles().insert(fh, node);
         Ok(fh)
@@ -328,9 +363,35 @@ impl MemFs {
         Ok(out)
     }
 
+    /// Records the opens counted in read windows that have closed (all of them when `all`).
+    /// Called about once a second and at unmount.
+    pub fn flush_reads(&self, all: bool) {
+        let Some(a) = &self.audit else { return };
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        let closed: Vec<ReadKey> = reads
+            .iter()
+            .filter(|(_, w)| all || w.opened.elapsed() >= READ_WINDOW)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in closed {
+            if let Some(w) = reads.remove(&k) {
+                record_repeats(a, w);
+            }
+        }
+    }
+
     /// Number of open file handles (for leak checks).
     pub fn open_handles(&self) -> usize {
         self.handles().len()
+    }
+}
+
+fn record_repeats(audit: &AuditLog, w: ReadWindow) {
+    if w.repeats > 0 {
+        let mut ev = w.event;
+        ev.count = Some(w.repeats);
+        ev.first_time = Some(humantime::format_rfc3339_micros(w.first_time).to_string());
+        audit.record(ev);
     }
 }
 
@@ -423,6 +484,34 @@ mod tests {
             .map(|e| e.2)
             .collect();
         assert_eq!(names, [".", "..", "a"]);
+    }
+
+    #[test]
+    fn repeated_opens_are_coalesced_and_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.jsonl");
+        let audit = AuditLog::open(&log, false).unwrap();
+        let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, Some(audit.clone()));
+        fs.apply(&[file("a", "one", 0o440)]);
+        let a = fs.lookup(ROOT_INO, "a").unwrap().ino;
+        let me = Caller { tid: std::process::id(), uid: 0, gid: 0 };
+        for _ in 0..50 {
+            let fh = fs.open(a, false, me).unwrap();
+            fs.release(fh);
+        }
+        fs.flush_reads(true);
+        audit.flush();
+        let recs: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(recs.len(), 2, "first open at once, the rest as one counted record");
+        assert!(recs[0]["count"].is_null());
+        assert_eq!(recs[1]["count"], 49);
+        assert!(recs[1]["first_time"].is_string());
+        let opens: u64 = recs.iter().map(|r| r["count"].as_u64().unwrap_or(1)).sum();
+        assert_eq!(opens, 50);
     }
 
     #[test]

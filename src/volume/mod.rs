@@ -49,6 +49,8 @@ pub trait Volume: Send + Sync {
     /// Makes `files` the volume's content, atomically for readers. Returns the names that
     /// changed (added, replaced or removed); an empty list means nothing was rewritten.
     fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError>;
+    /// Periodic upkeep (about once a second): records coalesced read counts.
+    fn tick(&self) {}
     /// Unmounts. The volume's content is dropped (zeroized) with it.
     fn unmount(self: Box<Self>) -> Result<(), VolumeError>;
 }

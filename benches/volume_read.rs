@@ -1,0 +1,231 @@
+//! Read-path benchmark (issue #2): open+read+close of a small mounted secret, and pread on an
+//! open fd, for a plain tmpfs file (the baseline), keybroker's tmpfs volume, keybroker's FUSE
+//! volume (kernel cache on, every open audited) and the same FUSE volume with kernel caching
+//! off (the naive baseline). Rounds are interleaved so machine noise hits every variant alike;
+//! the median round is reported with its ratio to the plain tmpfs file. Then the resident
+//! memory of `keybroker mount` serving 10 objects.
+//!
+//! Run: `cargo bench --bench volume_read` (as root: it mounts filesystems).
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keybroker::audit::AuditLog;
+use keybroker::secret::SecretBytes;
+use keybroker::volume::content::{FileName, RenderedFile};
+use keybroker::volume::fuse::{FuseOptions, FuseVolume};
+use keybroker::volume::memfs::MemFs;
+use keybroker::volume::tmpfs::TmpfsVolume;
+use keybroker::volume::{Owner, Volume};
+use nix::mount::{MntFlags, MsFlags};
+
+const SECRET: &[u8] = b"postgresql://app:bench-password-0123456789@db:5432/app\n";
+const OPS: usize = 4_000;
+const ROUNDS: usize = 7;
+
+fn open_read_close(path: &Path, buf: &mut Vec<u8>) {
+    buf.clear();
+    let mut f = std::fs::File::open(path).expect("open");
+    f.read_to_end(buf).expect("read");
+    assert_eq!(buf.len(), SECRET.len());
+}
+
+fn ns_per_op(mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..OPS {
+        f();
+    }
+    t.elapsed().as_nanos() as f64 / OPS as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn file() -> RenderedFile {
+    RenderedFile {
+        name: FileName::parse("database-url").unwrap(),
+        mode: 0o444,
+        bytes: SecretBytes::new(SECRET.to_vec()),
+        object: "db".into(),
+        version: "1".into(),
+    }
+}
+
+fn main() {
+    assert!(nix::unistd::geteuid().is_root(), "run as root: the benchmark mounts tmpfs and FUSE");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| -> PathBuf {
+        let p = tmp.path().join(n);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    };
+    let owner = Owner { uid: 0, gid: 0 };
+
+    // Baseline: a plain file on a tmpfs.
+    let plain = d("plain");
+    nix::mount::mount(Some("tmpfs"), &plain, Some("tmpfs"), MsFlags::empty(), Some("size=1m")).unwrap();
+    std::fs::write(plain.join("database-url"), SECRET).unwrap();
+
+    // keybroker tmpfs volume (symlinks through ..data).
+    let kt = d("kb-tmpfs");
+    let tv = TmpfsVolume::mount(&kt, &d("kb-tmpfs-staging"), 1 << 20, owner).unwrap();
+    tv.apply(&[file()]).unwrap();
+
+    // keybroker FUSE volume, every open audited.
+    let audit = AuditLog::open(&tmp.path().join("audit.jsonl"), false).unwrap();
+    let mount_fuse = |dir: &Path, kernel_cache: bool| {
+        let use_audit = std::env::var("KB_BENCH_NOAUDIT").is_err();
+        let fs = Arc::new(MemFs::new("bench", owner, use_audit.then(|| audit.clone())));
+        fs.apply(&[file()]);
+        let threads = std::env::var("KB_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+        let opts = FuseOptions { kernel_cache, threads, ..FuseOptions::default() };
+        FuseVolume::mount(dir, fs, &opts).unwrap()
+    };
+    let kf = d("kb-fuse");
+    let fv = mount_fuse(&kf, true);
+    let nf = d("naive-fuse");
+    let nv = mount_fuse(&nf, false);
+
+    let variants: [(&str, PathBuf); 4] = [
+        ("plain tmpfs file", plain.join("database-url")),
+        ("keybroker tmpfs volume", kt.join("database-url")),
+        ("keybroker FUSE (cached, audited)", kf.join("database-url")),
+        ("naive FUSE (no kernel cache)", nf.join("database-url")),
+    ];
+    let mut buf = Vec::with_capacity(4096);
+    // Warm up every path (dentries, pages, process lookup).
+    for (_, p) in &variants {
+        for _ in 0..200 {
+            open_read_close(p, &mut buf);
+        }
+    }
+    let mut orc: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut pread: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, p)) in variants.iter().enumerate() {
+            orc[i].push(ns_per_op(|| open_read_close(p, &mut buf)));
+            let f = std::fs::File::open(p).unwrap();
+            let mut b = [0u8; 256];
+            pread[i].push(ns_per_op(|| {
+                let n = f.read_at(&mut b, 0).unwrap();
+                assert_eq!(n, SECRET.len());
+            }));
+        }
+    }
+    audit.flush();
+    let base_orc = median(orc[0].clone());
+    let base_pread = median(pread[0].clone());
+    println!("open+read+close of a {}-byte file, {OPS} ops x {ROUNDS} interleaved rounds, median round:", SECRET.len());
+    println!("{:<36} {:>12} {:>10} {:>14} {:>10}", "variant", "o+r+c µs", "ratio", "pread µs", "ratio");
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let o = median(orc[i].clone());
+        let p = median(pread[i].clone());
+        println!(
+            "{name:<36} {:>12.2} {:>9.1}x {:>14.3} {:>9.1}x",
+            o / 1e3,
+            o / base_orc,
+            p / 1e3,
+            p / base_pread
+        );
+    }
+    let rtt = median((0..ROUNDS).map(|_| pipe_round_trip_ns()).collect());
+    println!(
+        "{:<36} {:>12.2} {:>9.1}x   (two cross-thread wakeups, as one FUSE request needs: the floor)",
+        "pipe round trip between 2 threads",
+        rtt / 1e3,
+        rtt / base_orc
+    );
+    let audited = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap().lines().count();
+    println!("audit records written for FUSE opens: {audited}");
+
+    Box::new(fv).unmount().unwrap();
+    Box::new(nv).unmount().unwrap();
+    Box::new(tv).unmount().unwrap();
+    nix::mount::umount2(&plain, MntFlags::MNT_DETACH).unwrap();
+
+    rss_of_mount(tmp.path());
+}
+
+/// One byte to another thread and back over pipes: the cost of the two wakeups a FUSE request
+/// needs (the server's, then the caller's), without FUSE.
+fn pipe_round_trip_ns() -> f64 {
+    use std::io::Write;
+    let (mut a_rx, mut b_tx) = std::io::pipe().unwrap();
+    let (mut b_rx, mut a_tx) = std::io::pipe().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while a_rx.read_exact(&mut byte).is_ok() {
+            if a_tx.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut byte = [0u8; 1];
+    for _ in 0..200 {
+        b_tx.write_all(&[1]).unwrap();
+        b_rx.read_exact(&mut byte).unwrap();
+    }
+    let ns = ns_per_op(|| {
+        b_tx.write_all(&[1]).unwrap();
+        b_rx.read_exact(&mut byte).unwrap();
+    });
+    drop(b_tx);
+    echo.join().unwrap();
+    ns
+}
+
+/// Resident memory of the `keybroker mount` binary serving 10 objects, idle and after reads.
+fn rss_of_mount(tmp: &Path) {
+    let src = tmp.join("secrets");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut files = String::new();
+    for i in 0..10 {
+        std::fs::write(src.join(format!("obj{i}")), format!("value-{i}-{}", "x".repeat(200))).unwrap();
+        files.push_str(&format!("  - {{name: file{i}, object: obj{i}}}\n"));
+    }
+    let cfg = tmp.join("ten.yaml");
+    std::fs::write(&cfg, format!("provider: {{local: {{path: secrets}}}}\naudit: {{path: rss-audit.jsonl}}\nfiles:\n{files}")).unwrap();
+    let mnt = tmp.join("rss-mnt");
+    let bin = env!("CARGO_BIN_EXE_keybroker");
+    let mut child = Command::new(bin)
+        .args(["mount", "--config"])
+        .arg(&cfg)
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read(mnt.join("file9")).is_err() {
+        assert!(Instant::now() < deadline, "mount not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = |pid: u32| -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb / 1024.0
+    };
+    let idle = rss(child.id());
+    let mut buf = Vec::new();
+    for _ in 0..2_000 {
+        for i in 0..10 {
+            buf.clear();
+            std::fs::File::open(mnt.join(format!("file{i}"))).unwrap().read_to_end(&mut buf).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = rss(child.id());
+    println!("keybroker mount ({}), 10 objects: RSS idle {idle:.1} MiB, after 20,000 audited opens {busy:.1} MiB", bin_profile(bin));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+}
+
+fn bin_profile(bin: &str) -> &'static str {
+    if bin.contains("/release/") { "release build" } else { "debug build" }
+}
