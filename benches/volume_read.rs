@@ -58,7 +58,10 @@ fn file() -> RenderedFile {
 }
 
 fn main() {
-    assert!(nix::unistd::geteuid().is_root(), "run as root: the benchmark mounts tmpfs and FUSE");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "run as root: the benchmark mounts tmpfs and FUSE"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let d = |n: &str| -> PathBuf {
         let p = tmp.path().join(n);
@@ -69,7 +72,14 @@ fn main() {
 
     // Baseline: a plain file on a tmpfs.
     let plain = d("plain");
-    nix::mount::mount(Some("tmpfs"), &plain, Some("tmpfs"), MsFlags::empty(), Some("size=1m")).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &plain,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
     std::fs::write(plain.join("database-url"), SECRET).unwrap();
 
     // keybroker tmpfs volume (symlinks through ..data).
@@ -83,8 +93,15 @@ fn main() {
         let use_audit = std::env::var("KB_BENCH_NOAUDIT").is_err();
         let fs = Arc::new(MemFs::new("bench", owner, use_audit.then(|| audit.clone())));
         fs.apply(&[file()]);
-        let threads = std::env::var("KB_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
-        let opts = FuseOptions { kernel_cache, threads, ..FuseOptions::default() };
+        let threads = std::env::var("KB_BENCH_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(2);
+        let opts = FuseOptions {
+            kernel_cache,
+            threads,
+            ..FuseOptions::default()
+        };
         FuseVolume::mount(dir, fs, &opts).unwrap()
     };
     let kf = d("kb-fuse");
@@ -121,8 +138,14 @@ fn main() {
     audit.flush();
     let base_orc = median(orc[0].clone());
     let base_pread = median(pread[0].clone());
-    println!("open+read+close of a {}-byte file, {OPS} ops x {ROUNDS} interleaved rounds, median round:", SECRET.len());
-    println!("{:<36} {:>12} {:>10} {:>14} {:>10}", "variant", "o+r+c µs", "ratio", "pread µs", "ratio");
+    println!(
+        "open+read+close of a {}-byte file, {OPS} ops x {ROUNDS} interleaved rounds, median round:",
+        SECRET.len()
+    );
+    println!(
+        "{:<36} {:>12} {:>10} {:>14} {:>10}",
+        "variant", "o+r+c µs", "ratio", "pread µs", "ratio"
+    );
     for (i, (name, _)) in variants.iter().enumerate() {
         let o = median(orc[i].clone());
         let p = median(pread[i].clone());
@@ -141,7 +164,10 @@ fn main() {
         rtt / 1e3,
         rtt / base_orc
     );
-    let audited = std::fs::read_to_string(tmp.path().join("audit.jsonl")).unwrap().lines().count();
+    let audited = std::fs::read_to_string(tmp.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
     println!("audit records written for FUSE opens: {audited}");
 
     Box::new(fv).unmount().unwrap();
@@ -186,7 +212,11 @@ fn rss_of_mount(tmp: &Path) {
     std::fs::create_dir_all(&src).unwrap();
     let mut files = String::new();
     for i in 0..10 {
-        std::fs::write(src.join(format!("obj{i}")), format!("value-{i}-{}", "x".repeat(200))).unwrap();
+        std::fs::write(
+            src.join(format!("obj{i}")),
+            format!("value-{i}-{}", "x".repeat(200)),
+        )
+        .unwrap();
         files.push_str(&format!("  - {{name: file{i}, object: obj{i}}}\n"));
     }
     let cfg = tmp.join("ten.yaml");
@@ -208,7 +238,15 @@ fn rss_of_mount(tmp: &Path) {
     std::thread::sleep(Duration::from_millis(300));
     let rss = |pid: u32| -> f64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let kb: f64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         kb / 1024.0
     };
     let idle = rss(child.id());
@@ -216,16 +254,30 @@ fn rss_of_mount(tmp: &Path) {
     for _ in 0..2_000 {
         for i in 0..10 {
             buf.clear();
-            std::fs::File::open(mnt.join(format!("file{i}"))).unwrap().read_to_end(&mut buf).unwrap();
+            std::fs::File::open(mnt.join(format!("file{i}")))
+                .unwrap()
+                .read_to_end(&mut buf)
+                .unwrap();
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let busy = rss(child.id());
-    println!("keybroker mount ({}), 10 objects: RSS idle {idle:.1} MiB, after 20,000 audited opens {busy:.1} MiB", bin_profile(bin));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    println!(
+        "keybroker mount ({}), 10 objects: RSS idle {idle:.1} MiB, after 20,000 audited opens {busy:.1} MiB",
+        bin_profile(bin)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     child.wait().unwrap();
 }
 
 fn bin_profile(bin: &str) -> &'static str {
-    if bin.contains("/release/") { "release build" } else { "debug build" }
+    if bin.contains("/release/") {
+        "release build"
+    } else {
+        "debug build"
+    }
 }

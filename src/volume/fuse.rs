@@ -238,17 +238,24 @@ impl FuseVolume {
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = opts.threads > 1;
         let adapter = if opts.kernel_cache {
-            Adapter { fs: fs.clone(), ttl: TTL, open_flags: FopenFlags::FOPEN_KEEP_CACHE }
+            Adapter {
+                fs: fs.clone(),
+                ttl: TTL,
+                open_flags: FopenFlags::FOPEN_KEEP_CACHE,
+            }
         } else {
-            Adapter { fs: fs.clone(), ttl: Duration::ZERO, open_flags: FopenFlags::FOPEN_DIRECT_IO }
+            Adapter {
+                fs: fs.clone(),
+                ttl: Duration::ZERO,
+                open_flags: FopenFlags::FOPEN_DIRECT_IO,
+            }
         };
-        let session = fuser::spawn_mount(adapter, dir, &config).map_err(|e| {
-            VolumeError::Mount {
+        let session =
+            fuser::spawn_mount(adapter, dir, &config).map_err(|e| VolumeError::Mount {
                 kind: VolumeKind::Fuse,
                 path: dir.to_owned(),
                 error: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Self {
             notifier: session.notifier(),
             fs,

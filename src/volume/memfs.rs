@@ -494,7 +494,11 @@ mod tests {
         let fs = MemFs::new("v", Owner { uid: 0, gid: 0 }, Some(audit.clone()));
         fs.apply(&[file("a", "one", 0o440)]);
         let a = fs.lookup(ROOT_INO, "a").unwrap().ino;
-        let me = Caller { tid: std::process::id(), uid: 0, gid: 0 };
+        let me = Caller {
+            tid: std::process::id(),
+            uid: 0,
+            gid: 0,
+        };
         for _ in 0..50 {
             let fh = fs.open(a, false, me).unwrap();
             fs.release(fh);
@@ -506,7 +510,11 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(recs.len(), 2, "first open at once, the rest as one counted record");
+        assert_eq!(
+            recs.len(),
+            2,
+            "first open at once, the rest as one counted record"
+        );
         assert!(recs[0]["count"].is_null());
         assert_eq!(recs[1]["count"], 49);
         assert!(recs[1]["first_time"].is_string());
