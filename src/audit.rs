@@ -82,6 +82,9 @@ pub struct Event {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Context for an operator (e.g. "recovered after a restart").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,6 +139,14 @@ impl Event {
         } else {
             self.outcome
         };
+        self
+    }
+    pub fn pod(mut self, p: PodRef) -> Self {
+        self.pod = Some(p);
+        self
+    }
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
         self
     }
     pub fn process(mut self, p: ProcessRef) -> Self {

@@ -9,12 +9,14 @@
 //! - [`refresh`]: keeps one volume fresh;
 //! - [`volume`]: content model, the in-memory filesystem, and the FUSE/tmpfs edges;
 //! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
-//! - [`config`] + [`mount`]: `keybroker mount`.
+//! - [`config`] + [`mount`]: `keybroker mount`;
+//! - [`node`]: `keybroker node`, the CSI node plugin behind the `keybroker-csi` edge.
 
 pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod mount;
+pub mod node;
 pub mod procinfo;
 pub mod provider;
 pub mod refresh;

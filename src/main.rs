@@ -57,6 +57,79 @@ enum Command {
         /// Where to mount; created when missing.
         dir: PathBuf,
     },
+    /// Run the CSI node plugin: serve pod volumes on a node (DaemonSet mode).
+    ///
+    /// kubelet calls NodePublishVolume/NodeUnpublishVolume on the unix socket; each volume is
+    /// authorized against the bindings file (default deny), filled from the bound identity's
+    /// provider through a node-wide cache, kept fresh and audited.
+    Node {
+        /// CSI endpoint, as CSI drivers take it: unix:///csi/csi.sock
+        #[arg(long, env = "CSI_ENDPOINT")]
+        endpoint: String,
+        /// This node's id (the Kubernetes node name).
+        #[arg(long, env = "KUBE_NODE_NAME")]
+        node_id: String,
+        /// Identity bindings (YAML), reloaded when it changes; see `keybroker check --help`.
+        #[arg(long, default_value = "/etc/keybroker/bindings.yaml")]
+        bindings: PathBuf,
+        /// Non-secret per-volume records, for taking volumes over after a restart.
+        #[arg(long, default_value = "/run/keybroker")]
+        state_dir: PathBuf,
+        /// The audit log (JSON lines, hash-chained).
+        #[arg(long, default_value = "/var/log/keybroker/audit.jsonl")]
+        audit_log: PathBuf,
+        /// Stop serving new opens when the audit log cannot be written.
+        #[arg(long)]
+        audit_fail_closed: bool,
+        /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
+        #[arg(long, default_value = "0.0.0.0:9808")]
+        metrics_addr: String,
+        /// Volume type when a volume does not set volumeType.
+        #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Fuse)]
+        default_kind: KindArg,
+        /// Refresh interval of values without a lease (e.g. 2m).
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        poll_interval: std::time::Duration,
+        /// FUSE request threads per volume.
+        #[arg(long, default_value_t = 1)]
+        fuse_threads: usize,
+        /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
+        /// Exists only in builds with the `test-controller` feature.
+        #[arg(long, hide = true)]
+        danger_test_controller: bool,
+    },
+    /// Validate a bindings file offline, and explain a decision.
+    ///
+    /// With only --bindings: checks the file and lists what it grants. With --namespace,
+    /// --service-account, --provider and one or more --object: says whether such a pod may
+    /// read those objects, and which binding allows it or why each one does not.
+    Check {
+        #[arg(long)]
+        bindings: PathBuf,
+        #[arg(long, requires_all = ["service_account", "provider"])]
+        namespace: Option<String>,
+        #[arg(long)]
+        service_account: Option<String>,
+        #[arg(long, value_parser = ["local", "azure", "vault"])]
+        provider: Option<String>,
+        #[arg(long)]
+        object: Vec<String>,
+        /// The volume's clientID (Azure).
+        #[arg(long)]
+        client_id: Option<String>,
+        /// The volume's tenantID (Azure).
+        #[arg(long)]
+        tenant_id: Option<String>,
+        /// The volume's keyvaultName (Azure).
+        #[arg(long)]
+        keyvault: Option<String>,
+        /// The volume asks for the node's managed identity (useVMManagedIdentity).
+        #[arg(long)]
+        managed_identity: bool,
+        /// The volume's roleName (Vault).
+        #[arg(long)]
+        role: Option<String>,
+    },
     /// Work with audit logs.
     Audit {
         #[command(subcommand)]
@@ -108,10 +181,159 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        })
+}
+
+fn kind(k: KindArg) -> VolumeKind {
+    match k {
+        KindArg::Fuse => VolumeKind::Fuse,
+        KindArg::Tmpfs => VolumeKind::Tmpfs,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    bindings: PathBuf,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    provider: Option<String>,
+    object: Vec<String>,
+    ask: keybroker::node::request::IdentityRequest,
+) -> ExitCode {
+    use keybroker::node::bindings::Bindings;
+    use keybroker::node::request::{PodInfo, ProviderKind};
+    let b = match Bindings::load(&bindings) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("invalid: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (Some(ns), Some(sa), Some(p)) = (namespace, service_account, provider) else {
+        println!("ok: {} bindings", b.list.len());
+        for x in &b.list {
+            let sas: Vec<&str> = x.service_accounts.iter().map(String::as_str).collect();
+            println!(
+                "  {}: {}/{{{}}} -> {} objects {:?}",
+                x.name,
+                x.namespace,
+                sas.join(","),
+                x.identity.key(),
+                x.objects
+            );
+        }
+        return ExitCode::SUCCESS;
+    };
+    let provider = match p.as_str() {
+        "azure" => ProviderKind::Azure,
+        "vault" => ProviderKind::Vault,
+        _ => ProviderKind::Local,
+    };
+    let pod = PodInfo {
+        namespace: ns,
+        name: "<any>".into(),
+        uid: String::new(),
+        service_account: sa,
+    };
+    match b.decide(&pod, provider, &ask, &object) {
+        Ok(g) => {
+            println!(
+                "allowed: binding {:?} grants {} as {}",
+                g.binding,
+                object.join(", "),
+                g.identity.key()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            println!("{why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     match cli.command {
+        Command::Check {
+            bindings,
+            namespace,
+            service_account,
+            provider,
+            object,
+            client_id,
+            tenant_id,
+            keyvault,
+            managed_identity,
+            role,
+        } => {
+            let ask = keybroker::node::request::IdentityRequest {
+                client_id: if managed_identity {
+                    None
+                } else {
+                    client_id.clone()
+                },
+                user_assigned_identity_id: if managed_identity { client_id } else { None },
+                tenant_id,
+                keyvault_name: keyvault,
+                use_vm_managed_identity: managed_identity,
+                role_name: role,
+                ..Default::default()
+            };
+            check(bindings, namespace, service_account, provider, object, ask)
+        }
+        Command::Node {
+            endpoint,
+            node_id,
+            bindings,
+            state_dir,
+            audit_log,
+            audit_fail_closed,
+            metrics_addr,
+            default_kind,
+            poll_interval,
+            fuse_threads,
+            danger_test_controller,
+        } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let cfg = keybroker::node::NodeConfig {
+                node_id,
+                state_dir,
+                bindings_path: bindings,
+                default_kind: kind(default_kind),
+                poll: poll_interval,
+                limits: Default::default(),
+                fuse_threads: fuse_threads.clamp(1, 8),
+            };
+            let res = rt.block_on(run_node(
+                cfg,
+                endpoint,
+                audit_log,
+                audit_fail_closed,
+                metrics_addr,
+                danger_test_controller,
+            ));
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match keybroker::audit::verify(&file) {
@@ -174,4 +396,40 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn run_node(
+    cfg: keybroker::node::NodeConfig,
+    endpoint: String,
+    audit_log: PathBuf,
+    audit_fail_closed: bool,
+    metrics_addr: String,
+    test_controller: bool,
+) -> anyhow::Result<()> {
+    use keybroker::node::NodeService;
+    let audit = keybroker::audit::AuditLog::open(&audit_log, audit_fail_closed)?;
+    let node = NodeService::new(cfg, audit.clone())?;
+    let shutdown = shutdown_on_signals();
+    node.watch_bindings(shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("cannot watch the bindings file: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_addr} for metrics: {e}"))?;
+    tokio::spawn(keybroker::node::metrics::serve(
+        listener,
+        node.clone(),
+        shutdown.clone(),
+    ));
+    node.recover().await;
+    tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
+    let stop = shutdown.clone();
+    keybroker_csi::serve(&endpoint, node.clone(), test_controller, async move {
+        stop.cancelled().await
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("CSI server on {endpoint}: {e}"))?;
+    node.shutdown().await;
+    audit.flush();
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditLog, Event, EventKind, Outcome};
+use crate::audit::{AuditLog, Event, EventKind, Outcome, PodRef};
 use crate::cache::{CacheKey, FetchCache};
 use crate::provider::{ObjectRequest, Provider, ProviderError};
 use crate::secret::SecretObject;
@@ -44,6 +44,28 @@ pub struct Refresher {
     audit: AuditLog,
     /// Versions of the files last applied, by file name (for rotate records).
     applied: BTreeMap<String, String>,
+    pod: Option<PodRef>,
+    status: Arc<RefreshStatus>,
+}
+
+/// What a volume's refresher reports to metrics.
+#[derive(Debug, Default)]
+pub struct RefreshStatus {
+    /// Unix seconds of the last refresh that got every value fresh from cache or provider.
+    pub last_ok: std::sync::atomic::AtomicU64,
+    pub rotations: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+impl RefreshStatus {
+    fn ok_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_ok
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Refresher {
@@ -63,7 +85,25 @@ impl Refresher {
             cache,
             audit,
             applied: BTreeMap::new(),
+            pod: None,
+            status: Arc::new(RefreshStatus::default()),
         }
+    }
+
+    /// Names the pod in every audit record of this volume (node mode).
+    pub fn with_pod(mut self, pod: PodRef) -> Self {
+        self.pod = Some(pod);
+        self
+    }
+
+    pub fn status(&self) -> Arc<RefreshStatus> {
+        self.status.clone()
+    }
+
+    fn event(&self, kind: EventKind) -> Event {
+        let mut e = Event::new(kind).volume(self.volume_id.clone());
+        e.pod = self.pod.clone();
+        e
     }
 
     fn key(&self, object: ObjectRequest) -> CacheKey {
@@ -90,15 +130,14 @@ impl Refresher {
             let cache = self.cache.clone();
             let provider = self.provider.clone();
             let audit = self.audit.clone();
-            let volume = self.volume_id.clone();
+            let template = self.event(EventKind::Fetch);
             let identity = self.identity.clone();
             tasks.spawn(async move {
                 let fetched = cache
                     .get(&key, || async {
                         let started = Instant::now();
                         let res = provider.fetch(&key.object).await;
-                        let mut ev = Event::new(EventKind::Fetch)
-                            .volume(volume)
+                        let mut ev = template
                             .identity(identity)
                             .provider(provider.kind())
                             .object(key.object.name.clone())
@@ -156,12 +195,18 @@ impl Refresher {
         for (object, e) in &rendered.stale {
             tracing::warn!(volume = %self.volume_id, object = %object, error = %e, "serving the last good value");
             self.audit.record(
-                Event::new(EventKind::Error)
-                    .volume(self.volume_id.clone())
+                self.event(EventKind::Error)
                     .object(object.clone())
                     .outcome(Outcome::Stale)
                     .error(e),
             );
+        }
+        if rendered.stale.is_empty() {
+            self.status.ok_now();
+        } else {
+            self.status
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let changed = match volume.apply(&rendered.files) {
             Ok(c) => c,
@@ -192,6 +237,9 @@ impl Refresher {
                 self.audit.record(ev);
             }
             if !changed.is_empty() {
+                self.status
+                    .rotations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(volume = %self.volume_id, files = ?changed, "rotated");
             }
         }

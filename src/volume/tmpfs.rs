@@ -110,6 +110,35 @@ impl TmpfsVolume {
         Ok(v)
     }
 
+    /// Takes over a volume a previous keybroker process mounted (target bound read-only to
+    /// `staging`), learning what is written so that unchanged content is not rewritten.
+    pub fn adopt(target: &Path, staging: &Path, owner: Owner) -> Self {
+        let mut v = Self::at(staging, owner, true);
+        v.target = target.to_owned();
+        let written = std::fs::read_link(staging.join(DATA_LINK))
+            .ok()
+            .and_then(|snap| {
+                let snapshot_dir = snap.to_str()?.to_owned();
+                let mut files = BTreeMap::new();
+                for e in std::fs::read_dir(staging.join(&snapshot_dir)).ok()? {
+                    let e = e.ok()?;
+                    let mode = e.metadata().ok()?.permissions().mode() & 0o777;
+                    let bytes = zeroize::Zeroizing::new(std::fs::read(e.path()).ok()?);
+                    files.insert(
+                        e.file_name().to_str()?.to_owned(),
+                        (mode, Sha256::digest(&*bytes).into()),
+                    );
+                }
+                Some(Written {
+                    snapshot_dir,
+                    previous_dir: None,
+                    files,
+                })
+            });
+        *v.written.lock().unwrap_or_else(|p| p.into_inner()) = written;
+        v
+    }
+
     /// Writes into an existing directory without mounting anything (the directory must be on
     /// a memory filesystem for secrets to stay off disk; the caller decides).
     pub fn at(dir: &Path, owner: Owner, mounted: bool) -> Self {

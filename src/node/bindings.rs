@@ -1,0 +1,634 @@
+//! Identity bindings: which pods may act as which identity and read which objects. Written by
+//! the platform team (a YAML file, usually a ConfigMap), hot-reloaded. Anything no binding
+//! grants is denied.
+//!
+//! ```yaml
+//! bindings:
+//!   - name: team-a-dev                 # unique; named in audit records and denials
+//!     namespace: team-a                # exact namespace (no wildcards)
+//!     serviceAccounts: [api, worker]   # exact service account names (no wildcards, no labels)
+//!     identity:
+//!       local: {path: /etc/keybroker/dev-secrets}
+//!       # azure: {tenantID: ..., clientID: ..., managedIdentity: false, keyvaults: [kv1]}
+//!       # vault: {address: https://vault:8200, authMount: jwt, role: team-a, namespace: ns1}
+//!     objects: ["db", "api-*"]         # exact object names, or prefixes ending in '*'
+//! ```
+//!
+//! A volume's own parameters (`clientID`, `roleName`, `keyvaultName`, ...) are a request: they
+//! must agree with the binding, they never widen it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::request::{IdentityRequest, PodInfo, ProviderKind, VolumeRequest};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    bindings: Vec<RawBinding>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawBinding {
+    name: String,
+    namespace: String,
+    service_accounts: Vec<String>,
+    identity: RawIdentity,
+    objects: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIdentity {
+    local: Option<LocalIdentity>,
+    azure: Option<AzureIdentity>,
+    vault: Option<VaultIdentity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalIdentity {
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AzureIdentity {
+    #[serde(rename = "tenantID")]
+    pub tenant_id: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// Use the node's user-assigned managed identity `clientID` instead of workload identity
+    /// federation. Only pods this binding selects may use it.
+    #[serde(default)]
+    pub managed_identity: bool,
+    /// Key Vault names this identity may be used against (empty: any).
+    #[serde(default)]
+    pub keyvaults: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VaultIdentity {
+    pub address: String,
+    pub auth_mount: String,
+    pub role: String,
+    pub namespace: Option<String>,
+}
+
+/// The identity a binding grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Local(LocalIdentity),
+    Azure(AzureIdentity),
+    Vault(VaultIdentity),
+}
+
+impl Identity {
+    pub fn provider(&self) -> ProviderKind {
+        match self {
+            Identity::Local(_) => ProviderKind::Local,
+            Identity::Azure(_) => ProviderKind::Azure,
+            Identity::Vault(_) => ProviderKind::Vault,
+        }
+    }
+
+    /// A non-secret key naming this identity in caches, metrics and audit records.
+    pub fn key(&self) -> String {
+        match self {
+            Identity::Local(l) => format!("local:{}", l.path.display()),
+            Identity::Azure(a) => format!(
+                "azure:{}/{}{}",
+                a.tenant_id,
+                a.client_id,
+                if a.managed_identity {
+                    " (managed identity)"
+                } else {
+                    ""
+                }
+            ),
+            Identity::Vault(v) => format!("vault:{}/{}/{}", v.address, v.auth_mount, v.role),
+        }
+    }
+}
+
+/// An object pattern: an exact name, or a prefix ending in `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("an object pattern is empty".into());
+        }
+        match s.strip_suffix('*') {
+            Some(p) if p.contains('*') => {
+                Err(format!("object pattern {s:?}: '*' may only end a pattern"))
+            }
+            Some(p) => Ok(Pattern::Prefix(p.to_owned())),
+            None if s.contains('*') => {
+                Err(format!("object pattern {s:?}: '*' may only end a pattern"))
+            }
+            None => Ok(Pattern::Exact(s.to_owned())),
+        }
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(e) => e == name,
+            Pattern::Prefix(p) => name.starts_with(p.as_str()) && !name[p.len()..].contains(".."),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub name: String,
+    pub namespace: String,
+    pub service_accounts: BTreeSet<String>,
+    pub identity: Identity,
+    pub objects: Vec<Pattern>,
+}
+
+/// What an authorized volume may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub binding: String,
+    pub identity: Identity,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bindings {
+    pub list: Vec<Binding>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bindings file {path}: {error}")]
+pub struct BindingsError {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+fn valid_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+impl Bindings {
+    pub fn load(path: &Path) -> Result<Self, BindingsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| BindingsError {
+            path: path.to_owned(),
+            error: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|error| BindingsError {
+            path: path.to_owned(),
+            error,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: RawFile = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let mut names = BTreeSet::new();
+        let mut list = Vec::with_capacity(raw.bindings.len());
+        for (i, b) in raw.bindings.into_iter().enumerate() {
+            let at = |e: String| format!("bindings[{i}] ({}): {e}", b.name);
+            if b.name.is_empty() || !names.insert(b.name.clone()) {
+                return Err(at("name must be non-empty and unique".into()));
+            }
+            if !valid_k8s_name(&b.namespace) {
+                return Err(at(format!(
+                    "namespace {:?} is not a namespace name (wildcards are not allowed)",
+                    b.namespace
+                )));
+            }
+            if b.service_accounts.is_empty() {
+                return Err(at(
+                    "serviceAccounts must name at least one service account".into()
+                ));
+            }
+            for sa in &b.service_accounts {
+                if !valid_k8s_name(sa) {
+                    return Err(at(format!(
+                        "service account {sa:?} is not a service account name (wildcards are not allowed)"
+                    )));
+                }
+            }
+            let identity = match (b.identity.local, b.identity.azure, b.identity.vault) {
+                (Some(l), None, None) => {
+                    if !l.path.is_absolute() {
+                        return Err(at("identity.local.path must be absolute".into()));
+                    }
+                    Identity::Local(l)
+                }
+                (None, Some(a), None) => {
+                    if a.tenant_id.is_empty() || a.client_id.is_empty() {
+                        return Err(at("identity.azure needs tenantID and clientID".into()));
+                    }
+                    Identity::Azure(a)
+                }
+                (None, None, Some(v)) => {
+                    if v.address.is_empty() || v.auth_mount.is_empty() || v.role.is_empty() {
+                        return Err(at("identity.vault needs address, authMount and role".into()));
+                    }
+                    Identity::Vault(v)
+                }
+                _ => {
+                    return Err(at(
+                        "identity must name exactly one of local, azure, vault".into()
+                    ));
+                }
+            };
+            if b.objects.is_empty() {
+                return Err(at(
+                    "objects must grant at least one object or pattern".into()
+                ));
+            }
+            let objects = b
+                .objects
+                .iter()
+                .map(|o| Pattern::parse(o))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(at)?;
+            list.push(Binding {
+                name: b.name,
+                namespace: b.namespace,
+                service_accounts: b.service_accounts.into_iter().collect(),
+                identity,
+                objects,
+            });
+        }
+        Ok(Self { list })
+    }
+
+    /// Decides a request. A denial names the pod, what it asked for and why each candidate
+    /// binding does not grant it.
+    pub fn authorize(&self, req: &VolumeRequest) -> Result<Grant, String> {
+        self.decide(&req.pod, req.provider, &req.identity, &req.object_names())
+    }
+
+    pub fn decide(
+        &self,
+        pod: &PodInfo,
+        provider: ProviderKind,
+        ask: &IdentityRequest,
+        objects: &[String],
+    ) -> Result<Grant, String> {
+        let asked = format!("{pod} asked for {provider} objects {objects:?}");
+        let selecting: Vec<&Binding> = self
+            .list
+            .iter()
+            .filter(|b| {
+                b.namespace == pod.namespace && b.service_accounts.contains(&pod.service_account)
+            })
+            .collect();
+        if selecting.is_empty() {
+            return Err(format!(
+                "denied: {asked}, but no binding selects namespace {:?} and service account {:?}",
+                pod.namespace, pod.service_account
+            ));
+        }
+        let mut reasons = Vec::new();
+        for b in &selecting {
+            match check_binding(b, provider, ask, objects) {
+                Ok(()) => {
+                    return Ok(Grant {
+                        binding: b.name.clone(),
+                        identity: b.identity.clone(),
+                    });
+                }
+                Err(why) => reasons.push(format!("binding {:?} {why}", b.name)),
+            }
+        }
+        Err(format!("denied: {asked}: {}", reasons.join("; ")))
+    }
+}
+
+fn check_binding(
+    b: &Binding,
+    provider: ProviderKind,
+    ask: &IdentityRequest,
+    objects: &[String],
+) -> Result<(), String> {
+    if b.identity.provider() != provider {
+        return Err(format!(
+            "grants a {} identity, not {provider}",
+            b.identity.provider()
+        ));
+    }
+    let differs = |what: &str, granted: &str, asked: &str| {
+        format!("grants {what} {granted:?}, the volume asks for {asked:?}")
+    };
+    match &b.identity {
+        Identity::Local(_) => {}
+        Identity::Azure(a) => {
+            if let Some(t) = &ask.tenant_id
+                && t != &a.tenant_id
+            {
+                return Err(differs("tenantID", &a.tenant_id, t));
+            }
+            if ask.use_vm_managed_identity != a.managed_identity {
+                return Err(if a.managed_identity {
+                    "grants a managed identity; the volume must set useVMManagedIdentity: \"true\""
+                        .into()
+                } else {
+                    "grants workload identity federation, not the node's managed identity (useVMManagedIdentity)".into()
+                });
+            }
+            let asked_client = if ask.use_vm_managed_identity {
+                &ask.user_assigned_identity_id
+            } else {
+                &ask.client_id
+            };
+            if let Some(c) = asked_client
+                && c != &a.client_id
+            {
+                return Err(differs("clientID", &a.client_id, c));
+            }
+            if !a.keyvaults.is_empty() {
+                match &ask.keyvault_name {
+                    Some(kv) if a.keyvaults.contains(kv) => {}
+                    Some(kv) => return Err(format!("does not grant Key Vault {kv:?}")),
+                    None => return Err("needs keyvaultName to be one of its keyvaults".into()),
+                }
+            }
+        }
+        Identity::Vault(v) => {
+            match &ask.role_name {
+                Some(r) if r == &v.role => {}
+                Some(r) => return Err(differs("roleName", &v.role, r)),
+                None => {
+                    return Err(format!(
+                        "grants role {:?}; the volume must set roleName",
+                        v.role
+                    ));
+                }
+            }
+            if let Some(a) = &ask.vault_address
+                && a.trim_end_matches('/') != v.address.trim_end_matches('/')
+            {
+                return Err(differs("vaultAddress", &v.address, a));
+            }
+            if let Some(m) = &ask.auth_mount
+                && m.trim_matches('/') != v.auth_mount.trim_matches('/')
+            {
+                return Err(differs("auth mount", &v.auth_mount, m));
+            }
+            if ask.vault_namespace.is_some() && ask.vault_namespace != v.namespace {
+                return Err(differs(
+                    "vaultNamespace",
+                    v.namespace.as_deref().unwrap_or(""),
+                    ask.vault_namespace.as_deref().unwrap_or(""),
+                ));
+            }
+        }
+    }
+    let outside: Vec<&String> = objects
+        .iter()
+        .filter(|o| !b.objects.iter().any(|p| p.matches(o)))
+        .collect();
+    if !outside.is_empty() {
+        return Err(format!("does not grant objects {outside:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+bindings:
+  - name: team-a-dev
+    namespace: team-a
+    serviceAccounts: [api]
+    identity: {local: {path: /srv/secrets}}
+    objects: ["db", "api-*"]
+  - name: team-a-azure
+    namespace: team-a
+    serviceAccounts: [api]
+    identity: {azure: {tenantID: t1, clientID: c1, keyvaults: [kv1]}}
+    objects: ["secret/*"]
+  - name: team-a-mi
+    namespace: team-a
+    serviceAccounts: [batch]
+    identity: {azure: {tenantID: t1, clientID: mi-1, managedIdentity: true}}
+    objects: ["secret/*"]
+  - name: team-b-vault
+    namespace: team-b
+    serviceAccounts: [app]
+    identity: {vault: {address: "https://vault:8200", authMount: jwt, role: app}}
+    objects: ["secret/data/team-b/*"]
+"#;
+
+    fn pod(ns: &str, sa: &str) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: "p".into(),
+            uid: "u".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn objs(o: &[&str]) -> Vec<String> {
+        o.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn grants_only_what_a_binding_names() {
+        let b = Bindings::parse(FILE).unwrap();
+        let none = IdentityRequest::default();
+        let g = b
+            .decide(
+                &pod("team-a", "api"),
+                ProviderKind::Local,
+                &none,
+                &objs(&["db", "api-key"]),
+            )
+            .unwrap();
+        assert_eq!(g.binding, "team-a-dev");
+        let cases: Vec<(PodInfo, ProviderKind, IdentityRequest, Vec<String>, &str)> = vec![
+            (
+                pod("team-a", "api"),
+                ProviderKind::Local,
+                none.clone(),
+                objs(&["payroll"]),
+                "does not grant objects [\"payroll\"]",
+            ),
+            (
+                pod("team-a", "web"),
+                ProviderKind::Local,
+                none.clone(),
+                objs(&["db"]),
+                "no binding selects",
+            ),
+            (
+                pod("team-c", "api"),
+                ProviderKind::Local,
+                none.clone(),
+                objs(&["db"]),
+                "no binding selects",
+            ),
+            (
+                pod("team-a", "api"),
+                ProviderKind::Vault,
+                none.clone(),
+                objs(&["db"]),
+                "not vault",
+            ),
+            (
+                pod("team-a", "api"),
+                ProviderKind::Local,
+                none.clone(),
+                objs(&["api-../db"]),
+                "does not grant",
+            ),
+        ];
+        for (p, prov, ask, o, want) in cases {
+            let e = b.decide(&p, prov, &ask, &o).unwrap_err();
+            assert!(e.contains(want) && e.contains(&p.namespace), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_volume_cannot_pick_another_identity() {
+        let b = Bindings::parse(FILE).unwrap();
+        let wi = IdentityRequest {
+            tenant_id: Some("t1".into()),
+            client_id: Some("c1".into()),
+            keyvault_name: Some("kv1".into()),
+            ..Default::default()
+        };
+        assert!(
+            b.decide(
+                &pod("team-a", "api"),
+                ProviderKind::Azure,
+                &wi,
+                &objs(&["secret/x"])
+            )
+            .is_ok()
+        );
+        let other_client = IdentityRequest {
+            client_id: Some("c2".into()),
+            ..wi.clone()
+        };
+        assert!(
+            b.decide(
+                &pod("team-a", "api"),
+                ProviderKind::Azure,
+                &other_client,
+                &objs(&["secret/x"])
+            )
+            .unwrap_err()
+            .contains("clientID")
+        );
+        let other_vault = IdentityRequest {
+            keyvault_name: Some("kv2".into()),
+            ..wi.clone()
+        };
+        assert!(
+            b.decide(
+                &pod("team-a", "api"),
+                ProviderKind::Azure,
+                &other_vault,
+                &objs(&["secret/x"])
+            )
+            .unwrap_err()
+            .contains("kv2")
+        );
+        // The node's managed identity only for the binding that grants it.
+        let mi = IdentityRequest {
+            use_vm_managed_identity: true,
+            user_assigned_identity_id: Some("mi-1".into()),
+            ..Default::default()
+        };
+        assert!(
+            b.decide(
+                &pod("team-a", "api"),
+                ProviderKind::Azure,
+                &mi,
+                &objs(&["secret/x"])
+            )
+            .unwrap_err()
+            .contains("managed identity")
+        );
+        assert!(
+            b.decide(
+                &pod("team-a", "batch"),
+                ProviderKind::Azure,
+                &mi,
+                &objs(&["secret/x"])
+            )
+            .is_ok()
+        );
+        // Vault: the role must be the granted one.
+        let role = |r: &str| IdentityRequest {
+            role_name: Some(r.into()),
+            ..Default::default()
+        };
+        assert!(
+            b.decide(
+                &pod("team-b", "app"),
+                ProviderKind::Vault,
+                &role("app"),
+                &objs(&["secret/data/team-b/db"])
+            )
+            .is_ok()
+        );
+        assert!(
+            b.decide(
+                &pod("team-b", "app"),
+                ProviderKind::Vault,
+                &role("admin"),
+                &objs(&["secret/data/team-b/db"])
+            )
+            .unwrap_err()
+            .contains("roleName")
+        );
+    }
+
+    #[test]
+    fn invalid_files_are_rejected_with_the_binding_named() {
+        let cases = [
+            (
+                "bindings:\n  - {name: x, namespace: \"*\", serviceAccounts: [a], identity: {local: {path: /s}}, objects: [a]}\n",
+                "wildcards",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [\"*\"], identity: {local: {path: /s}}, objects: [a]}\n",
+                "wildcards",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [a], identity: {}, objects: [a]}\n",
+                "exactly one",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [a], identity: {local: {path: rel}}, objects: [a]}\n",
+                "absolute",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [a], identity: {local: {path: /s}}, objects: [\"a*b\"]}\n",
+                "may only end",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [a], identity: {local: {path: /s}}, objects: []}\n",
+                "at least one",
+            ),
+            (
+                "bindings:\n  - {name: x, namespace: n, serviceAccounts: [a], identity: {local: {path: /s}}, objects: [a], labels: {}}\n",
+                "unknown field",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Bindings::parse(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}

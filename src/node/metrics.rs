@@ -1,0 +1,195 @@
+//! Prometheus metrics and health endpoints of `keybroker node`, on a small HTTP/1.1 listener
+//! (`GET /metrics`, `/healthz`, `/readyz`). Counters only name volumes' counts and outcomes,
+//! never pods' attributes or values.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use keybroker_csi::NodePlugin;
+
+use super::NodeService;
+
+/// Latency buckets of NodePublishVolume, seconds.
+const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub publishes: AtomicU64,
+    pub republishes: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub unpublishes: AtomicU64,
+    pub denials: AtomicU64,
+    pub repairs: AtomicU64,
+    pub bindings_reload_errors: AtomicU64,
+    publish_latency_buckets: [AtomicU64; BUCKETS.len()],
+    publish_latency_count: AtomicU64,
+    publish_latency_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe_publish(&self, d: Duration, _ok: bool) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.publish_latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.publish_latency_count.fetch_add(1, Ordering::Relaxed);
+        self.publish_latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The metrics page.
+pub fn render(node: &NodeService) -> String {
+    let m = &node.metrics;
+    let c = &node.cache().stats;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        "keybroker_publishes_total",
+        "Volumes published (first publish).",
+        get(&m.publishes),
+    );
+    counter(
+        "keybroker_republishes_total",
+        "Republishes of healthy volumes (cheap path).",
+        get(&m.republishes),
+    );
+    counter(
+        "keybroker_publish_errors_total",
+        "NodePublishVolume calls that failed (not denials).",
+        get(&m.publish_errors),
+    );
+    counter(
+        "keybroker_unpublishes_total",
+        "NodeUnpublishVolume calls.",
+        get(&m.unpublishes),
+    );
+    counter(
+        "keybroker_denials_total",
+        "Requests denied by bindings or token checks.",
+        get(&m.denials),
+    );
+    counter(
+        "keybroker_repairs_total",
+        "Dead volume mounts replaced.",
+        get(&m.repairs),
+    );
+    counter(
+        "keybroker_bindings_reload_errors_total",
+        "Bindings reloads that failed (previous bindings kept).",
+        get(&m.bindings_reload_errors),
+    );
+    counter(
+        "keybroker_provider_fetches_total",
+        "Fetches that reached a provider.",
+        get(&c.provider_fetches),
+    );
+    counter(
+        "keybroker_cache_hits_total",
+        "Object requests served from the node cache.",
+        get(&c.hits),
+    );
+    counter(
+        "keybroker_stale_served_total",
+        "Times the last good value was served because a refresh failed.",
+        get(&c.stale_served),
+    );
+    counter(
+        "keybroker_fetch_failures_total",
+        "Provider fetches that failed.",
+        get(&c.failures),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_volumes Volumes published on this node.\n# TYPE keybroker_volumes gauge\nkeybroker_volumes {}",
+        node.volume_count()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_max_staleness_seconds Seconds since the least recently refreshed volume refreshed cleanly.\n# TYPE keybroker_max_staleness_seconds gauge\nkeybroker_max_staleness_seconds {}",
+        node.max_staleness()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_publish_duration_seconds NodePublishVolume latency.\n# TYPE keybroker_publish_duration_seconds histogram"
+    );
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "keybroker_publish_duration_seconds_bucket{{le=\"{b}\"}} {}",
+            get(&m.publish_latency_buckets[i])
+        );
+    }
+    let n = get(&m.publish_latency_count);
+    let _ = writeln!(
+        out,
+        "keybroker_publish_duration_seconds_bucket{{le=\"+Inf\"}} {n}"
+    );
+    let _ = writeln!(
+        out,
+        "keybroker_publish_duration_seconds_sum {}",
+        get(&m.publish_latency_sum_us) as f64 / 1e6
+    );
+    let _ = writeln!(out, "keybroker_publish_duration_seconds_count {n}");
+    out
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, node: Arc<NodeService>, shutdown: CancellationToken) {
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut n = 0;
+            // Read the request head (bounded, with a deadline).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match (head.starts_with("GET "), path) {
+                (true, "/metrics") => ("200 OK", render(&node)),
+                (true, "/healthz") => ("200 OK", "ok\n".to_string()),
+                (true, "/readyz") if node.ready() => ("200 OK", "ready\n".to_string()),
+                (true, "/readyz") => ("503 Service Unavailable", "not ready\n".to_string()),
+                (true, _) => ("404 Not Found", "not found\n".to_string()),
+                (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,692 @@
+//! Node mode: keybroker as the CSI node plugin of a Kubernetes node.
+//!
+//! A NodePublishVolume goes: parse ([`request`]) → attest (the service-account tokens must be
+//! this pod's, [`token`]) → authorize ([`bindings`], default deny) → fetch through the node's
+//! shared cache (one fetch per identity+object however many pods ask) → mount FUSE or tmpfs →
+//! record non-secret state for restarts → keep fresh → audit. NodeUnpublishVolume unmounts,
+//! removes the target, drops the content (zeroized) and evicts values no volume uses.
+//!
+//! Republish (kubelet repeats the call about every minute) re-checks the binding and the mount's
+//! health and is otherwise free: a transient provider error never breaks a healthy mount.
+
+pub mod bindings;
+pub mod metrics;
+pub mod request;
+pub mod token;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use keybroker_csi::{NodeError, NodePlugin, PublishRequest, UnpublishRequest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditLog, Event, EventKind, Outcome};
+use crate::cache::{CacheKey, FetchCache};
+use crate::provider::local::LocalProvider;
+use crate::provider::{Provider, ProviderError};
+use crate::refresh::{RefreshError, RefreshStatus, Refresher};
+use crate::volume::content::Limits;
+use crate::volume::fuse::{FuseOptions, FuseVolume};
+use crate::volume::memfs::MemFs;
+use crate::volume::tmpfs::TmpfsVolume;
+use crate::volume::{Owner, Volume, VolumeKind, mountpoint};
+use bindings::{Bindings, Grant, Identity};
+use metrics::Metrics;
+use request::{PodInfo, VolumeRequest};
+
+/// How the node plugin is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: String,
+    /// Non-secret per-volume records, so a restarted keybroker finds its volumes (memory-backed
+    /// /run in the DaemonSet).
+    pub state_dir: PathBuf,
+    pub bindings_path: PathBuf,
+    pub default_kind: VolumeKind,
+    pub poll: Duration,
+    pub limits: Limits,
+    pub fuse_threads: usize,
+}
+
+/// What is recorded about a published volume: enough to take it over after a restart, and no
+/// secret (no tokens, no values).
+#[derive(Debug, Serialize, Deserialize)]
+struct VolumeRecord {
+    volume_id: String,
+    target: PathBuf,
+    kind: VolumeKind,
+    attributes: BTreeMap<String, String>,
+}
+
+struct Published {
+    volume_id: String,
+    digest: String,
+    pod: PodInfo,
+    binding: String,
+    keys: Vec<CacheKey>,
+    status: Arc<RefreshStatus>,
+    cancel: CancellationToken,
+    /// Runs the refresher; hands the volume back when cancelled.
+    task: JoinHandle<Box<dyn Volume>>,
+}
+
+pub struct NodeService {
+    cfg: NodeConfig,
+    bindings: ArcSwap<Bindings>,
+    cache: Arc<FetchCache>,
+    audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+    locals: Mutex<HashMap<PathBuf, Arc<LocalProvider>>>,
+    volumes: Mutex<HashMap<PathBuf, Published>>,
+    target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    ready: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn record_path(state_dir: &Path, target: &Path) -> PathBuf {
+    let key = hex::encode(&Sha256::digest(target.as_os_str().as_encoded_bytes())[..12]);
+    state_dir.join("volumes").join(format!("{key}.json"))
+}
+
+/// Whether a FUSE server answers at `target` (a killed one leaves ENOTCONN behind).
+fn target_alive(target: &Path) -> bool {
+    !matches!(std::fs::metadata(target), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+        && mountpoint::mount_at(target).is_some_and(|m| mountpoint::is_keybroker_mount(&m))
+}
+
+/// Detaches every keybroker mount at `target` (and a tmpfs volume's staging mount).
+fn detach_all(target: &Path) {
+    while mountpoint::mount_at(target).is_some_and(|m| mountpoint::is_keybroker_mount(&m)) {
+        if nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+    let staging = mountpoint::staging_dir(target);
+    while mountpoint::mount_at(&staging).is_some_and(|m| mountpoint::is_keybroker_mount(&m)) {
+        if nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir(&staging);
+}
+
+fn provider_error(e: &ProviderError) -> NodeError {
+    match e {
+        ProviderError::Throttled { .. } | ProviderError::Unavailable { .. } => {
+            NodeError::Unavailable(e.to_string())
+        }
+        ProviderError::PermissionDenied { .. } => NodeError::PermissionDenied(e.to_string()),
+        ProviderError::NotFound { .. } | ProviderError::Invalid { .. } => {
+            NodeError::FailedPrecondition(e.to_string())
+        }
+    }
+}
+
+impl NodeService {
+    pub fn new(cfg: NodeConfig, audit: AuditLog) -> Result<Arc<Self>, bindings::BindingsError> {
+        let bindings = Bindings::load(&cfg.bindings_path)?;
+        std::fs::create_dir_all(cfg.state_dir.join("volumes")).map_err(|e| {
+            bindings::BindingsError {
+                path: cfg.state_dir.clone(),
+                error: format!("cannot create the state directory: {e}"),
+            }
+        })?;
+        Ok(Arc::new(Self {
+            cache: Arc::new(FetchCache::new(cfg.poll)),
+            bindings: ArcSwap::from_pointee(bindings),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            locals: Mutex::new(HashMap::new()),
+            volumes: Mutex::new(HashMap::new()),
+            target_locks: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+            cfg,
+        }))
+    }
+
+    pub fn cache(&self) -> &FetchCache {
+        &self.cache
+    }
+
+    pub fn volume_count(&self) -> usize {
+        lock(&self.volumes).len()
+    }
+
+    /// Seconds since the least recently refreshed volume last refreshed cleanly.
+    pub fn max_staleness(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        lock(&self.volumes)
+            .values()
+            .map(|p| now.saturating_sub(p.status.last_ok.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Reloads the bindings file; a bad file keeps the previous bindings (logged and audited).
+    pub fn reload_bindings(&self) -> bool {
+        match Bindings::load(&self.cfg.bindings_path) {
+            Ok(b) => {
+                let n = b.list.len();
+                if **self.bindings.load() != b {
+                    self.bindings.store(Arc::new(b));
+                    tracing::info!(bindings = n, "bindings reloaded");
+                    self.audit.record(
+                        Event::new(EventKind::Mount)
+                            .outcome(Outcome::Success)
+                            .detail(format!("bindings reloaded: {n} bindings")),
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics
+                    .bindings_reload_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "bindings reload failed; keeping the previous bindings");
+                self.audit.record(
+                    Event::new(EventKind::Error)
+                        .error(&e)
+                        .detail("bindings reload failed; previous bindings kept"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Watches the bindings file's directory (ConfigMaps swap a `..data` link) and reloads on
+    /// change, until `shutdown`.
+    pub fn watch_bindings(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
+        use notify::{RecursiveMode, Watcher};
+        let dir = self
+            .cfg
+            .bindings_path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| e.to_string())?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    got = rx.recv() => if got.is_none() { return },
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                this.reload_bindings();
+            }
+        });
+        Ok(())
+    }
+
+    fn target_lock(&self, target: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.target_locks)
+            .entry(target.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn provider_for(&self, grant: &Grant) -> Result<Arc<dyn Provider>, NodeError> {
+        match &grant.identity {
+            Identity::Local(l) => {
+                let mut locals = lock(&self.locals);
+                if let Some(p) = locals.get(&l.path) {
+                    return Ok(p.clone());
+                }
+                let p = Arc::new(
+                    LocalProvider::open(&l.path, self.cfg.limits.max_object_bytes).map_err(
+                        |e| {
+                            NodeError::FailedPrecondition(format!(
+                                "binding {:?}: {e}",
+                                grant.binding
+                            ))
+                        },
+                    )?,
+                );
+                locals.insert(l.path.clone(), p.clone());
+                Ok(p)
+            }
+            other => Err(NodeError::FailedPrecondition(format!(
+                "provider {} is not available in this keybroker build (binding {:?} grants it)",
+                other.provider(),
+                grant.binding
+            ))),
+        }
+    }
+
+    fn deny(&self, pod: Option<&PodInfo>, volume_id: &str, reason: String) -> NodeError {
+        self.metrics.denials.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume_id, reason = %reason, "publish denied");
+        let mut ev = Event::new(EventKind::Deny)
+            .volume(volume_id)
+            .outcome(Outcome::Denied)
+            .error(&reason);
+        ev.outcome = Outcome::Denied;
+        ev.pod = pod.map(PodInfo::audit_ref);
+        self.audit.record(ev);
+        NodeError::PermissionDenied(reason)
+    }
+
+    fn fail(&self, pod: Option<&PodInfo>, volume_id: &str, e: NodeError) -> NodeError {
+        self.metrics.publish_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume_id, error = %e, "publish failed");
+        let mut ev = Event::new(EventKind::Error).volume(volume_id).error(&e);
+        ev.pod = pod.map(PodInfo::audit_ref);
+        self.audit.record(ev);
+        e
+    }
+
+    async fn do_publish(&self, req: PublishRequest) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let vid = req.volume_id.clone();
+        let vr = request::parse(
+            &req.volume_context,
+            &req.secrets,
+            self.cfg.default_kind,
+            self.cfg.limits,
+        )
+        .map_err(|e| self.fail(None, &vid, NodeError::InvalidArgument(e.0)))?;
+        for t in &vr.tokens {
+            token::check(t, &vr.pod, SystemTime::now())
+                .map_err(|why| self.deny(Some(&vr.pod), &vid, format!("{}: {why}", vr.pod)))?;
+        }
+        let target = req.target_path.clone();
+        let tlock = self.target_lock(&target);
+        let _held = tlock.lock().await;
+
+        // Republish: same volume at the same target.
+        let existing = lock(&self.volumes)
+            .get(&target)
+            .map(|p| (p.volume_id.clone(), p.digest.clone()));
+        if let Some((old_id, old_digest)) = existing {
+            if old_id != vid {
+                return Err(self.fail(
+                    Some(&vr.pod),
+                    &vid,
+                    NodeError::AlreadyExists(format!(
+                        "{} already has volume {old_id:?} published",
+                        target.display()
+                    )),
+                ));
+            }
+            if old_digest != vr.digest {
+                return Err(self.fail(
+                    Some(&vr.pod),
+                    &vid,
+                    NodeError::AlreadyExists(format!(
+                        "volume {vid:?} is already published at {} with different attributes",
+                        target.display()
+                    )),
+                ));
+            }
+            if let Err(why) = self.bindings.load().authorize(&vr) {
+                return Err(self.deny(Some(&vr.pod), &vid, why));
+            }
+            if target_alive(&target) {
+                self.metrics.republishes.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            // The mount died under us: replace it, and say what that means for the pod.
+            let msg = "the volume's mount was dead (its FUSE server is gone); remounted. Containers that \
+                       already had it mounted keep a dead mount until the pod restarts";
+            tracing::error!(volume_id = %vid, target = %target.display(), pod = %vr.pod, "{msg}");
+            self.audit.record(
+                Event::new(EventKind::Error)
+                    .volume(vid.clone())
+                    .pod(vr.pod.audit_ref())
+                    .detail(msg)
+                    .outcome(Outcome::Failure),
+            );
+            self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = lock(&self.volumes).remove(&target) {
+                p.cancel.cancel();
+            }
+            detach_all(&target);
+        }
+
+        let grant = self
+            .bindings
+            .load()
+            .authorize(&vr)
+            .map_err(|why| self.deny(Some(&vr.pod), &vid, why))?;
+        let provider = self
+            .provider_for(&grant)
+            .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
+        self.mount_new(&vid, &target, vr, grant, provider, started, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn mount_new(
+        &self,
+        vid: &str,
+        target: &Path,
+        vr: VolumeRequest,
+        grant: Grant,
+        provider: Arc<dyn Provider>,
+        started: Instant,
+        adopt: Option<TmpfsVolume>,
+    ) -> Result<(), NodeError> {
+        let pod = vr.pod.clone();
+        let mut refresher = Refresher::new(
+            vid.to_owned(),
+            vr.content.clone(),
+            provider.clone(),
+            grant.identity.key(),
+            self.cache.clone(),
+            self.audit.clone(),
+        )
+        .with_pod(pod.audit_ref());
+        let rendered = refresher.render().await.map_err(|e| {
+            let ne = match &e {
+                RefreshError::Provider(p) => provider_error(p),
+                RefreshError::Content(c) => NodeError::FailedPrecondition(c.to_string()),
+            };
+            self.fail(Some(&pod), vid, ne)
+        })?;
+        let owner = Owner { uid: 0, gid: 0 };
+        let volume: Box<dyn Volume> =
+            match (adopt, vr.kind) {
+                (Some(t), _) => Box::new(t),
+                (None, VolumeKind::Fuse) => {
+                    std::fs::create_dir_all(target).map_err(|e| {
+                        self.fail(
+                            Some(&pod),
+                            vid,
+                            NodeError::Internal(format!("cannot create {}: {e}", target.display())),
+                        )
+                    })?;
+                    let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
+                    fs.apply(&rendered.files);
+                    let opts = FuseOptions {
+                        threads: self.cfg.fuse_threads,
+                        allow_other: true,
+                        kernel_cache: true,
+                    };
+                    Box::new(FuseVolume::mount(target, fs, &opts).map_err(|e| {
+                        self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
+                    })?)
+                }
+                (None, VolumeKind::Tmpfs) => {
+                    std::fs::create_dir_all(target).map_err(|e| {
+                        self.fail(
+                            Some(&pod),
+                            vid,
+                            NodeError::Internal(format!("cannot create {}: {e}", target.display())),
+                        )
+                    })?;
+                    let v = TmpfsVolume::mount(
+                        target,
+                        &mountpoint::staging_dir(target),
+                        self.cfg.limits.max_volume_bytes * 3,
+                        owner,
+                    )
+                    .map_err(|e| self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())))?;
+                    Box::new(v)
+                }
+            };
+        if let Err(e) = volume.apply(&rendered.files) {
+            let _ = volume.unmount();
+            return Err(self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())));
+        }
+        let _ = refresher.refresh(volume.as_ref()).await;
+        let record = VolumeRecord {
+            volume_id: vid.to_owned(),
+            target: target.to_owned(),
+            kind: vr.kind,
+            attributes: vr.attributes.clone(),
+        };
+        let path = record_path(&self.cfg.state_dir, target);
+        if let Err(e) = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&path, b))
+        {
+            tracing::error!(error = %e, path = %path.display(), "cannot record the volume; it will not be recovered after a restart");
+        }
+        let cancel = CancellationToken::new();
+        let keys = refresher.keys();
+        let status = refresher.status();
+        let poll = self.cfg.poll;
+        let c = cancel.clone();
+        let task = tokio::spawn(async move {
+            refresher.run(volume.as_ref(), c, poll).await;
+            volume
+        });
+        lock(&self.volumes).insert(
+            target.to_owned(),
+            Published {
+                volume_id: vid.to_owned(),
+                digest: vr.digest.clone(),
+                pod: pod.clone(),
+                binding: grant.binding.clone(),
+                keys,
+                status,
+                cancel,
+                task,
+            },
+        );
+        self.metrics.publishes.fetch_add(1, Ordering::Relaxed);
+        self.audit.record(
+            Event::new(EventKind::Mount)
+                .volume(vid)
+                .pod(pod.audit_ref())
+                .identity(grant.identity.key())
+                .provider(provider.kind())
+                .detail(format!(
+                    "binding {}; {} files; {}",
+                    grant.binding,
+                    rendered.files.len(),
+                    vr.kind
+                ))
+                .latency(started.elapsed()),
+        );
+        tracing::info!(volume_id = vid, pod = %pod, binding = %grant.binding, kind = %vr.kind, "published");
+        Ok(())
+    }
+
+    async fn do_unpublish(&self, req: UnpublishRequest) -> Result<(), NodeError> {
+        let target = req.target_path;
+        let tlock = self.target_lock(&target);
+        let _held = tlock.lock().await;
+        let entry = lock(&self.volumes).remove(&target);
+        let mut ev = Event::new(EventKind::Unmount).volume(req.volume_id.clone());
+        match entry {
+            Some(p) => {
+                p.cancel.cancel();
+                match p.task.await {
+                    Ok(volume) => {
+                        if let Err(e) = volume.unmount() {
+                            tracing::warn!(error = %e, "unmount reported an error; detaching");
+                            detach_all(&target);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the volume's task failed; detaching");
+                        detach_all(&target);
+                    }
+                }
+                ev.pod = Some(p.pod.audit_ref());
+                ev.detail = Some(format!("binding {}", p.binding));
+                tracing::info!(volume_id = %p.volume_id, pod = %p.pod, "unpublished");
+            }
+            None => {
+                // Unknown to this process: a leftover of a previous one, or nothing at all.
+                detach_all(&target);
+                ev.detail = Some("no volume of this process was published there".into());
+            }
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(target = %target.display(), error = %e, "cannot remove the target directory")
+            }
+        }
+        let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
+        self.evict_unused();
+        self.metrics.unpublishes.fetch_add(1, Ordering::Relaxed);
+        self.audit.record(ev);
+        lock(&self.target_locks).remove(&target);
+        Ok(())
+    }
+
+    /// Drops cached values no published volume needs any more (they are zeroized on drop).
+    fn evict_unused(&self) {
+        let in_use: std::collections::HashSet<CacheKey> = lock(&self.volumes)
+            .values()
+            .flat_map(|p| p.keys.iter().cloned())
+            .collect();
+        self.cache.retain(|k| in_use.contains(k));
+    }
+
+    /// Takes over the volumes a previous keybroker process published (from the state
+    /// directory): tmpfs volumes keep being served; dead FUSE mounts are replaced and reported.
+    pub async fn recover(&self) {
+        let dir = self.cfg.state_dir.join("volumes");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            self.ready.store(true, Ordering::Relaxed);
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(bytes) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<VolumeRecord>(&bytes) else {
+                tracing::warn!(file = %e.path().display(), "unreadable volume record; ignored");
+                continue;
+            };
+            match self.recover_one(&rec).await {
+                Ok(how) => {
+                    tracing::info!(volume_id = %rec.volume_id, target = %rec.target.display(), "{how}");
+                }
+                Err(err) => {
+                    tracing::error!(volume_id = %rec.volume_id, target = %rec.target.display(), error = %err, "cannot recover the volume; kubelet's next republish will retry");
+                }
+            }
+        }
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    async fn recover_one(&self, rec: &VolumeRecord) -> Result<&'static str, NodeError> {
+        let vr = request::parse(
+            &rec.attributes,
+            &Default::default(),
+            self.cfg.default_kind,
+            self.cfg.limits,
+        )
+        .map_err(|e| NodeError::InvalidArgument(e.0))?;
+        let grant = self
+            .bindings
+            .load()
+            .authorize(&vr)
+            .map_err(|why| self.deny(Some(&vr.pod), &rec.volume_id, why))?;
+        let provider = self.provider_for(&grant)?;
+        let staging = mountpoint::staging_dir(&rec.target);
+        let live_tmpfs = rec.kind == VolumeKind::Tmpfs
+            && target_alive(&rec.target)
+            && mountpoint::mount_at(&staging).is_some_and(|m| mountpoint::is_keybroker_mount(&m));
+        if live_tmpfs {
+            let adopted = TmpfsVolume::adopt(&rec.target, &staging, Owner { uid: 0, gid: 0 });
+            self.mount_new(
+                &rec.volume_id,
+                &rec.target,
+                vr,
+                grant,
+                provider,
+                Instant::now(),
+                Some(adopted),
+            )
+            .await?;
+            self.audit.record(
+                Event::new(EventKind::Mount)
+                    .volume(rec.volume_id.clone())
+                    .detail("tmpfs volume taken over after a keybroker restart"),
+            );
+            return Ok("tmpfs volume taken over after restart");
+        }
+        let pod = vr.pod.clone();
+        detach_all(&rec.target);
+        self.mount_new(
+            &rec.volume_id,
+            &rec.target,
+            vr,
+            grant,
+            provider,
+            Instant::now(),
+            None,
+        )
+        .await?;
+        if rec.kind == VolumeKind::Fuse {
+            let msg = "FUSE volume was served by the previous keybroker process and is remounted; containers \
+                       that already had it mounted see a dead mount (ENOTCONN) until the pod restarts";
+            tracing::error!(volume_id = %rec.volume_id, pod = %pod, "{msg}");
+            self.audit.record(
+                Event::new(EventKind::Error)
+                    .volume(rec.volume_id.clone())
+                    .pod(pod.audit_ref())
+                    .detail(msg)
+                    .outcome(Outcome::Failure),
+            );
+            self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
+            return Ok("FUSE volume remounted after restart (running containers must restart)");
+        }
+        Ok("volume remounted after restart")
+    }
+
+    /// Process shutdown: stops every refresher. tmpfs volumes stay mounted with their content
+    /// (the next process takes them over, pods keep reading); FUSE volumes end with this
+    /// process, and their records make the next process remount them.
+    pub async fn shutdown(&self) {
+        let all: Vec<Published> = lock(&self.volumes).drain().map(|(_, p)| p).collect();
+        for p in all {
+            p.cancel.cancel();
+            if let Ok(volume) = p.task.await {
+                drop(volume);
+            }
+        }
+    }
+}
+
+impl NodePlugin for NodeService {
+    fn node_id(&self) -> String {
+        self.cfg.node_id.clone()
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    async fn publish(&self, req: PublishRequest) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let res = self.do_publish(req).await;
+        self.metrics.observe_publish(started.elapsed(), res.is_ok());
+        res
+    }
+
+    async fn unpublish(&self, req: UnpublishRequest) -> Result<(), NodeError> {
+        self.do_unpublish(req).await
+    }
+}

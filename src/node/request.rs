@@ -1,0 +1,552 @@
+//! What a pod asks for, parsed once from a NodePublishVolume's `volume_context` and `secrets`.
+//!
+//! Two kinds of keys arrive there:
+//! - kubelet's (`csi.storage.k8s.io/pod.*`, `serviceAccount.*`, `ephemeral`): the attested pod
+//!   info and the service-account tokens (read from `secrets` first, then `volume_context`);
+//! - the pod author's: the provider parameters, in the Secrets Store CSI providers' names so
+//!   existing SecretProviderClass users can move (Azure: `keyvaultName, tenantID/tenantId,
+//!   clientID, useVMManagedIdentity, userAssignedIdentityID, cloudName, objects`; Vault:
+//!   `roleName, vaultAddress, vaultNamespace, vaultKubernetesMountPath/vaultAuthMountPath,
+//!   audience, objects`), plus keybroker's own `provider`, `volumeType` and the `local` objects.
+//!
+//! Everything the pod author wrote is a *request*: [`super::bindings`] decides what is granted.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::token::{SaToken, parse_tokens};
+use crate::config::parse_mode;
+use crate::volume::VolumeKind;
+use crate::volume::content::{
+    Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent,
+};
+
+pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+pub const POD_SA: &str = "csi.storage.k8s.io/serviceAccount.name";
+pub const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+pub const SA_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+
+/// Default mode of files in node volumes (readable by the pod's non-root users).
+pub const NODE_DEFAULT_MODE: u32 = 0o444;
+
+/// The pod, as kubelet attests it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+}
+
+impl PodInfo {
+    pub fn audit_ref(&self) -> crate::audit::PodRef {
+        crate::audit::PodRef {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            service_account: self.service_account.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PodInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pod {}/{} (service account {})",
+            self.namespace, self.name, self.service_account
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+    Azure,
+    Vault,
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Azure => "azure",
+            ProviderKind::Vault => "vault",
+        })
+    }
+}
+
+/// The identity a volume asks to act as (checked against the bindings, never trusted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityRequest {
+    // Azure
+    pub keyvault_name: Option<String>,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub use_vm_managed_identity: bool,
+    pub user_assigned_identity_id: Option<String>,
+    pub cloud_name: Option<String>,
+    // Vault
+    pub role_name: Option<String>,
+    pub vault_address: Option<String>,
+    pub vault_namespace: Option<String>,
+    pub auth_mount: Option<String>,
+    pub audience: Option<String>,
+}
+
+/// A parsed NodePublishVolume request.
+#[derive(Debug)]
+pub struct VolumeRequest {
+    pub pod: PodInfo,
+    pub provider: ProviderKind,
+    pub kind: VolumeKind,
+    pub identity: IdentityRequest,
+    pub content: VolumeContent,
+    pub tokens: Vec<SaToken>,
+    /// The pod author's and kubelet's attributes, without tokens (kept for restarts).
+    pub attributes: BTreeMap<String, String>,
+    /// Fingerprint of the pod author's attributes (not tokens), to tell a republish of the same
+    /// volume from a different request at the same target.
+    pub digest: String,
+}
+
+impl VolumeRequest {
+    /// Provider object names requested, as bindings match them.
+    pub fn object_names(&self) -> Vec<String> {
+        self.content.objects().into_iter().map(|o| o.name).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct RequestError(pub String);
+
+fn err(s: impl Into<String>) -> RequestError {
+    RequestError(s.into())
+}
+
+/// One entry of `objects`, in any of the three accepted spellings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawObject {
+    object_name: String,
+    // Azure
+    object_type: Option<String>,
+    object_alias: Option<String>,
+    object_version: Option<String>,
+    object_version_history: Option<serde_norway::Value>,
+    object_format: Option<String>,
+    object_encoding: Option<String>,
+    // Vault
+    secret_path: Option<String>,
+    secret_key: Option<String>,
+    method: Option<String>,
+    secret_args: Option<serde_norway::Value>,
+    encoding: Option<String>,
+    // local (keybroker)
+    object: Option<String>,
+    key: Option<String>,
+    template: Option<String>,
+    // all
+    file_permission: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+struct AzureObjects {
+    array: Vec<String>,
+}
+
+fn parse_objects(provider: ProviderKind, text: &str) -> Result<Vec<RawObject>, RequestError> {
+    let bad = |e: &dyn std::fmt::Display| err(format!("objects: {e}"));
+    match provider {
+        // The Azure provider's shape: `array:` of YAML documents, one per object.
+        ProviderKind::Azure => {
+            let outer: AzureObjects = serde_norway::from_str(text).map_err(|e| bad(&e))?;
+            outer
+                .array
+                .iter()
+                .map(|doc| serde_norway::from_str::<RawObject>(doc).map_err(|e| bad(&e)))
+                .collect()
+        }
+        ProviderKind::Vault | ProviderKind::Local => {
+            serde_norway::from_str(text).map_err(|e| bad(&e))
+        }
+    }
+}
+
+fn attr<'a>(ctx: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| ctx.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn owned(ctx: &BTreeMap<String, String>, keys: &[&str]) -> Option<String> {
+    attr(ctx, keys).map(str::to_owned)
+}
+
+fn mode_of(v: &Option<serde_norway::Value>, i: usize) -> Result<u32, RequestError> {
+    match v {
+        None => Ok(NODE_DEFAULT_MODE),
+        Some(v) => parse_mode(v).map_err(|e| err(format!("objects[{i}].filePermission: {e}"))),
+    }
+}
+
+fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec, RequestError> {
+    let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
+    let mode = mode_of(&o.file_permission, i)?;
+    let (file, object, version, key, encoding, template) = match provider {
+        ProviderKind::Azure => {
+            let kind = o.object_type.as_deref().unwrap_or("secret");
+            if !matches!(kind, "secret" | "key" | "cert") {
+                return Err(at(
+                    "objectType",
+                    &format!("{kind:?} is not secret, key or cert"),
+                ));
+            }
+            if let Some(f) = &o.object_format
+                && !matches!(f.as_str(), "pem" | "pfx")
+            {
+                return Err(at("objectFormat", &format!("{f:?} is not pem or pfx")));
+            }
+            if o.object_version_history.is_some() {
+                return Err(at("objectVersionHistory", &"is not supported yet"));
+            }
+            let file = o
+                .object_alias
+                .clone()
+                .unwrap_or_else(|| o.object_name.clone());
+            let object = format!("{kind}/{}", o.object_name);
+            (
+                file,
+                object,
+                o.object_version,
+                None,
+                o.object_encoding,
+                None,
+            )
+        }
+        ProviderKind::Vault => {
+            let path = o
+                .secret_path
+                .clone()
+                .ok_or_else(|| at("secretPath", &"is required"))?;
+            if o.method
+                .as_deref()
+                .is_some_and(|m| !m.eq_ignore_ascii_case("GET"))
+                || o.secret_args.is_some()
+            {
+                return Err(at("method", &"only GET reads are supported yet"));
+            }
+            (
+                o.object_name.clone(),
+                path,
+                None,
+                o.secret_key,
+                o.encoding,
+                None,
+            )
+        }
+        ProviderKind::Local => {
+            let object = o.object.clone().unwrap_or_else(|| o.object_name.clone());
+            let file = o
+                .object_alias
+                .clone()
+                .unwrap_or_else(|| o.object_name.clone());
+            (
+                file,
+                object,
+                o.object_version,
+                o.key,
+                o.encoding.or(o.object_encoding),
+                o.template,
+            )
+        }
+    };
+    let name = FileName::parse(&file).map_err(|e| at("objectName", &e))?;
+    if object.is_empty() || object.len() > 1024 || object.chars().any(char::is_control) {
+        return Err(at(
+            "objectName",
+            &"must be a non-empty object name of at most 1024 bytes",
+        ));
+    }
+    let source = match template {
+        Some(t) => {
+            if key.is_some() {
+                return Err(at("template", &"use either template or key, not both"));
+            }
+            FileSource::Template(Template::parse(&t).map_err(|e| at("template", &e))?)
+        }
+        None => FileSource::Object {
+            key,
+            encoding: match encoding {
+                None => Encoding::Utf8,
+                Some(e) => Encoding::parse(&e).map_err(|e| at("encoding", &e))?,
+            },
+        },
+    };
+    Ok(FileSpec {
+        name,
+        object,
+        version: version.filter(|v| !v.is_empty()),
+        mode,
+        source,
+    })
+}
+
+/// The attributes that describe the request (everything but tokens), for the state file and
+/// the republish digest.
+pub fn request_attributes(ctx: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    ctx.iter()
+        .filter(|(k, _)| k.as_str() != SA_TOKENS)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Parses a publish request's `volume_context` (and the tokens from `secrets`).
+pub fn parse(
+    ctx: &BTreeMap<String, String>,
+    secrets: &keybroker_csi::Secrets,
+    default_kind: VolumeKind,
+    limits: Limits,
+) -> Result<VolumeRequest, RequestError> {
+    let need = |k: &str| {
+        attr(ctx, &[k]).map(str::to_owned).ok_or_else(|| {
+            err(format!(
+                "volume_context has no {k}: set podInfoOnMount: true on the CSIDriver (keybroker serves ephemeral inline volumes only)"
+            ))
+        })
+    };
+    let pod = PodInfo {
+        namespace: need(POD_NAMESPACE)?,
+        name: need(POD_NAME)?,
+        uid: need(POD_UID)?,
+        service_account: need(POD_SA)?,
+    };
+    if attr(ctx, &[EPHEMERAL]).is_some_and(|e| e != "true") {
+        return Err(err(
+            "only ephemeral inline volumes are supported (csi.storage.k8s.io/ephemeral is not true)",
+        ));
+    }
+    let provider = match attr(ctx, &["provider"]) {
+        Some("local") => ProviderKind::Local,
+        Some("azure") => ProviderKind::Azure,
+        Some("vault") => ProviderKind::Vault,
+        Some(other) => {
+            return Err(err(format!(
+                "provider {other:?} is not known: use local, azure or vault"
+            )));
+        }
+        None if attr(ctx, &["keyvaultName"]).is_some() => ProviderKind::Azure,
+        None if attr(ctx, &["roleName", "vaultAddress"]).is_some() => ProviderKind::Vault,
+        None => {
+            return Err(err(
+                "volume_context names no provider: set provider to local, azure or vault",
+            ));
+        }
+    };
+    let kind = match attr(ctx, &["volumeType"]) {
+        None => default_kind,
+        Some("fuse") => VolumeKind::Fuse,
+        Some("tmpfs") => VolumeKind::Tmpfs,
+        Some(other) => {
+            return Err(err(format!(
+                "volumeType {other:?} is not known: use fuse or tmpfs"
+            )));
+        }
+    };
+    let identity = IdentityRequest {
+        keyvault_name: owned(ctx, &["keyvaultName"]),
+        tenant_id: owned(ctx, &["tenantID", "tenantId"]),
+        client_id: owned(ctx, &["clientID"]),
+        use_vm_managed_identity: attr(ctx, &["useVMManagedIdentity"])
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        user_assigned_identity_id: owned(ctx, &["userAssignedIdentityID"]),
+        cloud_name: owned(ctx, &["cloudName"]),
+        role_name: owned(ctx, &["roleName"]),
+        vault_address: owned(ctx, &["vaultAddress"]),
+        vault_namespace: owned(ctx, &["vaultNamespace"]),
+        auth_mount: owned(ctx, &["vaultAuthMountPath", "vaultKubernetesMountPath"]),
+        audience: owned(ctx, &["audience"]),
+    };
+    let objects_text =
+        attr(ctx, &["objects"]).ok_or_else(|| err("volume_context has no objects"))?;
+    let raw = parse_objects(provider, objects_text)?;
+    if raw.len() > limits.max_files {
+        return Err(err(format!(
+            "objects lists {} objects; at most {} are allowed",
+            raw.len(),
+            limits.max_files
+        )));
+    }
+    let files = raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| file_spec(provider, i, o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let content = VolumeContent::new(files, limits).map_err(|e| err(format!("objects: {e}")))?;
+    // kubelet puts tokens in `secrets` when serviceAccountTokenInSecrets is on; read that first.
+    let tokens = match secrets.get(SA_TOKENS).or_else(|| attr(ctx, &[SA_TOKENS])) {
+        None => Vec::new(),
+        Some(json) => parse_tokens(json).map_err(err)?,
+    };
+    let attributes = request_attributes(ctx);
+    let mut h = Sha256::new();
+    for (k, v) in &attributes {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    Ok(VolumeRequest {
+        pod,
+        provider,
+        kind,
+        identity,
+        content,
+        tokens,
+        attributes,
+        digest: hex::encode(&h.finalize()[..16]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BTreeMap<String, String> {
+        [
+            (POD_NAMESPACE, "team-a"),
+            (POD_NAME, "web-1"),
+            (POD_UID, "uid-1"),
+            (POD_SA, "api"),
+            (EPHEMERAL, "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn parse_ctx(ctx: &BTreeMap<String, String>) -> Result<VolumeRequest, RequestError> {
+        parse(
+            ctx,
+            &Default::default(),
+            VolumeKind::Fuse,
+            Limits::default(),
+        )
+    }
+
+    #[test]
+    fn local_objects_parse_into_files() {
+        let mut ctx = base();
+        ctx.insert("provider".into(), "local".into());
+        ctx.insert("volumeType".into(), "tmpfs".into());
+        ctx.insert(
+            "objects".into(),
+            "- objectName: db-password\n  object: db\n  key: password\n  filePermission: \"0440\"\n- objectName: url\n  object: db\n  template: \"pg://{{username}}\"\n".into(),
+        );
+        let r = parse_ctx(&ctx).unwrap();
+        assert_eq!(r.provider, ProviderKind::Local);
+        assert_eq!(r.kind, VolumeKind::Tmpfs);
+        assert_eq!(r.pod.namespace, "team-a");
+        assert_eq!(r.content.files[0].mode, 0o440);
+        assert_eq!(r.content.files[1].mode, NODE_DEFAULT_MODE);
+        assert_eq!(r.object_names(), ["db"]);
+    }
+
+    #[test]
+    fn secrets_store_azure_and_vault_parameters_are_understood() {
+        let mut ctx = base();
+        ctx.insert("keyvaultName".into(), "kv1".into());
+        ctx.insert("tenantId".into(), "t1".into());
+        ctx.insert("clientID".into(), "c1".into());
+        ctx.insert(
+            "objects".into(),
+            "array:\n  - |\n    objectName: db-pass\n    objectType: secret\n    objectAlias: password\n    objectVersion: abc\n  - |\n    objectName: tls\n    objectType: cert\n    objectFormat: pem\n".into(),
+        );
+        let r = parse_ctx(&ctx).unwrap();
+        assert_eq!(r.provider, ProviderKind::Azure);
+        assert_eq!(r.identity.tenant_id.as_deref(), Some("t1"));
+        assert_eq!(r.content.files[0].name.as_str(), "password");
+        assert_eq!(r.content.files[0].object, "secret/db-pass");
+        assert_eq!(r.content.files[0].version.as_deref(), Some("abc"));
+
+        let mut ctx = base();
+        ctx.insert("roleName".into(), "app".into());
+        ctx.insert("vaultAddress".into(), "https://vault:8200".into());
+        ctx.insert("vaultKubernetesMountPath".into(), "kubernetes".into());
+        ctx.insert(
+            "objects".into(),
+            "- objectName: db-password\n  secretPath: secret/data/db\n  secretKey: password\n"
+                .into(),
+        );
+        let r = parse_ctx(&ctx).unwrap();
+        assert_eq!(r.provider, ProviderKind::Vault);
+        assert_eq!(r.identity.auth_mount.as_deref(), Some("kubernetes"));
+        assert_eq!(r.content.files[0].object, "secret/data/db");
+    }
+
+    #[test]
+    fn hostile_or_missing_input_is_refused_with_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "local",
+                "- objectName: ../../etc/passwd\n",
+                "objects[0].objectName",
+            ),
+            ("local", "- objectName: /abs\n", "absolute"),
+            (
+                "local",
+                "- objectName: a\n  filePermission: \"7777\"\n",
+                "filePermission",
+            ),
+            ("local", "- objectName: a\n  bogus: 1\n", "unknown field"),
+            ("local", "- objectName: a\n  encoding: rot13\n", "encoding"),
+            ("nfs", "- objectName: a\n", "not known"),
+        ];
+        for (provider, objects, want) in cases {
+            let mut ctx = base();
+            ctx.insert("provider".into(), provider.to_string());
+            ctx.insert("objects".into(), objects.to_string());
+            let e = parse_ctx(&ctx).unwrap_err().0;
+            assert!(e.contains(want), "{objects}: {e}");
+        }
+        let mut ctx = base();
+        ctx.remove(POD_UID);
+        ctx.insert("provider".into(), "local".into());
+        ctx.insert("objects".into(), "- objectName: a\n".into());
+        assert!(parse_ctx(&ctx).unwrap_err().0.contains("podInfoOnMount"));
+        let many: String = (0..65).map(|i| format!("- objectName: f{i}\n")).collect();
+        let mut ctx = base();
+        ctx.insert("provider".into(), "local".into());
+        ctx.insert("objects".into(), many);
+        assert!(parse_ctx(&ctx).unwrap_err().0.contains("at most 64"));
+    }
+
+    #[test]
+    fn tokens_come_from_secrets_first_and_do_not_change_the_digest() {
+        let mut ctx = base();
+        ctx.insert("provider".into(), "local".into());
+        ctx.insert("objects".into(), "- objectName: a\n".into());
+        let d1 = parse_ctx(&ctx).unwrap().digest;
+        ctx.insert(
+            SA_TOKENS.into(),
+            r#"{"ctx":{"token":"a.b.c","expirationTimestamp":""}}"#.into(),
+        );
+        let r = parse_ctx(&ctx).unwrap();
+        assert_eq!(r.digest, d1);
+        assert_eq!(r.tokens[0].audience, "ctx");
+        let secrets: keybroker_csi::Secrets = std::collections::HashMap::from([(
+            SA_TOKENS.to_string(),
+            r#"{"sec":{"token":"a.b.c","expirationTimestamp":""}}"#.to_string(),
+        )])
+        .into();
+        let r = parse(&ctx, &secrets, VolumeKind::Fuse, Limits::default()).unwrap();
+        assert_eq!(r.tokens[0].audience, "sec");
+    }
+}

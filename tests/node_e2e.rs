@@ -1,0 +1,710 @@
+//! `keybroker node` driven as kubelet drives it: a gRPC client on the CSI unix socket publishes
+//! and unpublishes volumes for pods with service-account tokens, other processes and uids read
+//! the files, and the daemon is restarted under live volumes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use common::*;
+use keybroker_csi::pb;
+use keybroker_csi::pb::node_client::NodeClient;
+use tonic::Code;
+
+const NOBODY: u32 = 65534;
+const A_DB: &str = r#"{"username":"app","password":"S3cret-team-a-db-9e1"}"#;
+const A_KEY: &str = "S3cret-team-a-api-key-77";
+const B_TOKEN: &str = "S3cret-team-b-token-31";
+
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    sock: PathBuf,
+    metrics: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn bindings_yaml(dir: &Path, with_team_b: bool) -> String {
+    let mut s = format!(
+        "bindings:\n  - name: team-a-dev\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [db, api-key]\n",
+        dir.join("secrets-a").display()
+    );
+    if with_team_b {
+        s.push_str(&format!(
+            "  - name: team-b-dev\n    namespace: team-b\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: [token]\n",
+            dir.join("secrets-b").display()
+        ));
+    }
+    s
+}
+
+impl Daemon {
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        require_root_and_fuse();
+        let tmp = open_tempdir();
+        let d = tmp.path().to_owned();
+        std::fs::create_dir_all(d.join("secrets-a")).unwrap();
+        std::fs::create_dir_all(d.join("secrets-b")).unwrap();
+        std::fs::write(d.join("secrets-a/db"), A_DB).unwrap();
+        std::fs::write(d.join("secrets-a/api-key"), A_KEY).unwrap();
+        std::fs::write(d.join("secrets-b/token"), B_TOKEN).unwrap();
+        std::fs::create_dir_all(d.join("etc")).unwrap();
+        std::fs::write(d.join("etc/bindings.yaml"), bindings_yaml(&d, true)).unwrap();
+        (tmp, d)
+    }
+
+    fn start(dir: &Path) -> Self {
+        let sock = dir.join("csi/csi.sock");
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "--log-format",
+                "json",
+                "node",
+                "--node-id",
+                "test-node",
+                "--poll-interval",
+                "1s",
+            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--bindings")
+            .arg(dir.join("etc/bindings.yaml"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--audit-log")
+            .arg(dir.join("audit.jsonl"))
+            .arg("--metrics-addr")
+            .arg(&metrics)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            dir: dir.to_owned(),
+            sock,
+            metrics,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.http("/readyz").starts_with("HTTP/1.1 200") {
+            if let Some(Ok(Some(s))) = d.child.as_mut().map(|c| c.try_wait()) {
+                panic!("keybroker node exited: {s}\n{}", d.logs());
+            }
+            assert!(Instant::now() < deadline, "node not ready:\n{}", d.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        while !d.sock.exists() {
+            assert!(Instant::now() < deadline, "no socket:\n{}", d.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn http(&self, path: &str) -> String {
+        let Ok(mut s) = std::net::TcpStream::connect(&self.metrics) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let page = self.http("/metrics");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let s = wait_timeout(&mut c, Duration::from_secs(20));
+            assert!(
+                s.success(),
+                "node did not stop cleanly: {s}\n{}",
+                self.logs()
+            );
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A service-account token as kubelet passes it (the test is the cluster's issuer; the
+/// signature is not what keybroker checks).
+fn sa_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let jwt = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(serde_json::json!({"alg": "RS256", "kid": "test"})),
+        b64(serde_json::json!({
+            "aud": ["keybroker"], "exp": exp, "iss": "https://kubernetes.default.svc",
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": uid}, "serviceaccount": {"name": sa, "uid": "sa-uid"}}
+        }))
+    );
+    serde_json::json!({"keybroker": {"token": jwt, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
+        .to_string()
+}
+
+struct Pod {
+    ns: &'static str,
+    sa: &'static str,
+    name: String,
+    uid: String,
+}
+
+impl Pod {
+    fn new(ns: &'static str, sa: &'static str, i: usize) -> Self {
+        Pod {
+            ns,
+            sa,
+            name: format!("{sa}-{i}"),
+            uid: format!("00000000-0000-0000-0000-{i:012}"),
+        }
+    }
+
+    fn target(&self, root: &Path) -> PathBuf {
+        root.join(format!(
+            "kubelet/pods/{}/volumes/kubernetes.io~csi/secrets/mount",
+            self.uid
+        ))
+    }
+
+    fn request(
+        &self,
+        root: &Path,
+        objects: &str,
+        kind: &str,
+        token_for: Option<&Pod>,
+    ) -> pb::NodePublishVolumeRequest {
+        let claims = token_for.unwrap_or(self);
+        let ctx: HashMap<String, String> = [
+            ("csi.storage.k8s.io/pod.name", self.name.as_str()),
+            ("csi.storage.k8s.io/pod.namespace", self.ns),
+            ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
+            ("csi.storage.k8s.io/serviceAccount.name", self.sa),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("provider", "local"),
+            ("volumeType", kind),
+            ("objects", objects),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = HashMap::from([(
+            "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
+            sa_token(claims.ns, claims.sa, &claims.name, &claims.uid),
+        )]);
+        pb::NodePublishVolumeRequest {
+            volume_id: format!("csi-{}", self.uid),
+            target_path: self.target(root).display().to_string(),
+            volume_capability: Some(pb::VolumeCapability {
+                access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
+                access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+            }),
+            readonly: true,
+            volume_context: ctx,
+            secrets,
+            ..Default::default()
+        }
+    }
+
+    fn unpublish(&self, root: &Path) -> pb::NodeUnpublishVolumeRequest {
+        pb::NodeUnpublishVolumeRequest {
+            volume_id: format!("csi-{}", self.uid),
+            target_path: self.target(root).display().to_string(),
+        }
+    }
+}
+
+const A_OBJECTS: &str =
+    "- objectName: db-password\n  object: db\n  key: password\n- objectName: api-key\n";
+const B_OBJECTS: &str = "- objectName: token\n";
+
+async fn client(d: &Daemon) -> NodeClient<tonic::transport::Channel> {
+    NodeClient::new(keybroker_csi::connect_unix(&d.sock).await.unwrap())
+}
+
+fn cat_as_nobody(path: &Path) -> Result<String, String> {
+    let (ok, out, err) = run_as(NOBODY, NOBODY, "cat", &[path.to_str().unwrap()]);
+    if ok { Ok(out) } else { Err(err) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_read_only_what_their_bindings_allow() {
+    let (_tmp, root) = Daemon::setup();
+    let d = Daemon::start(&root);
+    let mut node = client(&d).await;
+
+    let a = Pod::new("team-a", "api", 1);
+    let b = Pod::new("team-b", "app", 2);
+    node.node_publish_volume(a.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    node.node_publish_volume(b.request(&root, B_OBJECTS, "tmpfs", None))
+        .await
+        .unwrap();
+    // Each pod's files, read by another process as an unprivileged uid.
+    assert_eq!(
+        cat_as_nobody(&a.target(&root).join("db-password")).unwrap(),
+        "S3cret-team-a-db-9e1"
+    );
+    assert_eq!(
+        cat_as_nobody(&a.target(&root).join("api-key")).unwrap(),
+        A_KEY
+    );
+    assert_eq!(
+        cat_as_nobody(&b.target(&root).join("token")).unwrap(),
+        B_TOKEN
+    );
+
+    // Pod B asks for team A's object: refused before anything is mounted, and audited.
+    let b2 = Pod::new("team-b", "app", 3);
+    let err = node
+        .node_publish_volume(b2.request(&root, "- objectName: db\n", "fuse", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("team-b") && err.message().contains("\"db\""),
+        "{}",
+        err.message()
+    );
+    assert!(!is_mount_point(&b2.target(&root)));
+    // Asking for team A's identity parameters does not help: bindings decide.
+    let err = node
+        .node_publish_volume(b2.request(
+            &root,
+            "- objectName: db\n  object: ../secrets-a/db\n",
+            "fuse",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // A token whose claims name another pod is refused.
+    let a3 = Pod::new("team-a", "api", 4);
+    let err = node
+        .node_publish_volume(a3.request(&root, A_OBJECTS, "fuse", Some(&a)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("pod uid"), "{}", err.message());
+    assert!(!is_mount_point(&a3.target(&root)));
+
+    // Republish with a fresh token: cheap and the mount keeps working.
+    let before = d.metric("keybroker_provider_fetches_total");
+    node.node_publish_volume(a.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    assert_eq!(d.metric("keybroker_republishes_total"), 1);
+    assert_eq!(
+        d.metric("keybroker_provider_fetches_total"),
+        before,
+        "a republish fetched"
+    );
+    assert_eq!(
+        cat_as_nobody(&a.target(&root).join("api-key")).unwrap(),
+        A_KEY
+    );
+    // Republish with different attributes at the same target is a different volume.
+    let err = node
+        .node_publish_volume(a.request(&root, B_OBJECTS, "fuse", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // Rotation reaches the pod's mount within the poll interval.
+    write_atomic(
+        &root.join("secrets-a/api-key"),
+        "S3cret-team-a-api-key-ROTATED",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_file(&a.target(&root).join("api-key")).unwrap() != "S3cret-team-a-api-key-ROTATED" {
+        assert!(Instant::now() < deadline, "rotation not visible");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Unpublish removes everything; repeating it, or unpublishing an unknown target, succeeds.
+    for p in [&a, &b] {
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+        assert!(!is_mount_point(&p.target(&root)));
+        assert!(!p.target(&root).exists(), "target directory left behind");
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+    }
+    node.node_unpublish_volume(Pod::new("team-z", "x", 99).unpublish(&root))
+        .await
+        .unwrap();
+    assert_eq!(d.metric("keybroker_volumes"), 0);
+    assert!(d.metric("keybroker_denials_total") >= 3);
+
+    let mut d = d;
+    d.stop();
+    let audit = root.join("audit.jsonl");
+    let recs = audit_records(&audit);
+    let deny = recs
+        .iter()
+        .find(|r| r["event"] == "deny" && r["pod"]["namespace"] == "team-b")
+        .expect("deny record");
+    assert_eq!(deny["outcome"], "denied");
+    assert_eq!(deny["pod"]["service_account"], "app");
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "mount" && r["pod"]["name"] == "api-1")
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "unmount" && r["pod"]["name"] == "api-1")
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "read" && r["process"]["uid"] == NOBODY)
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "rotate" && r["file"] == "api-key")
+    );
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // No secret, and no token, in the audit log or the daemon's logs.
+    let token = sa_token("team-a", "api", &a.name, &a.uid);
+    let jwt_payload = token.split('.').nth(1).unwrap().to_owned();
+    assert_no_secrets(
+        &[
+            "S3cret-team-a-db-9e1",
+            A_KEY,
+            "S3cret-team-a-api-key-ROTATED",
+            B_TOKEN,
+            &jwt_payload,
+        ],
+        &[&audit, &root.join("state")],
+        &[("node logs", &d.logs())],
+    );
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_volumes_publish_concurrently_and_leave_nothing_behind() {
+    let (_tmp, root) = Daemon::setup();
+    let d = Daemon::start(&root);
+    let node = client(&d).await;
+    // Warm up: the first publish opens the binding's provider (an inotify watch), which stays
+    // for as long as the daemon runs; the baseline is taken after it.
+    let w = Pod::new("team-a", "api", 999);
+    node.clone()
+        .node_publish_volume(w.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    node.clone()
+        .node_unpublish_volume(w.unpublish(&root))
+        .await
+        .unwrap();
+    let (threads0, fds0) = (thread_count(d.pid()), fd_count(d.pid()));
+    let pods: Vec<Pod> = (0..100)
+        .map(|i| Pod::new("team-a", "api", 1000 + i))
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        let mut n = node.clone();
+        let req = p.request(
+            &root,
+            A_OBJECTS,
+            if i % 2 == 0 { "fuse" } else { "tmpfs" },
+            None,
+        );
+        tasks.push(tokio::spawn(
+            async move { n.node_publish_volume(req).await },
+        ));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    for p in &pods {
+        assert_eq!(read_file(&p.target(&root).join("api-key")).unwrap(), A_KEY);
+    }
+    assert_eq!(d.metric("keybroker_volumes"), 100);
+    // 100 volumes of one identity sharing 2 objects: 2 provider fetches (+2 for the warm-up
+    // volume, whose values were evicted when it went), not 200.
+    assert_eq!(d.metric("keybroker_provider_fetches_total"), 4);
+
+    let mut tasks = Vec::new();
+    for p in &pods {
+        let mut n = node.clone();
+        let req = p.unpublish(&root);
+        tasks.push(tokio::spawn(
+            async move { n.node_unpublish_volume(req).await },
+        ));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mi.contains(root.to_str().unwrap()), "mounts left behind");
+    for p in &pods {
+        assert!(!p.target(&root).exists());
+    }
+    assert_eq!(
+        std::fs::read_dir(root.join("state/volumes"))
+            .unwrap()
+            .count(),
+        0,
+        "state records left behind"
+    );
+    // Threads and fds return to where they were (FUSE workers and /dev/fuse fds released).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (t, f) = (thread_count(d.pid()), fd_count(d.pid()));
+        if t <= threads0 + 2 && f <= fds0 + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leak: threads {threads0} -> {t}, fds {fds0} -> {f}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
+    let (_tmp, root) = Daemon::setup();
+    let mut d = Daemon::start(&root);
+    let mut node = client(&d).await;
+    let t = Pod::new("team-a", "api", 7);
+    let f = Pod::new("team-a", "api", 8);
+    node.node_publish_volume(t.request(&root, A_OBJECTS, "tmpfs", None))
+        .await
+        .unwrap();
+    node.node_publish_volume(f.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    d.kill9();
+    // tmpfs content survives the daemon; the FUSE mount dies with it.
+    assert_eq!(read_file(&t.target(&root).join("api-key")).unwrap(), A_KEY);
+    assert_eq!(
+        std::fs::read_dir(f.target(&root))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+
+    let d = Daemon::start(&root);
+    assert_eq!(d.metric("keybroker_volumes"), 2, "{}", d.logs());
+    assert!(
+        d.logs().contains("tmpfs volume taken over after restart"),
+        "{}",
+        d.logs()
+    );
+    assert!(
+        d.logs().contains("containers that already had it mounted"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(
+        read_file(&f.target(&root).join("api-key")).unwrap(),
+        A_KEY,
+        "FUSE volume remounted"
+    );
+    // The taken-over tmpfs volume is refreshed again.
+    write_atomic(&root.join("secrets-a/api-key"), "S3cret-after-restart");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_file(&t.target(&root).join("api-key")).unwrap() != "S3cret-after-restart" {
+        assert!(
+            Instant::now() < deadline,
+            "taken-over volume not refreshed:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut node = client(&d).await;
+    for p in [&t, &f] {
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+        assert!(!is_mount_point(&p.target(&root)));
+    }
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mi.contains(root.to_str().unwrap()),
+        "mounts left behind:\n{mi}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_reload_and_a_bad_file_keeps_the_previous_ones() {
+    let (_tmp, root) = Daemon::setup();
+    let d = Daemon::start(&root);
+    let mut node = client(&d).await;
+    let b = Pod::new("team-b", "app", 20);
+    // Remove team B's binding: its next publish is denied.
+    write_atomic(
+        &root.join("etc/bindings.yaml"),
+        &bindings_yaml(&root, false),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match node
+            .node_publish_volume(b.request(&root, B_OBJECTS, "fuse", None))
+            .await
+        {
+            Err(e) if e.code() == Code::PermissionDenied => break,
+            Ok(_) => {
+                node.node_unpublish_volume(b.unpublish(&root))
+                    .await
+                    .unwrap();
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A broken file is refused; the previous bindings stay in force.
+    write_atomic(
+        &root.join("etc/bindings.yaml"),
+        "bindings:\n  - name: [broken\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.metric("keybroker_bindings_reload_errors_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "bad file not noticed:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(d.logs().contains("keeping the previous bindings"));
+    let a = Pod::new("team-a", "api", 21);
+    node.node_publish_volume(a.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(a.unpublish(&root))
+        .await
+        .unwrap();
+
+    // `keybroker check` explains decisions offline.
+    let bindings = root.join("bindings-check.yaml");
+    std::fs::write(&bindings, bindings_yaml(&root, true)).unwrap();
+    let check = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("check")
+            .arg("--bindings")
+            .arg(&bindings)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = check(&[
+        "--namespace",
+        "team-a",
+        "--service-account",
+        "api",
+        "--provider",
+        "local",
+        "--object",
+        "db",
+    ]);
+    assert!(ok && out.contains("team-a-dev"), "{out}");
+    let (ok, out) = check(&[
+        "--namespace",
+        "team-b",
+        "--service-account",
+        "app",
+        "--provider",
+        "local",
+        "--object",
+        "db",
+    ]);
+    assert!(
+        !ok && out.contains("does not grant objects [\"db\"]"),
+        "{out}"
+    );
+    let (ok, out) = check(&[]);
+    assert!(ok && out.contains("2 bindings"), "{out}");
+    std::fs::write(&bindings, "bindings: [{name: x}]\n").unwrap();
+    let (ok, out) = check(&[]);
+    assert!(!ok && out.contains("invalid"), "{out}");
+}
