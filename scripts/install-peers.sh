@@ -4,6 +4,13 @@
 set -euo pipefail
 
 FUSE3_VERSION="3.14.0-4"
+CSI_SANITY_VERSION="v5.4.0"          # github.com/kubernetes-csi/csi-test
+KUBE_VALIDATE_VERSION="1.35.0"       # PyPI kubernetes-validate (bundles the Kubernetes schemas)
+HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm offline
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+PEERS="$root/.peers"
+mkdir -p "$PEERS/bin"
 
 log() { printf '[install-peers] %s\n' "$*"; }
 
@@ -21,3 +28,28 @@ if [ ! -e /dev/fuse ]; then
   log "/dev/fuse is missing: this machine cannot run FUSE tests"; exit 1
 fi
 log "fuse3 $(dpkg-query -W -f='${Version}' fuse3) ready"
+
+# csi-sanity (Go, built from the module proxy at a pinned version).
+if [ ! -x "$PEERS/bin/csi-sanity" ] || [ "$(cat "$PEERS/bin/csi-sanity.version" 2>/dev/null)" != "$CSI_SANITY_VERSION" ]; then
+  command -v go >/dev/null || { log "go is required to build csi-sanity"; exit 1; }
+  log "go install csi-sanity@$CSI_SANITY_VERSION"
+  GOBIN="$PEERS/bin" GOFLAGS=-mod=mod go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"
+  echo "$CSI_SANITY_VERSION" > "$PEERS/bin/csi-sanity.version"
+fi
+log "csi-sanity $CSI_SANITY_VERSION ready"
+
+# kubernetes-validate: offline validation of deploy/ against the Kubernetes OpenAPI schemas.
+if [ ! -x "$PEERS/venv/bin/kubernetes-validate" ] || ! "$PEERS/venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Version: $KUBE_VALIDATE_VERSION$"; then
+  log "pip install kubernetes-validate==$KUBE_VALIDATE_VERSION"
+  python3 -m venv "$PEERS/venv"
+  "$PEERS/venv/bin/pip" install -q "kubernetes-validate==$KUBE_VALIDATE_VERSION"
+fi
+log "kubernetes-validate $KUBE_VALIDATE_VERSION ready"
+
+# helm (Go, pinned), only to render the chart in deploy/helm; nothing is installed in a cluster.
+if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)" != "$HELM_VERSION" ]; then
+  log "go install helm@$HELM_VERSION"
+  GOBIN="$PEERS/bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "$HELM_VERSION" > "$PEERS/bin/helm.version"
+fi
+log "helm $HELM_VERSION ready"

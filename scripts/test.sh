@@ -13,6 +13,17 @@ scripts/install-peers.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test"
-cargo test --locked --no-fail-fast
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features test-controller -- -D warnings
+echo "== deploy/: render the Helm chart and validate against the Kubernetes schemas"
+scripts/validate-deploy.sh
+echo "== release binary carries no test-only controller"
+cargo build --release --locked --quiet
+if target/release/keybroker node --danger-test-controller --node-id x --endpoint unix:///tmp/keybroker-release-check.sock \
+     --bindings deploy/examples/bindings.yaml --state-dir /tmp/keybroker-release-check --metrics-addr 127.0.0.1:0 \
+     --audit-log /tmp/keybroker-release-check/audit.jsonl 2>/tmp/keybroker-release-check.err; then
+  echo "the release build accepted --danger-test-controller" >&2; exit 1
+fi
+grep -q "no test controller" /tmp/keybroker-release-check.err || { cat /tmp/keybroker-release-check.err >&2; exit 1; }
+echo "== cargo test (csi-sanity needs the test-only controller: --features test-controller)"
+cargo test --locked --no-fail-fast --workspace --features test-controller

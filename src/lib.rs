@@ -12,6 +12,8 @@
 //! - [`config`] + [`mount`]: `keybroker mount`;
 //! - [`node`]: `keybroker node`, the CSI node plugin behind the `keybroker-csi` edge.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod cache;
 pub mod config;

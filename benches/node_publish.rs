@@ -1,0 +1,285 @@
+//! NodePublishVolume latency and daemon memory (issue #3), driving `keybroker node` over its
+//! CSI socket as kubelet does. Volumes of one identity read 10 objects that are already in the
+//! node cache (the first volume warms it). Baseline, measured in the same run: what kubelet
+//! does for a Secret volume (mount a tmpfs, write 10 files, unmount).
+//!
+//! Run (root): `cargo bench --bench node_publish`
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keybroker_csi::pb;
+use keybroker_csi::pb::node_client::NodeClient;
+use nix::mount::{MntFlags, MsFlags};
+
+/// Sequential publishes per row (KB_BENCH_N overrides, for quick runs).
+fn sequential() -> usize {
+    std::env::var("KB_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+const CONCURRENT: usize = 100;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb / 1024.0
+}
+
+fn request(root: &Path, i: usize, kind: &str) -> pb::NodePublishVolumeRequest {
+    let objects: String = (0..10)
+        .map(|o| format!("- objectName: file{o}\n  object: obj{o}\n"))
+        .collect();
+    let uid = format!("00000000-0000-0000-0000-{i:012}");
+    let ctx: HashMap<String, String> = [
+        ("csi.storage.k8s.io/pod.name", format!("web-{i}")),
+        ("csi.storage.k8s.io/pod.namespace", "bench".into()),
+        ("csi.storage.k8s.io/pod.uid", uid.clone()),
+        ("csi.storage.k8s.io/serviceAccount.name", "app".into()),
+        ("csi.storage.k8s.io/ephemeral", "true".into()),
+        ("provider", "local".into()),
+        ("volumeType", kind.into()),
+        ("objects", objects),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    pb::NodePublishVolumeRequest {
+        volume_id: format!("csi-{uid}"),
+        target_path: root.join(format!("pods/{uid}/mount")).display().to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+        }),
+        readonly: true,
+        volume_context: ctx,
+        ..Default::default()
+    }
+}
+
+fn unpublish(r: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: r.volume_id.clone(),
+        target_path: r.target_path.clone(),
+    }
+}
+
+/// kubelet's Secret volume, as the baseline: tmpfs mount, 10 files written, unmount.
+fn kubelet_style_secret_volume(dir: &Path) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let t = Instant::now();
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=1m"),
+    )
+    .unwrap();
+    for o in 0..10 {
+        let mut f = std::fs::File::create(dir.join(format!("file{o}"))).unwrap();
+        f.write_all(format!("value-{o}-{}", "x".repeat(100)).as_bytes())
+            .unwrap();
+    }
+    let mount_write = t.elapsed().as_secs_f64();
+    nix::mount::umount2(dir, MntFlags::MNT_DETACH).unwrap();
+    mount_write
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "run as root: the benchmark mounts volumes"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::create_dir_all(root.join("secrets")).unwrap();
+    for o in 0..10 {
+        std::fs::write(
+            root.join(format!("secrets/obj{o}")),
+            format!("value-{o}-{}", "x".repeat(100)),
+        )
+        .unwrap();
+    }
+    let objects: Vec<String> = (0..10).map(|o| format!("obj{o}")).collect();
+    std::fs::write(
+        root.join("bindings.yaml"),
+        format!(
+            "bindings:\n  - name: bench\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects:?}\n",
+            root.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    let sock = root.join("csi.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = env!("CARGO_BIN_EXE_keybroker");
+    let mut child = Command::new(bin)
+        .args(["node", "--node-id", "bench", "--log", "warn"])
+        .arg(format!("--endpoint=unix://{}", sock.display()))
+        .arg(format!(
+            "--bindings={}",
+            root.join("bindings.yaml").display()
+        ))
+        .arg(format!("--state-dir={}", root.join("state").display()))
+        .arg(format!(
+            "--audit-log={}",
+            root.join("audit.jsonl").display()
+        ))
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let channel = loop {
+        if let Ok(c) = keybroker_csi::connect_unix(&sock).await {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "node not up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut node = NodeClient::new(channel);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_mib(child.id());
+
+    // Warm the node cache with one volume.
+    let warm = request(root, 0, "fuse");
+    node.node_publish_volume(warm.clone()).await.unwrap();
+
+    let mut baseline = Vec::new();
+    let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
+    let sequential = sequential();
+    for i in 0..sequential {
+        for kind in ["fuse", "tmpfs"] {
+            let r = request(root, 10_000 + i * 2 + usize::from(kind == "tmpfs"), kind);
+            let t = Instant::now();
+            node.node_publish_volume(r.clone()).await.unwrap();
+            lat.entry(kind).or_default().push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            node.node_unpublish_volume(unpublish(&r)).await.unwrap();
+            lat.entry(if kind == "fuse" {
+                "unpublish-fuse"
+            } else {
+                "unpublish-tmpfs"
+            })
+            .or_default()
+            .push(t.elapsed().as_secs_f64());
+        }
+        baseline.push(kubelet_style_secret_volume(&root.join("baseline")));
+        let t = Instant::now();
+        node.node_publish_volume(warm.clone()).await.unwrap();
+        lat.entry("republish")
+            .or_default()
+            .push(t.elapsed().as_secs_f64());
+    }
+    let base_p50 = pct(&mut baseline, 0.5);
+    println!(
+        "NodePublishVolume, 10 cached objects, {sequential} sequential publishes per row (each unpublished after):"
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "", "p50 ms", "p99 ms", "p50 ratio"
+    );
+    println!(
+        "{:<44} {:>9.3} {:>9.3} {:>8.1}x",
+        "baseline: kubelet-style tmpfs + 10 writes",
+        base_p50 * 1e3,
+        pct(&mut baseline, 0.99) * 1e3,
+        1.0
+    );
+    for (name, key) in [
+        ("keybroker publish, FUSE", "fuse"),
+        ("keybroker publish, tmpfs", "tmpfs"),
+        ("keybroker republish (healthy volume)", "republish"),
+        ("keybroker unpublish, FUSE", "unpublish-fuse"),
+        ("keybroker unpublish, tmpfs", "unpublish-tmpfs"),
+    ] {
+        let v = lat.get_mut(key).unwrap();
+        let p50 = pct(v, 0.5);
+        println!(
+            "{name:<44} {:>9.3} {:>9.3} {:>8.1}x",
+            p50 * 1e3,
+            pct(v, 0.99) * 1e3,
+            p50 / base_p50
+        );
+    }
+
+    // 100 volumes at once: latency under concurrency and resident memory.
+    let reqs: Vec<_> = (0..CONCURRENT)
+        .map(|i| request(root, 50_000 + i, if i % 2 == 0 { "fuse" } else { "tmpfs" }))
+        .collect();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for r in &reqs {
+        let mut n = node.clone();
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            n.node_publish_volume(r).await.unwrap();
+            t.elapsed().as_secs_f64()
+        }));
+    }
+    let mut conc = Vec::new();
+    for t in tasks {
+        conc.push(t.await.unwrap());
+    }
+    let wall = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss100 = rss_mib(child.id());
+    println!(
+        "{CONCURRENT} concurrent publishes (half FUSE, half tmpfs): p50 {:.2} ms, p99 {:.2} ms, all done in {:.0} ms",
+        pct(&mut conc, 0.5) * 1e3,
+        pct(&mut conc, 0.99) * 1e3,
+        wall * 1e3
+    );
+    println!(
+        "daemon RSS: idle {idle_rss:.1} MiB; with {} volumes {rss100:.1} MiB",
+        CONCURRENT + 1
+    );
+    let metrics = {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let fetches = metrics
+        .lines()
+        .find(|l| l.starts_with("keybroker_provider_fetches_total "))
+        .unwrap_or("");
+    println!("provider fetches for all of the above: {fetches}");
+
+    for r in &reqs {
+        node.node_unpublish_volume(unpublish(r)).await.unwrap();
+    }
+    node.node_unpublish_volume(unpublish(&warm)).await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    child.wait().unwrap();
+}

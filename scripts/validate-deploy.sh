@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Renders the Helm chart (deploy/helm/keybroker) and validates everything in deploy/ against the
+# Kubernetes 1.35 OpenAPI schemas, offline and strictly (unknown fields are errors).
+# deploy/keybroker.yaml is the rendered chart for kubectl users: it must match a fresh render
+# (`scripts/validate-deploy.sh --update` rewrites it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+helm=.peers/bin/helm
+kv=.peers/venv/bin/kubernetes-validate
+for tool in "$helm" "$kv"; do
+  [ -x "$tool" ] || { echo "$tool is missing: run scripts/install-peers.sh" >&2; exit 1; }
+done
+render=$(mktemp)
+trap 'rm -f "$render"' EXIT
+"$helm" lint --strict --kube-version 1.35.0 deploy/helm/keybroker --set-file bindings=deploy/examples/bindings.yaml >/dev/null
+"$helm" template keybroker deploy/helm/keybroker --namespace kube-system \
+  --kube-version 1.35.0 --set-file bindings=deploy/examples/bindings.yaml > "$render"
+if [ "${1:-}" = "--update" ]; then
+  cp "$render" deploy/keybroker.yaml
+fi
+if ! diff -u deploy/keybroker.yaml "$render"; then
+  echo "deploy/keybroker.yaml differs from the chart: run scripts/validate-deploy.sh --update" >&2
+  exit 1
+fi
+"$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml
+# The bindings the chart ships must be valid keybroker bindings.
+cargo run --quiet --locked -- check --bindings deploy/examples/bindings.yaml
+echo "deploy/: chart renders, manifests valid for Kubernetes 1.35, bindings valid"
