@@ -221,13 +221,14 @@ fn check(
         println!("ok: {} bindings", b.list.len());
         for x in &b.list {
             let sas: Vec<&str> = x.service_accounts.iter().map(String::as_str).collect();
+            let objects: Vec<String> = x.objects.iter().map(ToString::to_string).collect();
             println!(
-                "  {}: {}/{{{}}} -> {} objects {:?}",
+                "  {}: {}/{{{}}} -> {} objects [{}]",
                 x.name,
                 x.namespace,
                 sas.join(","),
                 x.identity.key(),
-                x.objects
+                objects.join(", ")
             );
         }
         return ExitCode::SUCCESS;

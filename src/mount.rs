@@ -96,8 +96,11 @@ pub async fn run(
             let fs = Arc::new(MemFs::new(&volume_id, owner, Some(audit.clone())));
             // Content is in place before the kernel can send the first request.
             fs.apply(&first.files);
+            // Other users (pods' uids) may read only when we are root; a developer's own mount
+            // stays private to them (allow_other needs user_allow_other in /etc/fuse.conf).
             let opts = FuseOptions {
                 threads: cfg.fuse_threads,
+                allow_other: nix::unistd::geteuid().is_root(),
                 ..FuseOptions::default()
             };
             Box::new(FuseVolume::mount(&target, fs, &opts)?)

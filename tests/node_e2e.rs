@@ -41,6 +41,8 @@ fn bindings_yaml(dir: &Path, with_team_b: bool) -> String {
         "bindings:\n  - name: team-a-dev\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [db, api-key]\n",
         dir.join("secrets-a").display()
     );
+    // A Vault binding: until the Vault provider exists, its volumes fail clearly.
+    s.push_str("  - name: team-v\n    namespace: team-v\n    serviceAccounts: [app]\n    identity: {vault: {address: \"https://vault:8200\", authMount: jwt, role: app}}\n    objects: [\"secret/data/*\"]\n");
     if with_team_b {
         s.push_str(&format!(
             "  - name: team-b-dev\n    namespace: team-b\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: [token]\n",
@@ -349,6 +351,25 @@ async fn pods_read_only_what_their_bindings_allow() {
     assert!(err.message().contains("pod uid"), "{}", err.message());
     assert!(!is_mount_point(&a3.target(&root)));
 
+    // A bound pod asking for a provider this build does not have gets a clear error.
+    let v = Pod::new("team-v", "app", 5);
+    let mut req = v.request(
+        &root,
+        "- objectName: db\n  secretPath: secret/data/db\n",
+        "fuse",
+        None,
+    );
+    req.volume_context.insert("provider".into(), "vault".into());
+    req.volume_context.insert("roleName".into(), "app".into());
+    let err = node.node_publish_volume(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("provider vault is not available"),
+        "{}",
+        err.message()
+    );
+    assert!(!is_mount_point(&v.target(&root)));
+
     // Republish with a fresh token: cheap and the mount keeps working.
     let before = d.metric("keybroker_provider_fetches_total");
     node.node_publish_volume(a.request(&root, A_OBJECTS, "fuse", None))
@@ -381,6 +402,21 @@ async fn pods_read_only_what_their_bindings_allow() {
         assert!(Instant::now() < deadline, "rotation not visible");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    assert!(d.metric("keybroker_rotations_total") >= 1);
+
+    // A mount that vanished under a live volume is noticed on republish and replaced.
+    nix::mount::umount2(&a.target(&root), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert!(!is_mount_point(&a.target(&root)));
+    node.node_publish_volume(a.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_file(&a.target(&root).join("api-key")).unwrap(),
+        "S3cret-team-a-api-key-ROTATED"
+    );
+    assert_eq!(d.metric("keybroker_repairs_total"), 1);
+    assert!(d.logs().contains("remounted"), "{}", d.logs());
 
     // Unpublish removes everything; repeating it, or unpublishing an unknown target, succeeds.
     for p in [&a, &b] {
@@ -703,7 +739,10 @@ async fn bindings_reload_and_a_bad_file_keeps_the_previous_ones() {
         "{out}"
     );
     let (ok, out) = check(&[]);
-    assert!(ok && out.contains("2 bindings"), "{out}");
+    assert!(
+        ok && out.contains("3 bindings") && out.contains("objects [db, api-key]"),
+        "{out}"
+    );
     std::fs::write(&bindings, "bindings: [{name: x}]\n").unwrap();
     let (ok, out) = check(&[]);
     assert!(!ok && out.contains("invalid"), "{out}");

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub denials: AtomicU64,
     pub repairs: AtomicU64,
     pub bindings_reload_errors: AtomicU64,
+    /// Rotations of volumes that have since been unpublished (live volumes report their own).
+    pub rotations_retired: AtomicU64,
     publish_latency_buckets: [AtomicU64; BUCKETS.len()],
     publish_latency_count: AtomicU64,
     publish_latency_sum_us: AtomicU64,
@@ -92,6 +94,11 @@ pub fn render(node: &NodeService) -> String {
         "keybroker_bindings_reload_errors_total",
         "Bindings reloads that failed (previous bindings kept).",
         get(&m.bindings_reload_errors),
+    );
+    counter(
+        "keybroker_rotations_total",
+        "Refreshes that changed a volume's files.",
+        node.rotations(),
     );
     counter(
         "keybroker_provider_fetches_total",

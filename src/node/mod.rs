@@ -162,6 +162,15 @@ impl NodeService {
         lock(&self.volumes).len()
     }
 
+    /// Rotations applied to volumes, over the daemon's life.
+    pub fn rotations(&self) -> u64 {
+        let live: u64 = lock(&self.volumes)
+            .values()
+            .map(|p| p.status.rotations.load(Ordering::Relaxed))
+            .sum();
+        live + self.metrics.rotations_retired.load(Ordering::Relaxed)
+    }
+
     /// Seconds since the least recently refreshed volume last refreshed cleanly.
     pub fn max_staleness(&self) -> u64 {
         let now = SystemTime::now()
@@ -515,6 +524,10 @@ impl NodeService {
         let mut ev = Event::new(EventKind::Unmount).volume(req.volume_id.clone());
         match entry {
             Some(p) => {
+                self.metrics.rotations_retired.fetch_add(
+                    p.status.rotations.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
                 p.cancel.cancel();
                 match p.task.await {
                     Ok(volume) => {
