@@ -31,17 +31,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb / 1024.0
+    keybroker::procinfo::resident_bytes(pid).expect("the daemon's /proc status") as f64
+        / (1 << 20) as f64
 }
 
 fn request(root: &Path, i: usize, kind: &str) -> pb::NodePublishVolumeRequest {

@@ -236,18 +236,8 @@ fn rss_of_mount(tmp: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let rss = |pid: u32| -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kb: f64 = s
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        kb / 1024.0
+    let rss = |pid: u32| {
+        keybroker::procinfo::resident_bytes(pid).expect("/proc status") as f64 / (1 << 20) as f64
     };
     let idle = rss(child.id());
     let mut buf = Vec::new();

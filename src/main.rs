@@ -192,6 +192,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// Exit status of a long-running command: 0, or 1 with the error on stderr and in the log.
+fn exit_code(res: anyhow::Result<()>) -> ExitCode {
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn kind(k: KindArg) -> VolumeKind {
     match k {
         KindArg::Fuse => VolumeKind::Fuse,
@@ -351,14 +363,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 danger_test_controller,
             ));
-            match res {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            exit_code(res)
         }
         Command::Audit {
             command: AuditCommand::Verify { file },
@@ -412,14 +417,7 @@ fn main() -> ExitCode {
                 let shutdown = shutdown_on_signals();
                 keybroker::mount::run(&config, &dir, overrides, shutdown).await
             });
-            match res {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            exit_code(res)
         }
     }
 }

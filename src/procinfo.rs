@@ -69,6 +69,19 @@ pub fn parse_cgroup(cgroup: &str) -> (Option<String>, Option<String>) {
     (pod, container)
 }
 
+/// Resident memory of a process (VmRSS), in bytes.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// A small cache of thread → process lookups; processes that open many files cost one lookup.
 #[derive(Default)]
 pub struct ProcCache {
@@ -149,6 +162,12 @@ mod tests {
             parse_cgroup("0::/user.slice/session-1.scope\n"),
             (None, None)
         );
+    }
+
+    #[test]
+    fn resident_memory_of_this_process_is_plausible() {
+        let rss = resident_bytes(std::process::id()).unwrap();
+        assert!(rss > 1 << 20 && rss < 4 << 30, "{rss}");
     }
 
     #[test]

@@ -130,6 +130,11 @@ pub fn render(node: &NodeService) -> String {
         "# HELP keybroker_max_staleness_seconds Seconds since the least recently refreshed volume refreshed cleanly.\n# TYPE keybroker_max_staleness_seconds gauge\nkeybroker_max_staleness_seconds {}",
         node.max_staleness()
     );
+    let rss = crate::procinfo::resident_bytes(std::process::id()).unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_resident_memory_bytes Resident memory of the daemon.\n# TYPE keybroker_resident_memory_bytes gauge\nkeybroker_resident_memory_bytes {rss}"
+    );
     let _ = writeln!(
         out,
         "# HELP keybroker_publish_duration_seconds NodePublishVolume latency.\n# TYPE keybroker_publish_duration_seconds histogram"

@@ -417,17 +417,19 @@ impl NodeService {
             self.fail(Some(&pod), vid, ne)
         })?;
         let owner = Owner { uid: 0, gid: 0 };
+        if adopt.is_none() {
+            std::fs::create_dir_all(target).map_err(|e| {
+                self.fail(
+                    Some(&pod),
+                    vid,
+                    NodeError::Internal(format!("cannot create {}: {e}", target.display())),
+                )
+            })?;
+        }
         let volume: Box<dyn Volume> =
             match (adopt, vr.kind) {
                 (Some(t), _) => Box::new(t),
                 (None, VolumeKind::Fuse) => {
-                    std::fs::create_dir_all(target).map_err(|e| {
-                        self.fail(
-                            Some(&pod),
-                            vid,
-                            NodeError::Internal(format!("cannot create {}: {e}", target.display())),
-                        )
-                    })?;
                     let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
                     fs.apply(&rendered.files);
                     let opts = FuseOptions {
@@ -440,13 +442,6 @@ impl NodeService {
                     })?)
                 }
                 (None, VolumeKind::Tmpfs) => {
-                    std::fs::create_dir_all(target).map_err(|e| {
-                        self.fail(
-                            Some(&pod),
-                            vid,
-                            NodeError::Internal(format!("cannot create {}: {e}", target.display())),
-                        )
-                    })?;
                     let v = TmpfsVolume::mount(
                         target,
                         &mountpoint::staging_dir(target),

@@ -289,6 +289,20 @@ pub struct RenderedFile {
     pub version: String,
 }
 
+#[cfg(test)]
+impl RenderedFile {
+    /// A file for tests of the volume types: `name` holding `value` with `mode`.
+    pub fn for_test(name: &str, value: &str, mode: u32) -> Self {
+        Self {
+            name: FileName::parse(name).expect("valid test file name"),
+            mode,
+            bytes: SecretBytes::new(value.as_bytes().to_vec()),
+            object: name.into(),
+            version: value.into(),
+        }
+    }
+}
+
 /// A parsed JSON value whose strings are zeroized when it is dropped.
 struct JsonSecret(Value);
 

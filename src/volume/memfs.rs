@@ -407,16 +407,9 @@ pub fn read_range(data: &[u8], offset: u64, size: u32) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::content::FileName;
 
     fn file(name: &str, v: &str, mode: u32) -> RenderedFile {
-        RenderedFile {
-            name: FileName::parse(name).unwrap(),
-            mode,
-            bytes: SecretBytes::new(v.as_bytes().to_vec()),
-            object: name.into(),
-            version: v.into(),
-        }
+        RenderedFile::for_test(name, v, mode)
     }
 
     const ME: Caller = Caller {

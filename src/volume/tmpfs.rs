@@ -292,17 +292,9 @@ impl Volume for TmpfsVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretBytes;
-    use crate::volume::content::FileName;
 
     fn file(name: &str, v: &str, mode: u32) -> RenderedFile {
-        RenderedFile {
-            name: FileName::parse(name).unwrap(),
-            mode,
-            bytes: SecretBytes::new(v.as_bytes().to_vec()),
-            object: name.into(),
-            version: "1".into(),
-        }
+        RenderedFile::for_test(name, v, mode)
     }
 
     fn owner() -> Owner {
