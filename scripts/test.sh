@@ -15,6 +15,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --workspace --all-targets --locked --features test-controller -- -D warnings
+echo "== one TLS stack: no OpenSSL anywhere in the dependency tree"
+if cargo tree --workspace --locked --all-features -e normal,build --prefix none | grep -Eiq '^(openssl|openssl-sys|native-tls) '; then
+  cargo tree --workspace --locked --all-features -i openssl-sys >&2 || true
+  echo "OpenSSL is in the dependency tree: keybroker uses rustls only" >&2; exit 1
+fi
 echo "== deploy/: render the Helm chart and validate against the Kubernetes schemas"
 scripts/validate-deploy.sh
 echo "== release binary carries no test-only controller"
