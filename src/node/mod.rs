@@ -616,27 +616,17 @@ impl NodeService {
         let live_tmpfs = rec.kind == VolumeKind::Tmpfs
             && target_alive(&rec.target)
             && mountpoint::mount_at(&staging).is_some_and(|m| mountpoint::is_keybroker_mount(&m));
-        if live_tmpfs {
-            let adopted = TmpfsVolume::adopt(&rec.target, &staging, Owner { uid: 0, gid: 0 });
-            self.mount_new(
-                &rec.volume_id,
-                &rec.target,
-                vr,
-                grant,
-                provider,
-                Instant::now(),
-                Some(adopted),
-            )
-            .await?;
-            self.audit.record(
-                Event::new(EventKind::Mount)
-                    .volume(rec.volume_id.clone())
-                    .detail("tmpfs volume taken over after a keybroker restart"),
-            );
-            return Ok("tmpfs volume taken over after restart");
-        }
         let pod = vr.pod.clone();
-        detach_all(&rec.target);
+        let adopted = if live_tmpfs {
+            Some(TmpfsVolume::adopt(
+                &rec.target,
+                &staging,
+                Owner { uid: 0, gid: 0 },
+            ))
+        } else {
+            detach_all(&rec.target);
+            None
+        };
         self.mount_new(
             &rec.volume_id,
             &rec.target,
@@ -644,9 +634,18 @@ impl NodeService {
             grant,
             provider,
             Instant::now(),
-            None,
+            adopted,
         )
         .await?;
+        if live_tmpfs {
+            self.audit.record(
+                Event::new(EventKind::Mount)
+                    .volume(rec.volume_id.clone())
+                    .pod(pod.audit_ref())
+                    .detail("tmpfs volume taken over after a keybroker restart"),
+            );
+            return Ok("tmpfs volume taken over after restart");
+        }
         if rec.kind == VolumeKind::Fuse {
             let msg = "FUSE volume was served by the previous keybroker process and is remounted; containers \
                        that already had it mounted see a dead mount (ENOTCONN) until the pod restarts";
