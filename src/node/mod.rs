@@ -293,7 +293,6 @@ impl NodeService {
             .volume(volume_id)
             .outcome(Outcome::Denied)
             .error(&reason);
-        ev.outcome = Outcome::Denied;
         ev.pod = pod.map(PodInfo::audit_ref);
         self.audit.record(ev);
         NodeError::PermissionDenied(reason)

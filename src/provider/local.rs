@@ -160,10 +160,14 @@ impl LocalProvider {
                 let doc: BTreeMap<String, serde_norway::Value> = serde_norway::from_slice(&raw)
                     .map_err(|e| ProviderError::Unavailable {
                         provider: KIND,
-                        // serde_norway's messages carry a location, not the document text.
+                        // Only the location: the parser's message quotes the offending value,
+                        // which may be a secret.
                         detail: format!(
-                            "{} is not a YAML mapping of name to value: {e}",
-                            file.display()
+                            "{} is not a YAML mapping of name to value{}",
+                            file.display(),
+                            e.location()
+                                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                                .unwrap_or_default()
                         ),
                     })?;
                 let v = doc.get(&req.name).ok_or_else(|| ProviderError::NotFound {
@@ -273,6 +277,20 @@ mod tests {
         let db = p.fetch(&req("db")).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(db.value.expose()).unwrap();
         assert_eq!(v["username"], "app");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_yaml_source_is_reported_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.yaml");
+        std::fs::write(&f, "hunter2-top-secret\n").unwrap();
+        let p = LocalProvider::open(&f, 1024).unwrap();
+        let err = p.fetch(&req("a")).await.unwrap_err().to_string();
+        assert!(
+            err.contains("not a YAML mapping") && err.contains("line 1"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[tokio::test]
