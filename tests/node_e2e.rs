@@ -5,15 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use common::node::*;
 use common::*;
 use keybroker_csi::pb;
-use keybroker_csi::pb::node_client::NodeClient;
 use tonic::Code;
 
 const NOBODY: u32 = 65534;
@@ -21,27 +20,12 @@ const A_DB: &str = r#"{"username":"app","password":"S3cret-team-a-db-9e1"}"#;
 const A_KEY: &str = "S3cret-team-a-api-key-77";
 const B_TOKEN: &str = "S3cret-team-b-token-31";
 
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    metrics: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn bindings_yaml(dir: &Path, with_team_b: bool) -> String {
     let mut s = format!(
         "bindings:\n  - name: team-a-dev\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [db, api-key]\n",
         dir.join("secrets-a").display()
     );
-    // A Vault binding: until the Vault provider exists, its volumes fail clearly.
+    // A Vault binding whose server the tests never reach (see vault_e2e.rs for real ones).
     s.push_str("  - name: team-v\n    namespace: team-v\n    serviceAccounts: [app]\n    identity: {vault: {address: \"https://vault:8200\", authMount: jwt, role: app}}\n    objects: [\"secret/data/*\"]\n");
     if with_team_b {
         s.push_str(&format!(
@@ -52,132 +36,18 @@ fn bindings_yaml(dir: &Path, with_team_b: bool) -> String {
     s
 }
 
-impl Daemon {
-    fn setup() -> (tempfile::TempDir, PathBuf) {
-        require_root_and_fuse();
-        let tmp = open_tempdir();
-        let d = tmp.path().to_owned();
-        std::fs::create_dir_all(d.join("secrets-a")).unwrap();
-        std::fs::create_dir_all(d.join("secrets-b")).unwrap();
-        std::fs::write(d.join("secrets-a/db"), A_DB).unwrap();
-        std::fs::write(d.join("secrets-a/api-key"), A_KEY).unwrap();
-        std::fs::write(d.join("secrets-b/token"), B_TOKEN).unwrap();
-        std::fs::create_dir_all(d.join("etc")).unwrap();
-        std::fs::write(d.join("etc/bindings.yaml"), bindings_yaml(&d, true)).unwrap();
-        (tmp, d)
-    }
-
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("csi/csi.sock");
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("node.log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "--log-format",
-                "json",
-                "node",
-                "--node-id",
-                "test-node",
-                "--poll-interval",
-                "1s",
-            ])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--bindings")
-            .arg(dir.join("etc/bindings.yaml"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--audit-log")
-            .arg(dir.join("audit.jsonl"))
-            .arg("--metrics-addr")
-            .arg(&metrics)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child: Some(child),
-            dir: dir.to_owned(),
-            sock,
-            metrics,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.http("/readyz").starts_with("HTTP/1.1 200") {
-            if let Some(Ok(Some(s))) = d.child.as_mut().map(|c| c.try_wait()) {
-                panic!("keybroker node exited: {s}\n{}", d.logs());
-            }
-            assert!(Instant::now() < deadline, "node not ready:\n{}", d.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        while !d.sock.exists() {
-            assert!(Instant::now() < deadline, "no socket:\n{}", d.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn http(&self, path: &str) -> String {
-        let Ok(mut s) = std::net::TcpStream::connect(&self.metrics) else {
-            return String::new();
-        };
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let page = self.http("/metrics");
-        page.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no metric {name}"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let s = wait_timeout(&mut c, Duration::from_secs(20));
-            assert!(
-                s.success(),
-                "node did not stop cleanly: {s}\n{}",
-                self.logs()
-            );
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    require_root_and_fuse();
+    let tmp = open_tempdir();
+    let d = tmp.path().to_owned();
+    std::fs::create_dir_all(d.join("secrets-a")).unwrap();
+    std::fs::create_dir_all(d.join("secrets-b")).unwrap();
+    std::fs::write(d.join("secrets-a/db"), A_DB).unwrap();
+    std::fs::write(d.join("secrets-a/api-key"), A_KEY).unwrap();
+    std::fs::write(d.join("secrets-b/token"), B_TOKEN).unwrap();
+    std::fs::create_dir_all(d.join("etc")).unwrap();
+    std::fs::write(d.join("etc/bindings.yaml"), bindings_yaml(&d, true)).unwrap();
+    (tmp, d)
 }
 
 /// A service-account token as kubelet passes it (the test is the cluster's issuer; the
@@ -279,10 +149,6 @@ const A_OBJECTS: &str =
     "- objectName: db-password\n  object: db\n  key: password\n- objectName: api-key\n";
 const B_OBJECTS: &str = "- objectName: token\n";
 
-async fn client(d: &Daemon) -> NodeClient<tonic::transport::Channel> {
-    NodeClient::new(keybroker_csi::connect_unix(&d.sock).await.unwrap())
-}
-
 fn cat_as_nobody(path: &Path) -> Result<String, String> {
     let (ok, out, err) = run_as(NOBODY, NOBODY, "cat", &[path.to_str().unwrap()]);
     if ok { Ok(out) } else { Err(err) }
@@ -290,7 +156,7 @@ fn cat_as_nobody(path: &Path) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_read_only_what_their_bindings_allow() {
-    let (_tmp, root) = Daemon::setup();
+    let (_tmp, root) = setup();
     let d = Daemon::start(&root);
     let mut node = client(&d).await;
 
@@ -351,7 +217,8 @@ async fn pods_read_only_what_their_bindings_allow() {
     assert!(err.message().contains("pod uid"), "{}", err.message());
     assert!(!is_mount_point(&a3.target(&root)));
 
-    // A bound pod asking for a provider this build does not have gets a clear error.
+    // A Vault volume whose pod has no token for Vault's audience (a CSIDriver without that
+    // tokenRequest) gets a clear error before any Vault call.
     let v = Pod::new("team-v", "app", 5);
     let mut req = v.request(
         &root,
@@ -364,7 +231,8 @@ async fn pods_read_only_what_their_bindings_allow() {
     let err = node.node_publish_volume(req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("provider vault is not available"),
+        err.message()
+            .contains("kubelet sent no service-account token for audience \"vault\""),
         "{}",
         err.message()
     );
@@ -501,7 +369,7 @@ fn fd_count(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_volumes_publish_concurrently_and_leave_nothing_behind() {
-    let (_tmp, root) = Daemon::setup();
+    let (_tmp, root) = setup();
     let d = Daemon::start(&root);
     let node = client(&d).await;
     // Warm up: the first publish opens the binding's provider (an inotify watch), which stays
@@ -583,7 +451,7 @@ async fn a_hundred_volumes_publish_concurrently_and_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
-    let (_tmp, root) = Daemon::setup();
+    let (_tmp, root) = setup();
     let mut d = Daemon::start(&root);
     let mut node = client(&d).await;
     let t = Pod::new("team-a", "api", 7);
@@ -648,7 +516,7 @@ async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_reload_and_a_bad_file_keeps_the_previous_ones() {
-    let (_tmp, root) = Daemon::setup();
+    let (_tmp, root) = setup();
     let d = Daemon::start(&root);
     let mut node = client(&d).await;
     let b = Pod::new("team-b", "app", 20);

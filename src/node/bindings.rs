@@ -10,7 +10,9 @@
 //!     identity:
 //!       local: {path: /etc/keybroker/dev-secrets}
 //!       # azure: {tenantID: ..., clientID: ..., managedIdentity: false, keyvaults: [kv1]}
-//!       # vault: {address: https://vault:8200, authMount: jwt, role: team-a, namespace: ns1}
+//!       # vault: {address: https://vault:8200, authMount: jwt, role: team-a, namespace: ns1,
+//!       #         caFile: /etc/keybroker/vault-ca.pem, tlsServerName: vault.internal,
+//!       #         audience: vault}
 //!     objects: ["db", "api-*"]         # exact object names, or prefixes ending in '*'
 //! ```
 //!
@@ -74,9 +76,23 @@ pub struct AzureIdentity {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VaultIdentity {
     pub address: String,
+    /// Mount path of the JWT or Kubernetes auth method (`jwt`, `kubernetes`, ...).
     pub auth_mount: String,
     pub role: String,
     pub namespace: Option<String>,
+    /// PEM CA bundle to verify Vault's certificate with (instead of the public roots).
+    pub ca_file: Option<PathBuf>,
+    /// Name Vault's certificate is verified against, when it is not the address's host.
+    pub tls_server_name: Option<String>,
+    /// Audience of the service-account token presented at login (CSIDriver tokenRequests);
+    /// default `vault`.
+    pub audience: Option<String>,
+}
+
+impl VaultIdentity {
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or("vault")
+    }
 }
 
 /// The identity a binding grants.
@@ -110,7 +126,16 @@ impl Identity {
                     ""
                 }
             ),
-            Identity::Vault(v) => format!("vault:{}/{}/{}", v.address, v.auth_mount, v.role),
+            Identity::Vault(v) => format!(
+                "vault:{}/{}{}/{}",
+                v.address.trim_end_matches('/'),
+                v.namespace
+                    .as_deref()
+                    .map(|n| format!("{n}:"))
+                    .unwrap_or_default(),
+                v.auth_mount.trim_matches('/'),
+                v.role
+            ),
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{AuditLog, Event, EventKind, Outcome};
 use crate::cache::{CacheKey, FetchCache};
 use crate::provider::local::LocalProvider;
+use crate::provider::vault::{self, VaultProvider};
 use crate::provider::{Provider, ProviderError};
 use crate::refresh::{RefreshError, RefreshStatus, Refresher};
 use crate::volume::content::Limits;
@@ -70,6 +71,9 @@ struct Published {
     digest: String,
     pod: PodInfo,
     binding: String,
+    /// The pod identity the volume acts as ([`identity_key`]).
+    identity: String,
+    provider: Arc<dyn Provider>,
     keys: Vec<CacheKey>,
     status: Arc<RefreshStatus>,
     cancel: CancellationToken,
@@ -84,6 +88,8 @@ pub struct NodeService {
     audit: AuditLog,
     pub metrics: Arc<Metrics>,
     locals: Mutex<HashMap<PathBuf, Arc<LocalProvider>>>,
+    /// One Vault login per pod identity, shared by its volumes; revoked with its last volume.
+    vaults: Mutex<HashMap<String, Arc<VaultProvider>>>,
     volumes: Mutex<HashMap<PathBuf, Published>>,
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     ready: AtomicBool,
@@ -120,15 +126,31 @@ fn detach_all(target: &Path) {
     let _ = std::fs::remove_dir(&staging);
 }
 
-fn provider_error(e: &ProviderError) -> NodeError {
+fn provider_error(pod: &PodInfo, e: &ProviderError) -> NodeError {
+    let msg = format!("{pod}: {e}");
     match e {
         ProviderError::Throttled { .. } | ProviderError::Unavailable { .. } => {
-            NodeError::Unavailable(e.to_string())
+            NodeError::Unavailable(msg)
         }
-        ProviderError::PermissionDenied { .. } => NodeError::PermissionDenied(e.to_string()),
+        ProviderError::PermissionDenied { .. } => NodeError::PermissionDenied(msg),
         ProviderError::NotFound { .. } | ProviderError::Invalid { .. } => {
-            NodeError::FailedPrecondition(e.to_string())
+            NodeError::FailedPrecondition(msg)
         }
+    }
+}
+
+/// The identity a volume acts as, as caches and logins see it. Vault and Azure federation log
+/// in *as the pod's service account*, and the provider may grant two service accounts different
+/// things under one binding identity, so their values and tokens are never shared.
+fn identity_key(grant: &Grant, pod: &PodInfo) -> String {
+    match &grant.identity {
+        Identity::Local(_) => grant.identity.key(),
+        Identity::Vault(_) | Identity::Azure(_) => format!(
+            "{} as {}/{}",
+            grant.identity.key(),
+            pod.namespace,
+            pod.service_account
+        ),
     }
 }
 
@@ -147,6 +169,7 @@ impl NodeService {
             audit,
             metrics: Arc::new(Metrics::default()),
             locals: Mutex::new(HashMap::new()),
+            vaults: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
             target_locks: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -258,8 +281,74 @@ impl NodeService {
             .clone()
     }
 
-    fn provider_for(&self, grant: &Grant) -> Result<Arc<dyn Provider>, NodeError> {
+    /// The provider a volume uses. For Vault this is the pod identity's shared login, given the
+    /// volume's service-account token (`tokens`: kubelet's, for this publish or republish).
+    fn provider_for(
+        &self,
+        grant: &Grant,
+        vr: &VolumeRequest,
+        target: &Path,
+    ) -> Result<Arc<dyn Provider>, NodeError> {
         match &grant.identity {
+            Identity::Vault(v) => {
+                let audience = v.audience();
+                let jwt = vr.tokens.iter().find(|t| t.audience == audience);
+                let key = identity_key(grant, &vr.pod);
+                let mut vaults = lock(&self.vaults);
+                let p = match vaults.get(&key) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let ca_pem = match &v.ca_file {
+                            None => None,
+                            Some(f) => Some(std::fs::read(f).map_err(|e| {
+                                NodeError::FailedPrecondition(format!(
+                                    "binding {:?}: cannot read the Vault CA file {}: {e}",
+                                    grant.binding,
+                                    f.display()
+                                ))
+                            })?),
+                        };
+                        let endpoint = vault::Endpoint {
+                            address: v.address.clone(),
+                            namespace: v.namespace.clone(),
+                            ca_pem,
+                            tls_server_name: v.tls_server_name.clone(),
+                            timeout: Duration::from_secs(15),
+                        };
+                        let login = vault::LoginConfig {
+                            auth_mount: v.auth_mount.clone(),
+                            role: v.role.clone(),
+                            identity: key.clone(),
+                        };
+                        let p = VaultProvider::new(&endpoint, login).map_err(|e| {
+                            NodeError::FailedPrecondition(format!(
+                                "binding {:?}: {e}",
+                                grant.binding
+                            ))
+                        })?;
+                        vaults.insert(key.clone(), p.clone());
+                        p
+                    }
+                };
+                match jwt {
+                    Some(t) => p.set_jwt(
+                        &target.to_string_lossy(),
+                        vault::PodJwt {
+                            pod: vr.pod.to_string(),
+                            jwt: t.token.clone(),
+                            expires: t.expires,
+                        },
+                    ),
+                    None if vr.tokens.is_empty() => {}
+                    None => {
+                        return Err(NodeError::FailedPrecondition(format!(
+                            "{}: kubelet sent no service-account token for audience {audience:?}, which binding {:?} logs in to Vault with: add it to the CSIDriver's tokenRequests",
+                            vr.pod, grant.binding
+                        )));
+                    }
+                }
+                Ok(p)
+            }
             Identity::Local(l) => {
                 let mut locals = lock(&self.locals);
                 if let Some(p) = locals.get(&l.path) {
@@ -350,8 +439,14 @@ impl NodeService {
                     )),
                 ));
             }
-            if let Err(why) = self.bindings.load().authorize(&vr) {
-                return Err(self.deny(Some(&vr.pod), &vid, why));
+            let grant = match self.bindings.load().authorize(&vr) {
+                Ok(g) => g,
+                Err(why) => return Err(self.deny(Some(&vr.pod), &vid, why)),
+            };
+            // kubelet's fresh tokens keep the identity's login possible.
+            if matches!(grant.identity, Identity::Vault(_)) {
+                self.provider_for(&grant, &vr, &target)
+                    .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
             }
             if target_alive(&target) {
                 self.metrics.republishes.fetch_add(1, Ordering::Relaxed);
@@ -381,10 +476,16 @@ impl NodeService {
             .authorize(&vr)
             .map_err(|why| self.deny(Some(&vr.pod), &vid, why))?;
         let provider = self
-            .provider_for(&grant)
+            .provider_for(&grant, &vr, &target)
             .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
-        self.mount_new(&vid, &target, vr, grant, provider, started, None)
-            .await
+        let res = self
+            .mount_new(&vid, &target, vr, grant, provider, started, None)
+            .await;
+        if res.is_err() {
+            // Nothing was published: forget the volume's token, drop what it fetched.
+            self.release_unused().await;
+        }
+        res
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -399,18 +500,22 @@ impl NodeService {
         adopt: Option<TmpfsVolume>,
     ) -> Result<(), NodeError> {
         let pod = vr.pod.clone();
+        let identity = identity_key(&grant, &pod);
         let mut refresher = Refresher::new(
             vid.to_owned(),
             vr.content.clone(),
             provider.clone(),
-            grant.identity.key(),
+            identity.clone(),
             self.cache.clone(),
             self.audit.clone(),
         )
         .with_pod(pod.audit_ref());
+        if vr.own_values {
+            refresher = refresher.with_own_values();
+        }
         let rendered = refresher.render().await.map_err(|e| {
             let ne = match &e {
-                RefreshError::Provider(p) => provider_error(p),
+                RefreshError::Provider(p) => provider_error(&pod, p),
                 RefreshError::Content(c) => NodeError::FailedPrecondition(c.to_string()),
             };
             self.fail(Some(&pod), vid, ne)
@@ -485,6 +590,8 @@ impl NodeService {
                 digest: vr.digest.clone(),
                 pod: pod.clone(),
                 binding: grant.binding.clone(),
+                identity: identity.clone(),
+                provider: provider.clone(),
                 keys,
                 status,
                 cancel,
@@ -496,7 +603,7 @@ impl NodeService {
             Event::new(EventKind::Mount)
                 .volume(vid)
                 .pod(pod.audit_ref())
-                .identity(grant.identity.key())
+                .identity(identity)
                 .provider(provider.kind())
                 .detail(format!(
                     "binding {}; {} files; {}",
@@ -553,20 +660,62 @@ impl NodeService {
             }
         }
         let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
-        self.evict_unused();
+        self.release_unused().await;
         self.metrics.unpublishes.fetch_add(1, Ordering::Relaxed);
         self.audit.record(ev);
         lock(&self.target_locks).remove(&target);
         Ok(())
     }
 
-    /// Drops cached values no published volume needs any more (they are zeroized on drop).
-    fn evict_unused(&self) {
-        let in_use: std::collections::HashSet<CacheKey> = lock(&self.volumes)
-            .values()
-            .flat_map(|p| p.keys.iter().cloned())
+    /// Drops cached values no published volume needs any more (zeroized on drop), revokes
+    /// their leases, and logs out of Vault identities no volume uses.
+    async fn release_unused(&self) {
+        let (in_use, identities, providers) = {
+            let vols = lock(&self.volumes);
+            let keys: std::collections::HashSet<CacheKey> =
+                vols.values().flat_map(|p| p.keys.iter().cloned()).collect();
+            let ids: std::collections::HashSet<String> =
+                vols.values().map(|p| p.identity.clone()).collect();
+            let providers: HashMap<String, Arc<dyn Provider>> = vols
+                .values()
+                .map(|p| (p.identity.clone(), p.provider.clone()))
+                .collect();
+            (keys, ids, providers)
+        };
+        let evicted = self.cache.retain(|k| in_use.contains(k));
+        let targets: std::collections::HashSet<String> = lock(&self.volumes)
+            .keys()
+            .map(|t| t.to_string_lossy().into_owned())
             .collect();
-        self.cache.retain(|k| in_use.contains(k));
+        let idle: Vec<Arc<VaultProvider>> = {
+            let mut vaults = lock(&self.vaults);
+            let idle_keys: Vec<String> = vaults
+                .keys()
+                .filter(|k| !identities.contains(*k))
+                .cloned()
+                .collect();
+            for p in vaults.values() {
+                p.retain_jwts(|volume| targets.contains(volume));
+            }
+            idle_keys.iter().filter_map(|k| vaults.remove(k)).collect()
+        };
+        for (key, object) in evicted {
+            if object.lease.is_none() {
+                continue;
+            }
+            let provider: Option<Arc<dyn Provider>> =
+                providers.get(&key.identity).cloned().or_else(|| {
+                    idle.iter()
+                        .find(|p| p.identity() == key.identity)
+                        .map(|p| p.clone() as Arc<dyn Provider>)
+                });
+            if let Some(p) = provider {
+                p.release(&object).await;
+            }
+        }
+        for p in idle {
+            p.revoke().await;
+        }
     }
 
     /// Takes over the volumes a previous keybroker process published (from the state
@@ -610,7 +759,7 @@ impl NodeService {
             .load()
             .authorize(&vr)
             .map_err(|why| self.deny(Some(&vr.pod), &rec.volume_id, why))?;
-        let provider = self.provider_for(&grant)?;
+        let provider = self.provider_for(&grant, &vr, &rec.target)?;
         let staging = mountpoint::staging_dir(&rec.target);
         let live_tmpfs = rec.kind == VolumeKind::Tmpfs
             && target_alive(&rec.target)

@@ -113,6 +113,9 @@ pub struct VolumeRequest {
     /// Fingerprint of the pod author's attributes (not tokens), to tell a republish of the same
     /// volume from a different request at the same target.
     pub digest: String,
+    /// `credentialScope: volume`: this volume gets its own dynamic credentials instead of
+    /// sharing the identity's (the default, so an init container and its app see the same).
+    pub own_values: bool,
 }
 
 impl VolumeRequest {
@@ -200,6 +203,7 @@ fn mode_of(v: &Option<serde_norway::Value>, i: usize) -> Result<u32, RequestErro
 fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec, RequestError> {
     let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
     let mode = mode_of(&o.file_permission, i)?;
+    let mut params = None;
     let (file, object, version, key, encoding, template) = match provider {
         ProviderKind::Azure => {
             let kind = o.object_type.as_deref().unwrap_or("secret");
@@ -232,24 +236,52 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
             )
         }
         ProviderKind::Vault => {
-            let path = o
+            let raw_path = o
                 .secret_path
                 .clone()
                 .ok_or_else(|| at("secretPath", &"is required"))?;
-            if o.method
-                .as_deref()
-                .is_some_and(|m| !m.eq_ignore_ascii_case("GET"))
-                || o.secret_args.is_some()
+            // The Vault CSI provider's way to pin a KV v2 version: `secretPath: kv/data/x?version=3`.
+            let (path, pinned) = match raw_path.split_once("?version=") {
+                Some((p, v)) => (p.to_owned(), Some(v.to_owned())),
+                None => (raw_path, None),
+            };
+            crate::provider::vault::check_path(&path).map_err(|e| at("secretPath", &e))?;
+            let version = match (pinned, o.object_version) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(at(
+                        "objectVersion",
+                        &"differs from the ?version= in secretPath",
+                    ));
+                }
+                (a, b) => a.or(b),
+            };
+            if let Some(v) = &version
+                && (v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()))
             {
-                return Err(at("method", &"only GET reads are supported yet"));
+                return Err(at("secretPath", &"a KV v2 version must be a number"));
+            }
+            let args = match o.secret_args {
+                None => None,
+                Some(a) => Some(
+                    serde_json::to_value(&a)
+                        .map_err(|_| at("secretArgs", &"must be a map of values"))?,
+                ),
+            };
+            params = crate::provider::vault::encode_params(
+                o.method.as_deref().unwrap_or("GET"),
+                args.as_ref(),
+            )
+            .map_err(|e| at("method", &e))?;
+            if params.as_ref().is_some_and(|p| p.len() > 4096) {
+                return Err(at("secretArgs", &"must be at most 4 KiB"));
             }
             (
                 o.object_name.clone(),
                 path,
-                None,
+                version,
                 o.secret_key,
                 o.encoding,
-                None,
+                o.template,
             )
         }
         ProviderKind::Local => {
@@ -294,6 +326,7 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
         name,
         object,
         version: version.filter(|v| !v.is_empty()),
+        params,
         mode,
         source,
     })
@@ -395,6 +428,15 @@ pub fn parse(
         None => Vec::new(),
         Some(json) => parse_tokens(json).map_err(err)?,
     };
+    let own_values = match attr(ctx, &["credentialScope"]) {
+        None | Some("identity") => false,
+        Some("volume") => true,
+        Some(other) => {
+            return Err(err(format!(
+                "credentialScope {other:?} is not known: use identity (shared, the default) or volume"
+            )));
+        }
+    };
     let attributes = request_attributes(ctx);
     let mut h = Sha256::new();
     for (k, v) in &attributes {
@@ -412,6 +454,7 @@ pub fn parse(
         tokens,
         attributes,
         digest: hex::encode(&h.finalize()[..16]),
+        own_values,
     })
 }
 

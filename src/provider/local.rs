@@ -242,6 +242,7 @@ mod tests {
         ObjectRequest {
             name: name.into(),
             version: None,
+            params: None,
         }
     }
 

@@ -5,12 +5,13 @@
 //! lease it got so the scheduler can decide when to come back.
 
 pub mod local;
+pub mod vault;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::secret::SecretObject;
+use crate::secret::{Lease, SecretObject};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -19,6 +20,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct ObjectRequest {
     pub name: String,
     pub version: Option<String>,
+    /// Provider-specific request parameters in a canonical text form (Vault: the `method` and
+    /// `secretArgs` of a write-style read such as PKI `issue`). `None` for a plain read.
+    pub params: Option<String>,
 }
 
 /// A provider of secret objects. Implementations must be cheap to call concurrently.
@@ -32,6 +36,24 @@ pub trait Provider: Send + Sync + 'static {
         &'a self,
         req: &'a ObjectRequest,
     ) -> BoxFuture<'a, Result<SecretObject, ProviderError>>;
+
+    /// Renews a lease this provider handed out; returns the lease as it now stands. Providers
+    /// without renewable leases never get this call.
+    fn renew<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<Lease, ProviderError>> {
+        Box::pin(async move {
+            Err(ProviderError::Invalid {
+                provider: self.kind(),
+                object: lease.id.clone(),
+                detail: "this provider cannot renew leases".into(),
+            })
+        })
+    }
+
+    /// Gives back a value no volume uses any more (revokes its lease). Best effort: failures
+    /// are logged by the provider, the lease then ends on its own.
+    fn release<'a>(&'a self, _object: &'a SecretObject) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 
     /// A channel that ticks when the provider knows its objects changed (file watches); `None`
     /// when the provider can only be polled.

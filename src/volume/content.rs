@@ -187,6 +187,8 @@ pub struct FileSpec {
     pub object: String,
     /// A pinned version of the object, if any (otherwise the latest).
     pub version: Option<String>,
+    /// Provider request parameters ([`ObjectRequest::params`]).
+    pub params: Option<String>,
     pub mode: u32,
     pub source: FileSource,
 }
@@ -196,6 +198,7 @@ impl FileSpec {
         ObjectRequest {
             name: self.object.clone(),
             version: self.version.clone(),
+            params: self.params.clone(),
         }
     }
 }
@@ -340,6 +343,22 @@ fn json_field(object: &str, json: &JsonSecret, key: &str) -> Result<SecretBytes,
             object: object.to_owned(),
             key: key.to_owned(),
         }),
+        // A list of strings (a PEM chain such as Vault PKI's `ca_chain`): one per line.
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_string) => {
+            // Sized up front: no reallocation leaves a copy behind.
+            let total: usize = items
+                .iter()
+                .map(|v| v.as_str().map_or(0, str::len) + 1)
+                .sum();
+            let mut out = Vec::with_capacity(total);
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(item.as_str().unwrap_or_default().as_bytes());
+            }
+            Ok(SecretBytes::new(out))
+        }
         // Numbers, booleans and nested values are written as their JSON text.
         Some(other) => Ok(SecretBytes::new(other.to_string().into_bytes())),
     }
@@ -460,6 +479,7 @@ mod tests {
         ObjectRequest {
             name: name.into(),
             version: None,
+            params: None,
         }
     }
 
@@ -468,6 +488,7 @@ mod tests {
             name: FileName::parse(name).unwrap(),
             object: object.into(),
             version: None,
+            params: None,
             mode: 0o440,
             source,
         }

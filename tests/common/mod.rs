@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod node;
+pub mod peers;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
 
 /// Tests here mount filesystems: they need root and /dev/fuse. In CI a missing prerequisite is a

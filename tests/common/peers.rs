@@ -1,0 +1,365 @@
+//! Real peers the provider tests run against, started per test on loopback and stopped when
+//! dropped: OpenBao (`bao server -dev` with TLS and a file audit device), PostgreSQL (a
+//! throw-away cluster), and the cluster's service-account issuer (an RSA key that signs pod
+//! tokens). The binaries come from `scripts/install-peers.sh`; a missing one fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+
+use super::node::free_port;
+
+fn peers_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".peers/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-peers.sh (the test suite needs the real peer)",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An OpenBao dev server with TLS (its own CA) and an audit log that counts every request.
+pub struct Bao {
+    child: Child,
+    pub addr: String,
+    pub ca: PathBuf,
+    pub audit_log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Bao {
+    pub fn start(dir: &Path) -> Self {
+        let bin = peers_bin("bao");
+        let dir = dir.join("bao");
+        std::fs::create_dir_all(dir.join("tls")).unwrap();
+        let audit_log = dir.join("audit.jsonl");
+        std::fs::write(
+            dir.join("audit.hcl"),
+            format!(
+                "audit \"file\" \"count\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                audit_log.display()
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let child = Command::new(bin)
+            .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
+            .arg(format!("-dev-tls-cert-dir={}", dir.join("tls").display()))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-config={}", dir.join("audit.hcl").display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let bao = Bao {
+            child,
+            addr: format!("https://127.0.0.1:{port}"),
+            ca: dir.join("tls/vault-ca.pem"),
+            audit_log,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = bao.ca.exists()
+                && bao
+                    .command(&["status", "-format=json"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not start:\n{}",
+                std::fs::read_to_string(bao.dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bao
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(peers_bin("bao"));
+        c.args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_CACERT", &self.ca)
+            .env("BAO_TOKEN", "root")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a `bao` command as root; panics with its stderr when it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        run(&mut self.command(args))
+    }
+
+    /// Runs a `bao` command with `input` on stdin (`bao policy write name -`).
+    pub fn cli_stdin(&self, args: &[&str], input: &str) {
+        use std::io::Write;
+        let mut c = self.command(args);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "bao {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Requests in the audit log (not the root token's test setup) whose path matches `pred`.
+    pub fn requests(&self, pred: impl Fn(&str, &str) -> bool) -> usize {
+        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "request")
+            .filter(|v| {
+                !v["auth"]["policies"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x == "root"))
+            })
+            .filter(|v| {
+                pred(
+                    v["request"]["operation"].as_str().unwrap_or_default(),
+                    v["request"]["path"].as_str().unwrap_or_default(),
+                )
+            })
+            .count()
+    }
+
+    /// Whether OpenBao wrote `needle` anywhere in its audit log (it must not see... anything
+    /// it should not: the log HMACs secrets, this is used to look for paths).
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(&self.audit_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A throw-away PostgreSQL cluster on a loopback port, superuser `postgres` with a password.
+pub struct Postgres {
+    pub port: u16,
+    pub password: String,
+    data: PathBuf,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start(dir: &Path) -> Self {
+        let bin = PathBuf::from("/usr/lib/postgresql/15/bin");
+        assert!(
+            bin.join("initdb").exists(),
+            "PostgreSQL 15 is missing: run scripts/install-peers.sh"
+        );
+        let root = dir.join("pg");
+        let data = root.join("data");
+        std::fs::create_dir_all(&root).unwrap();
+        let password = "pg-super-Test-Only-1".to_string();
+        std::fs::write(root.join("pw"), &password).unwrap();
+        // PostgreSQL refuses to run as root: the cluster belongs to the postgres user.
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&root));
+        run(Command::new("chmod").args(["0755"]).arg(dir));
+        run(Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-A", "scram-sha-256", "-U", "postgres", "--no-sync"])
+            .arg(format!("--pwfile={}", root.join("pw").display()))
+            .arg("-D")
+            .arg(&data));
+        let port = free_port();
+        run(Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(root.join("server.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                root.display()
+            ))
+            .args(["-w", "start"]));
+        Postgres {
+            port,
+            password,
+            data,
+            bin,
+        }
+    }
+
+    /// Whether `user`/`password` can log in and run a query; the error text otherwise.
+    pub fn try_login(&self, conninfo_or_uri: &str) -> Result<String, String> {
+        let out = Command::new("psql")
+            .arg(conninfo_or_uri)
+            .args(["-tAc", "select current_user"])
+            .env_remove("PGPASSWORD")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn login(&self, user: &str, password: &str) -> Result<String, String> {
+        self.try_login(&format!(
+            "host=127.0.0.1 port={} dbname=postgres user={user} password={password} connect_timeout=5",
+            self.port
+        ))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// The cluster's service-account token issuer: an RSA key that signs RS256 pod tokens.
+pub struct Issuer {
+    key: ring::signature::RsaKeyPair,
+    pub public_pem: String,
+    pub iss: String,
+}
+
+pub struct TokenSpec<'a> {
+    pub ns: &'a str,
+    pub sa: &'a str,
+    pub pod: &'a str,
+    pub uid: &'a str,
+    pub audience: &'a str,
+    /// Seconds from now; negative for an expired token.
+    pub expires_in: i64,
+}
+
+impl Issuer {
+    pub fn new(dir: &Path) -> Self {
+        let d = dir.join("issuer");
+        std::fs::create_dir_all(&d).unwrap();
+        let pem = d.join("key.pem");
+        run(Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&pem));
+        run(Command::new("openssl")
+            .args(["pkcs8", "-topk8", "-nocrypt", "-outform", "DER", "-in"])
+            .arg(&pem)
+            .arg("-out")
+            .arg(d.join("key.der")));
+        let public_pem = run(Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&pem));
+        let der = std::fs::read(d.join("key.der")).unwrap();
+        let key = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
+        Issuer {
+            key,
+            public_pem,
+            iss: "https://kubernetes.default.svc.cluster.local".into(),
+        }
+    }
+
+    /// A signed service-account token with the claims kubelet's TokenRequest gives a pod.
+    pub fn token(&self, t: &TokenSpec) -> String {
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let header = serde_json::json!({"alg": "RS256", "kid": "test-issuer", "typ": "JWT"});
+        let claims = serde_json::json!({
+            "aud": [t.audience], "exp": now + t.expires_in, "iat": now - 5, "nbf": now - 5,
+            "iss": self.iss,
+            "sub": format!("system:serviceaccount:{}:{}", t.ns, t.sa),
+            "kubernetes.io": {
+                "namespace": t.ns,
+                "pod": {"name": t.pod, "uid": t.uid},
+                "serviceaccount": {"name": t.sa, "uid": "5a5a5a5a-0000-0000-0000-000000000001"}
+            }
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut sig = vec![0u8; self.key.public().modulus_len()];
+        self.key
+            .sign(
+                &ring::signature::RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+                &mut sig,
+            )
+            .unwrap();
+        format!("{signing_input}.{}", b64(&sig))
+    }
+
+    /// kubelet's `csi.storage.k8s.io/serviceAccount.tokens` map for the given tokens.
+    pub fn kubelet_tokens(&self, specs: &[TokenSpec]) -> String {
+        let mut m = serde_json::Map::new();
+        for t in specs {
+            let exp = humantime_rfc3339(t.expires_in);
+            m.insert(
+                t.audience.to_string(),
+                serde_json::json!({"token": self.token(t), "expirationTimestamp": exp}),
+            );
+        }
+        serde_json::Value::Object(m).to_string()
+    }
+}
+
+fn humantime_rfc3339(expires_in: i64) -> String {
+    let now = SystemTime::now();
+    let t = if expires_in >= 0 {
+        now + Duration::from_secs(expires_in as u64)
+    } else {
+        now - Duration::from_secs((-expires_in) as u64)
+    };
+    humantime::format_rfc3339_seconds(t).to_string()
+}
