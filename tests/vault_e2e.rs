@@ -333,6 +333,13 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
         "a pinned version stays"
     );
 
+    // kubelet's republish (every minute, with fresh tokens) is cheap: no Vault request.
+    let before = s.bao.requests(|_, _| true);
+    node.node_publish_volume(a.request(&s, objects, &[]))
+        .await
+        .unwrap();
+    assert_eq!(s.bao.requests(|_, _| true), before);
+
     // 100 volumes of one identity sharing 10 KV objects: 10 reads, no new login.
     let reads = |s: &Setup| {
         s.bao

@@ -6,7 +6,9 @@
 //! HTTP and TLS layers' own buffers are not under our control; they are reused or freed by
 //! hyper and rustls.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -39,6 +41,13 @@ pub struct Reply {
     pub status: u16,
     pub body: SecretBytes,
     pub retry_after: Option<Duration>,
+}
+
+/// HTTP clients (connection pools) by endpoint, shared by every identity using that Vault
+/// server: a cold mount after an identity logged out reuses open TLS connections.
+fn pools() -> &'static Mutex<HashMap<String, (reqwest::Client, String)>> {
+    static POOLS: OnceLock<Mutex<HashMap<String, (reqwest::Client, String)>>> = OnceLock::new();
+    POOLS.get_or_init(Default::default)
 }
 
 pub struct Client {
@@ -100,6 +109,30 @@ impl Client {
                 ));
             }
         }
+        let pool_key = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(address.as_bytes());
+            h.update([0]);
+            h.update(ep.ca_pem.as_deref().unwrap_or_default());
+            h.update([0]);
+            h.update(ep.tls_server_name.as_deref().unwrap_or_default().as_bytes());
+            h.update(ep.timeout.as_millis().to_le_bytes());
+            hex::encode(h.finalize())
+        };
+        let namespace = ep.namespace.clone().filter(|n| !n.is_empty());
+        if let Some((http, base)) = pools()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pool_key)
+        {
+            return Ok(Self {
+                http: http.clone(),
+                base: base.clone(),
+                namespace,
+                requests: AtomicU64::new(0),
+            });
+        }
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
             .https_only(scheme == "https")
@@ -139,10 +172,14 @@ impl Client {
         let http = b
             .build()
             .map_err(|e| format!("cannot set up the Vault HTTP client: {e}"))?;
+        pools()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pool_key, (http.clone(), base.clone()));
         Ok(Self {
             http,
             base,
-            namespace: ep.namespace.clone().filter(|n| !n.is_empty()),
+            namespace,
             requests: AtomicU64::new(0),
         })
     }
@@ -204,6 +241,11 @@ impl Client {
             body: SecretBytes::new(std::mem::take(&mut *buf)),
             retry_after,
         })
+    }
+
+    /// Names the server and namespace (for caches of server facts such as mount types).
+    pub fn server_key(&self) -> String {
+        format!("{}|{}", self.base, self.namespace.as_deref().unwrap_or(""))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> ProviderError {

@@ -476,11 +476,16 @@ impl VaultProvider {
     }
 
     async fn engine(&self, path: &str) -> Result<Engine, ProviderError> {
-        if let Some(e) = self
-            .engines
+        let shared_key = format!("{}|{path}", self.client.server_key());
+        if let Some(e) = shared_engines()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(path)
+            .get(&shared_key)
+            .or(self
+                .engines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(path))
         {
             return Ok(e.clone());
         }
@@ -499,8 +504,9 @@ impl VaultProvider {
             #[serde(default)]
             options: Option<HashMap<String, String>>,
         }
+        let looked_up = reply.status == 200;
         let engine = match serde_json::from_slice::<Mount>(reply.body.expose()) {
-            Ok(m) if reply.status == 200 => {
+            Ok(m) if looked_up => {
                 let v2 = m.data.kind == "kv"
                     && m.data
                         .options
@@ -519,10 +525,18 @@ impl VaultProvider {
             // that read's answer speak.
             _ => Engine::Other,
         };
-        self.engines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_owned(), engine.clone());
+        if looked_up {
+            // What kind of engine serves a path is not secret and the same for every identity.
+            shared_engines()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(shared_key, engine.clone());
+        } else {
+            self.engines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(path.to_owned(), engine.clone());
+        }
         Ok(engine)
     }
 
@@ -720,6 +734,13 @@ impl VaultProvider {
             }
         }
     }
+}
+
+/// Secret engine types by server and path, learned by any identity.
+fn shared_engines() -> &'static Mutex<HashMap<String, Engine>> {
+    static ENGINES: std::sync::OnceLock<Mutex<HashMap<String, Engine>>> =
+        std::sync::OnceLock::new();
+    ENGINES.get_or_init(Default::default)
 }
 
 fn cap(d: Duration, limit: Option<Duration>) -> Duration {
