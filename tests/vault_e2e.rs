@@ -651,3 +651,104 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
     let key = std::fs::read_to_string(s.root.join("audit.jsonl")).unwrap();
     assert!(!key.contains("PRIVATE KEY"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_tokens_are_renewed_replaced_and_errors_are_clear() {
+    let s = setup("", &["secret/other/*"]);
+    // Short Vault tokens: 4 s TTL, renewable up to 10 s.
+    s.bao.cli(&[
+        "write",
+        "auth/jwt/role/app",
+        "role_type=jwt",
+        "user_claim=sub",
+        "bound_audiences=vault",
+        &format!("bound_subject=system:serviceaccount:{NS}:app"),
+        "token_policies=app",
+        "token_ttl=4s",
+        "token_max_ttl=10s",
+    ]);
+    s.bao
+        .cli(&["kv", "put", "secret/app/cfg", "v=S3cret-upkeep-1"]);
+    s.bao
+        .cli(&["kv", "put", "secret/other/x", "v=S3cret-not-granted"]);
+    let d = Daemon::start_with(&s.root, "1s");
+    let mut node = client(&d).await;
+    let a = VPod::new("app", 1);
+    let objects = "- objectName: v\n  secretPath: secret/app/cfg\n  secretKey: v\n";
+    node.node_publish_volume(a.request(&s, objects, &[]))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    let t = a.target(&s.root);
+
+    // Over 16 s the token is renewed at 2/3 of its TTL and replaced by a new login near its
+    // max TTL (about one login per 10 s), while reads keep working.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let renewals = s.bao.requests(|_, p| p == "auth/token/renew-self");
+    let logins = s.bao.requests(is_login);
+    println!("16 s with 4 s / 10 s max tokens: {renewals} renewals, {logins} logins");
+    assert!(renewals >= 2, "{renewals} renewals\n{}", d.logs());
+    assert!((2..=3).contains(&logins), "{logins} logins");
+    s.bao
+        .cli(&["kv", "put", "secret/app/cfg", "v=S3cret-upkeep-2"]);
+    wait_for(
+        "a read with the replaced token",
+        Duration::from_secs(6),
+        || cat(&t.join("v")) == "S3cret-upkeep-2",
+    );
+
+    // Vault forgets every token it issued (an operator revoking the auth mount's leases):
+    // keybroker sees 403, confirms with lookup-self that its token is gone, logs in again.
+    let logins = s.bao.requests(is_login);
+    s.bao.cli(&["lease", "revoke", "-prefix", "auth/jwt/login"]);
+    s.bao
+        .cli(&["kv", "put", "secret/app/cfg", "v=S3cret-upkeep-3"]);
+    wait_for("a read after re-login", Duration::from_secs(8), || {
+        cat(&t.join("v")) == "S3cret-upkeep-3"
+    });
+    assert!(s.bao.requests(is_login) > logins);
+    assert!(s.bao.requests(|_, p| p == "auth/token/lookup-self") >= 1);
+
+    // Permission denied by Vault's policy (keybroker's binding allows the path): clear, naming
+    // the pod, the path and the identity.
+    let err = node
+        .node_publish_volume(VPod::new("app", 2).request(
+            &s,
+            "- objectName: x\n  secretPath: secret/other/x\n  secretKey: v\n",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    for want in [
+        "team-v/app-2",
+        "secret/other/x",
+        "permission denied",
+        "jwt/app",
+    ] {
+        assert!(
+            err.message().contains(want),
+            "{want:?} missing: {}",
+            err.message()
+        );
+    }
+
+    // A sealed Vault: Unavailable (kubelet retries), and the mounted volume keeps its content.
+    s.bao.cli(&["operator", "seal"]);
+    let err = node
+        .node_publish_volume(VPod::new("app", 3).request(
+            &s,
+            "- objectName: y\n  secretPath: secret/app/never-read\n",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("sealed"), "{}", err.message());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cat(&t.join("v")), "S3cret-upkeep-3");
+    assert_no_secrets(
+        &["S3cret-upkeep-", "S3cret-not-granted"],
+        &[&s.root.join("audit.jsonl"), &s.root.join("state")],
+        &[("node logs", &d.logs())],
+    );
+}

@@ -504,6 +504,10 @@ impl VaultProvider {
             #[serde(default)]
             options: Option<HashMap<String, String>>,
         }
+        if reply.status == 429 || reply.status >= 500 {
+            // Sealed, standby or overloaded: nothing learned, nothing cached.
+            return Err(status_error(&reply, path, "looking up the secret engine"));
+        }
         let looked_up = reply.status == 200;
         let engine = match serde_json::from_slice::<Mount>(reply.body.expose()) {
             Ok(m) if looked_up => {
