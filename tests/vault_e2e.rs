@@ -752,3 +752,81 @@ async fn vault_tokens_are_renewed_replaced_and_errors_are_clear() {
         &[("node logs", &d.logs())],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_namespace_is_used_for_login_and_reads() {
+    let s = setup("", &[]);
+    let run = |args: &[&str]| {
+        let out = s
+            .bao
+            .command(args)
+            .env("BAO_NAMESPACE", "ns1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bao {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    s.bao.cli(&["namespace", "create", "ns1"]);
+    run(&["secrets", "enable", "-path=secret", "-version=2", "kv"]);
+    run(&["auth", "enable", "jwt"]);
+    run(&[
+        "write",
+        "auth/jwt/config",
+        &format!(
+            "jwt_validation_pubkeys=@{}",
+            s.root.join("issuer.pem").display()
+        ),
+        &format!("bound_issuer={}", s.issuer.iss),
+    ]);
+    run(&[
+        "write",
+        "auth/jwt/role/app",
+        "role_type=jwt",
+        "user_claim=sub",
+        "bound_audiences=vault",
+        &format!("bound_subject=system:serviceaccount:{NS}:app"),
+        "token_policies=app",
+    ]);
+    std::fs::write(
+        s.root.join("ns1-policy.hcl"),
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
+    )
+    .unwrap();
+    run(&[
+        "policy",
+        "write",
+        "app",
+        s.root.join("ns1-policy.hcl").to_str().unwrap(),
+    ]);
+    // The value exists only in namespace ns1.
+    run(&[
+        "kv",
+        "put",
+        "secret/app/only-in-ns1",
+        "v=S3cret-in-namespace",
+    ]);
+    let mut yaml = std::fs::read_to_string(s.root.join("etc/bindings.yaml")).unwrap();
+    yaml += &format!(
+        "  - name: team-v-ns1\n    namespace: {NS}\n    serviceAccounts: [app]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, namespace: ns1, caFile: \"{}\"}}}}\n    objects: [\"secret/app/*\"]\n",
+        s.bao.addr,
+        s.bao.ca.display()
+    );
+    std::fs::write(s.root.join("etc/bindings.yaml"), yaml).unwrap();
+    let d = Daemon::start(&s.root);
+    let mut node = client(&d).await;
+    let pod = VPod::new("app", 1);
+    node.node_publish_volume(pod.request(
+        &s,
+        "- objectName: v\n  secretPath: secret/app/only-in-ns1\n  secretKey: v\n",
+        &[("vaultNamespace", "ns1")],
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    assert_eq!(cat(&pod.target(&s.root).join("v")), "S3cret-in-namespace");
+    node.node_unpublish_volume(pod.unpublish(&s.root))
+        .await
+        .unwrap();
+}
