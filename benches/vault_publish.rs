@@ -113,29 +113,11 @@ async fn main() {
     let root = tmp.path().to_owned();
     let bao = Bao::start(&root);
     let issuer = Issuer::new(&root);
-    std::fs::write(root.join("issuer.pem"), &issuer.public_pem).unwrap();
-    bao.cli(&["auth", "enable", "jwt"]);
-    bao.cli(&[
-        "write",
-        "auth/jwt/config",
-        &format!(
-            "jwt_validation_pubkeys=@{}",
-            root.join("issuer.pem").display()
-        ),
-        &format!("bound_issuer={}", issuer.iss),
-    ]);
-    bao.cli(&[
-        "write",
-        "auth/jwt/role/app",
-        "role_type=jwt",
-        "user_claim=sub",
-        "bound_audiences=vault",
-        "bound_subject=system:serviceaccount:bench:app",
-        "token_policies=app",
-        "token_ttl=1h",
-    ]);
-    bao.cli_stdin(
-        &["policy", "write", "app", "-"],
+    bao.trust_issuer(None, &issuer);
+    bao.jwt_role(None, "app", "bench:app", &["token_ttl=1h"]);
+    bao.policy(
+        None,
+        "app",
         "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
     );
     for o in 0..10 {

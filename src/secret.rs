@@ -51,6 +51,59 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
+/// A parsed JSON document that holds secrets: its strings are zeroized when it is dropped.
+pub struct SecretJson(pub serde_json::Value);
+
+impl SecretJson {
+    /// The document as JSON text.
+    pub fn to_bytes(&self) -> SecretBytes {
+        json_bytes(&self.0)
+    }
+}
+
+/// A JSON value (or part of a [`SecretJson`]) as JSON text in a [`SecretBytes`]. Sized before
+/// writing, so no reallocation leaves a partial copy behind.
+pub fn json_bytes(v: &serde_json::Value) -> SecretBytes {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Serializing a `Value` into an infallible writer cannot fail.
+    let _ = serde_json::to_writer(&mut n, v);
+    let mut out = Vec::with_capacity(n.0);
+    let _ = serde_json::to_writer(&mut out, v);
+    SecretBytes::new(out)
+}
+
+impl Drop for SecretJson {
+    fn drop(&mut self) {
+        use serde_json::Value;
+        use zeroize::Zeroize;
+        fn wipe(v: &mut Value) {
+            match v {
+                Value::String(s) => s.zeroize(),
+                Value::Array(a) => a.iter_mut().for_each(wipe),
+                Value::Object(m) => m.values_mut().for_each(wipe),
+                _ => {}
+            }
+        }
+        wipe(&mut self.0);
+    }
+}
+
+impl fmt::Debug for SecretJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretJson(<redacted>)")
+    }
+}
+
 /// A lease attached to a fetched secret (Vault dynamic secrets, PKI certificates).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -89,6 +142,18 @@ mod tests {
             lease: None,
         };
         assert!(!format!("{obj:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_json_serializes_exactly_and_hides_itself() {
+        let j = SecretJson(serde_json::json!({"password": "hunter2-json", "n": [1, "x"]}));
+        let bytes = j.to_bytes();
+        assert_eq!(bytes.len(), bytes.expose().len());
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(bytes.expose()).unwrap(),
+            j.0
+        );
+        assert!(!format!("{j:?}").contains("hunter2"));
     }
 
     #[test]

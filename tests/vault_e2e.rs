@@ -33,29 +33,11 @@ fn setup(extra_policy: &str, extra_objects: &[&str]) -> Setup {
     let root = tmp.path().to_owned();
     let bao = Bao::start(&root);
     let issuer = Issuer::new(&root);
-    std::fs::write(root.join("issuer.pem"), &issuer.public_pem).unwrap();
-    bao.cli(&["auth", "enable", "jwt"]);
-    bao.cli(&[
-        "write",
-        "auth/jwt/config",
-        &format!(
-            "jwt_validation_pubkeys=@{}",
-            root.join("issuer.pem").display()
-        ),
-        &format!("bound_issuer={}", issuer.iss),
-    ]);
-    bao.cli(&[
-        "write",
-        "auth/jwt/role/app",
-        "role_type=jwt",
-        "user_claim=sub",
-        "bound_audiences=vault",
-        &format!("bound_subject=system:serviceaccount:{NS}:app"),
-        "token_policies=app",
-        "token_ttl=1h",
-    ]);
-    bao.cli_stdin(
-        &["policy", "write", "app", "-"],
+    bao.trust_issuer(None, &issuer);
+    bao.jwt_role(None, "app", &format!("{NS}:app"), &["token_ttl=1h"]);
+    bao.policy(
+        None,
+        "app",
         &format!(
             "path \"secret/data/app/*\" {{ capabilities = [\"read\"] }}\npath \"kv1/app/*\" {{ capabilities = [\"read\"] }}\npath \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}\n{extra_policy}"
         ),
@@ -645,28 +627,28 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
         took > Duration::from_secs(7),
         "reissued too early: {took:?}"
     );
+    let key = cat(&t.join("tls.key"));
+    let key_body = key.lines().nth(3).unwrap().to_owned();
     node.node_unpublish_volume(app.unpublish(&s.root))
         .await
         .unwrap();
-    let key = std::fs::read_to_string(s.root.join("audit.jsonl")).unwrap();
-    assert!(!key.contains("PRIVATE KEY"));
+    assert_no_secrets(
+        &[&key_body, "PRIVATE KEY"],
+        &[&s.root.join("audit.jsonl"), &s.root.join("state")],
+        &[("node logs", &d.logs())],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_tokens_are_renewed_replaced_and_errors_are_clear() {
     let s = setup("", &["secret/other/*"]);
     // Short Vault tokens: 4 s TTL, renewable up to 10 s.
-    s.bao.cli(&[
-        "write",
-        "auth/jwt/role/app",
-        "role_type=jwt",
-        "user_claim=sub",
-        "bound_audiences=vault",
-        &format!("bound_subject=system:serviceaccount:{NS}:app"),
-        "token_policies=app",
-        "token_ttl=4s",
-        "token_max_ttl=10s",
-    ]);
+    s.bao.jwt_role(
+        None,
+        "app",
+        &format!("{NS}:app"),
+        &["token_ttl=4s", "token_max_ttl=10s"],
+    );
     s.bao
         .cli(&["kv", "put", "secret/app/cfg", "v=S3cret-upkeep-1"]);
     s.bao
@@ -756,58 +738,29 @@ async fn vault_tokens_are_renewed_replaced_and_errors_are_clear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vault_namespace_is_used_for_login_and_reads() {
     let s = setup("", &[]);
-    let run = |args: &[&str]| {
-        let out = s
-            .bao
-            .command(args)
-            .env("BAO_NAMESPACE", "ns1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "bao {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let ns1 = Some("ns1");
     s.bao.cli(&["namespace", "create", "ns1"]);
-    run(&["secrets", "enable", "-path=secret", "-version=2", "kv"]);
-    run(&["auth", "enable", "jwt"]);
-    run(&[
-        "write",
-        "auth/jwt/config",
-        &format!(
-            "jwt_validation_pubkeys=@{}",
-            s.root.join("issuer.pem").display()
-        ),
-        &format!("bound_issuer={}", s.issuer.iss),
-    ]);
-    run(&[
-        "write",
-        "auth/jwt/role/app",
-        "role_type=jwt",
-        "user_claim=sub",
-        "bound_audiences=vault",
-        &format!("bound_subject=system:serviceaccount:{NS}:app"),
-        "token_policies=app",
-    ]);
-    std::fs::write(
-        s.root.join("ns1-policy.hcl"),
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
-    )
-    .unwrap();
-    run(&[
-        "policy",
-        "write",
+    s.bao.cli_in(
+        ns1,
+        &["secrets", "enable", "-path=secret", "-version=2", "kv"],
+    );
+    s.bao.trust_issuer(ns1, &s.issuer);
+    s.bao.jwt_role(ns1, "app", &format!("{NS}:app"), &[]);
+    s.bao.policy(
+        ns1,
         "app",
-        s.root.join("ns1-policy.hcl").to_str().unwrap(),
-    ]);
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
+    );
     // The value exists only in namespace ns1.
-    run(&[
-        "kv",
-        "put",
-        "secret/app/only-in-ns1",
-        "v=S3cret-in-namespace",
-    ]);
+    s.bao.cli_in(
+        ns1,
+        &[
+            "kv",
+            "put",
+            "secret/app/only-in-ns1",
+            "v=S3cret-in-namespace",
+        ],
+    );
     let mut yaml = std::fs::read_to_string(s.root.join("etc/bindings.yaml")).unwrap();
     yaml += &format!(
         "  - name: team-v-ns1\n    namespace: {NS}\n    serviceAccounts: [app]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, namespace: ns1, caFile: \"{}\"}}}}\n    objects: [\"secret/app/*\"]\n",

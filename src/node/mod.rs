@@ -90,9 +90,33 @@ pub struct NodeService {
     locals: Mutex<HashMap<PathBuf, Arc<LocalProvider>>>,
     /// One Vault login per pod identity, shared by its volumes; revoked with its last volume.
     vaults: Mutex<HashMap<String, Arc<VaultProvider>>>,
+    /// Publishes in progress: target → identity key.
+    publishing: Mutex<HashMap<PathBuf, String>>,
     volumes: Mutex<HashMap<PathBuf, Published>>,
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     ready: AtomicBool,
+}
+
+/// Marks a publish in flight for [`NodeService::release_unused`]; unmarked when dropped.
+struct Pending<'a> {
+    map: &'a Mutex<HashMap<PathBuf, String>>,
+    target: PathBuf,
+}
+
+impl<'a> Pending<'a> {
+    fn new(map: &'a Mutex<HashMap<PathBuf, String>>, target: &Path, identity: String) -> Self {
+        lock(map).insert(target.to_owned(), identity);
+        Self {
+            map,
+            target: target.to_owned(),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        lock(self.map).remove(&self.target);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +194,7 @@ impl NodeService {
             metrics: Arc::new(Metrics::default()),
             locals: Mutex::new(HashMap::new()),
             vaults: Mutex::new(HashMap::new()),
+            publishing: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
             target_locks: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -475,12 +500,16 @@ impl NodeService {
             .load()
             .authorize(&vr)
             .map_err(|why| self.deny(Some(&vr.pod), &vid, why))?;
+        // Until the volume is in `volumes`, an unpublish elsewhere must not log its identity
+        // out, revoke what it fetched, or drop its service-account token.
+        let pending = Pending::new(&self.publishing, &target, identity_key(&grant, &vr.pod));
         let provider = self
             .provider_for(&grant, &vr, &target)
             .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
         let res = self
             .mount_new(&vid, &target, vr, grant, provider, started, None)
             .await;
+        drop(pending);
         if res.is_err() {
             // Nothing was published: forget the volume's token, drop what it fetched.
             self.release_unused().await;
@@ -670,21 +699,29 @@ impl NodeService {
     /// Drops cached values no published volume needs any more (zeroized on drop), revokes
     /// their leases, and logs out of Vault identities no volume uses.
     async fn release_unused(&self) {
+        let pending: HashMap<PathBuf, String> = lock(&self.publishing).clone();
         let (in_use, identities, providers) = {
             let vols = lock(&self.volumes);
             let keys: std::collections::HashSet<CacheKey> =
                 vols.values().flat_map(|p| p.keys.iter().cloned()).collect();
-            let ids: std::collections::HashSet<String> =
-                vols.values().map(|p| p.identity.clone()).collect();
+            let ids: std::collections::HashSet<String> = vols
+                .values()
+                .map(|p| p.identity.clone())
+                .chain(pending.values().cloned())
+                .collect();
             let providers: HashMap<String, Arc<dyn Provider>> = vols
                 .values()
                 .map(|p| (p.identity.clone(), p.provider.clone()))
                 .collect();
             (keys, ids, providers)
         };
-        let evicted = self.cache.retain(|k| in_use.contains(k));
+        // Values of identities with a publish in flight stay: that volume is about to use them.
+        let evicted = self
+            .cache
+            .retain(|k| in_use.contains(k) || pending.values().any(|i| *i == k.identity));
         let targets: std::collections::HashSet<String> = lock(&self.volumes)
             .keys()
+            .chain(pending.keys())
             .map(|t| t.to_string_lossy().into_owned())
             .collect();
         let idle: Vec<Arc<VaultProvider>> = {

@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use base64::Engine;
 use serde_json::Value;
-use zeroize::Zeroize;
 
 use crate::provider::ObjectRequest;
-use crate::secret::{SecretBytes, SecretObject};
+use crate::secret::{SecretBytes, SecretJson, SecretObject};
 
 /// Bounds on what one volume may hold. Every limit applies to input a pod or config controls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,28 +305,11 @@ impl RenderedFile {
     }
 }
 
-/// A parsed JSON value whose strings are zeroized when it is dropped.
-struct JsonSecret(Value);
-
-impl Drop for JsonSecret {
-    fn drop(&mut self) {
-        fn wipe(v: &mut Value) {
-            match v {
-                Value::String(s) => s.zeroize(),
-                Value::Array(a) => a.iter_mut().for_each(wipe),
-                Value::Object(m) => m.values_mut().for_each(wipe),
-                _ => {}
-            }
-        }
-        wipe(&mut self.0);
-    }
-}
-
-fn parse_json_object(object: &str, value: &SecretBytes) -> Result<JsonSecret, ContentError> {
+fn parse_json_object(object: &str, value: &SecretBytes) -> Result<SecretJson, ContentError> {
     let v: Value = serde_json::from_slice(value.expose()).map_err(|_| ContentError::NotJson {
         object: object.to_owned(),
     })?;
-    let v = JsonSecret(v);
+    let v = SecretJson(v);
     if !v.0.is_object() {
         return Err(ContentError::NotJson {
             object: object.to_owned(),
@@ -336,7 +318,7 @@ fn parse_json_object(object: &str, value: &SecretBytes) -> Result<JsonSecret, Co
     Ok(v)
 }
 
-fn json_field(object: &str, json: &JsonSecret, key: &str) -> Result<SecretBytes, ContentError> {
+fn json_field(object: &str, json: &SecretJson, key: &str) -> Result<SecretBytes, ContentError> {
     match json.0.get(key) {
         Some(Value::String(s)) => Ok(SecretBytes::new(s.as_bytes().to_vec())),
         Some(Value::Null) | None => Err(ContentError::MissingKey {

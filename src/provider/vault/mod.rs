@@ -29,17 +29,19 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 pub use client::Endpoint;
 use client::{Client, Reply, error_text, status_error};
 
 use super::{BoxFuture, ObjectRequest, Provider, ProviderError};
-use crate::secret::{Lease, SecretBytes, SecretObject};
+use crate::secret::{Lease, SecretBytes, SecretJson, SecretObject, json_bytes};
 
 const KIND: &str = "vault";
 /// A Vault token is not used when less than this is left of it: log in again.
 const TOKEN_MIN_LEFT: Duration = Duration::from_secs(10);
+/// A rejected login is not retried sooner than this unless kubelet hands over a new pod token.
+const LOGIN_RETRY: Duration = Duration::from_secs(1);
 
 /// Who logs in, and where.
 #[derive(Clone, Debug)]
@@ -72,9 +74,10 @@ pub struct VaultStats {
 #[derive(Default)]
 struct TokenSlot {
     current: Option<VaultToken>,
-    /// The last failed login: callers that were already waiting for it get its error instead
-    /// of each trying again (one pod's volume of ten objects costs one rejected login).
-    failed: Option<(Instant, ProviderError)>,
+    /// The last failed login, with the pod-token generation it used. Callers that were
+    /// already waiting, or come within [`LOGIN_RETRY`] with no new pod token, get its error
+    /// instead of each trying again (one pod's volume of ten objects costs one rejected login).
+    failed: Option<(Instant, u64, ProviderError)>,
 }
 
 struct VaultToken {
@@ -186,6 +189,8 @@ pub struct VaultProvider {
     token: tokio::sync::Mutex<TokenSlot>,
     /// Service-account tokens of the identity's volumes, by volume.
     jwts: Mutex<BTreeMap<String, PodJwt>>,
+    /// Bumped whenever a pod token is handed over.
+    jwt_generation: AtomicU64,
     engines: Mutex<HashMap<String, Engine>>,
     pub stats: VaultStats,
     stop: CancellationToken,
@@ -220,36 +225,12 @@ struct Auth {
     renewable: bool,
 }
 
+/// The reply to `sys/leases/renew` (no secret in it).
 #[derive(Deserialize)]
 struct LeaseReply {
-    lease_id: String,
     lease_duration: u64,
     #[serde(default)]
     renewable: bool,
-}
-
-/// A JSON document whose strings are wiped when dropped.
-struct Wiped(Value);
-
-impl Drop for Wiped {
-    fn drop(&mut self) {
-        fn wipe(v: &mut Value) {
-            match v {
-                Value::String(s) => s.zeroize(),
-                Value::Array(a) => a.iter_mut().for_each(wipe),
-                Value::Object(m) => m.values_mut().for_each(wipe),
-                _ => {}
-            }
-        }
-        wipe(&mut self.0);
-    }
-}
-
-fn to_secret(v: &Value) -> SecretBytes {
-    let mut out = Vec::new();
-    // Writing JSON to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, v);
-    SecretBytes::new(out)
 }
 
 fn short_hash(s: &str) -> String {
@@ -273,6 +254,7 @@ impl VaultProvider {
             },
             token: tokio::sync::Mutex::new(TokenSlot::default()),
             jwts: Mutex::new(BTreeMap::new()),
+            jwt_generation: AtomicU64::new(0),
             engines: Mutex::new(HashMap::new()),
             stats: VaultStats::default(),
             stop: CancellationToken::new(),
@@ -293,6 +275,7 @@ impl VaultProvider {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(volume.to_owned(), jwt);
+        self.jwt_generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets the tokens of volumes for which `keep` is false.
@@ -360,8 +343,8 @@ impl VaultProvider {
                 });
             };
             let body = serde_json::json!({"role": self.login.role, "jwt": j.jwt.as_str()});
-            let body = Wiped(body);
-            (j.pod.clone(), (to_secret(&body.0), j.jwt.clone()))
+            let body = SecretJson(body);
+            (j.pod.clone(), (body.to_bytes(), j.jwt.clone()))
         };
         let (body, jwt) = body;
         self.stats.logins.fetch_add(1, Ordering::Relaxed);
@@ -418,8 +401,9 @@ impl VaultProvider {
         {
             return Ok((t.secret.clone(), t.expires));
         }
-        if let Some((at, e)) = &slot.failed
-            && *at >= asked
+        let generation = self.jwt_generation.load(Ordering::Relaxed);
+        if let Some((at, g, e)) = &slot.failed
+            && (*at >= asked || (*g == generation && at.elapsed() < LOGIN_RETRY))
         {
             return Err(e.clone());
         }
@@ -431,7 +415,7 @@ impl VaultProvider {
                 Ok(out)
             }
             Err(e) => {
-                slot.failed = Some((Instant::now(), e.clone()));
+                slot.failed = Some((Instant::now(), generation, e.clone()));
                 Err(e)
             }
         }
@@ -575,7 +559,7 @@ impl VaultProvider {
             }
             _ => call.path.clone(),
         };
-        let body = call.args.as_ref().map(to_secret);
+        let body = call.args.as_ref().map(json_bytes);
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let (reply, token_expires) = self.call(call.method.clone(), &path, body).await?;
         if reply.status >= 300 {
@@ -585,7 +569,7 @@ impl VaultProvider {
                 &format!("reading as {}", self.login.identity),
             ));
         }
-        let doc = Wiped(
+        let doc = SecretJson(
             serde_json::from_slice::<Value>(reply.body.expose())
                 .map_err(|_| invalid("Vault's reply is not JSON".into()))?,
         );
@@ -603,12 +587,12 @@ impl VaultProvider {
                     .and_then(|m| m.get("version"))
                     .and_then(Value::as_u64)
                     .map(|v| v.to_string());
-                let value = to_secret(inner);
+                let value = json_bytes(inner);
                 let version = version.unwrap_or_else(|| value.fingerprint());
                 (value, version)
             }
             (_, Some(d)) => {
-                let value = to_secret(d);
+                let value = json_bytes(d);
                 let version = value.fingerprint();
                 (value, version)
             }
@@ -620,14 +604,28 @@ impl VaultProvider {
             }
         };
         let token_left = token_expires.map(|e| e.saturating_duration_since(Instant::now()));
-        let lease = serde_json::from_value::<LeaseReply>(doc.0.clone())
-            .ok()
-            .filter(|l| !l.lease_id.is_empty() && engine == Engine::Other)
-            .map(|l| Lease {
-                duration: cap(Duration::from_secs(l.lease_duration), token_left),
-                id: l.lease_id,
-                renewable: l.renewable,
-            });
+        // Read from the top-level fields only: the document also holds the secret data, which
+        // must not be copied out of the wiped document.
+        let lease = match doc.0.get("lease_id").and_then(Value::as_str) {
+            Some(id) if !id.is_empty() && engine == Engine::Other => Some(Lease {
+                id: id.to_owned(),
+                duration: cap(
+                    Duration::from_secs(
+                        doc.0
+                            .get("lease_duration")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0),
+                    ),
+                    token_left,
+                ),
+                renewable: doc
+                    .0
+                    .get("renewable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            }),
+            _ => None,
+        };
         // A PKI certificate says when it ends; that is its rotation deadline.
         let expires_at = data
             .and_then(|d| d.get("expiration"))
@@ -649,7 +647,7 @@ impl VaultProvider {
 
     async fn renew_lease(&self, lease: &Lease) -> Result<Lease, ProviderError> {
         self.stats.lease_renewals.fetch_add(1, Ordering::Relaxed);
-        let body = to_secret(&serde_json::json!({"lease_id": lease.id}));
+        let body = json_bytes(&serde_json::json!({"lease_id": lease.id}));
         let (reply, token_expires) = self
             .call(Method::PUT, "sys/leases/renew", Some(body))
             .await?;
@@ -676,7 +674,7 @@ impl VaultProvider {
 
     async fn revoke_lease(&self, lease: &Lease) {
         self.stats.revocations.fetch_add(1, Ordering::Relaxed);
-        let body = to_secret(&serde_json::json!({"lease_id": lease.id}));
+        let body = json_bytes(&serde_json::json!({"lease_id": lease.id}));
         match self
             .call(Method::PUT, "sys/leases/revoke", Some(body))
             .await
