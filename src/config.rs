@@ -142,12 +142,11 @@ pub fn parse_mode(v: &serde_norway::Value) -> Result<u32, String> {
         serde_norway::Value::String(s) => s.as_str(),
         _ => return Err("write the mode as a quoted octal string, e.g. \"0440\"".into()),
     };
+    // The mode may come from a pod: the message describes it without quoting it.
     let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("\"{}\" is not an octal mode", s.escape_debug()))?;
+        .map_err(|_| "is not an octal mode such as \"0440\"".to_string())?;
     if m > 0o777 {
-        return Err(format!(
-            "{s} has bits beyond 0777 (setuid/setgid/sticky are not allowed)"
-        ));
+        return Err("has bits beyond 0777 (setuid/setgid/sticky are not allowed)".into());
     }
     Ok(m)
 }

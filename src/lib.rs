@@ -10,6 +10,8 @@
 //! - [`volume`]: content model, the in-memory filesystem, and the FUSE/tmpfs edges;
 //! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
 //! - [`config`] + [`mount`]: `keybroker mount`;
+//! - [`hardening`]: no core dumps (secrets live in memory);
+//! - [`untrusted`]: YAML from pods, bounded before parsing, errors without the pod's text;
 //! - [`node`]: `keybroker node`, the CSI node plugin behind the `keybroker-csi` edge.
 
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@
 pub mod audit;
 pub mod cache;
 pub mod config;
+pub mod hardening;
 pub mod mount;
 pub mod node;
 pub mod procinfo;
@@ -24,4 +27,5 @@ pub mod provider;
 pub mod refresh;
 pub mod rotation;
 pub mod secret;
+pub mod untrusted;
 pub mod volume;

@@ -54,6 +54,10 @@ enum Command {
         /// Write the audit log here instead of the config's audit.path.
         #[arg(long)]
         audit_log: Option<PathBuf>,
+        /// Key the audit chain with HMAC-SHA256 (a file of 64 hex digits or >= 32 bytes):
+        /// forging, truncating or re-chaining the log then needs the key.
+        #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
+        audit_key: Option<PathBuf>,
         /// Where to mount; created when missing.
         dir: PathBuf,
     },
@@ -78,7 +82,13 @@ enum Command {
         /// The audit log (JSON lines, hash-chained).
         #[arg(long, default_value = "/var/log/keybroker/audit.jsonl")]
         audit_log: PathBuf,
-        /// Stop serving new opens when the audit log cannot be written.
+        /// Key the audit chain with HMAC-SHA256 (a file of 64 hex digits or >= 32 bytes):
+        /// forging, truncating or re-chaining the log then needs the key.
+        #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
+        audit_key: Option<PathBuf>,
+        /// While the audit log cannot be written: refuse FUSE opens (EIO) and new publishes
+        /// (Unavailable). Serving resumes once a write succeeds again. tmpfs volumes are not
+        /// audited per open, so this does not cover their reads (docs/SECURITY.md).
         #[arg(long)]
         audit_fail_closed: bool,
         /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
@@ -93,6 +103,10 @@ enum Command {
         /// FUSE request threads per volume.
         #[arg(long, default_value_t = 1)]
         fuse_threads: usize,
+        /// After NodeUnpublishVolume, how long a FUSE volume that another mount namespace still
+        /// holds keeps being served before its connection is aborted.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        fuse_linger: std::time::Duration,
         /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
         /// Exists only in builds with the `test-controller` feature.
         #[arg(long, hide = true)]
@@ -139,10 +153,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check an audit log's hash chain; exit 1 naming the first broken line.
+    /// Check an audit log's chain and head anchor; exit 1 naming the first broken line.
+    ///
+    /// Without --key, anyone who can rewrite the whole log and its anchor can forge a
+    /// consistent one; with the key the log was written with, that needs the key.
     Verify {
         /// The audit log (JSON lines); its `.head` anchor next to it is checked too.
         file: PathBuf,
+        /// The chain key (the daemon's --audit-key file); required for a keyed log.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Accept a log whose `.head` anchor is missing (records cut off the end then go
+        /// undetected).
+        #[arg(long)]
+        allow_missing_head: bool,
     },
 }
 
@@ -299,8 +323,13 @@ fn fix_malloc_mmap_threshold() {}
 
 fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
+    // Before anything reads a secret: no core dumps, in every mode.
+    let hardening = keybroker::hardening::disable_core_dumps();
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
+    for w in &hardening.warnings {
+        tracing::warn!("{w}");
+    }
     match cli.command {
         Command::Check {
             bindings,
@@ -340,7 +369,9 @@ fn main() -> ExitCode {
             default_kind,
             poll_interval,
             fuse_threads,
+            fuse_linger,
             danger_test_controller,
+            audit_key,
         } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -354,45 +385,48 @@ fn main() -> ExitCode {
                 poll: poll_interval,
                 limits: Default::default(),
                 fuse_threads: fuse_threads.clamp(1, 8),
+                fuse_linger,
             };
             let res = rt.block_on(run_node(
                 cfg,
                 endpoint,
-                audit_log,
-                audit_fail_closed,
+                AuditArgs {
+                    path: audit_log,
+                    fail_closed: audit_fail_closed,
+                    key: audit_key,
+                },
                 metrics_addr,
                 danger_test_controller,
             ));
             exit_code(res)
         }
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match keybroker::audit::verify(&file) {
-            Ok(Ok(report)) => {
-                println!(
-                    "ok: {} records, chain intact{}",
-                    report.records,
-                    if report.anchored {
-                        ", head anchor matches"
-                    } else {
-                        " (no head anchor found)"
-                    }
-                );
-                ExitCode::SUCCESS
-            }
-            Ok(Err(brk)) => {
-                println!("broken: {brk}");
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
+            command:
+                AuditCommand::Verify {
+                    file,
+                    key,
+                    allow_missing_head,
+                },
+        } => {
+            let key = match key.map(|k| keybroker::audit::AuditKey::load(&k)).transpose() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let keyed = key.is_some();
+            let opts = keybroker::audit::VerifyOptions {
+                key,
+                allow_missing_head,
+            };
+            verify_command(&file, &opts, keyed)
+        }
         Command::Mount {
             config,
             kind,
             audit_log,
+            audit_key,
             dir,
         } => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -412,6 +446,7 @@ fn main() -> ExitCode {
                     KindArg::Tmpfs => VolumeKind::Tmpfs,
                 }),
                 audit_path: audit_log,
+                audit_key,
             };
             let res = rt.block_on(async {
                 let shutdown = shutdown_on_signals();
@@ -425,16 +460,55 @@ fn main() -> ExitCode {
 /// How long in-flight CSI calls may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+struct AuditArgs {
+    path: PathBuf,
+    fail_closed: bool,
+    key: Option<PathBuf>,
+}
+
+fn verify_command(file: &std::path::Path, opts: &keybroker::audit::VerifyOptions, keyed: bool) -> ExitCode {
+    match keybroker::audit::verify(file, opts) {
+        Ok(Ok(report)) => {
+            let chain = if keyed { "HMAC chain intact" } else { "chain intact" };
+            let head = if !report.anchored {
+                " (no head anchor: records cut off the end would go unnoticed)".to_string()
+            } else if report.beyond_head > 0 {
+                format!(
+                    ", head anchor matches; {} records after it (MAC-protected)",
+                    report.beyond_head
+                )
+            } else {
+                ", head anchor matches".to_string()
+            };
+            println!("ok: {} records, {chain}{head}", report.records);
+            ExitCode::SUCCESS
+        }
+        Ok(Err(brk)) => {
+            println!("broken: {brk}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 async fn run_node(
     cfg: keybroker::node::NodeConfig,
     endpoint: String,
-    audit_log: PathBuf,
-    audit_fail_closed: bool,
+    audit_args: AuditArgs,
     metrics_addr: String,
     test_controller: bool,
 ) -> anyhow::Result<()> {
     use keybroker::node::NodeService;
-    let audit = keybroker::audit::AuditLog::open(&audit_log, audit_fail_closed)?;
+    let key = audit_args
+        .key
+        .as_deref()
+        .map(keybroker::audit::AuditKey::load)
+        .transpose()?;
+    let audit = keybroker::audit::AuditLog::open_keyed(&audit_args.path, audit_args.fail_closed, key)?;
+
     let node = NodeService::new(cfg, audit.clone())?;
     let shutdown = shutdown_on_signals();
     node.watch_bindings(shutdown.clone())
@@ -442,6 +516,11 @@ async fn run_node(
     let listener = tokio::net::TcpListener::bind(&metrics_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_addr} for metrics: {e}"))?;
+    // The address actually bound (port 0 picks one).
+    let metrics_addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or(metrics_addr);
     tokio::spawn(keybroker::node::metrics::serve(
         listener,
         node.clone(),

@@ -26,6 +26,8 @@ use crate::volume::{Owner, Volume, VolumeKind, mountpoint};
 pub struct MountOverrides {
     pub kind: Option<VolumeKind>,
     pub audit_path: Option<PathBuf>,
+    /// Key the audit chain (`--audit-key`).
+    pub audit_key: Option<PathBuf>,
 }
 
 pub fn build_provider(cfg: &MountConfig) -> anyhow::Result<Arc<dyn Provider>> {
@@ -54,7 +56,12 @@ pub async fn run(
     let (claim, cleaned) = mountpoint::claim(dir)?;
     let target = claim.path().to_owned();
     let volume_id = target.display().to_string();
-    let audit = AuditLog::open(&cfg.audit_path, cfg.fail_closed)?;
+    let key = overrides
+        .audit_key
+        .as_deref()
+        .map(crate::audit::AuditKey::load)
+        .transpose()?;
+    let audit = AuditLog::open_keyed(&cfg.audit_path, cfg.fail_closed, key)?;
     if cleaned {
         audit.record(
             Event::new(EventKind::Unmount)

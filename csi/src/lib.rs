@@ -164,6 +164,14 @@ fn check_target(v: &str) -> Result<PathBuf, NodeError> {
             "target_path must be an absolute path without '..'".into(),
         ));
     }
+    // Kernel interfaces are never volume targets (a mount over /proc/<pid>/... or /dev hides
+    // what the node relies on).
+    if ["/proc", "/sys", "/dev"].iter().any(|d| p.starts_with(d)) {
+        return Err(NodeError::InvalidArgument(format!(
+            "target_path {} is under /proc, /sys or /dev: not a volume target",
+            p.display()
+        )));
+    }
     Ok(p.to_owned())
 }
 
@@ -256,6 +264,13 @@ mod tests {
         assert!(
             matches!(parse_publish(r.clone()), Err(NodeError::InvalidArgument(m)) if m.contains("'..'"))
         );
+        for kernel in ["/proc/1/fdinfo", "/sys/fs/x", "/dev/shm/x"] {
+            r.target_path = kernel.into();
+            assert!(
+                matches!(parse_publish(r.clone()), Err(NodeError::InvalidArgument(m)) if m.contains("/proc, /sys or /dev")),
+                "{kernel}"
+            );
+        }
         r.target_path = "/var/lib/kubelet/pods/x/volumes/v/mount".into();
         assert!(
             matches!(parse_publish(r.clone()), Err(NodeError::InvalidArgument(m)) if m.contains("volume_capability"))

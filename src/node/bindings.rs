@@ -429,9 +429,34 @@ fn check_binding(
         .filter(|o| !b.objects.iter().any(|p| p.matches(o)))
         .collect();
     if !outside.is_empty() {
-        return Err(format!("does not grant objects {outside:?}"));
+        let mut why = format!("does not grant objects {outside:?}");
+        if matches!(b.identity, Identity::Vault(_)) {
+            // Bindings match a Vault path as the volume writes it. KV v2 accepts both
+            // `secret/x` and `secret/data/x`; say so when the other spelling is granted.
+            for o in &outside {
+                if let Some(alt) = kv2_other_spelling(o)
+                    && b.objects.iter().any(|p| p.matches(&alt))
+                {
+                    why.push_str(&format!(
+                        " (it grants {alt:?}: bindings match Vault paths as written, so for a KV v2 mount write the path in the volume the way the binding does, with or without data/)"
+                    ));
+                }
+            }
+        }
+        return Err(why);
     }
     Ok(())
+}
+
+/// The other way to write a KV v2 path: with `data/` after the first segment or without it.
+/// Only a hint for denials; a binding never grants through it (on a KV v1 mount the two are
+/// different secrets).
+fn kv2_other_spelling(path: &str) -> Option<String> {
+    let (mount, rest) = path.split_once('/')?;
+    Some(match rest.strip_prefix("data/") {
+        Some(r) => format!("{mount}/{r}"),
+        None => format!("{mount}/data/{rest}"),
+    })
 }
 
 #[cfg(test)]
@@ -461,6 +486,32 @@ bindings:
     identity: {vault: {address: "https://vault:8200", authMount: jwt, role: app}}
     objects: ["secret/data/team-b/*"]
 "#;
+
+    #[test]
+    fn kv2_spelling_is_explained_never_granted() {
+        let b = Bindings::parse(FILE).unwrap();
+        let ask = IdentityRequest {
+            role_name: Some("app".into()),
+            ..Default::default()
+        };
+        let e = b
+            .decide(
+                &pod("team-b", "app"),
+                ProviderKind::Vault,
+                &ask,
+                &["secret/team-b/db".into()],
+            )
+            .unwrap_err();
+        assert!(e.contains("it grants \"secret/data/team-b/db\""), "{e}");
+        assert!(b
+            .decide(
+                &pod("team-b", "app"),
+                ProviderKind::Vault,
+                &ask,
+                &["secret/data/team-b/db".into()],
+            )
+            .is_ok());
+    }
 
     fn pod(ns: &str, sa: &str) -> PodInfo {
         PodInfo {

@@ -120,6 +120,21 @@ pub fn render(node: &NodeService) -> String {
         "Provider fetches that failed.",
         get(&c.failures),
     );
+    counter(
+        "keybroker_audit_write_errors_total",
+        "Failed attempts to write the audit log (retries included).",
+        node.audit().write_errors(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_audit_healthy 1 while the audit log can be written, 0 while writes fail.\n# TYPE keybroker_audit_healthy gauge\nkeybroker_audit_healthy {}",
+        u8::from(node.audit().healthy())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_fuse_sessions_lingering Unpublished FUSE volumes still served because another mount namespace holds them.\n# TYPE keybroker_fuse_sessions_lingering gauge\nkeybroker_fuse_sessions_lingering {}",
+        crate::volume::fuse::lingering_sessions()
+    );
     let _ = writeln!(
         out,
         "# HELP keybroker_volumes Volumes published on this node.\n# TYPE keybroker_volumes gauge\nkeybroker_volumes {}",

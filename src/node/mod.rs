@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub poll: Duration,
     pub limits: Limits,
     pub fuse_threads: usize,
+    /// How long an unpublished FUSE volume that another mount namespace still holds is served.
+    pub fuse_linger: Duration,
 }
 
 /// What is recorded about a published volume: enough to take it over after a restart, and no
@@ -94,8 +96,13 @@ pub struct NodeService {
     publishing: Mutex<HashMap<PathBuf, String>>,
     volumes: Mutex<HashMap<PathBuf, Published>>,
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Attribute parses in flight (on the blocking pool).
+    parse_slots: tokio::sync::Semaphore,
     ready: AtomicBool,
 }
+
+/// Volume attribute parses that may run at once.
+const PARSE_SLOTS: usize = 2;
 
 /// Marks a publish in flight for [`NodeService::release_unused`]; unmarked when dropped.
 struct Pending<'a> {
@@ -134,20 +141,22 @@ fn target_alive(target: &Path) -> bool {
         && mountpoint::mount_at(target).is_some_and(|m| mountpoint::is_keybroker_mount(&m))
 }
 
-/// Detaches every keybroker mount at `target` (and a tmpfs volume's staging mount).
-fn detach_all(target: &Path) {
-    while mountpoint::mount_at(target).is_some_and(|m| mountpoint::is_keybroker_mount(&m)) {
-        if nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).is_err() {
-            break;
-        }
-    }
+/// Detaches every keybroker mount at `target` and at its tmpfs staging directory, however
+/// many are stacked. Returns how many there were.
+fn detach_all(target: &Path) -> usize {
     let staging = mountpoint::staging_dir(target);
-    while mountpoint::mount_at(&staging).is_some_and(|m| mountpoint::is_keybroker_mount(&m)) {
-        if nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).is_err() {
-            break;
-        }
-    }
+    let n = mountpoint::detach_keybroker_mounts(target)
+        + mountpoint::detach_keybroker_mounts(&staging);
     let _ = std::fs::remove_dir(&staging);
+    n
+}
+
+/// Writes a volume's record atomically (write + rename), so a crash never leaves half a record.
+fn write_record(path: &Path, record: &VolumeRecord) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn provider_error(pod: &PodInfo, e: &ProviderError) -> NodeError {
@@ -197,9 +206,14 @@ impl NodeService {
             publishing: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
             target_locks: Mutex::new(HashMap::new()),
+            parse_slots: tokio::sync::Semaphore::new(PARSE_SLOTS),
             ready: AtomicBool::new(false),
             cfg,
         }))
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     pub fn cache(&self) -> &FetchCache {
@@ -412,6 +426,40 @@ impl NodeService {
         NodeError::PermissionDenied(reason)
     }
 
+    /// A provider refused the pod's identity or an object (Vault refused the login, a 403):
+    /// that is a denial, audited and counted as one, with the provider's reason code.
+    fn provider_denied(&self, pod: &PodInfo, volume_id: &str, e: &ProviderError) -> NodeError {
+        let code = match e {
+            ProviderError::PermissionDenied { code, .. } => code.clone(),
+            _ => String::new(),
+        };
+        self.metrics.denials.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume_id, reason = %code, error = %e, "publish denied by the provider");
+        self.audit.record(
+            Event::new(EventKind::Deny)
+                .volume(volume_id)
+                .pod(pod.audit_ref())
+                .outcome(Outcome::Denied)
+                .reason(code)
+                .error(e),
+        );
+        NodeError::PermissionDenied(format!("{pod}: {e}"))
+    }
+
+    /// A previous process's mounts were found at a target with no record and cleaned.
+    fn orphans_cleaned(&self, vid: &str, pod: &PodInfo, target: &Path, n: usize) {
+        self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(volume_id = vid, target = %target.display(), mounts = n, "cleaned keybroker mounts an earlier process left at the target without a record (a crash during a publish)");
+        self.audit.record(
+            Event::new(EventKind::Unmount)
+                .volume(vid)
+                .pod(pod.audit_ref())
+                .detail(format!(
+                    "{n} keybroker mounts left at the target by an interrupted publish were cleaned"
+                )),
+        );
+    }
+
     fn fail(&self, pod: Option<&PodInfo>, volume_id: &str, e: NodeError) -> NodeError {
         self.metrics.publish_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(volume_id, error = %e, "publish failed");
@@ -421,16 +469,43 @@ impl NodeService {
         e
     }
 
+    /// Parses a publish request's attributes on the blocking pool, at most
+    /// [`PARSE_SLOTS`] at a time: a pod's YAML never runs on the runtime workers that serve
+    /// every other pod's calls (parsing is bounded in depth and size too, see
+    /// [`crate::untrusted`]).
+    async fn parse_request(
+        &self,
+        ctx: BTreeMap<String, String>,
+        secrets: keybroker_csi::Secrets,
+    ) -> Result<VolumeRequest, request::RequestError> {
+        let (kind, limits) = (self.cfg.default_kind, self.cfg.limits);
+        let _slot = self.parse_slots.acquire().await;
+        tokio::task::spawn_blocking(move || request::parse(&ctx, &secrets, kind, limits))
+            .await
+            .unwrap_or_else(|_| {
+                Err(request::RequestError(
+                    "the volume attributes could not be parsed".into(),
+                ))
+            })
+    }
+
     async fn do_publish(&self, req: PublishRequest) -> Result<(), NodeError> {
         let started = Instant::now();
         let vid = req.volume_id.clone();
-        let vr = request::parse(
-            &req.volume_context,
-            &req.secrets,
-            self.cfg.default_kind,
-            self.cfg.limits,
-        )
-        .map_err(|e| self.fail(None, &vid, NodeError::InvalidArgument(e.0)))?;
+        if !self.audit.may_serve() {
+            return Err(self.fail(
+                None,
+                &vid,
+                NodeError::Unavailable(format!(
+                    "audit log cannot be written: {}; keybroker runs with --audit-fail-closed and publishes nothing until it can (kubelet retries)",
+                    self.audit.last_error()
+                )),
+            ));
+        }
+        let vr = self
+            .parse_request(req.volume_context, req.secrets)
+            .await
+            .map_err(|e| self.fail(None, &vid, NodeError::InvalidArgument(e.0)))?;
         for t in &vr.tokens {
             token::check(t, &vr.pod, SystemTime::now())
                 .map_err(|why| self.deny(Some(&vr.pod), &vid, format!("{}: {why}", vr.pod)))?;
@@ -542,23 +617,63 @@ impl NodeService {
         if vr.own_values {
             refresher = refresher.with_own_values();
         }
-        let rendered = refresher.render().await.map_err(|e| {
-            let ne = match &e {
-                RefreshError::Provider(p) => provider_error(&pod, p),
-                RefreshError::Content(c) => NodeError::FailedPrecondition(c.to_string()),
-            };
-            self.fail(Some(&pod), vid, ne)
-        })?;
-        let owner = Owner { uid: 0, gid: 0 };
+        let mut created = false;
         if adopt.is_none() {
-            std::fs::create_dir_all(target).map_err(|e| {
-                self.fail(
-                    Some(&pod),
-                    vid,
-                    NodeError::Internal(format!("cannot create {}: {e}", target.display())),
-                )
+            // Whatever a crashed process left here is cleaned first; the target must then
+            // be an empty directory of its own (not a symlink).
+            let prepared = mountpoint::prepare_target(target).map_err(|e| {
+                self.fail(Some(&pod), vid, NodeError::InvalidArgument(e.to_string()))
             })?;
+            created = prepared.created;
+            if prepared.orphans_cleaned > 0 {
+                self.orphans_cleaned(vid, &pod, target, prepared.orphans_cleaned);
+            }
         }
+        let undo_target = |created: bool| {
+            if created {
+                let _ = std::fs::remove_dir(target);
+            }
+        };
+        let rendered = match refresher.render().await {
+            Ok(r) => r,
+            Err(RefreshError::Provider(p @ ProviderError::PermissionDenied { .. })) => {
+                undo_target(created);
+                return Err(self.provider_denied(&pod, vid, &p));
+            }
+            Err(e) => {
+                undo_target(created);
+                let ne = match &e {
+                    RefreshError::Provider(p) => provider_error(&pod, p),
+                    RefreshError::Content(c) => NodeError::FailedPrecondition(c.to_string()),
+                };
+                return Err(self.fail(Some(&pod), vid, ne));
+            }
+        };
+        // The record goes down before the mount exists: after a crash at any later point the
+        // next process finds the record and repairs, adopts or cleans the target.
+        let record = VolumeRecord {
+            volume_id: vid.to_owned(),
+            target: target.to_owned(),
+            kind: vr.kind,
+            attributes: vr.attributes.clone(),
+        };
+        let path = record_path(&self.cfg.state_dir, target);
+        if let Err(e) = write_record(&path, &record) {
+            undo_target(created);
+            return Err(self.fail(
+                Some(&pod),
+                vid,
+                NodeError::Internal(format!(
+                    "cannot record the volume in {}: {e}",
+                    path.display()
+                )),
+            ));
+        }
+        let forget = |created: bool| {
+            let _ = std::fs::remove_file(&path);
+            undo_target(created);
+        };
+        let owner = Owner { uid: 0, gid: 0 };
         let volume: Box<dyn Volume> =
             match (adopt, vr.kind) {
                 (Some(t), _) => Box::new(t),
@@ -569,8 +684,10 @@ impl NodeService {
                         threads: self.cfg.fuse_threads,
                         allow_other: true,
                         kernel_cache: true,
+                        linger: self.cfg.fuse_linger,
                     };
                     Box::new(FuseVolume::mount(target, fs, &opts).map_err(|e| {
+                        forget(created);
                         self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
                     })?)
                 }
@@ -581,28 +698,20 @@ impl NodeService {
                         self.cfg.limits.max_volume_bytes * 3,
                         owner,
                     )
-                    .map_err(|e| self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())))?;
+                    .map_err(|e| {
+                        forget(created);
+                        self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
+                    })?;
                     Box::new(v)
                 }
             };
         if let Err(e) = volume.apply(&rendered.files) {
             let _ = volume.unmount();
+            detach_all(target);
+            forget(created);
             return Err(self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())));
         }
         let _ = refresher.refresh(volume.as_ref()).await;
-        let record = VolumeRecord {
-            volume_id: vid.to_owned(),
-            target: target.to_owned(),
-            kind: vr.kind,
-            attributes: vr.attributes.clone(),
-        };
-        let path = record_path(&self.cfg.state_dir, target);
-        if let Err(e) = serde_json::to_vec(&record)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&path, b))
-        {
-            tracing::error!(error = %e, path = %path.display(), "cannot record the volume; it will not be recovered after a restart");
-        }
         let cancel = CancellationToken::new();
         let keys = refresher.keys();
         let status = refresher.status();
@@ -650,6 +759,9 @@ impl NodeService {
         let target = req.target_path;
         let tlock = self.target_lock(&target);
         let _held = tlock.lock().await;
+        // The record goes first: a crash after this leaves at most a mount without a record,
+        // which kubelet's retried unpublish (or the next publish there) cleans.
+        let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
         let entry = lock(&self.volumes).remove(&target);
         let mut ev = Event::new(EventKind::Unmount).volume(req.volume_id.clone());
         match entry {
@@ -663,13 +775,16 @@ impl NodeService {
                     Ok(volume) => {
                         if let Err(e) = volume.unmount() {
                             tracing::warn!(error = %e, "unmount reported an error; detaching");
-                            detach_all(&target);
                         }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the volume's task failed; detaching");
-                        detach_all(&target);
                     }
+                }
+                // Anything stacked under or over it by a crashed process goes too.
+                let extra = detach_all(&target);
+                if extra > 0 {
+                    tracing::warn!(target = %target.display(), mounts = extra, "detached keybroker mounts stacked at the target");
                 }
                 ev.pod = Some(p.pod.audit_ref());
                 ev.detail = Some(format!("binding {}", p.binding));
@@ -688,7 +803,6 @@ impl NodeService {
                 tracing::warn!(target = %target.display(), error = %e, "cannot remove the target directory")
             }
         }
-        let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
         self.release_unused().await;
         self.metrics.unpublishes.fetch_add(1, Ordering::Relaxed);
         self.audit.record(ev);
@@ -867,8 +981,10 @@ impl NodePlugin for NodeService {
         self.cfg.node_id.clone()
     }
 
+    /// Ready once recovered, and only while the audit log can be written (a node that cannot
+    /// account for what it serves should not take new pods).
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.audit.healthy()
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<(), NodeError> {

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::token::{SaToken, parse_tokens};
 use crate::config::parse_mode;
+use crate::untrusted;
 use crate::volume::VolumeKind;
 use crate::volume::content::{
     Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent,
@@ -165,19 +166,22 @@ struct AzureObjects {
 }
 
 fn parse_objects(provider: ProviderKind, text: &str) -> Result<Vec<RawObject>, RequestError> {
-    let bad = |e: &dyn std::fmt::Display| err(format!("objects: {e}"));
     match provider {
         // The Azure provider's shape: `array:` of YAML documents, one per object.
         ProviderKind::Azure => {
-            let outer: AzureObjects = serde_norway::from_str(text).map_err(|e| bad(&e))?;
+            let outer: AzureObjects = untrusted::from_yaml(text, "objects").map_err(err)?;
             outer
                 .array
                 .iter()
-                .map(|doc| serde_norway::from_str::<RawObject>(doc).map_err(|e| bad(&e)))
+                .enumerate()
+                .map(|(i, doc)| {
+                    untrusted::from_yaml::<RawObject>(doc, &format!("objects.array[{i}]"))
+                        .map_err(err)
+                })
                 .collect()
         }
         ProviderKind::Vault | ProviderKind::Local => {
-            serde_norway::from_str(text).map_err(|e| bad(&e))
+            untrusted::from_yaml(text, "objects").map_err(err)
         }
     }
 }
@@ -208,15 +212,12 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
         ProviderKind::Azure => {
             let kind = o.object_type.as_deref().unwrap_or("secret");
             if !matches!(kind, "secret" | "key" | "cert") {
-                return Err(at(
-                    "objectType",
-                    &format!("{kind:?} is not secret, key or cert"),
-                ));
+                return Err(at("objectType", &"must be secret, key or cert"));
             }
             if let Some(f) = &o.object_format
                 && !matches!(f.as_str(), "pem" | "pfx")
             {
-                return Err(at("objectFormat", &format!("{f:?} is not pem or pfx")));
+                return Err(at("objectFormat", &"must be pem or pfx"));
             }
             if o.object_version_history.is_some() {
                 return Err(at("objectVersionHistory", &"is not supported yet"));
@@ -300,7 +301,7 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
             )
         }
     };
-    let name = FileName::parse(&file).map_err(|e| at("objectName", &e))?;
+    let name = FileName::parse(&file).map_err(|e| at("objectName", &e.without_input()))?;
     if object.is_empty() || object.len() > 1024 || object.chars().any(char::is_control) {
         return Err(at(
             "objectName",
@@ -312,13 +313,17 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
             if key.is_some() {
                 return Err(at("template", &"use either template or key, not both"));
             }
-            FileSource::Template(Template::parse(&t).map_err(|e| at("template", &e))?)
+            FileSource::Template(
+                Template::parse(&t).map_err(|e| at("template", &e.without_input()))?,
+            )
         }
         None => FileSource::Object {
             key,
             encoding: match encoding {
                 None => Encoding::Utf8,
-                Some(e) => Encoding::parse(&e).map_err(|e| at("encoding", &e))?,
+                Some(e) => {
+                    Encoding::parse(&e).map_err(|e| at("encoding", &e.without_input()))?
+                }
             },
         },
     };
@@ -370,10 +375,8 @@ pub fn parse(
         Some("local") => ProviderKind::Local,
         Some("azure") => ProviderKind::Azure,
         Some("vault") => ProviderKind::Vault,
-        Some(other) => {
-            return Err(err(format!(
-                "provider {other:?} is not known: use local, azure or vault"
-            )));
+        Some(_) => {
+            return Err(err("provider is not known: use local, azure or vault"));
         }
         None if attr(ctx, &["keyvaultName"]).is_some() => ProviderKind::Azure,
         None if attr(ctx, &["roleName", "vaultAddress"]).is_some() => ProviderKind::Vault,
@@ -387,10 +390,8 @@ pub fn parse(
         None => default_kind,
         Some("fuse") => VolumeKind::Fuse,
         Some("tmpfs") => VolumeKind::Tmpfs,
-        Some(other) => {
-            return Err(err(format!(
-                "volumeType {other:?} is not known: use fuse or tmpfs"
-            )));
+        Some(_) => {
+            return Err(err("volumeType is not known: use fuse or tmpfs"));
         }
     };
     let identity = IdentityRequest {
@@ -431,10 +432,10 @@ pub fn parse(
     let own_values = match attr(ctx, &["credentialScope"]) {
         None | Some("identity") => false,
         Some("volume") => true,
-        Some(other) => {
-            return Err(err(format!(
-                "credentialScope {other:?} is not known: use identity (shared, the default) or volume"
-            )));
+        Some(_) => {
+            return Err(err(
+                "credentialScope is not known: use identity (shared, the default) or volume",
+            ));
         }
     };
     let attributes = request_attributes(ctx);

@@ -106,6 +106,7 @@ impl LocalProvider {
             std::io::ErrorKind::PermissionDenied => ProviderError::PermissionDenied {
                 provider: KIND,
                 object: object.to_owned(),
+                code: "local-file-unreadable".into(),
                 detail: format!("cannot read {}", path.display()),
             },
             _ => ProviderError::Unavailable {

@@ -71,10 +71,13 @@ pub enum ProviderError {
         provider: &'static str,
         object: String,
     },
-    #[error("the {provider} provider refused access to \"{object}\": {detail}")]
+    #[error("the {provider} provider refused access to \"{object}\" ({code}): {detail}")]
     PermissionDenied {
         provider: &'static str,
         object: String,
+        /// The provider's reason, short and stable (e.g. `vault-login-refused`, an AADSTS
+        /// code): what the audit record's `reason` carries.
+        code: String,
         detail: String,
     },
     #[error("the {provider} provider is throttling requests; retry after {retry_after:?}")]

@@ -238,6 +238,11 @@ impl VolumeContent {
     }
 
     /// Renders every file from one consistent set of objects.
+    ///
+    /// The size limits are enforced *while* rendering: a file stops growing at
+    /// `max_object_bytes` or at what is left of `max_volume_bytes`, whichever is smaller, so a
+    /// template that names a large key thousands of times costs at most the limit in memory
+    /// and time, never the size it would have rendered to.
     pub fn render(
         &self,
         objects: &BTreeMap<ObjectRequest, Arc<SecretObject>>,
@@ -255,20 +260,16 @@ impl VolumeContent {
                     max: self.limits.max_object_bytes,
                 });
             }
-            let bytes = render_one(spec, obj)?;
-            if bytes.len() > self.limits.max_object_bytes {
-                return Err(ContentError::TooLarge {
-                    object: spec.object.clone(),
-                    size: bytes.len(),
-                    max: self.limits.max_object_bytes,
-                });
-            }
+            let left = self.limits.max_volume_bytes.saturating_sub(total);
+            let budget = Budget {
+                cap: self.limits.max_object_bytes.min(left),
+                volume_bound: left < self.limits.max_object_bytes,
+                max_object: self.limits.max_object_bytes,
+                max_volume: self.limits.max_volume_bytes,
+            };
+            let bytes = render_one(spec, obj, &budget)?;
+            budget.check(spec, bytes.len())?;
             total += bytes.len();
-            if total > self.limits.max_volume_bytes {
-                return Err(ContentError::VolumeTooLarge {
-                    max: self.limits.max_volume_bytes,
-                });
-            }
             out.push(RenderedFile {
                 name: spec.name.clone(),
                 mode: spec.mode,
@@ -278,6 +279,34 @@ impl VolumeContent {
             });
         }
         Ok(out)
+    }
+}
+
+/// How many bytes one file may still take, and which limit that is.
+struct Budget {
+    cap: usize,
+    /// The cap comes from what is left of the volume limit (not the per-object limit).
+    volume_bound: bool,
+    max_object: usize,
+    max_volume: usize,
+}
+
+impl Budget {
+    fn check(&self, spec: &FileSpec, size: usize) -> Result<(), ContentError> {
+        if size <= self.cap {
+            return Ok(());
+        }
+        Err(if self.volume_bound {
+            ContentError::VolumeTooLarge {
+                max: self.max_volume,
+            }
+        } else {
+            ContentError::FileTooLarge {
+                file: spec.name.to_string(),
+                object: spec.object.clone(),
+                max: self.max_object,
+            }
+        })
     }
 }
 
@@ -319,34 +348,63 @@ fn parse_json_object(object: &str, value: &SecretBytes) -> Result<SecretJson, Co
 }
 
 fn json_field(object: &str, json: &SecretJson, key: &str) -> Result<SecretBytes, ContentError> {
+    let mut out = Vec::new();
+    append_field(object, json, key, &mut out, usize::MAX)?;
+    Ok(SecretBytes::new(out))
+}
+
+/// Appends the text of `key` to `out`, refusing (before copying) to take `out` past `cap`.
+/// `out` never reallocates past what was reserved for it, so no copy of a value is left behind
+/// in freed memory.
+fn append_field(
+    object: &str,
+    json: &SecretJson,
+    key: &str,
+    out: &mut Vec<u8>,
+    cap: usize,
+) -> Result<(), ContentError> {
+    let over = || ContentError::Overflow;
+    let put = |out: &mut Vec<u8>, bytes: &[u8]| {
+        if out.len() + bytes.len() > cap {
+            return Err(over());
+        }
+        out.extend_from_slice(bytes);
+        Ok(())
+    };
     match json.0.get(key) {
-        Some(Value::String(s)) => Ok(SecretBytes::new(s.as_bytes().to_vec())),
+        Some(Value::String(s)) => put(out, s.as_bytes()),
         Some(Value::Null) | None => Err(ContentError::MissingKey {
             object: object.to_owned(),
             key: key.to_owned(),
         }),
         // A list of strings (a PEM chain such as Vault PKI's `ca_chain`): one per line.
         Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_string) => {
-            // Sized up front: no reallocation leaves a copy behind.
-            let total: usize = items
-                .iter()
-                .map(|v| v.as_str().map_or(0, str::len) + 1)
-                .sum();
-            let mut out = Vec::with_capacity(total);
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(b'\n');
+                    put(out, b"\n")?;
                 }
-                out.extend_from_slice(item.as_str().unwrap_or_default().as_bytes());
+                put(out, item.as_str().unwrap_or_default().as_bytes())?;
             }
-            Ok(SecretBytes::new(out))
+            Ok(())
         }
         // Numbers, booleans and nested values are written as their JSON text.
-        Some(other) => Ok(SecretBytes::new(other.to_string().into_bytes())),
+        Some(other) => {
+            let text = zeroize::Zeroizing::new(other.to_string().into_bytes());
+            put(out, &text)
+        }
     }
 }
 
-fn render_one(spec: &FileSpec, obj: &SecretObject) -> Result<SecretBytes, ContentError> {
+fn render_one(
+    spec: &FileSpec,
+    obj: &SecretObject,
+    budget: &Budget,
+) -> Result<SecretBytes, ContentError> {
+    // Rendering stopped at the budget: report it as the limit that was hit.
+    let bounded = |e: ContentError| match e {
+        ContentError::Overflow => budget.check(spec, budget.cap.saturating_add(1)).unwrap_err(),
+        e => e,
+    };
     match &spec.source {
         FileSource::Object { key, encoding } => {
             let raw = match key {
@@ -360,13 +418,21 @@ fn render_one(spec: &FileSpec, obj: &SecretObject) -> Result<SecretBytes, Conten
         }
         FileSource::Template(t) => {
             let json = parse_json_object(&spec.object, &obj.value)?;
-            let mut out = zeroize::Zeroizing::new(Vec::new());
+            // The reservation is the most a file may hold, so the buffer never moves (no
+            // stale copies of values in freed memory) and never grows past the limit.
+            let mut out = zeroize::Zeroizing::new(Vec::with_capacity(
+                budget.cap.min(obj.value.len().saturating_mul(2).max(4096)),
+            ));
             for part in &t.parts {
                 match part {
-                    Part::Literal(s) => out.extend_from_slice(s.as_bytes()),
-                    Part::Key(k) => {
-                        out.extend_from_slice(json_field(&spec.object, &json, k)?.expose())
+                    Part::Literal(s) => {
+                        if out.len() + s.len() > budget.cap {
+                            return Err(bounded(ContentError::Overflow));
+                        }
+                        out.extend_from_slice(s.as_bytes());
                     }
+                    Part::Key(k) => append_field(&spec.object, &json, k, &mut out, budget.cap)
+                        .map_err(bounded)?,
                 }
             }
             Ok(SecretBytes::new(std::mem::take(&mut *out)))
@@ -434,6 +500,17 @@ pub enum ContentError {
     #[error("the volume's files together exceed {max} bytes (limits.maxVolumeBytes)")]
     VolumeTooLarge { max: usize },
     #[error(
+        "file \"{file}\" (object \"{object}\") renders to more than {max} bytes (limits.maxObjectBytes)"
+    )]
+    FileTooLarge {
+        file: String,
+        object: String,
+        max: usize,
+    },
+    /// Internal to rendering: a file reached its byte budget (reported as one of the above).
+    #[error("the rendered file reached its size limit")]
+    Overflow,
+    #[error(
         "object \"{object}\" is not a JSON object, so a key or template cannot be read from it"
     )]
     NotJson { object: String },
@@ -441,6 +518,18 @@ pub enum ContentError {
     MissingKey { object: String, key: String },
     #[error("object \"{object}\" is not valid {encoding:?} as its encoding says")]
     BadValueEncoding { object: String, encoding: Encoding },
+}
+
+impl ContentError {
+    /// The rule that was broken, without the input that broke it (for errors about text a pod
+    /// wrote, which must not reach logs).
+    pub fn without_input(&self) -> String {
+        match self {
+            Self::BadFileName { rule, .. } => format!("is not allowed: it {rule}"),
+            Self::BadEncoding(_) => "is not known: use utf-8, base64 or hex".into(),
+            other => other.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -642,6 +731,60 @@ mod tests {
         assert!(
             err.contains("Base64") && !err.contains("top-secret"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_template_bomb_stops_at_the_limit() {
+        let big = "x".repeat(1000 << 10);
+        let value = format!(r#"{{"k":"{big}"}}"#);
+        let bomb = "{{k}}".repeat(4000);
+        let content = VolumeContent::new(
+            vec![spec(
+                "f",
+                "o",
+                FileSource::Template(Template::parse(&bomb).unwrap()),
+            )],
+            Limits::default(),
+        )
+        .unwrap();
+        let mut objects = BTreeMap::new();
+        objects.insert(req("o"), obj(&value));
+        let err = content.render(&objects).unwrap_err();
+        assert_eq!(
+            err,
+            ContentError::FileTooLarge {
+                file: "f".into(),
+                object: "o".into(),
+                max: 1 << 20
+            }
+        );
+        // Under the object limit but over what is left of the volume: the volume limit.
+        let limits = Limits {
+            max_files: 2,
+            max_object_bytes: 100,
+            max_volume_bytes: 150,
+        };
+        let content = VolumeContent::new(
+            vec![
+                spec(
+                    "a",
+                    "o",
+                    FileSource::Template(Template::parse("{{k}}{{k}}").unwrap()),
+                ),
+                spec(
+                    "b",
+                    "o",
+                    FileSource::Template(Template::parse("{{k}}{{k}}").unwrap()),
+                ),
+            ],
+            limits,
+        )
+        .unwrap();
+        objects.insert(req("o"), obj(&format!(r#"{{"k":"{}"}}"#, "y".repeat(40))));
+        assert_eq!(
+            content.render(&objects).unwrap_err(),
+            ContentError::VolumeTooLarge { max: 150 }
         );
     }
 

@@ -10,7 +10,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -159,6 +160,23 @@ impl Filesystem for Adapter {
         reply.error(Errno::ENOSYS);
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls: ENOTTY is what a regular file answers (Python's text-mode open asks
+        // TCGETS on every open); quietly, as it is no error.
+        reply.error(Errno::ENOTTY);
+    }
+
     fn readdir(
         &self,
         _req: &Request,
@@ -194,6 +212,9 @@ pub struct FuseOptions {
     /// Let the kernel cache entries, attributes and pages (safe: inodes are immutable). Off
     /// only to measure the uncached baseline.
     pub kernel_cache: bool,
+    /// After unmount, how long a session that another mount namespace still holds is served
+    /// before its connection is aborted.
+    pub linger: Duration,
 }
 
 impl Default for FuseOptions {
@@ -202,6 +223,7 @@ impl Default for FuseOptions {
             threads: 2,
             allow_other: true,
             kernel_cache: true,
+            linger: Duration::from_secs(3600),
         }
     }
 }
@@ -212,7 +234,20 @@ pub struct FuseVolume {
     notifier: Notifier,
     session: fuser::BackgroundSession,
     dir: PathBuf,
+    /// How long to keep serving after unmount while another mount namespace holds a copy.
+    linger: Duration,
 }
+
+/// Sessions unmounted here but still served because another mount namespace holds a copy.
+static LINGERING: AtomicU64 = AtomicU64::new(0);
+
+/// How many unmounted FUSE sessions are still being served (see [`FuseVolume::unmount`]).
+pub fn lingering_sessions() -> u64 {
+    LINGERING.load(Ordering::Relaxed)
+}
+
+/// How long unmount waits for the session to end before leaving it to a background thread.
+const UNMOUNT_WAIT: Duration = Duration::from_millis(500);
 
 impl FuseVolume {
     /// Mounts `fs` at `dir` (which must exist and not be a mount already).
@@ -261,6 +296,7 @@ impl FuseVolume {
             fs,
             session,
             dir: dir.to_owned(),
+            linger: opts.linger,
         })
     }
 
@@ -299,10 +335,46 @@ impl Volume for FuseVolume {
         self.fs.flush_reads(false);
     }
 
+    /// Unmounts and returns promptly. The kernel connection lives on while another mount
+    /// namespace holds a copy of the mount (a process that unshared its mounts while the
+    /// volume was mounted): the session is served until that copy goes, for at most
+    /// `linger`, then its connection is aborted. That wait happens on a background thread,
+    /// logged and audited, so a NodeUnpublishVolume never waits on another namespace.
     fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
         let dir = self.dir.clone();
-        let Self { session, fs, .. } = *self;
-        let res = session.umount_and_join();
+        let Self {
+            session,
+            fs,
+            linger,
+            ..
+        } = *self;
+        let conn = connection_id(&dir);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let joiner = std::thread::Builder::new()
+            .name("fuse-unmount".into())
+            .spawn(move || {
+                let _ = tx.send(session.umount_and_join());
+            })
+            .map_err(|e| VolumeError::Unmount {
+                path: dir.clone(),
+                error: e.to_string(),
+            })?;
+        let res = match rx.recv_timeout(UNMOUNT_WAIT) {
+            Ok(r) => {
+                let _ = joiner.join();
+                r
+            }
+            Err(_) => {
+                let still_here = super::mountpoint::mount_at(&dir)
+                    .is_some_and(|m| m.fs_type == "fuse.keybroker");
+                if still_here {
+                    // The unmount itself is stuck (not the join): detach.
+                    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+                }
+                linger_in_background(dir.clone(), fs.clone(), conn, rx, joiner, linger);
+                return Ok(());
+            }
+        };
         fs.flush_reads(true);
         match res {
             Ok(()) => Ok(()),
@@ -322,6 +394,75 @@ impl Volume for FuseVolume {
                 error: e.to_string(),
             }),
         }
+    }
+}
+
+/// The FUSE connection number of the mount at `dir` (its device minor), which names the
+/// connection under /sys/fs/fuse/connections.
+fn connection_id(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = dir.to_str()?;
+    text.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (mp == want && l.contains(" - fuse.keybroker "))
+            .then(|| dev.split_once(':')?.1.parse().ok())
+            .flatten()
+    })
+}
+
+/// Waits (off the caller's thread) for a session whose mount another namespace still holds;
+/// aborts its connection after `linger`. Audited at both ends.
+fn linger_in_background(
+    dir: PathBuf,
+    fs: Arc<MemFs>,
+    conn: Option<u32>,
+    rx: std::sync::mpsc::Receiver<std::io::Result<()>>,
+    joiner: std::thread::JoinHandle<()>,
+    linger: Duration,
+) {
+    LINGERING.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(volume = %dir.display(), linger = ?linger, "unmounted, but another mount namespace still holds the FUSE volume; serving it there until that copy goes");
+    fs.audit_note(format!(
+        "unmounted at {}; another mount namespace still holds the volume, served until it lets go (at most {})",
+        dir.display(),
+        humantime::format_duration(linger)
+    ));
+    let spawned = std::thread::Builder::new()
+        .name("fuse-linger".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let ended = match rx.recv_timeout(linger.saturating_sub(UNMOUNT_WAIT)) {
+                Ok(_) => format!(
+                    "the last mount of the volume went after {}; session ended",
+                    humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+                ),
+                Err(_) => {
+                    let aborted = conn.is_some_and(|c| {
+                        std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
+                    });
+                    let how = if aborted {
+                        let _ = rx.recv_timeout(Duration::from_secs(10));
+                        "connection aborted"
+                    } else {
+                        "cannot abort the connection (is fusectl mounted at /sys/fs/fuse/connections?); it ends with its last mount"
+                    };
+                    format!(
+                        "another mount namespace still held the volume after {}: {how}",
+                        humantime::format_duration(linger)
+                    )
+                }
+            };
+            let _ = joiner.join();
+            LINGERING.fetch_sub(1, Ordering::Relaxed);
+            fs.flush_reads(true);
+            tracing::info!(volume = %dir.display(), "{ended}");
+            fs.audit_note(ended);
+        });
+    if spawned.is_err() {
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+        tracing::error!("cannot start the thread that ends a lingering FUSE session");
     }
 }
 

@@ -365,6 +365,17 @@ impl MemFs {
 
     /// Records the opens counted in read windows that have closed (all of them when `all`).
     /// Called about once a second and at unmount.
+    /// Records an event about the volume's life (not a read), e.g. how its session ended.
+    pub fn audit_note(&self, detail: String) {
+        if let Some(a) = &self.audit {
+            a.record(
+                Event::new(EventKind::Unmount)
+                    .volume(&*self.volume)
+                    .detail(detail),
+            );
+        }
+    }
+
     pub fn flush_reads(&self, all: bool) {
         let Some(a) = &self.audit else { return };
         let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());

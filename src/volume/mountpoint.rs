@@ -201,9 +201,138 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
     ))
 }
 
+/// Detaches every keybroker mount at `dir`, however many are stacked (a crash can leave a
+/// second one on top of the first). Returns how many were detached.
+pub fn detach_keybroker_mounts(dir: &Path) -> usize {
+    let mut n = 0;
+    while mount_at(dir).is_some_and(|m| is_keybroker_mount(&m)) {
+        if nix::mount::umount2(dir, MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Why a publish target cannot be used. Messages name the target and the rule.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("target {path} {rule}")]
+pub struct TargetRefused {
+    pub path: PathBuf,
+    pub rule: String,
+}
+
+/// What [`prepare_target`] found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Keybroker mounts detached from the target and its staging directory: a previous
+    /// process's publish that crashed before it was recorded, or stacked mounts.
+    pub orphans_cleaned: usize,
+    /// The target directory was created here (so unpublish may remove it).
+    pub created: bool,
+}
+
+/// Makes `target` ready for a new mount of this process: keybroker mounts left there by a
+/// crash are detached (with the tmpfs staging mount behind them), and the target must then be
+/// an empty directory that is not a symlink and not a mount point. A missing target is created
+/// beneath a parent opened without following a symlink.
+pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
+    use nix::fcntl::{AtFlags, OFlag, open, openat};
+    use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
+    let refuse = |rule: String| TargetRefused {
+        path: target.to_owned(),
+        rule,
+    };
+    let mut prepared = Prepared {
+        orphans_cleaned: detach_keybroker_mounts(target),
+        created: false,
+    };
+    let staging = staging_dir(target);
+    prepared.orphans_cleaned += detach_keybroker_mounts(&staging);
+    let _ = std::fs::remove_dir(&staging);
+    if let Some(m) = mount_at(target) {
+        return Err(refuse(format!(
+            "already has a {} filesystem mounted that keybroker did not make",
+            m.fs_type
+        )));
+    }
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(refuse("has no parent directory".into()));
+    };
+    // The parent's own path is kubelet's (its pods directory); create what is missing.
+    std::fs::create_dir_all(parent)
+        .map_err(|e| refuse(format!("cannot have its parent directory created: {e}")))?;
+    let dir_flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let parent_fd = open(parent, dir_flags, Mode::empty()).map_err(|e| {
+        refuse(match e {
+            nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => {
+                "has a parent that is a symlink or not a directory".into()
+            }
+            e => format!("cannot have its parent directory opened: {e}"),
+        })
+    })?;
+    match fstatat(&parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(nix::errno::Errno::ENOENT) => {
+            mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o750))
+                .map_err(|e| refuse(format!("cannot be created: {e}")))?;
+            prepared.created = true;
+            Ok(prepared)
+        }
+        Err(e) => Err(refuse(format!("cannot be inspected: {e}"))),
+        Ok(st) => {
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFLNK {
+                return Err(refuse("is a symlink; it must be a directory".into()));
+            }
+            if kind != SFlag::S_IFDIR {
+                return Err(refuse("is not a directory".into()));
+            }
+            let fd = openat(&parent_fd, name, dir_flags, Mode::empty())
+                .map_err(|e| refuse(format!("cannot be opened: {e}")))?;
+            let mut dir = nix::dir::Dir::from_fd(fd)
+                .map_err(|e| refuse(format!("cannot be listed: {e}")))?;
+            let non_empty = dir.iter().flatten().any(|e| {
+                let n = e.file_name().to_bytes();
+                n != b"." && n != b".."
+            });
+            if non_empty {
+                return Err(refuse(
+                    "is not an empty directory; keybroker does not mount over files".into(),
+                ));
+            }
+            Ok(prepared)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_must_be_empty_real_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let fresh = d.path().join("pods/uid/mount");
+        assert_eq!(
+            prepare_target(&fresh).unwrap(),
+            Prepared {
+                orphans_cleaned: 0,
+                created: true
+            }
+        );
+        assert!(!prepare_target(&fresh).unwrap().created);
+        std::fs::write(fresh.join("f"), "x").unwrap();
+        assert!(prepare_target(&fresh).unwrap_err().rule.contains("not an empty directory"));
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("pods"), &link).unwrap();
+        assert!(prepare_target(&link).unwrap_err().rule.contains("symlink"));
+        // A parent that is a symlink is not followed either.
+        let under = link.join("uid2");
+        assert!(prepare_target(&under).unwrap_err().rule.contains("symlink"));
+        let file = d.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(prepare_target(&file).unwrap_err().rule.contains("not a directory"));
+    }
 
     #[test]
     fn parses_mountinfo_lines_with_escapes() {

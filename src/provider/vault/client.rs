@@ -313,6 +313,7 @@ pub fn status_error(reply: &Reply, object: &str, context: &str) -> ProviderError
         403 => ProviderError::PermissionDenied {
             provider: "vault",
             object,
+            code: "vault-permission-denied".into(),
             detail: format!("{context}: Vault said permission denied ({text})"),
         },
         404 => ProviderError::NotFound {

@@ -120,7 +120,7 @@ struct Call {
 pub fn encode_params(method: &str, args: Option<&Value>) -> Result<Option<String>, String> {
     let m = method.to_ascii_uppercase();
     if !matches!(m.as_str(), "GET" | "PUT" | "POST") {
-        return Err(format!("method {method:?} is not GET, PUT or POST"));
+        return Err("must be GET, PUT or POST".into());
     }
     match (m.as_str(), args) {
         ("GET", None) => Ok(None),
@@ -146,7 +146,14 @@ pub fn check_path(path: &str) -> Result<(), String> {
         .chars()
         .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '%' | '\\'))
     {
-        return Err(format!("must not contain {c:?}"));
+        return Err(format!(
+            "must not contain {}",
+            if c.is_ascii_graphic() {
+                format!("'{c}'")
+            } else {
+                "spaces or control characters".into()
+            }
+        ));
     }
     if path
         .split('/')
@@ -363,6 +370,7 @@ impl VaultProvider {
                 400 | 401 | 403 => ProviderError::PermissionDenied {
                     provider: KIND,
                     object: path,
+                    code: format!("vault-login-refused-{}", reply.status),
                     detail,
                 },
                 429 => ProviderError::Throttled {
