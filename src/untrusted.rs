@@ -17,17 +17,56 @@ use serde::de::DeserializeOwned;
 /// Nesting deeper than this is refused before parsing. Objects lists need four or five levels.
 pub const MAX_DEPTH: usize = 32;
 
+/// Where [`check_depth`] found nesting past the limit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooDeep {
+    /// 1-based line.
+    pub line: usize,
+    /// The item of the top-level sequence the line belongs to, when there is one.
+    pub item: Option<usize>,
+    /// The key the line starts with (`filePermission: [[[...`), when it is a plain name.
+    pub key: Option<String>,
+}
+
+impl TooDeep {
+    /// Where, as a field path below `what` (`objects[0].filePermission`) when the line says.
+    pub fn place(&self, what: &str) -> String {
+        let mut p = what.to_owned();
+        if let Some(i) = self.item {
+            p.push_str(&format!("[{i}]"));
+        }
+        if let Some(k) = &self.key {
+            p.push('.');
+            p.push_str(k);
+        }
+        p
+    }
+}
+
 /// An upper bound of the nesting depth of `text` as YAML: indentation levels, compact
 /// sequences on one line (`- - - x`) and flow brackets (`[`, `{`, counted even inside quotes,
-/// so the bound stays an upper bound). Returns the 1-based line where `max` is first exceeded.
-pub fn check_depth(text: &str, max: usize) -> Result<(), usize> {
+/// so the bound stays an upper bound). Linear in the text; fails at the first line past `max`.
+pub fn check_depth(text: &str, max: usize) -> Result<(), TooDeep> {
     let mut indents: Vec<usize> = Vec::new();
     let mut flow = 0usize;
     let mut block = 0usize;
+    // The top-level sequence's items (`- ` at the shallowest column seen).
+    let mut seq_col: Option<usize> = None;
+    let mut item: Option<usize> = None;
     for (i, line) in text.lines().enumerate() {
         let body = line.trim_start_matches(' ');
         if flow == 0 && !body.is_empty() && !body.starts_with('#') {
             let col = line.len() - body.len();
+            if body.starts_with("- ") || body == "-" {
+                match seq_col {
+                    Some(c) if c == col => item = Some(item.map_or(0, |n| n + 1)),
+                    Some(c) if c < col => {}
+                    _ => {
+                        seq_col = Some(col);
+                        item = Some(0);
+                    }
+                }
+            }
             while indents.last().is_some_and(|&c| c >= col) {
                 indents.pop();
             }
@@ -44,15 +83,20 @@ pub fn check_depth(text: &str, max: usize) -> Result<(), usize> {
             }
             block = indents.len() + chain;
         }
+        let too_deep = || TooDeep {
+            line: i + 1,
+            item,
+            key: line_key(body),
+        };
         if block > max {
-            return Err(i + 1);
+            return Err(too_deep());
         }
         for b in line.bytes() {
             match b {
                 b'[' | b'{' => {
                     flow += 1;
                     if block + flow > max {
-                        return Err(i + 1);
+                        return Err(too_deep());
                     }
                 }
                 b']' | b'}' => flow = flow.saturating_sub(1),
@@ -63,12 +107,22 @@ pub fn check_depth(text: &str, max: usize) -> Result<(), usize> {
     Ok(())
 }
 
+/// The plain key a line starts with (`- filePermission: [...` gives `filePermission`).
+fn line_key(body: &str) -> Option<String> {
+    let body = body.trim_start_matches(['-', ' ']);
+    let (k, _) = body.split_once(':')?;
+    (!k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .then(|| k.to_owned())
+}
+
 /// Deserializes `text`; an error names the field path below `what` (e.g. `objects[0].mode`)
 /// and the kind of mistake, and never contains the text.
 pub fn from_yaml<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, String> {
-    if let Err(line) = check_depth(text, MAX_DEPTH) {
+    if let Err(deep) = check_depth(text, MAX_DEPTH) {
         return Err(format!(
-            "{what}: nested more than {MAX_DEPTH} levels deep (line {line}); refused before parsing"
+            "{}: nested more than {MAX_DEPTH} levels deep (line {}); refused before parsing",
+            deep.place(what),
+            deep.line
         ));
     }
     serde_norway::from_str(text).map_err(|e| {
@@ -98,9 +152,11 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, Strin
 pub fn describe(msg: &str) -> String {
     let msg = msg.split(" at line ").next().unwrap_or(msg);
     let msg = msg.split(" at position ").next().unwrap_or(msg);
+    // What was expected comes from keybroker's own types; it is the last ", expected" (the
+    // input, quoted before it, may contain the same words).
     let expected = msg
-        .split_once(", expected ")
-        .map(|(_, e)| redact(e))
+        .rsplit_once(", expected ")
+        .map(|(_, e)| e.to_owned())
         .unwrap_or_default();
     let found = |rest: &str| {
         rest.split(['"', '`', ','])
@@ -118,24 +174,11 @@ pub fn describe(msg: &str) -> String {
     if let Some(rest) = msg.strip_prefix("invalid length ") {
         return format!("wrong number of items ({})", found(rest));
     }
-    if let Some(rest) = msg.strip_prefix("unknown field ") {
-        let name = rest
-            .strip_prefix('`')
-            .and_then(|r| r.split_once('`'))
-            .map(|(n, _)| n)
-            .filter(|n| {
-                n.len() <= 64
-                    && n
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-            });
-        let allowed = match expected.is_empty() {
-            true => String::new(),
-            false => format!(" (expected {expected})"),
-        };
-        return match name {
-            Some(n) => format!("unknown field `{n}`{allowed}"),
-            None => format!("unknown field{allowed}"),
+    if msg.starts_with("unknown field ") {
+        // The unknown name is the pod's text: say which names are allowed instead.
+        return match expected.is_empty() {
+            true => "unknown field".into(),
+            false => format!("unknown field (expected {expected})"),
         };
     }
     if let Some(rest) = msg.strip_prefix("missing field ") {
@@ -198,11 +241,17 @@ mod tests {
             "]".repeat(60_000)
         );
         let e = from_yaml::<Vec<Obj>>(&deep, "objects").unwrap_err();
-        assert!(e.contains("nested more than 32") && e.contains("line 2"), "{e}");
+        assert!(
+            e.starts_with("objects[0].filePermission: nested more than 32") && e.contains("line 2"),
+            "{e}"
+        );
+        let second = format!("- objectName: a\n- objectName: b\n  args: {}\n", "{".repeat(40));
+        let e = from_yaml::<Vec<Obj>>(&second, "objects").unwrap_err();
+        assert!(e.starts_with("objects[1].args: nested"), "{e}");
         let compact = format!("{}x\n", "- ".repeat(100));
-        assert_eq!(check_depth(&compact, MAX_DEPTH), Err(1));
+        assert_eq!(check_depth(&compact, MAX_DEPTH).unwrap_err().line, 1);
         let indented: String = (0..40).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
-        assert_eq!(check_depth(&indented, MAX_DEPTH), Err(33));
+        assert_eq!(check_depth(&indented, MAX_DEPTH).unwrap_err().line, 33);
         // Ordinary objects lists, in both Secrets Store dialects, pass.
         let vault = "- objectName: db\n  secretPath: database/creds/app\n  secretArgs:\n    ttl: 1h\n    extra: {a: [1, 2]}\n  template: \"pg://{{username}}:{{password}}@db\"\n";
         assert_eq!(check_depth(vault, MAX_DEPTH), Ok(()));
@@ -218,8 +267,12 @@ mod tests {
                 "objects[0].filePermission: wrong type",
             ),
             (
-                "- objectName: a\n  bogus: TOPSECRET-2\n",
-                "objects[0]: unknown field `bogus`",
+                "- objectName: a\n  TOPSECRET-2: 1\n",
+                "objects[0]: unknown field (expected `objectName` or `filePermission`)",
+            ),
+            (
+                "- objectName: a\n  filePermission: \"TOPSECRET, expected x\"\n",
+                "objects[0].filePermission: wrong type: expected u32, found string",
             ),
             (
                 "- objectName: a\n  TOPSECRET-3 has spaces: 1\n",

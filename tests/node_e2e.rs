@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::node::*;
 use common::*;
-use keybroker_csi::pb;
 use tonic::Code;
 
 const NOBODY: u32 = 65534;
@@ -48,101 +45,6 @@ fn setup() -> (tempfile::TempDir, PathBuf) {
     std::fs::create_dir_all(d.join("etc")).unwrap();
     std::fs::write(d.join("etc/bindings.yaml"), bindings_yaml(&d, true)).unwrap();
     (tmp, d)
-}
-
-/// A service-account token as kubelet passes it (the test is the cluster's issuer; the
-/// signature is not what keybroker checks).
-fn sa_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
-    let b64 = |v: serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-    };
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let jwt = format!(
-        "{}.{}.c2lnbmF0dXJl",
-        b64(serde_json::json!({"alg": "RS256", "kid": "test"})),
-        b64(serde_json::json!({
-            "aud": ["keybroker"], "exp": exp, "iss": "https://kubernetes.default.svc",
-            "sub": format!("system:serviceaccount:{ns}:{sa}"),
-            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": uid}, "serviceaccount": {"name": sa, "uid": "sa-uid"}}
-        }))
-    );
-    serde_json::json!({"keybroker": {"token": jwt, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
-        .to_string()
-}
-
-struct Pod {
-    ns: &'static str,
-    sa: &'static str,
-    name: String,
-    uid: String,
-}
-
-impl Pod {
-    fn new(ns: &'static str, sa: &'static str, i: usize) -> Self {
-        Pod {
-            ns,
-            sa,
-            name: format!("{sa}-{i}"),
-            uid: format!("00000000-0000-0000-0000-{i:012}"),
-        }
-    }
-
-    fn target(&self, root: &Path) -> PathBuf {
-        root.join(format!(
-            "kubelet/pods/{}/volumes/kubernetes.io~csi/secrets/mount",
-            self.uid
-        ))
-    }
-
-    fn request(
-        &self,
-        root: &Path,
-        objects: &str,
-        kind: &str,
-        token_for: Option<&Pod>,
-    ) -> pb::NodePublishVolumeRequest {
-        let claims = token_for.unwrap_or(self);
-        let ctx: HashMap<String, String> = [
-            ("csi.storage.k8s.io/pod.name", self.name.as_str()),
-            ("csi.storage.k8s.io/pod.namespace", self.ns),
-            ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
-            ("csi.storage.k8s.io/serviceAccount.name", self.sa),
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("provider", "local"),
-            ("volumeType", kind),
-            ("objects", objects),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let secrets = HashMap::from([(
-            "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
-            sa_token(claims.ns, claims.sa, &claims.name, &claims.uid),
-        )]);
-        pb::NodePublishVolumeRequest {
-            volume_id: format!("csi-{}", self.uid),
-            target_path: self.target(root).display().to_string(),
-            volume_capability: Some(pb::VolumeCapability {
-                access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-                access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-            }),
-            readonly: true,
-            volume_context: ctx,
-            secrets,
-            ..Default::default()
-        }
-    }
-
-    fn unpublish(&self, root: &Path) -> pb::NodeUnpublishVolumeRequest {
-        pb::NodeUnpublishVolumeRequest {
-            volume_id: format!("csi-{}", self.uid),
-            target_path: self.target(root).display().to_string(),
-        }
-    }
 }
 
 const A_OBJECTS: &str =

@@ -366,7 +366,7 @@ impl Volume for FuseVolume {
             }
             Err(_) => {
                 let still_here = super::mountpoint::mount_at(&dir)
-                    .is_some_and(|m| m.fs_type == "fuse.keybroker");
+                    .is_some_and(|m| super::mountpoint::is_keybroker_mount(&m));
                 if still_here {
                     // The unmount itself is stuck (not the join): detach.
                     let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
@@ -406,10 +406,30 @@ fn connection_id(dir: &Path) -> Option<u32> {
         let mut f = l.split(' ');
         let dev = f.nth(2)?;
         let mp = f.nth(1)?;
-        (mp == want && l.contains(" - fuse.keybroker "))
+        let (_, post) = l.split_once(" - ")?;
+        let mut post = post.split(' ');
+        let keybroker = post.next()?.starts_with("fuse") && post.next() == Some("keybroker");
+        (mp == want && keybroker)
             .then(|| dev.split_once(':')?.1.parse().ok())
             .flatten()
     })
+}
+
+/// Aborts a FUSE connection through fusectl, mounting fusectl first where the system has not.
+fn abort_connection(conn: u32) -> std::io::Result<()> {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    let abort = dir.join(conn.to_string()).join("abort");
+    if !abort.exists() && super::mountpoint::mount_at(dir).is_none() {
+        nix::mount::mount(
+            Some("fusectl"),
+            dir,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    std::fs::write(abort, "1")
 }
 
 /// Waits (off the caller's thread) for a session whose mount another namespace still holds;
@@ -434,19 +454,26 @@ fn linger_in_background(
         .spawn(move || {
             let started = Instant::now();
             let ended = match rx.recv_timeout(linger.saturating_sub(UNMOUNT_WAIT)) {
-                Ok(_) => format!(
-                    "the last mount of the volume went after {}; session ended",
-                    humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
-                ),
+                Ok(_) => {
+                    let _ = joiner.join();
+                    format!(
+                        "the last mount of the volume went after {}; session ended",
+                        humantime::format_duration(Duration::from_secs(
+                            started.elapsed().as_secs()
+                        ))
+                    )
+                }
                 Err(_) => {
-                    let aborted = conn.is_some_and(|c| {
-                        std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok()
-                    });
-                    let how = if aborted {
-                        let _ = rx.recv_timeout(Duration::from_secs(10));
-                        "connection aborted"
-                    } else {
-                        "cannot abort the connection (is fusectl mounted at /sys/fs/fuse/connections?); it ends with its last mount"
+                    let how = match conn.map(abort_connection) {
+                        Some(Ok(())) => match rx.recv_timeout(Duration::from_secs(10)) {
+                            Ok(_) => {
+                                let _ = joiner.join();
+                                "connection aborted".to_string()
+                            }
+                            Err(_) => "connection aborted, but the session did not end".into(),
+                        },
+                        Some(Err(e)) => format!("cannot abort the connection: {e}"),
+                        None => "cannot abort the connection: its number is unknown".into(),
                     };
                     format!(
                         "another mount namespace still held the volume after {}: {how}",
@@ -454,7 +481,6 @@ fn linger_in_background(
                     )
                 }
             };
-            let _ = joiner.join();
             LINGERING.fetch_sub(1, Ordering::Relaxed);
             fs.flush_reads(true);
             tracing::info!(volume = %dir.display(), "{ended}");

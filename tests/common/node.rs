@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use keybroker_csi::pb;
 use keybroker_csi::pb::node_client::NodeClient;
 
 use super::{BIN, wait_timeout};
@@ -31,6 +36,11 @@ impl Daemon {
 
     /// Starts the node with its bindings at `dir/etc/bindings.yaml` and the given poll interval.
     pub fn start_with(dir: &Path, poll: &str) -> Self {
+        Self::start_opts(dir, poll, &dir.join("audit.jsonl"), &[])
+    }
+
+    /// Starts the node with an audit log at `audit` and extra `node` flags.
+    pub fn start_opts(dir: &Path, poll: &str, audit: &Path, extra: &[&str]) -> Self {
         let sock = dir.join("csi/csi.sock");
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
@@ -55,9 +65,10 @@ impl Daemon {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--audit-log")
-            .arg(dir.join("audit.jsonl"))
+            .arg(audit)
             .arg("--metrics-addr")
             .arg(&metrics)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -135,14 +146,160 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Kills the node and detaches every keybroker mount under the test's directory and the
+    /// tmpfs staging mounts behind them, so a failing test leaves no secret mounted.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        detach_mounts_under(&self.dir);
+    }
+}
+
+/// Detaches every keybroker mount at or below `root`, and the staging tmpfs of each.
+pub fn detach_mounts_under(root: &Path) {
+    use sha2::Digest;
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut targets: Vec<PathBuf> = mi
+        .lines()
+        .filter(|l| l.contains(" - fuse.keybroker ") || l.contains(" keybroker "))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    for t in targets {
+        while super::is_mount_point(&t) {
+            if nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                break;
+            }
+        }
+        let key = hex::encode(&sha2::Sha256::digest(t.as_os_str().as_encoded_bytes())[..12]);
+        let staging = Path::new("/run/keybroker/staging").join(key);
+        while super::is_mount_point(&staging) {
+            if nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                break;
+            }
+        }
+        let _ = std::fs::remove_dir(&staging);
     }
 }
 
 pub async fn client(d: &Daemon) -> NodeClient<tonic::transport::Channel> {
     NodeClient::new(keybroker_csi::connect_unix(&d.sock).await.unwrap())
 }
+
+/// A service-account token as kubelet passes it (the test is the cluster's issuer; the
+/// signature is not what keybroker checks).
+pub fn sa_token(ns: &str, sa: &str, pod: &str, uid: &str) -> String {
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let jwt = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(serde_json::json!({"alg": "RS256", "kid": "test"})),
+        b64(serde_json::json!({
+            "aud": ["keybroker"], "exp": exp, "iss": "https://kubernetes.default.svc",
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": uid}, "serviceaccount": {"name": sa, "uid": "sa-uid"}}
+        }))
+    );
+    serde_json::json!({"keybroker": {"token": jwt, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
+        .to_string()
+}
+
+pub struct Pod {
+    pub ns: &'static str,
+    pub sa: &'static str,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Pod {
+    pub fn new(ns: &'static str, sa: &'static str, i: usize) -> Self {
+        Pod {
+            ns,
+            sa,
+            name: format!("{sa}-{i}"),
+            uid: format!("00000000-0000-0000-0000-{i:012}"),
+        }
+    }
+
+    pub fn target(&self, root: &Path) -> PathBuf {
+        root.join(format!(
+            "kubelet/pods/{}/volumes/kubernetes.io~csi/secrets/mount",
+            self.uid
+        ))
+    }
+
+    pub fn request(
+        &self,
+        root: &Path,
+        objects: &str,
+        kind: &str,
+        token_for: Option<&Pod>,
+    ) -> pb::NodePublishVolumeRequest {
+        self.request_with(
+            root,
+            &[("provider", "local"), ("volumeType", kind), ("objects", objects)],
+            token_for,
+        )
+    }
+
+    /// A publish request with kubelet's pod info, a token for `token_for` (default: this
+    /// pod) and the pod author's attributes `attrs`.
+    pub fn request_with(
+        &self,
+        root: &Path,
+        attrs: &[(&str, &str)],
+        token_for: Option<&Pod>,
+    ) -> pb::NodePublishVolumeRequest {
+        let claims = token_for.unwrap_or(self);
+        let mut ctx: HashMap<String, String> = [
+            ("csi.storage.k8s.io/pod.name", self.name.as_str()),
+            ("csi.storage.k8s.io/pod.namespace", self.ns),
+            ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
+            ("csi.storage.k8s.io/serviceAccount.name", self.sa),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in attrs {
+            ctx.insert(k.to_string(), v.to_string());
+        }
+        let secrets = HashMap::from([(
+            "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
+            sa_token(claims.ns, claims.sa, &claims.name, &claims.uid),
+        )]);
+        pb::NodePublishVolumeRequest {
+            volume_id: format!("csi-{}", self.uid),
+            target_path: self.target(root).display().to_string(),
+            volume_capability: Some(pb::VolumeCapability {
+                access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
+                access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+            }),
+            readonly: true,
+            volume_context: ctx,
+            secrets,
+            ..Default::default()
+        }
+    }
+
+    pub fn unpublish(&self, root: &Path) -> pb::NodeUnpublishVolumeRequest {
+        pb::NodeUnpublishVolumeRequest {
+            volume_id: format!("csi-{}", self.uid),
+            target_path: self.target(root).display().to_string(),
+        }
+    }
+}
+
