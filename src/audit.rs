@@ -22,8 +22,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -249,7 +249,12 @@ fn link(key: Option<&AuditKey>, line: &[u8]) -> String {
 }
 
 fn head_mac(key: &AuditKey, seq: u64, hash: &str) -> String {
-    key.mac(&[b"keybroker-audit-head\0", seq.to_string().as_bytes(), b"\0", hash.as_bytes()])
+    key.mac(&[
+        b"keybroker-audit-head\0",
+        seq.to_string().as_bytes(),
+        b"\0",
+        hash.as_bytes(),
+    ])
 }
 
 fn alg(key: Option<&AuditKey>) -> &'static str {
@@ -534,7 +539,13 @@ fn tail_state(file: &mut File, key: Option<&AuditKey>) -> std::io::Result<Tail> 
     Ok(tail)
 }
 
-fn cut(file: &mut File, len: u64, keep: u64, removed: Vec<u8>, mut tail: Tail) -> std::io::Result<Tail> {
+fn cut(
+    file: &mut File,
+    len: u64,
+    keep: u64,
+    removed: Vec<u8>,
+    mut tail: Tail,
+) -> std::io::Result<Tail> {
     file.set_len(keep)?;
     tail.torn = Some(Torn {
         bytes: len - keep,
@@ -719,8 +730,8 @@ impl Writer {
             head["mac"] = head_mac(k, seq, &self.good_prev).into();
         }
         let tmp = self.head_path.with_extension("head.tmp");
-        let res =
-            std::fs::write(&tmp, head.to_string()).and_then(|_| std::fs::rename(&tmp, &self.head_path));
+        let res = std::fs::write(&tmp, head.to_string())
+            .and_then(|_| std::fs::rename(&tmp, &self.head_path));
         self.last_head = Instant::now();
         match res {
             Ok(()) => self.head_dirty = false,
@@ -853,8 +864,12 @@ pub fn verify_reader(
         }
         if rec_prev != Some(prev.as_str()) {
             let reason = match key {
-                Some(_) if line_no > 1 => "the MAC of the previous record does not match: the previous line was edited or forged, records were reordered, or the key is wrong",
-                _ => "the hash of the previous record does not match: the previous line was edited, or records were reordered",
+                Some(_) if line_no > 1 => {
+                    "the MAC of the previous record does not match: the previous line was edited or forged, records were reordered, or the key is wrong"
+                }
+                _ => {
+                    "the hash of the previous record does not match: the previous line was edited, or records were reordered"
+                }
             };
             return brk(line_no, reason.into());
         }
@@ -1003,34 +1018,54 @@ mod tests {
         let mut edited = orig.clone();
         edited[1] = edited[1].replace("obj1", "objX");
         put(&path, &edited);
-        assert_eq!(verify(&path, &VerifyOptions::default()).unwrap().unwrap_err().line, 3);
+        assert_eq!(
+            verify(&path, &VerifyOptions::default())
+                .unwrap()
+                .unwrap_err()
+                .line,
+            3
+        );
 
         let mut deleted = orig.clone();
         deleted.remove(2);
         put(&path, &deleted);
-        let e = verify(&path, &VerifyOptions::default()).unwrap().unwrap_err();
+        let e = verify(&path, &VerifyOptions::default())
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.line, 3);
         assert!(e.reason.contains("deleted"), "{e}");
 
         let mut reordered = orig.clone();
         reordered.swap(1, 2);
         put(&path, &reordered);
-        assert_eq!(verify(&path, &VerifyOptions::default()).unwrap().unwrap_err().line, 2);
+        assert_eq!(
+            verify(&path, &VerifyOptions::default())
+                .unwrap()
+                .unwrap_err()
+                .line,
+            2
+        );
 
         put(&path, &orig[..3]);
-        let e = verify(&path, &VerifyOptions::default()).unwrap().unwrap_err();
+        let e = verify(&path, &VerifyOptions::default())
+            .unwrap()
+            .unwrap_err();
         assert!(e.reason.contains("cut off the end"), "{e}");
 
         let mut torn = orig.join("\n");
         torn.truncate(torn.len() - 5);
         std::fs::write(&path, torn).unwrap();
-        let e = verify(&path, &VerifyOptions::default()).unwrap().unwrap_err();
+        let e = verify(&path, &VerifyOptions::default())
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.line, 5);
 
         let mut last_edited = orig.clone();
         last_edited[4] = last_edited[4].replace("obj4", "objY");
         put(&path, &last_edited);
-        let e = verify(&path, &VerifyOptions::default()).unwrap().unwrap_err();
+        let e = verify(&path, &VerifyOptions::default())
+            .unwrap()
+            .unwrap_err();
         assert!(e.reason.contains("head anchor"), "{e}");
 
         put(&path, &orig);
@@ -1086,7 +1121,10 @@ mod tests {
         let path = write_log(dir.path(), 3);
         forge_append(&path);
         let e = verify(&path, &opts(None)).unwrap().unwrap_err();
-        assert!(e.reason.contains("follow the record the head anchor"), "{e}");
+        assert!(
+            e.reason.contains("follow the record the head anchor"),
+            "{e}"
+        );
 
         let key = AuditKey::from_bytes(&[7u8; 32]);
         let path = keyed_log(dir.path(), 4, &key);
@@ -1155,7 +1193,10 @@ mod tests {
         let tear: serde_json::Value = serde_json::from_str(&l[4]).unwrap();
         assert_eq!(tear["seq"], 4);
         let detail = tear["detail"].as_str().unwrap();
-        assert!(detail.contains("torn") && detail.contains("22 bytes"), "{detail}");
+        assert!(
+            detail.contains("torn") && detail.contains("22 bytes"),
+            "{detail}"
+        );
         let next: serde_json::Value = serde_json::from_str(&l[5]).unwrap();
         assert_eq!(next["seq"], 5);
     }

@@ -19,8 +19,9 @@ pub fn disable_core_dumps() -> Hardening {
     use nix::sys::resource::{Resource, setrlimit};
     let mut h = Hardening::default();
     if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
-        h.warnings
-            .push(format!("cannot set RLIMIT_CORE to 0: {e}; core files may hold secrets"));
+        h.warnings.push(format!(
+            "cannot set RLIMIT_CORE to 0: {e}; core files may hold secrets"
+        ));
     }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         h.warnings.push(format!(

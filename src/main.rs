@@ -408,7 +408,10 @@ fn main() -> ExitCode {
                     allow_missing_head,
                 },
         } => {
-            let key = match key.map(|k| keybroker::audit::AuditKey::load(&k)).transpose() {
+            let key = match key
+                .map(|k| keybroker::audit::AuditKey::load(&k))
+                .transpose()
+            {
                 Ok(k) => k,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -466,10 +469,18 @@ struct AuditArgs {
     key: Option<PathBuf>,
 }
 
-fn verify_command(file: &std::path::Path, opts: &keybroker::audit::VerifyOptions, keyed: bool) -> ExitCode {
+fn verify_command(
+    file: &std::path::Path,
+    opts: &keybroker::audit::VerifyOptions,
+    keyed: bool,
+) -> ExitCode {
     match keybroker::audit::verify(file, opts) {
         Ok(Ok(report)) => {
-            let chain = if keyed { "HMAC chain intact" } else { "chain intact" };
+            let chain = if keyed {
+                "HMAC chain intact"
+            } else {
+                "chain intact"
+            };
             let head = if !report.anchored {
                 " (no head anchor: records cut off the end would go unnoticed)".to_string()
             } else if report.beyond_head > 0 {
@@ -507,7 +518,8 @@ async fn run_node(
         .as_deref()
         .map(keybroker::audit::AuditKey::load)
         .transpose()?;
-    let audit = keybroker::audit::AuditLog::open_keyed(&audit_args.path, audit_args.fail_closed, key)?;
+    let audit =
+        keybroker::audit::AuditLog::open_keyed(&audit_args.path, audit_args.fail_closed, key)?;
 
     let node = NodeService::new(cfg, audit.clone())?;
     let shutdown = shutdown_on_signals();

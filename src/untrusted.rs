@@ -245,12 +245,17 @@ mod tests {
             e.starts_with("objects[0].filePermission: nested more than 32") && e.contains("line 2"),
             "{e}"
         );
-        let second = format!("- objectName: a\n- objectName: b\n  args: {}\n", "{".repeat(40));
+        let second = format!(
+            "- objectName: a\n- objectName: b\n  args: {}\n",
+            "{".repeat(40)
+        );
         let e = from_yaml::<Vec<Obj>>(&second, "objects").unwrap_err();
         assert!(e.starts_with("objects[1].args: nested"), "{e}");
         let compact = format!("{}x\n", "- ".repeat(100));
         assert_eq!(check_depth(&compact, MAX_DEPTH).unwrap_err().line, 1);
-        let indented: String = (0..40).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+        let indented: String = (0..40)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
         assert_eq!(check_depth(&indented, MAX_DEPTH).unwrap_err().line, 33);
         // Ordinary objects lists, in both Secrets Store dialects, pass.
         let vault = "- objectName: db\n  secretPath: database/creds/app\n  secretArgs:\n    ttl: 1h\n    extra: {a: [1, 2]}\n  template: \"pg://{{username}}:{{password}}@db\"\n";
@@ -278,8 +283,14 @@ mod tests {
                 "- objectName: a\n  TOPSECRET-3 has spaces: 1\n",
                 "objects[0]: unknown field",
             ),
-            ("- filePermission: 1\n", "objects[0]: missing field `objectName`"),
-            ("objectName: TOPSECRET-4\n", "objects: wrong type: expected a sequence"),
+            (
+                "- filePermission: 1\n",
+                "objects[0]: missing field `objectName`",
+            ),
+            (
+                "objectName: TOPSECRET-4\n",
+                "objects: wrong type: expected a sequence",
+            ),
             ("- objectName: [TOPSECRET-5\n", "objects"),
         ];
         for (text, want) in cases {

@@ -60,7 +60,10 @@ fn hostile_objects() -> Vec<(&'static str, String)> {
         ),
         (
             "deep compact sequences",
-            format!("- objectName: big\n  secretArgs:\n    {}x\n", "- ".repeat(nest)),
+            format!(
+                "- objectName: big\n  secretArgs:\n    {}x\n",
+                "- ".repeat(nest)
+            ),
         ),
         (
             "template bomb",
@@ -122,7 +125,11 @@ async fn hostile_publishes_cannot_stall_or_crash_the_node() {
         match what {
             w if w.starts_with("deep") => {
                 assert_eq!(e.code(), Code::InvalidArgument, "{what}");
-                assert!(e.message().starts_with("objects[0]"), "{what}: {}", e.message());
+                assert!(
+                    e.message().starts_with("objects[0]"),
+                    "{what}: {}",
+                    e.message()
+                );
                 assert!(e.message().contains("nested more than"), "{}", e.message());
             }
             w if w.starts_with("template") => {
@@ -181,7 +188,12 @@ async fn pod_text_never_reaches_errors_logs_or_the_audit_log() {
             .node_publish_volume(pod.request(&root, objects, "fuse", None))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument, "{objects}: {}", e.message());
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{objects}: {}",
+            e.message()
+        );
         assert!(e.message().contains("objects"), "{}", e.message());
         assert!(!e.message().contains(planted), "{}", e.message());
     }
@@ -227,7 +239,11 @@ async fn targets_must_be_empty_directories_outside_kernel_filesystems() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("not an empty directory"), "{}", e.message());
+    assert!(
+        e.message().contains("not an empty directory"),
+        "{}",
+        e.message()
+    );
     assert!(!is_mount_point(&t));
 
     // Kernel filesystems are refused before anything is looked at.
@@ -246,13 +262,17 @@ async fn kill_9_during_a_publish_storm_leaves_nothing_broken_or_behind() {
     let (_tmp, root) = setup();
     for round in 0..3 {
         let mut d = Daemon::start(&root);
-        let pods: Vec<Pod> = (0..100).map(|i| Pod::new("team-a", "api", 1000 + i)).collect();
-        let kind = |i: usize| if i % 2 == 0 { "fuse" } else { "tmpfs" };
+        let pods: Vec<Pod> = (0..100)
+            .map(|i| Pod::new("team-a", "api", 1000 + i))
+            .collect();
+        let kind = |i: usize| if i.is_multiple_of(2) { "fuse" } else { "tmpfs" };
         let mut inflight = Vec::new();
         for (i, p) in pods.iter().enumerate() {
             let req = p.request(&root, DB_OBJECTS, kind(i), None);
             let mut node = client(&d).await;
-            inflight.push(tokio::spawn(async move { node.node_publish_volume(req).await }));
+            inflight.push(tokio::spawn(
+                async move { node.node_publish_volume(req).await },
+            ));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         d.kill9();
@@ -381,7 +401,11 @@ async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_afte
     let open_dir = root.join("open");
     for dir in [&closed_dir, &open_dir] {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
-        std::fs::copy(root.join("etc/bindings.yaml"), dir.join("etc/bindings.yaml")).unwrap();
+        std::fs::copy(
+            root.join("etc/bindings.yaml"),
+            dir.join("etc/bindings.yaml"),
+        )
+        .unwrap();
     }
     let closed = Daemon::start_opts(
         &closed_dir,
@@ -479,8 +503,7 @@ fn verify(log: &Path, args: &[&str]) -> (bool, String) {
         .unwrap();
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 
@@ -499,7 +522,9 @@ async fn a_keyed_audit_log_resists_truncation_forgery_and_torn_tails() {
         node.node_publish_volume(p.request(&root, DB_OBJECTS, "tmpfs", None))
             .await
             .unwrap();
-        node.node_unpublish_volume(p.unpublish(&root)).await.unwrap();
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
     }
     d.stop();
     let (ok, out) = verify(&log, &["--key", &key_arg]);
@@ -520,17 +545,26 @@ async fn a_keyed_audit_log_resists_truncation_forgery_and_torn_tails() {
     // One appended record, correctly chained with SHA-256 (all a forger without the key has).
     std::fs::write(&head, &original_head).unwrap();
     let last = lines.last().unwrap();
-    let prev = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&last[..last.len() - 1]));
+    let prev = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        &last[..last.len() - 1],
+    ));
     let forged = format!(
         "{{\"seq\":{},\"time\":\"2026-12-01T00:00:00Z\",\"event\":\"read\",\"outcome\":\"success\",\"prev\":\"{prev}\"}}\n",
         lines.len()
     );
     std::fs::write(&log, [original.as_slice(), forged.as_bytes()].concat()).unwrap();
     let (ok, out) = verify(&log, &["--key", &key_arg]);
-    assert!(!ok && out.contains(&format!("line {}", lines.len() + 1)), "{out}");
+    assert!(
+        !ok && out.contains(&format!("line {}", lines.len() + 1)),
+        "{out}"
+    );
 
     // A torn last line, then a restart: the tear is cut, recorded, and the sequence goes on.
-    std::fs::write(&log, [original.as_slice(), b"{\"seq\":99,\"ti".as_slice()].concat()).unwrap();
+    std::fs::write(
+        &log,
+        [original.as_slice(), b"{\"seq\":99,\"ti".as_slice()].concat(),
+    )
+    .unwrap();
     let mut d = Daemon::start_opts(&root, "1s", &log, &["--audit-key", &key_arg]);
     d.stop();
     let (ok, out) = verify(&log, &["--key", &key_arg]);
@@ -566,10 +600,17 @@ fn no_keybroker_process_can_dump_core() {
     let pid = child.id();
     let limits = || std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
     // Blocked opening the FIFO: past start-up, where the limits are set.
-    wait_until("the process to block on the FIFO", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-            .is_ok_and(|w| ["fifo", "pipe", "wait_for_partner"].iter().any(|x| w.contains(x)))
-    });
+    wait_until(
+        "the process to block on the FIFO",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| {
+                ["fifo", "pipe", "wait_for_partner"]
+                    .iter()
+                    .any(|x| w.contains(x))
+            })
+        },
+    );
     let core = limits()
         .lines()
         .find(|l| l.starts_with("Max core file size"))
@@ -582,8 +623,13 @@ fn no_keybroker_process_can_dump_core() {
     assert_eq!(core, "0 0", "RLIMIT_CORE soft and hard");
     // Not dumpable: the kernel hands /proc/<pid> to root instead of the process's own uid.
     use std::os::unix::fs::MetadataExt;
-    let owner = std::fs::metadata(format!("/proc/{pid}/status")).unwrap().uid();
-    assert_eq!(owner, 0, "/proc/{pid} of a uid-65534 process is owned by root");
+    let owner = std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid();
+    assert_eq!(
+        owner, 0,
+        "/proc/{pid} of a uid-65534 process is owned by root"
+    );
     // Unblock and end it.
     let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
     wait_timeout(&mut child, Duration::from_secs(10));
@@ -672,7 +718,11 @@ async fn unpublish_returns_while_another_mount_namespace_holds_the_volume() {
     let _ = h1.wait();
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.metric("keybroker_fuse_sessions_lingering") != 0 {
-        assert!(Instant::now() < deadline, "sessions did not end:\n{}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "sessions did not end:\n{}",
+            d.logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The second outstayed --fuse-linger: its connection was aborted.
@@ -687,7 +737,10 @@ async fn unpublish_returns_while_another_mount_namespace_holds_the_volume() {
     let _ = h2.wait();
     d.stop();
     let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("another mount namespace still holds"), "{audit}");
+    assert!(
+        audit.contains("another mount namespace still holds"),
+        "{audit}"
+    );
     assert!(audit.contains("session ended"), "{audit}");
     assert!(
         audit.contains("connection aborted") || audit.contains("cannot abort"),
@@ -713,9 +766,18 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
         ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "S3cret-hardening-db-41");
-    node.node_unpublish_volume(p.unpublish(&root)).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "S3cret-hardening-db-41"
+    );
+    node.node_unpublish_volume(p.unpublish(&root))
+        .await
+        .unwrap();
     d.stop();
     assert!(!d.logs().contains("Not Implemented"), "{}", d.logs());
 
@@ -741,6 +803,9 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
     let _ = child.kill();
     let _ = child.wait();
     let line = text.lines().find(|l| l.contains("serving CSI")).unwrap();
-    assert!(line.contains("127.0.0.1:") && !line.contains("127.0.0.1:0 "), "{line}");
+    assert!(
+        line.contains("127.0.0.1:") && !line.contains("127.0.0.1:0 "),
+        "{line}"
+    );
     assert!(!line.ends_with("127.0.0.1:0"), "{line}");
 }

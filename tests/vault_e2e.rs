@@ -259,6 +259,30 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
     let jwt = jwt["vault"]["token"].as_str().unwrap();
     assert!(!msg.contains(jwt.split('.').nth(1).unwrap()), "{msg}");
     assert!(!is_mount_point(&rogue.target(&s.root)));
+    // Vault's refusal of the pod's identity is a denial: counted and audited as one, with
+    // Vault's reason code (the unbound pod above was the first).
+    assert_eq!(d.metric("keybroker_denials_total"), 2, "{}", d.logs());
+    assert_eq!(d.metric("keybroker_publish_errors_total"), 0);
+    let deny = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = audit_records(&s.root.join("audit.jsonl"))
+                .into_iter()
+                .find(|r| r["event"] == "deny" && r["pod"]["name"] == "rogue-3");
+            if let Some(r) = found {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "no deny record for rogue-3");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(deny["outcome"], "denied");
+    assert!(
+        deny["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("vault-login-refused-")),
+        "{deny}"
+    );
 
     // Vault's certificate checked against a name it does not carry: refused, clearly.
     let badtls = VPod::new("badtls", 4);

@@ -503,14 +503,15 @@ bindings:
             )
             .unwrap_err();
         assert!(e.contains("it grants \"secret/data/team-b/db\""), "{e}");
-        assert!(b
-            .decide(
+        assert!(
+            b.decide(
                 &pod("team-b", "app"),
                 ProviderKind::Vault,
                 &ask,
                 &["secret/data/team-b/db".into()],
             )
-            .is_ok());
+            .is_ok()
+        );
     }
 
     fn pod(ns: &str, sa: &str) -> PodInfo {

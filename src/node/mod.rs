@@ -145,8 +145,8 @@ fn target_alive(target: &Path) -> bool {
 /// many are stacked. Returns how many there were.
 fn detach_all(target: &Path) -> usize {
     let staging = mountpoint::staging_dir(target);
-    let n = mountpoint::detach_keybroker_mounts(target)
-        + mountpoint::detach_keybroker_mounts(&staging);
+    let n =
+        mountpoint::detach_keybroker_mounts(target) + mountpoint::detach_keybroker_mounts(&staging);
     let _ = std::fs::remove_dir(&staging);
     n
 }
@@ -674,37 +674,36 @@ impl NodeService {
             undo_target(created);
         };
         let owner = Owner { uid: 0, gid: 0 };
-        let volume: Box<dyn Volume> =
-            match (adopt, vr.kind) {
-                (Some(t), _) => Box::new(t),
-                (None, VolumeKind::Fuse) => {
-                    let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
-                    fs.apply(&rendered.files);
-                    let opts = FuseOptions {
-                        threads: self.cfg.fuse_threads,
-                        allow_other: true,
-                        kernel_cache: true,
-                        linger: self.cfg.fuse_linger,
-                    };
-                    Box::new(FuseVolume::mount(target, fs, &opts).map_err(|e| {
-                        forget(created);
-                        self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
-                    })?)
-                }
-                (None, VolumeKind::Tmpfs) => {
-                    let v = TmpfsVolume::mount(
-                        target,
-                        &mountpoint::staging_dir(target),
-                        self.cfg.limits.max_volume_bytes * 3,
-                        owner,
-                    )
-                    .map_err(|e| {
-                        forget(created);
-                        self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
-                    })?;
-                    Box::new(v)
-                }
-            };
+        let volume: Box<dyn Volume> = match (adopt, vr.kind) {
+            (Some(t), _) => Box::new(t),
+            (None, VolumeKind::Fuse) => {
+                let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
+                fs.apply(&rendered.files);
+                let opts = FuseOptions {
+                    threads: self.cfg.fuse_threads,
+                    allow_other: true,
+                    kernel_cache: true,
+                    linger: self.cfg.fuse_linger,
+                };
+                Box::new(FuseVolume::mount(target, fs, &opts).map_err(|e| {
+                    forget(created);
+                    self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
+                })?)
+            }
+            (None, VolumeKind::Tmpfs) => {
+                let v = TmpfsVolume::mount(
+                    target,
+                    &mountpoint::staging_dir(target),
+                    self.cfg.limits.max_volume_bytes * 3,
+                    owner,
+                )
+                .map_err(|e| {
+                    forget(created);
+                    self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
+                })?;
+                Box::new(v)
+            }
+        };
         if let Err(e) = volume.apply(&rendered.files) {
             let _ = volume.unmount();
             detach_all(target);

@@ -321,9 +321,7 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
             key,
             encoding: match encoding {
                 None => Encoding::Utf8,
-                Some(e) => {
-                    Encoding::parse(&e).map_err(|e| at("encoding", &e.without_input()))?
-                }
+                Some(e) => Encoding::parse(&e).map_err(|e| at("encoding", &e.without_input()))?,
             },
         },
     };

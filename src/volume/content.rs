@@ -402,7 +402,9 @@ fn render_one(
 ) -> Result<SecretBytes, ContentError> {
     // Rendering stopped at the budget: report it as the limit that was hit.
     let bounded = |e: ContentError| match e {
-        ContentError::Overflow => budget.check(spec, budget.cap.saturating_add(1)).unwrap_err(),
+        ContentError::Overflow => budget
+            .check(spec, budget.cap.saturating_add(1))
+            .unwrap_err(),
         e => e,
     };
     match &spec.source {

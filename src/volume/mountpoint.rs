@@ -289,8 +289,8 @@ pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
             }
             let fd = openat(&parent_fd, name, dir_flags, Mode::empty())
                 .map_err(|e| refuse(format!("cannot be opened: {e}")))?;
-            let mut dir = nix::dir::Dir::from_fd(fd)
-                .map_err(|e| refuse(format!("cannot be listed: {e}")))?;
+            let mut dir =
+                nix::dir::Dir::from_fd(fd).map_err(|e| refuse(format!("cannot be listed: {e}")))?;
             let non_empty = dir.iter().flatten().any(|e| {
                 let n = e.file_name().to_bytes();
                 n != b"." && n != b".."
@@ -322,7 +322,12 @@ mod tests {
         );
         assert!(!prepare_target(&fresh).unwrap().created);
         std::fs::write(fresh.join("f"), "x").unwrap();
-        assert!(prepare_target(&fresh).unwrap_err().rule.contains("not an empty directory"));
+        assert!(
+            prepare_target(&fresh)
+                .unwrap_err()
+                .rule
+                .contains("not an empty directory")
+        );
         let link = d.path().join("link");
         std::os::unix::fs::symlink(d.path().join("pods"), &link).unwrap();
         assert!(prepare_target(&link).unwrap_err().rule.contains("symlink"));
@@ -331,7 +336,12 @@ mod tests {
         assert!(prepare_target(&under).unwrap_err().rule.contains("symlink"));
         let file = d.path().join("file");
         std::fs::write(&file, "x").unwrap();
-        assert!(prepare_target(&file).unwrap_err().rule.contains("not a directory"));
+        assert!(
+            prepare_target(&file)
+                .unwrap_err()
+                .rule
+                .contains("not a directory")
+        );
     }
 
     #[test]

@@ -250,7 +250,11 @@ impl Pod {
     ) -> pb::NodePublishVolumeRequest {
         self.request_with(
             root,
-            &[("provider", "local"), ("volumeType", kind), ("objects", objects)],
+            &[
+                ("provider", "local"),
+                ("volumeType", kind),
+                ("objects", objects),
+            ],
             token_for,
         )
     }
@@ -302,4 +306,3 @@ impl Pod {
         }
     }
 }
-
