@@ -95,13 +95,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Unmount whatever the node left (it was killed).
+        // Unmount whatever the node left (it was killed), and the tmpfs staging mounts behind.
         if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
             for l in mi.lines() {
                 if let Some(mp) = l.split(' ').nth(4)
                     && Path::new(mp).starts_with(&self.root)
                 {
                     let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+                    let staging = keybroker::volume::mountpoint::staging_dir(Path::new(mp));
+                    let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = std::fs::remove_dir(&staging);
                 }
             }
         }

@@ -339,12 +339,21 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
         "a pinned version stays"
     );
 
-    // kubelet's republish (every minute, with fresh tokens) is cheap: no Vault request.
-    let before = s.bao.requests(|_, _| true);
-    node.node_publish_volume(a.request(&s, objects, &[]))
-        .await
-        .unwrap();
-    assert_eq!(s.bao.requests(|_, _| true), before);
+    // kubelet's republish (every minute, with fresh tokens) is cheap: no Vault request. The
+    // volume's own 2 s poll may land in the window, so a window without any request within
+    // three tries shows it (a republish that cost a request would spoil all three).
+    let mut quiet = false;
+    for _ in 0..3 {
+        let before = s.bao.requests(|_, _| true);
+        node.node_publish_volume(a.request(&s, objects, &[]))
+            .await
+            .unwrap();
+        if s.bao.requests(|_, _| true) == before {
+            quiet = true;
+            break;
+        }
+    }
+    assert!(quiet, "every republish was accompanied by a Vault request");
 
     // 100 volumes of one identity sharing 10 KV objects: 10 reads, no new login.
     let reads = |s: &Setup| {
