@@ -590,7 +590,7 @@ fn no_keybroker_process_can_dump_core() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o666)).unwrap();
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["audit", "verify", "--allow-missing-head"])
         .arg(&fifo)
         .uid(65534)
@@ -600,6 +600,15 @@ fn no_keybroker_process_can_dump_core() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // However this test ends, the blocked child goes with it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(child);
     let limits = || std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
     // Blocked opening the FIFO: past start-up, where the limits are set.
     wait_until(
@@ -634,7 +643,7 @@ fn no_keybroker_process_can_dump_core() {
     );
     // Unblock and end it.
     let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
-    wait_timeout(&mut child, Duration::from_secs(10));
+    wait_timeout(&mut child.0, Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
