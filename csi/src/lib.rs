@@ -12,6 +12,7 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod authority;
 mod server;
 
 use std::collections::BTreeMap;

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::authority::AuthorityRepair;
 use tonic::{Request, Response, Status};
 
 use crate::pb;
@@ -231,7 +234,10 @@ pub async fn serve<P: NodePlugin>(
             pb::controller_server::ControllerServer::new(test_controller::ControllerStub)
         }));
     router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityRepair::new)),
+            shutdown,
+        )
         .await?;
     let _ = std::fs::remove_file(&path);
     Ok(())

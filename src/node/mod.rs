@@ -101,8 +101,12 @@ pub struct NodeService {
     ready: AtomicBool,
 }
 
-/// Volume attribute parses that may run at once.
+/// Volume attribute parses that may run at once on the blocking pool.
 const PARSE_SLOTS: usize = 2;
+/// Attributes up to this size (keys and values together) are parsed on the calling worker:
+/// with nesting bounded to 32 levels before any parser runs, the worst such input parses in
+/// well under a millisecond (`cargo bench --bench hostile_publish`, "8 KiB" row).
+const INLINE_PARSE_BYTES: usize = 8 * 1024;
 
 /// Marks a publish in flight for [`NodeService::release_unused`]; unmarked when dropped.
 struct Pending<'a> {
@@ -469,16 +473,26 @@ impl NodeService {
         e
     }
 
-    /// Parses a publish request's attributes on the blocking pool, at most
-    /// [`PARSE_SLOTS`] at a time: a pod's YAML never runs on the runtime workers that serve
-    /// every other pod's calls (parsing is bounded in depth and size too, see
-    /// [`crate::untrusted`]).
+    /// Parses a publish request's attributes. Anything over [`INLINE_PARSE_BYTES`] goes to
+    /// the blocking pool, at most [`PARSE_SLOTS`] at a time: a pod's large YAML never runs on
+    /// the runtime workers that serve every other pod's calls (parsing is bounded in depth and
+    /// size too, see [`crate::untrusted`]).
     async fn parse_request(
         &self,
         ctx: BTreeMap<String, String>,
         secrets: keybroker_csi::Secrets,
     ) -> Result<VolumeRequest, request::RequestError> {
         let (kind, limits) = (self.cfg.default_kind, self.cfg.limits);
+        let size: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
+        // YAML anchors and aliases can make a small text expand a lot (the parser caps the
+        // expansion, still at tens of milliseconds): text that has the characters goes to the
+        // pool whatever its size.
+        let may_alias = ctx.values().any(|v| v.contains(['&', '*']));
+        if size <= INLINE_PARSE_BYTES && !may_alias {
+            // Small attributes (every ordinary volume) parse in microseconds; a hand-off to the
+            // blocking pool would cost more than the parse.
+            return request::parse(&ctx, &secrets, kind, limits);
+        }
         let _slot = self.parse_slots.acquire().await;
         tokio::task::spawn_blocking(move || request::parse(&ctx, &secrets, kind, limits))
             .await

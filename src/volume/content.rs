@@ -844,3 +844,31 @@ mod tests {
         ));
     }
 }
+
+/// File names from pods, over arbitrary strings: whatever is accepted stays one element
+/// directly inside the volume.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::{Component, Path};
+
+    proptest! {
+        #[test]
+        fn an_accepted_name_is_one_plain_element_inside_the_volume(
+            name in prop_oneof!["[a-z./\\\\-]{0,8}", ".{0,300}", "\\PC{250,260}"],
+        ) {
+            if let Ok(f) = FileName::parse(&name) {
+                let base = Path::new("/volume");
+                let joined = base.join(f.as_str());
+                prop_assert_eq!(joined.parent(), Some(base));
+                let comps: Vec<Component> = Path::new(f.as_str()).components().collect();
+                prop_assert_eq!(comps.len(), 1);
+                prop_assert!(matches!(comps[0], Component::Normal(_)));
+                prop_assert!(!f.as_str().starts_with(".."));
+                prop_assert!(f.as_str().len() <= MAX_NAME_BYTES);
+                prop_assert!(!f.as_str().chars().any(char::is_control));
+            }
+        }
+    }
+}

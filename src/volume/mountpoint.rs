@@ -243,14 +243,24 @@ pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
         path: target.to_owned(),
         rule,
     };
-    let mut prepared = Prepared {
-        orphans_cleaned: detach_keybroker_mounts(target),
-        created: false,
-    };
+    let mut prepared = Prepared::default();
     let staging = staging_dir(target);
-    prepared.orphans_cleaned += detach_keybroker_mounts(&staging);
+    // One read of the mount table in the common case (nothing at the target or its staging
+    // directory); the table is read again only when orphans had to be detached.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default();
+    let top = |dir: &Path| mounts.iter().rev().find(|m| m.mount_point == dir).cloned();
+    let mut at_target = top(target);
+    if at_target.as_ref().is_some_and(is_keybroker_mount)
+        || top(&staging).as_ref().is_some_and(is_keybroker_mount)
+    {
+        prepared.orphans_cleaned =
+            detach_keybroker_mounts(target) + detach_keybroker_mounts(&staging);
+        at_target = mount_at(target);
+    }
     let _ = std::fs::remove_dir(&staging);
-    if let Some(m) = mount_at(target) {
+    if let Some(m) = at_target {
         return Err(refuse(format!(
             "already has a {} filesystem mounted that keybroker did not make",
             m.fs_type

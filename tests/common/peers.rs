@@ -11,7 +11,7 @@ use base64::Engine;
 
 use super::node::free_port;
 
-fn peers_bin(name: &str) -> PathBuf {
+pub fn peers_bin(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(".peers/bin")
         .join(name);
@@ -383,4 +383,15 @@ fn humantime_rfc3339(expires_in: i64) -> String {
         now - Duration::from_secs((-expires_in) as u64)
     };
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The Python of the peers' virtualenv (grpcio and the other pinned Python clients).
+pub fn peers_python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-peers.sh (the test suite needs the real peer)",
+        p.display()
+    );
+    p
 }
