@@ -140,10 +140,8 @@ async fn main() {
     .unwrap();
     let d = Daemon::start_with(&root, &format!("{POLL_S}s"));
     let mut node = client(&d).await;
-    let http = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(&bao.ca).unwrap()).unwrap(),
-        )
+    let http = keybroker::tls::client_builder(Some(&std::fs::read(&bao.ca).unwrap()), "OpenBao")
+        .unwrap()
         .build()
         .unwrap();
     let jwt = issuer.token(&TokenSpec {

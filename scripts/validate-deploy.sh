@@ -22,7 +22,7 @@ if ! diff -u deploy/keybroker.yaml "$render"; then
   echo "deploy/keybroker.yaml differs from the chart: run scripts/validate-deploy.sh --update" >&2
   exit 1
 fi
-"$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml
+"$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml deploy/examples/pod-azure.yaml
 # The bindings the chart ships must be valid keybroker bindings.
 cargo run --quiet --locked -- check --bindings deploy/examples/bindings.yaml
 echo "deploy/: chart renders, manifests valid for Kubernetes 1.35, bindings valid"

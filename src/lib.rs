@@ -11,6 +11,7 @@
 //! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
 //! - [`config`] + [`mount`]: `keybroker mount`;
 //! - [`hardening`]: no core dumps (secrets live in memory);
+//! - [`tls`]: HTTPS clients (rustls + ring, CA bundle or public roots);
 //! - [`untrusted`]: YAML from pods, bounded before parsing, errors without the pod's text;
 //! - [`node`]: `keybroker node`, the CSI node plugin behind the `keybroker-csi` edge.
 
@@ -27,5 +28,6 @@ pub mod provider;
 pub mod refresh;
 pub mod rotation;
 pub mod secret;
+pub mod tls;
 pub mod untrusted;
 pub mod volume;

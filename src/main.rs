@@ -107,6 +107,18 @@ enum Command {
         /// holds keeps being served before its connection is aborted.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         fuse_linger: std::time::Duration,
+        /// Azure Instance Metadata Service, where managed identities' tokens come from (only for
+        /// bindings that grant a managed identity).
+        #[arg(
+            long,
+            env = "KEYBROKER_AZURE_IMDS",
+            default_value = "http://169.254.169.254"
+        )]
+        azure_imds: String,
+        /// App Service style identity endpoint; used instead of IMDS when set, with the header
+        /// secret from IDENTITY_HEADER.
+        #[arg(long, env = "IDENTITY_ENDPOINT")]
+        azure_identity_endpoint: Option<String>,
         /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
         /// Exists only in builds with the `test-controller` feature.
         #[arg(long, hide = true)]
@@ -370,9 +382,26 @@ fn main() -> ExitCode {
             poll_interval,
             fuse_threads,
             fuse_linger,
+            azure_imds,
+            azure_identity_endpoint,
             danger_test_controller,
             audit_key,
         } => {
+            let azure_managed = match azure_identity_endpoint {
+                Some(endpoint) => {
+                    let Ok(header) = std::env::var("IDENTITY_HEADER") else {
+                        eprintln!(
+                            "error: IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not: the App Service identity endpoint needs both"
+                        );
+                        return std::process::ExitCode::from(2);
+                    };
+                    keybroker::provider::azure::ManagedEndpoint::AppService {
+                        endpoint,
+                        header: std::sync::Arc::new(zeroize::Zeroizing::new(header)),
+                    }
+                }
+                None => keybroker::provider::azure::ManagedEndpoint::Imds { base: azure_imds },
+            };
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(code) => return code,
@@ -386,6 +415,7 @@ fn main() -> ExitCode {
                 limits: Default::default(),
                 fuse_threads: fuse_threads.clamp(1, 8),
                 fuse_linger,
+                azure_managed,
             };
             let res = rt.block_on(run_node(
                 cfg,

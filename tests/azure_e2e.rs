@@ -33,3 +33,642 @@ fn microsofts_python_sdk_accepts_the_standin() {
         "{stdout}"
     );
 }
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::node::*;
+use common::peers::{Issuer, TokenSpec};
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+use tonic::Code;
+
+const TENANT: &str = "72f988bf-0000-4000-8000-00000000c0de";
+const APP: &str = "11111111-2222-4333-8444-555555555555";
+const MANAGED: &str = "77777777-2222-4333-8444-555555555555";
+/// An app registered without any federated credential.
+const NOFIC_APP: &str = "33333333-2222-4333-8444-555555555555";
+const WI_AUDIENCE: &str = "api://AzureADTokenExchange";
+const DB_V1: &str = "S3cret-azure-v1-7731";
+const DB_V2: &str = "S3cret-azure-v2-9042";
+
+struct World {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    standin: AzureStandin,
+    issuer: Issuer,
+    db_v1: String,
+}
+
+/// The stand-in with a tenant, an app with a federated credential for team-a/api, a managed
+/// identity, vault kv1 (both may read) and kv2 (nobody may), and objects of every kind; the
+/// issuer serving its discovery document; bindings for workload identity (team-a/api) and the
+/// managed identity (team-b/batch).
+async fn world() -> World {
+    require_root_and_fuse();
+    let tmp = open_tempdir();
+    let root = tmp.path().to_owned();
+    let standin = AzureStandin::start(&root, &[]);
+    let mut issuer = Issuer::new(&root);
+    issuer.serve_discovery(&root);
+    let s = &standin;
+    s.post("tenants", json!({"tenant": TENANT})).await;
+    s.post("apps", json!({"tenant": TENANT, "clientId": APP, "federated": [
+        {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:api", "audiences": [WI_AUDIENCE]}]}))
+        .await;
+    s.post(
+        "apps",
+        json!({"tenant": TENANT, "clientId": NOFIC_APP, "federated": []}),
+    )
+    .await;
+    s.post("managed", json!({"tenant": TENANT, "clientId": MANAGED}))
+        .await;
+    s.post("vaults", json!({"name": "kv1", "tenant": TENANT, "access": {APP: "read", MANAGED: "read", NOFIC_APP: "read"}}))
+        .await;
+    s.post(
+        "vaults",
+        json!({"name": "kv2", "tenant": TENANT, "access": {}}),
+    )
+    .await;
+    let v1 = s
+        .post("vaults/kv1/secrets/db-password", json!({"value": DB_V1}))
+        .await;
+    let db_v1 = v1["id"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    s.post("vaults/kv1/secrets/db-password", json!({"value": DB_V2}))
+        .await;
+    s.post(
+        "vaults/kv1/secrets/db-json",
+        json!({"value": r#"{"username":"app","password":"S3cret-azure-json-5512"}"#}),
+    )
+    .await;
+    s.post(
+        "vaults/kv2/secrets/other",
+        json!({"value": "S3cret-azure-kv2-0001"}),
+    )
+    .await;
+    s.post(
+        "vaults/kv1/certificates/tls",
+        json!({"key": "rsa", "contentType": "application/x-pkcs12", "subject": "app.example"}),
+    )
+    .await;
+    s.post(
+        "vaults/kv1/keys/rsa-key",
+        json!({"kty": "RSA", "key_size": 2048}),
+    )
+    .await;
+    s.post(
+        "vaults/kv1/keys/ec-key",
+        json!({"kty": "EC", "crv": "P-256"}),
+    )
+    .await;
+    let azure = |identity: &str| {
+        format!(
+            "{{azure: {{tenantID: {TENANT}, {identity}, authorityHost: \"{}\", keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}, keyvaults: [kv1, kv2]}}}}",
+            s.authority(),
+            s.https_port,
+            s.ca().display()
+        )
+    };
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/bindings.yaml"),
+        format!(
+            "bindings:\n  - name: team-a-wi\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {}\n    objects: [\"secret/*\", \"cert/*\", \"key/*\"]\n  - name: team-b-mi\n    namespace: team-b\n    serviceAccounts: [batch]\n    identity: {}\n    objects: [\"secret/db-*\"]\n  - name: team-a-nofic\n    namespace: team-a\n    serviceAccounts: [worker]\n    identity: {}\n    objects: [\"secret/*\"]\n",
+            azure(&format!("clientID: {APP}")),
+            azure(&format!("managedIdentity: {{clientID: {MANAGED}}}")),
+            azure(&format!("clientID: {NOFIC_APP}"))
+        ),
+    )
+    .unwrap();
+    World {
+        _tmp: tmp,
+        root,
+        standin,
+        issuer,
+        db_v1,
+    }
+}
+
+/// The Secrets Store Azure provider's `objects` parameter: an `array` of YAML documents.
+fn objects(docs: &[&str]) -> String {
+    let mut s = String::from("array:\n");
+    for d in docs {
+        s.push_str("  - |\n");
+        for line in d.lines() {
+            s.push_str(&format!("    {line}\n"));
+        }
+    }
+    s
+}
+
+impl World {
+    fn daemon(&self) -> Daemon {
+        let imds = format!("http://127.0.0.1:{}", self.standin.http_port);
+        Daemon::start_opts(
+            &self.root,
+            "2s",
+            &self.root.join("audit.jsonl"),
+            &["--azure-imds", &imds],
+        )
+    }
+
+    /// A publish for `pod` with kubelet's tokens for `audiences` (signed by the issuer, or by
+    /// another key when `forged`), and the volume attributes `attrs`.
+    fn request(
+        &self,
+        pod: &Pod,
+        attrs: &[(&str, &str)],
+        audiences: &[&str],
+        expires_in: i64,
+    ) -> keybroker_csi::pb::NodePublishVolumeRequest {
+        let mut attrs = attrs.to_vec();
+        attrs.push(("volumeType", "fuse"));
+        let mut req = pod.request_with(&self.root, &attrs, None);
+        let specs: Vec<TokenSpec> = audiences
+            .iter()
+            .map(|a| TokenSpec {
+                ns: pod.ns,
+                sa: pod.sa,
+                pod: &pod.name,
+                uid: &pod.uid,
+                audience: a,
+                expires_in,
+            })
+            .collect();
+        req.secrets = HashMap::from([(
+            "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
+            self.issuer.kubelet_tokens(&specs),
+        )]);
+        req
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
+    let w = world().await;
+    let d = w.daemon();
+    let mut node = client(&d).await;
+    let pod = Pod::new("team-a", "api", 1);
+    let version_pin = format!(
+        "objectName: db-password\nobjectAlias: db-v1\nobjectVersion: {}",
+        w.db_v1
+    );
+    let objs = objects(&[
+        "objectName: db-password\nobjectType: secret",
+        &version_pin,
+        "objectName: db-json\nobjectAlias: db-user\nkey: username",
+        "objectName: db-json\nobjectAlias: dsn\ntemplate: \"postgres://{{username}}:{{password}}@db\"",
+        "objectName: tls\nobjectAlias: tls.pem\nobjectType: secret",
+        "objectName: tls\nobjectAlias: tls.pfx\nobjectType: secret\nobjectFormat: pfx\nobjectEncoding: base64",
+        "objectName: tls\nobjectAlias: tls.crt\nobjectType: cert",
+        "objectName: rsa-key\nobjectType: key",
+        "objectName: ec-key\nobjectType: key",
+    ]);
+    let attrs = [
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        ("tenantID", TENANT),
+        ("objects", objs.as_str()),
+    ];
+    node.node_publish_volume(w.request(&pod, &attrs, &[WI_AUDIENCE], 3600))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    let t = pod.target(&w.root);
+    assert_eq!(read(&t.join("db-password")), DB_V2);
+    assert_eq!(read(&t.join("db-v1")), DB_V1);
+    assert_eq!(read(&t.join("db-user")), "app");
+    assert_eq!(
+        read(&t.join("dsn")),
+        "postgres://app:S3cret-azure-json-5512@db"
+    );
+    let pem = read(&t.join("tls.pem"));
+    assert!(pem.contains("-----BEGIN PRIVATE KEY-----"), "{pem:.60}");
+    assert_eq!(
+        pem.matches("-----BEGIN CERTIFICATE-----").count(),
+        2,
+        "leaf and issuing CA"
+    );
+    let pfx = std::fs::read(t.join("tls.pfx")).unwrap();
+    assert_eq!(pfx[0], 0x30, "a binary PKCS#12 (DER SEQUENCE)");
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs12", "-nokeys", "-passin", "pass:", "-in"])
+        .arg(t.join("tls.pfx"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
+        "openssl reads the PFX: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crt = read(&t.join("tls.crt"));
+    assert_eq!(crt.matches("-----BEGIN CERTIFICATE-----").count(), 1);
+    assert!(!crt.contains("PRIVATE KEY"));
+    for (file, kind) in [("rsa-key", "RSA"), ("ec-key", "EC")] {
+        let out = std::process::Command::new("openssl")
+            .args(["pkey", "-pubin", "-noout", "-text", "-in"])
+            .arg(t.join(file))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(if kind == "RSA" {
+                "Public-Key: (2048 bit)"
+            } else {
+                "NIST CURVE: P-256"
+            }),
+            "{file}: {text}"
+        );
+    }
+    // One token exchange for the identity, and it was the pod's token that was exchanged.
+    let reqs = w.standin.requests().await;
+    let exchanges: Vec<_> = reqs
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().ends_with("/oauth2/v2.0/token"))
+        .collect();
+    assert_eq!(exchanges.len(), 1, "{exchanges:?}");
+    assert_eq!(exchanges[0]["status"], 200);
+    assert_eq!(exchanges[0]["subject"], "system:serviceaccount:team-a:api");
+    node.node_unpublish_volume(pod.unpublish(&w.root))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear_audited_and_skip_the_exchange_when_keybroker_can_tell() {
+    let w = world().await;
+    let d = w.daemon();
+    let mut node = client(&d).await;
+    let objs = objects(&["objectName: db-password"]);
+    let attrs = |client: &'static str, vault: &'static str| {
+        vec![
+            ("keyvaultName", vault),
+            ("clientID", client),
+            ("objects", Box::leak(objs.clone().into_boxed_str()) as &str),
+        ]
+    };
+    let expect = |r: Result<tonic::Response<_>, tonic::Status>, code: Code, text: &str| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(
+            e.message().contains(text),
+            "{text:?} not in {}",
+            e.message()
+        );
+        e.message().to_owned()
+    };
+    let exchanges = || async {
+        w.standin
+            .requests()
+            .await
+            .iter()
+            .filter(|r| r["path"].as_str().unwrap().ends_with("/oauth2/v2.0/token"))
+            .count()
+    };
+
+    // A pod no binding selects.
+    let stranger = Pod::new("team-c", "api", 10);
+    let r = node
+        .node_publish_volume(w.request(&stranger, &attrs(APP, "kv1"), &[WI_AUDIENCE], 3600))
+        .await;
+    expect(r, Code::PermissionDenied, "no binding selects");
+    // A volume naming another client ID.
+    let pod = Pod::new("team-a", "api", 11);
+    let other = "99999999-0000-4000-8000-000000000000";
+    let r = node
+        .node_publish_volume(w.request(&pod, &attrs(other, "kv1"), &[WI_AUDIENCE], 3600))
+        .await;
+    expect(r, Code::PermissionDenied, "clientID");
+    // No token for the exchange's audience (only one for another audience).
+    let r = node
+        .node_publish_volume(w.request(&pod, &attrs(APP, "kv1"), &["keybroker"], 3600))
+        .await;
+    expect(r, Code::FailedPrecondition, "api://AzureADTokenExchange");
+    // An unbound pod asking for the node's managed identity.
+    let mi_attrs = vec![
+        ("keyvaultName", "kv1"),
+        ("useVMManagedIdentity", "true"),
+        ("userAssignedIdentityID", MANAGED),
+        ("objects", Box::leak(objs.clone().into_boxed_str()) as &str),
+    ];
+    let r = node
+        .node_publish_volume(w.request(&pod, &mi_attrs, &[WI_AUDIENCE], 3600))
+        .await;
+    expect(r, Code::PermissionDenied, "managed identity");
+    assert_eq!(
+        exchanges().await,
+        0,
+        "keybroker refused all of these itself"
+    );
+
+    // A vault the identity may not read: Key Vault's 403 reaches the pod.
+    let r = node
+        .node_publish_volume(w.request(&pod, &attrs(APP, "kv2"), &[WI_AUDIENCE], 3600))
+        .await;
+    expect(r, Code::PermissionDenied, "Forbidden");
+    node.node_unpublish_volume(pod.unpublish(&w.root))
+        .await
+        .ok();
+
+    // A service account whose app has no federated credential: Entra's AADSTS70021.
+    let worker = Pod::new("team-a", "worker", 12);
+    let r = node
+        .node_publish_volume(w.request(&worker, &attrs(NOFIC_APP, "kv1"), &[WI_AUDIENCE], 3600))
+        .await;
+    expect(r, Code::PermissionDenied, "AADSTS70021");
+    // A forged token (right claims, another key): Entra's AADSTS50013.
+    let forged = Pod::new("team-a", "api", 13);
+    let mut forger = Issuer::new(&w.root.join("forger"));
+    forger.iss = w.issuer.iss.clone();
+    let forged_tokens = forger.kubelet_tokens(&[TokenSpec {
+        ns: forged.ns,
+        sa: forged.sa,
+        pod: &forged.name,
+        uid: &forged.uid,
+        audience: WI_AUDIENCE,
+        expires_in: 3600,
+    }]);
+    let forged_request = || {
+        let mut req = w.request(&forged, &attrs(APP, "kv1"), &[WI_AUDIENCE], 3600);
+        req.secrets.insert(
+            "csi.storage.k8s.io/serviceAccount.tokens".into(),
+            forged_tokens.clone(),
+        );
+        req
+    };
+    let msg = expect(
+        node.node_publish_volume(forged_request()).await,
+        Code::PermissionDenied,
+        "AADSTS50013",
+    );
+    assert!(!msg.contains("eyJ"), "no token in the error: {msg}");
+    // kubelet retries with the same token: Entra is not asked again.
+    let before = exchanges().await;
+    let r = node.node_publish_volume(forged_request()).await;
+    expect(r, Code::PermissionDenied, "AADSTS50013");
+    assert_eq!(
+        exchanges().await,
+        before,
+        "a refused token is not exchanged again"
+    );
+
+    let audit = std::fs::read_to_string(w.root.join("audit.jsonl")).unwrap();
+    for code in ["AADSTS70021", "AADSTS50013"] {
+        assert!(audit.contains(code), "{code} is audited");
+    }
+    assert!(!audit.contains("eyJ"), "no token in the audit log");
+    assert!(!d.logs().contains("eyJ"), "no token in the logs");
+    assert!(
+        d.metric("keybroker_denials_total") >= 7,
+        "{}",
+        d.metric("keybroker_denials_total")
+    );
+}
+
+/// Managed identity: a pod of the binding that grants it reads through IMDS, and through the
+/// App Service endpoint when the node is configured with one; the node asks for the granted
+/// client_id only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
+    let w = world().await;
+    let objs = objects(&["objectName: db-password"]);
+    let attrs = [
+        ("keyvaultName", "kv1"),
+        ("useVMManagedIdentity", "true"),
+        ("userAssignedIdentityID", MANAGED),
+        ("objects", objs.as_str()),
+    ];
+    let pod = Pod::new("team-b", "batch", 20);
+    {
+        let d = w.daemon();
+        let mut node = client(&d).await;
+        node.node_publish_volume(w.request(&pod, &attrs, &[], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+        assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
+        node.node_unpublish_volume(pod.unpublish(&w.root))
+            .await
+            .unwrap();
+    }
+    let imds: Vec<_> = w
+        .standin
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "managed-identity")
+        .collect();
+    assert!(!imds.is_empty());
+    assert!(
+        imds.iter()
+            .all(|r| r["path"] == "/metadata/identity/oauth2/token" && r["caller"] == MANAGED),
+        "{imds:?}"
+    );
+    w.standin
+        .admin(Method::DELETE, "requests", json!(null))
+        .await;
+
+    let endpoint = format!("http://127.0.0.1:{}/msi/token", w.standin.http_port);
+    let d = Daemon::start_env(
+        &w.root,
+        "2s",
+        &w.root.join("audit.jsonl"),
+        &["--azure-identity-endpoint", &endpoint],
+        &[("IDENTITY_HEADER", &w.standin.identity_header)],
+    );
+    let mut node = client(&d).await;
+    let pod = Pod::new("team-b", "batch", 21);
+    node.node_publish_volume(w.request(&pod, &attrs, &[], 3600))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
+    let app_service: Vec<_> = w
+        .standin
+        .requests()
+        .await
+        .into_iter()
+        .filter(|r| r["kind"] == "managed-identity")
+        .collect();
+    assert!(
+        !app_service.is_empty()
+            && app_service
+                .iter()
+                .all(|r| r["path"] == "/msi/token" && r["caller"] == MANAGED && r["status"] == 200),
+        "{app_service:?}"
+    );
+    assert!(
+        !d.logs().contains(&w.standin.identity_header),
+        "the header secret is never logged"
+    );
+    node.node_unpublish_volume(pod.unpublish(&w.root))
+        .await
+        .unwrap();
+}
+
+/// 20 volumes of one identity sharing 10 objects cost one token exchange and one Key Vault GET
+/// per object per rotation cycle, counted at the stand-in; a new version reaches the files
+/// within the poll interval and is audited; a 429 window is waited out with the last good
+/// values served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
+    let w = world().await;
+    for i in 0..10 {
+        w.standin
+            .post(
+                &format!("vaults/kv1/secrets/shared-{i}"),
+                json!({"value": format!("S3cret-shared-{i}-v1")}),
+            )
+            .await;
+    }
+    let docs: Vec<String> = (0..10).map(|i| format!("objectName: shared-{i}")).collect();
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let objs = objects(&docs);
+    let attrs = [
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        ("objects", objs.as_str()),
+    ];
+    let d = w.daemon();
+    let mut node = client(&d).await;
+    let pods: Vec<Pod> = (0..20)
+        .map(|i| Pod::new("team-a", "api", 100 + i))
+        .collect();
+    for p in &pods {
+        node.node_publish_volume(w.request(p, &attrs, &[WI_AUDIENCE], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    }
+    let reqs = w.standin.requests().await;
+    let gets = |reqs: &[serde_json::Value]| {
+        reqs.iter()
+            .filter(|r| r["kind"] == "keyvault" && r["status"] == 200)
+            .count()
+    };
+    let exchanges = reqs
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().ends_with("/oauth2/v2.0/token"))
+        .count();
+    assert_eq!(
+        exchanges, 1,
+        "one exchange for the identity, not one per volume"
+    );
+    assert_eq!(gets(&reqs), 10, "one GET per object for 20 volumes");
+
+    // Rotation: a new version appears within the poll interval (2 s) in every volume.
+    w.standin
+        .post(
+            "vaults/kv1/secrets/shared-3",
+            json!({"value": "S3cret-shared-3-v2"}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let all = pods
+            .iter()
+            .all(|p| read(&p.target(&w.root).join("shared-3")) == "S3cret-shared-3-v2");
+        if all {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation did not arrive in 8 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Per cycle: 10 GETs whatever the number of volumes.
+    w.standin
+        .admin(Method::DELETE, "requests", json!(null))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let cycle = w.standin.requests().await;
+    let per_cycle = gets(&cycle) as f64 / 10.0;
+    assert!(
+        (1.0..=4.0).contains(&per_cycle),
+        "{} GETs in 5 s of 2 s polls for 10 objects and 20 volumes",
+        gets(&cycle)
+    );
+    let audit = std::fs::read_to_string(w.root.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("shared-3"), "the rotation is audited");
+
+    // Throttling: Key Vault answers 429 (Retry-After: 3) for 4 s; files keep the last good
+    // values, no request comes sooner than Retry-After after a 429, and it recovers.
+    w.standin
+        .admin(Method::DELETE, "requests", json!(null))
+        .await;
+    w.standin
+        .post(
+            "faults",
+            json!({"kind": "keyvault", "status": 429, "retryAfter": 3, "seconds": 4}),
+        )
+        .await;
+    w.standin
+        .post(
+            "vaults/kv1/secrets/shared-5",
+            json!({"value": "S3cret-shared-5-v2"}),
+        )
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        read(&pods[0].target(&w.root).join("shared-5")),
+        "S3cret-shared-5-v1"
+    );
+    assert!(
+        d.metric("keybroker_fetch_failures_total") > 0,
+        "the 429s are counted"
+    );
+    assert!(
+        d.metric("keybroker_stale_served_total") > 0,
+        "staleness shows in the metrics"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while read(&pods[0].target(&w.root).join("shared-5")) != "S3cret-shared-5-v2" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery after the 429 window"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = w.standin.requests().await;
+    let kv: Vec<&serde_json::Value> = log.iter().filter(|r| r["kind"] == "keyvault").collect();
+    // Per object: after a 429, the next request for it comes no sooner than 3 s later.
+    let mut by_path: HashMap<String, Vec<(f64, u64)>> = HashMap::new();
+    for r in &kv {
+        by_path
+            .entry(r["path"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((r["t"].as_f64().unwrap(), r["status"].as_u64().unwrap()));
+    }
+    let mut throttled = 0;
+    for (path, seq) in &by_path {
+        for pair in seq.windows(2) {
+            if pair[0].1 == 429 {
+                throttled += 1;
+                assert!(
+                    pair[1].0 - pair[0].0 >= 2.9,
+                    "{path}: retried {:.2} s after a 429 with Retry-After: 3",
+                    pair[1].0 - pair[0].0
+                );
+            }
+        }
+    }
+    assert!(throttled > 0, "the window throttled some requests: {kv:?}");
+    for p in &pods {
+        node.node_unpublish_volume(p.unpublish(&w.root))
+            .await
+            .unwrap();
+    }
+}

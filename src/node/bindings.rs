@@ -9,7 +9,8 @@
 //!     serviceAccounts: [api, worker]   # exact service account names (no wildcards, no labels)
 //!     identity:
 //!       local: {path: /etc/keybroker/dev-secrets}
-//!       # azure: {tenantID: ..., clientID: ..., managedIdentity: false, keyvaults: [kv1]}
+//!       # azure: {tenantID: ..., clientID: ..., keyvaults: [kv1]}   # workload identity
+//!       # azure: {tenantID: ..., managedIdentity: {clientID: ...}} # the node's managed identity
 //!       # vault: {address: https://vault:8200, authMount: jwt, role: team-a, namespace: ns1,
 //!       #         caFile: /etc/keybroker/vault-ca.pem, tlsServerName: vault.internal,
 //!       #         audience: vault}
@@ -59,17 +60,71 @@ pub struct LocalIdentity {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AzureIdentity {
+    /// The Entra tenant of the identity and of the vaults it reads.
     #[serde(rename = "tenantID")]
     pub tenant_id: String,
-    #[serde(rename = "clientID")]
+    /// The application (client) ID the pod's service-account token is exchanged for, through a
+    /// federated credential registered on it (workload identity federation).
+    #[serde(rename = "clientID", default)]
     pub client_id: String,
-    /// Use the node's user-assigned managed identity `clientID` instead of workload identity
-    /// federation. Only pods this binding selects may use it.
-    #[serde(default)]
-    pub managed_identity: bool,
+    /// Instead of federation: the node's user-assigned managed identity with this client ID,
+    /// from IMDS or the App Service identity endpoint. Only pods this binding selects may use it.
+    pub managed_identity: Option<ManagedIdentityGrant>,
     /// Key Vault names this identity may be used against (empty: any).
     #[serde(default)]
     pub keyvaults: Vec<String>,
+    /// Entra authority host (default `https://login.microsoftonline.com`; sovereign clouds
+    /// have their own).
+    pub authority_host: Option<String>,
+    /// DNS suffix of vault hosts (default `vault.azure.net`): a vault named `kv1` is
+    /// `https://kv1.<suffix>`. A suffix other than a public cloud's also relaxes the SDK's
+    /// check that a challenge's resource matches the vault host, for these vaults only.
+    #[serde(rename = "keyvaultDNSSuffix")]
+    pub keyvault_dns_suffix: Option<String>,
+    /// PEM CA bundle for Entra and Key Vault (instead of the public roots).
+    pub ca_file: Option<PathBuf>,
+    /// Audience of the service-account token exchanged (default `api://AzureADTokenExchange`).
+    pub audience: Option<String>,
+}
+
+/// A user-assigned managed identity a binding grants.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedIdentityGrant {
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+}
+
+/// The public cloud's Entra authority.
+pub const AZURE_PUBLIC_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// The public cloud's Key Vault DNS suffix.
+pub const AZURE_PUBLIC_KEYVAULT_SUFFIX: &str = "vault.azure.net";
+/// Vault DNS suffixes of the public and sovereign clouds (the SDK's challenge check holds).
+pub const AZURE_CLOUD_KEYVAULT_SUFFIXES: [&str; 3] = [
+    "vault.azure.net",
+    "vault.azure.cn",
+    "vault.usgovcloudapi.net",
+];
+
+impl AzureIdentity {
+    pub fn audience(&self) -> &str {
+        self.audience
+            .as_deref()
+            .unwrap_or("api://AzureADTokenExchange")
+    }
+
+    pub fn authority_host(&self) -> &str {
+        self.authority_host
+            .as_deref()
+            .unwrap_or(AZURE_PUBLIC_AUTHORITY)
+            .trim_end_matches('/')
+    }
+
+    pub fn keyvault_dns_suffix(&self) -> &str {
+        self.keyvault_dns_suffix
+            .as_deref()
+            .unwrap_or(AZURE_PUBLIC_KEYVAULT_SUFFIX)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -116,16 +171,10 @@ impl Identity {
     pub fn key(&self) -> String {
         match self {
             Identity::Local(l) => format!("local:{}", l.path.display()),
-            Identity::Azure(a) => format!(
-                "azure:{}/{}{}",
-                a.tenant_id,
-                a.client_id,
-                if a.managed_identity {
-                    " (managed identity)"
-                } else {
-                    ""
-                }
-            ),
+            Identity::Azure(a) => match &a.managed_identity {
+                None => format!("azure:{}/{}", a.tenant_id, a.client_id),
+                Some(mi) => format!("azure:{}/managed:{}", a.tenant_id, mi.client_id),
+            },
             Identity::Vault(v) => format!(
                 "vault:{}/{}{}/{}",
                 v.address.trim_end_matches('/'),
@@ -263,8 +312,49 @@ impl Bindings {
                     Identity::Local(l)
                 }
                 (None, Some(a), None) => {
-                    if a.tenant_id.is_empty() || a.client_id.is_empty() {
-                        return Err(at("identity.azure needs tenantID and clientID".into()));
+                    if a.tenant_id.is_empty() {
+                        return Err(at("identity.azure needs tenantID".into()));
+                    }
+                    match &a.managed_identity {
+                        None if a.client_id.is_empty() => {
+                            return Err(at(
+                                "identity.azure needs clientID (workload identity federation) or managedIdentity: {clientID: ...}".into(),
+                            ));
+                        }
+                        Some(mi) if mi.client_id.is_empty() => {
+                            return Err(at("identity.azure.managedIdentity needs clientID".into()));
+                        }
+                        Some(_) if !a.client_id.is_empty() => {
+                            return Err(at(
+                                "identity.azure grants either clientID (workload identity federation) or managedIdentity, not both".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                    for (field, v) in [("authorityHost", a.authority_host.as_deref())] {
+                        if let Some(v) = v
+                            && !v.starts_with("https://")
+                        {
+                            return Err(at(format!(
+                                "identity.azure.{field} must be an https:// URL"
+                            )));
+                        }
+                    }
+                    if let Some(sfx) = &a.keyvault_dns_suffix
+                        && (sfx.is_empty()
+                            || sfx.starts_with('.')
+                            || !sfx.bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':'
+                            }))
+                    {
+                        return Err(at(
+                            "identity.azure.keyvaultDNSSuffix must be a DNS name such as vault.azure.net (a port may follow)".into(),
+                        ));
+                    }
+                    if let Some(f) = &a.ca_file
+                        && !f.is_absolute()
+                    {
+                        return Err(at("identity.azure.caFile must be absolute".into()));
                     }
                     Identity::Azure(a)
                 }
@@ -368,23 +458,33 @@ fn check_binding(
             {
                 return Err(differs("tenantID", &a.tenant_id, t));
             }
-            if ask.use_vm_managed_identity != a.managed_identity {
-                return Err(if a.managed_identity {
-                    "grants a managed identity; the volume must set useVMManagedIdentity: \"true\""
-                        .into()
-                } else {
-                    "grants workload identity federation, not the node's managed identity (useVMManagedIdentity)".into()
-                });
-            }
-            let asked_client = if ask.use_vm_managed_identity {
-                &ask.user_assigned_identity_id
-            } else {
-                &ask.client_id
-            };
-            if let Some(c) = asked_client
-                && c != &a.client_id
-            {
-                return Err(differs("clientID", &a.client_id, c));
+            match &a.managed_identity {
+                None => {
+                    if ask.use_vm_managed_identity {
+                        return Err("grants workload identity federation, not the node's managed identity (useVMManagedIdentity)".into());
+                    }
+                    if let Some(c) = &ask.client_id
+                        && c != &a.client_id
+                    {
+                        return Err(differs("clientID", &a.client_id, c));
+                    }
+                }
+                Some(mi) => {
+                    if !ask.use_vm_managed_identity {
+                        return Err(format!(
+                            "grants the managed identity {:?}; the volume must set useVMManagedIdentity: \"true\"",
+                            mi.client_id
+                        ));
+                    }
+                    if let Some(c) = ask
+                        .user_assigned_identity_id
+                        .as_ref()
+                        .or(ask.client_id.as_ref())
+                        && c != &mi.client_id
+                    {
+                        return Err(differs("userAssignedIdentityID", &mi.client_id, c));
+                    }
+                }
             }
             if !a.keyvaults.is_empty() {
                 match &ask.keyvault_name {
@@ -478,7 +578,7 @@ bindings:
   - name: team-a-mi
     namespace: team-a
     serviceAccounts: [batch]
-    identity: {azure: {tenantID: t1, clientID: mi-1, managedIdentity: true}}
+    identity: {azure: {tenantID: t1, managedIdentity: {clientID: mi-1}}}
     objects: ["secret/*"]
   - name: team-b-vault
     namespace: team-b

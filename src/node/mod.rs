@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event, EventKind, Outcome};
 use crate::cache::{CacheKey, FetchCache};
+use crate::provider::azure::{self, AzureProvider};
 use crate::provider::local::LocalProvider;
 use crate::provider::vault::{self, VaultProvider};
 use crate::provider::{Provider, ProviderError};
@@ -56,6 +57,8 @@ pub struct NodeConfig {
     pub fuse_threads: usize,
     /// How long an unpublished FUSE volume that another mount namespace still holds is served.
     pub fuse_linger: Duration,
+    /// Where managed identities' tokens come from (IMDS, or the App Service endpoint).
+    pub azure_managed: crate::provider::azure::ManagedEndpoint,
 }
 
 /// What is recorded about a published volume: enough to take it over after a restart, and no
@@ -92,6 +95,11 @@ pub struct NodeService {
     locals: Mutex<HashMap<PathBuf, Arc<LocalProvider>>>,
     /// One Vault login per pod identity, shared by its volumes; revoked with its last volume.
     vaults: Mutex<HashMap<String, Arc<VaultProvider>>>,
+    /// One Azure provider (token source and Key Vault clients) per pod identity.
+    azures: Mutex<HashMap<String, Arc<AzureProvider>>>,
+    /// Managed identities' token sources, shared node-wide (one token per identity and
+    /// resource, whatever the number of pods the bindings let use it).
+    managed_tokens: Mutex<HashMap<String, Arc<azure::TokenSource>>>,
     /// Publishes in progress: target → identity key.
     publishing: Mutex<HashMap<PathBuf, String>>,
     volumes: Mutex<HashMap<PathBuf, Published>>,
@@ -207,6 +215,8 @@ impl NodeService {
             metrics: Arc::new(Metrics::default()),
             locals: Mutex::new(HashMap::new()),
             vaults: Mutex::new(HashMap::new()),
+            azures: Mutex::new(HashMap::new()),
+            managed_tokens: Mutex::new(HashMap::new()),
             publishing: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
             target_locks: Mutex::new(HashMap::new()),
@@ -410,12 +420,103 @@ impl NodeService {
                 locals.insert(l.path.clone(), p.clone());
                 Ok(p)
             }
-            other => Err(NodeError::FailedPrecondition(format!(
-                "provider {} is not available in this keybroker build (binding {:?} grants it)",
-                other.provider(),
-                grant.binding
-            ))),
+            Identity::Azure(a) => self.azure_provider(grant, a, vr, target),
         }
+    }
+
+    /// The Azure provider of a pod identity, given the volume's service-account token for
+    /// workload identity federation (publish and every republish).
+    fn azure_provider(
+        &self,
+        grant: &Grant,
+        a: &bindings::AzureIdentity,
+        vr: &VolumeRequest,
+        target: &Path,
+    ) -> Result<Arc<dyn Provider>, NodeError> {
+        let key = identity_key(grant, &vr.pod);
+        let refuse = |what: String| {
+            NodeError::FailedPrecondition(format!("binding {:?}: {what}", grant.binding))
+        };
+        let p = {
+            let mut azures = lock(&self.azures);
+            match azures.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let ca = match &a.ca_file {
+                        None => None,
+                        Some(f) => Some(std::fs::read(f).map_err(|e| {
+                            refuse(format!(
+                                "cannot read the Azure CA file {}: {e}",
+                                f.display()
+                            ))
+                        })?),
+                    };
+                    let http = crate::tls::client_builder(ca.as_deref(), "Azure")
+                        .map_err(refuse)?
+                        .dns_resolver(crate::tls::LoopbackNames)
+                        .timeout(Duration::from_secs(15))
+                        .connect_timeout(Duration::from_secs(5))
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                        .map_err(|e| refuse(format!("cannot set up the Azure HTTP client: {e}")))?;
+                    let tokens = match &a.managed_identity {
+                        None => azure::TokenSource::new(
+                            azure::Source::Federated {
+                                authority: a.authority_host().to_owned(),
+                                tenant: a.tenant_id.clone(),
+                                client_id: a.client_id.clone(),
+                                jwts: Mutex::new(Default::default()),
+                            },
+                            http.clone(),
+                            key.clone(),
+                        ),
+                        Some(mi) => lock(&self.managed_tokens)
+                            .entry(grant.identity.key())
+                            .or_insert_with(|| {
+                                azure::TokenSource::new(
+                                    azure::Source::Managed {
+                                        client_id: mi.client_id.clone(),
+                                        endpoint: self.cfg.azure_managed.clone(),
+                                    },
+                                    http.clone(),
+                                    grant.identity.key(),
+                                )
+                            })
+                            .clone(),
+                    };
+                    let suffix = a.keyvault_dns_suffix().to_owned();
+                    let access = azure::VaultAccess {
+                        verify_challenge_resource: bindings::AZURE_CLOUD_KEYVAULT_SUFFIXES
+                            .contains(&suffix.as_str()),
+                        dns_suffix: suffix,
+                    };
+                    let p = AzureProvider::new(tokens, http, access);
+                    azures.insert(key.clone(), p.clone());
+                    p
+                }
+            }
+        };
+        if a.managed_identity.is_none() {
+            let audience = a.audience();
+            match vr.tokens.iter().find(|t| t.audience == audience) {
+                Some(t) => p.tokens().set_jwt(
+                    &target.to_string_lossy(),
+                    azure::PodJwt {
+                        pod: vr.pod.to_string(),
+                        jwt: t.token.clone(),
+                        expires: t.expires,
+                    },
+                ),
+                None if vr.tokens.is_empty() => {}
+                None => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "{}: kubelet sent no service-account token for audience {audience:?}, which binding {:?} exchanges at Entra ID: add it to the CSIDriver's tokenRequests",
+                        vr.pod, grant.binding
+                    )));
+                }
+            }
+        }
+        Ok(p)
     }
 
     fn deny(&self, pod: Option<&PodInfo>, volume_id: &str, reason: String) -> NodeError {
@@ -558,7 +659,7 @@ impl NodeService {
                 Err(why) => return Err(self.deny(Some(&vr.pod), &vid, why)),
             };
             // kubelet's fresh tokens keep the identity's login possible.
-            if matches!(grant.identity, Identity::Vault(_)) {
+            if matches!(grant.identity, Identity::Vault(_) | Identity::Azure(_)) {
                 self.provider_for(&grant, &vr, &target)
                     .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
             }
@@ -863,6 +964,17 @@ impl NodeService {
             }
             idle_keys.iter().filter_map(|k| vaults.remove(k)).collect()
         };
+        {
+            // Azure identities no volume uses are dropped (their token refresh stops with them).
+            let mut azures = lock(&self.azures);
+            azures.retain(|k, _| identities.contains(k));
+            for p in azures.values() {
+                p.tokens().retain_jwts(|volume| targets.contains(volume));
+            }
+            let used: std::collections::HashSet<*const azure::TokenSource> =
+                azures.values().map(|p| Arc::as_ptr(p.tokens())).collect();
+            lock(&self.managed_tokens).retain(|_, t| used.contains(&Arc::as_ptr(t)));
+        }
         for (key, object) in evicted {
             if object.lease.is_none() {
                 continue;

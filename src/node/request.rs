@@ -204,7 +204,25 @@ fn mode_of(v: &Option<serde_norway::Value>, i: usize) -> Result<u32, RequestErro
     }
 }
 
-fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec, RequestError> {
+/// A Key Vault name as Azure allows it: 3-24 characters, letters, digits and dashes, starting
+/// with a letter.
+fn valid_vault_name(v: &str) -> bool {
+    (3..=24).contains(&v.len())
+        && v.starts_with(|c: char| c.is_ascii_alphabetic())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A Key Vault object name: 1-127 letters, digits and dashes.
+fn valid_kv_object_name(v: &str) -> bool {
+    (1..=127).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn file_spec(
+    provider: ProviderKind,
+    keyvault: Option<&str>,
+    i: usize,
+    o: RawObject,
+) -> Result<FileSpec, RequestError> {
     let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
     let mode = mode_of(&o.file_permission, i)?;
     let mut params = None;
@@ -222,6 +240,29 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
             if o.object_version_history.is_some() {
                 return Err(at("objectVersionHistory", &"is not supported yet"));
             }
+            if !valid_kv_object_name(&o.object_name) {
+                return Err(at(
+                    "objectName",
+                    &"must be a Key Vault object name (1-127 letters, digits and dashes)",
+                ));
+            }
+            if let Some(v) = &o.object_version
+                && !(v.is_empty() || v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(at(
+                    "objectVersion",
+                    &"must be a Key Vault version id (32 hex digits)",
+                ));
+            }
+            let format = o.object_format.as_deref().unwrap_or("pem");
+            if format == "pfx" && kind != "secret" {
+                return Err(at("objectFormat", &"pfx is only for objectType: secret"));
+            }
+            if o.object_encoding.is_some() && kind != "secret" {
+                return Err(at("objectEncoding", &"is only for objectType: secret"));
+            }
+            let vault = keyvault.expect("checked before the objects");
+            params = Some(format!("vault={vault}&format={format}"));
             let file = o
                 .object_alias
                 .clone()
@@ -231,9 +272,9 @@ fn file_spec(provider: ProviderKind, i: usize, o: RawObject) -> Result<FileSpec,
                 file,
                 object,
                 o.object_version,
-                None,
+                o.key,
                 o.object_encoding,
-                None,
+                o.template,
             )
         }
         ProviderKind::Vault => {
@@ -406,6 +447,17 @@ pub fn parse(
         auth_mount: owned(ctx, &["vaultAuthMountPath", "vaultKubernetesMountPath"]),
         audience: owned(ctx, &["audience"]),
     };
+    if provider == ProviderKind::Azure {
+        match identity.keyvault_name.as_deref() {
+            None => return Err(err("keyvaultName is required for the azure provider")),
+            Some(v) if !valid_vault_name(v) => {
+                return Err(err(
+                    "keyvaultName is not a Key Vault name (3-24 letters, digits and dashes, starting with a letter)",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
     let objects_text =
         attr(ctx, &["objects"]).ok_or_else(|| err("volume_context has no objects"))?;
     let raw = parse_objects(provider, objects_text)?;
@@ -419,7 +471,7 @@ pub fn parse(
     let files = raw
         .into_iter()
         .enumerate()
-        .map(|(i, o)| file_spec(provider, i, o))
+        .map(|(i, o)| file_spec(provider, identity.keyvault_name.as_deref(), i, o))
         .collect::<Result<Vec<_>, _>>()?;
     let content = VolumeContent::new(files, limits).map_err(|e| err(format!("objects: {e}")))?;
     // kubelet puts tokens in `secrets` when serviceAccountTokenInSecrets is on; read that first.
@@ -509,14 +561,39 @@ mod tests {
         ctx.insert("clientID".into(), "c1".into());
         ctx.insert(
             "objects".into(),
-            "array:\n  - |\n    objectName: db-pass\n    objectType: secret\n    objectAlias: password\n    objectVersion: abc\n  - |\n    objectName: tls\n    objectType: cert\n    objectFormat: pem\n".into(),
+            "array:\n  - |\n    objectName: db-pass\n    objectType: secret\n    objectAlias: password\n    objectVersion: 0123456789abcdef0123456789abcdef\n  - |\n    objectName: tls\n    objectType: cert\n    objectFormat: pem\n".into(),
         );
         let r = parse_ctx(&ctx).unwrap();
         assert_eq!(r.provider, ProviderKind::Azure);
         assert_eq!(r.identity.tenant_id.as_deref(), Some("t1"));
         assert_eq!(r.content.files[0].name.as_str(), "password");
         assert_eq!(r.content.files[0].object, "secret/db-pass");
-        assert_eq!(r.content.files[0].version.as_deref(), Some("abc"));
+        assert_eq!(
+            r.content.files[0].version.as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(
+            r.content.files[0].params.as_deref(),
+            Some("vault=kv1&format=pem")
+        );
+        // Key Vault's own rules, checked before anything is asked of it.
+        for (objects, field) in [
+            ("array:\n  - |\n    objectName: a/b\n", "objectName"),
+            (
+                "array:\n  - |\n    objectName: a\n    objectVersion: abc\n",
+                "objectVersion",
+            ),
+            (
+                "array:\n  - |\n    objectName: a\n    objectType: key\n    objectFormat: pfx\n",
+                "objectFormat",
+            ),
+        ] {
+            ctx.insert("objects".into(), objects.into());
+            let e = parse_ctx(&ctx).unwrap_err().0;
+            assert!(e.contains(field), "{e}");
+        }
+        ctx.insert("keyvaultName".into(), "kv_1".into());
+        assert!(parse_ctx(&ctx).unwrap_err().0.contains("keyvaultName"));
 
         let mut ctx = base();
         ctx.insert("roleName".into(), "app".into());

@@ -4,6 +4,7 @@
 //! rotation timing (see [`crate::cache`] and [`crate::rotation`]); it reports the version and
 //! lease it got so the scheduler can decide when to come back.
 
+pub mod azure;
 pub mod local;
 pub mod vault;
 

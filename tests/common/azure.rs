@@ -44,7 +44,10 @@ impl AzureStandin {
             https_port: 0,
             http_port: 0,
             identity_header: String::new(),
-            client: reqwest::Client::new(),
+            client: keybroker::tls::client_builder(None, "test")
+                .unwrap()
+                .build()
+                .unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let ready = loop {
@@ -66,11 +69,11 @@ impl AzureStandin {
         s.https_port = ready["https_port"].as_u64().unwrap() as u16;
         s.http_port = ready["http_port"].as_u64().unwrap() as u16;
         s.identity_header = ready["identity_header"].as_str().unwrap().to_owned();
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(s.ca()).unwrap()).unwrap();
-        s.client = reqwest::Client::builder()
-            .add_root_certificate(ca)
-            .build()
-            .unwrap();
+        s.client =
+            keybroker::tls::client_builder(Some(&std::fs::read(s.ca()).unwrap()), "stand-in")
+                .unwrap()
+                .build()
+                .unwrap();
         s
     }
 

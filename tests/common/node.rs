@@ -41,6 +41,17 @@ impl Daemon {
 
     /// Starts the node with an audit log at `audit` and extra `node` flags.
     pub fn start_opts(dir: &Path, poll: &str, audit: &Path, extra: &[&str]) -> Self {
+        Self::start_env(dir, poll, audit, extra, &[])
+    }
+
+    /// As [`Daemon::start_opts`], with extra environment variables.
+    pub fn start_env(
+        dir: &Path,
+        poll: &str,
+        audit: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let sock = dir.join("csi/csi.sock");
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
@@ -49,6 +60,7 @@ impl Daemon {
             .open(dir.join("node.log"))
             .unwrap();
         let child = Command::new(BIN)
+            .envs(env.iter().copied())
             .args([
                 "--log-format",
                 "json",

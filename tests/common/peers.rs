@@ -326,6 +326,52 @@ impl Issuer {
         }
     }
 
+    /// Serves this issuer's OIDC discovery document and JWKS on a loopback HTTP port (as a
+    /// cluster publishes them for workload identity federation) and makes that URL the
+    /// issuer (`iss`) of the tokens it signs from now on. Served until the process ends.
+    pub fn serve_discovery(&mut self, dir: &Path) {
+        let pem = dir.join("issuer/key.pem");
+        let modulus = run(Command::new("openssl")
+            .args(["rsa", "-noout", "-modulus", "-in"])
+            .arg(&pem));
+        let n = hex::decode(modulus.trim().trim_start_matches("Modulus=")).unwrap();
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = serde_json::json!({
+            "issuer": url, "jwks_uri": format!("{url}/openid/v1/jwks"),
+            "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        })
+        .to_string();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "RSA", "alg": "RS256", "use": "sig", "kid": "test-issuer",
+            "n": b64(&n), "e": b64(&[1, 0, 1]),
+        }]})
+        .to_string();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split(' ').nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/.well-known/openid-configuration" => ("200 OK", discovery.as_str()),
+                    "/openid/v1/jwks" => ("200 OK", jwks.as_str()),
+                    _ => ("404 Not Found", "{}"),
+                };
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        self.iss = url;
+    }
+
     /// A signed service-account token with the claims kubelet's TokenRequest gives a pod.
     pub fn token(&self, t: &TokenSpec) -> String {
         let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);

@@ -595,7 +595,22 @@ class Handler(BaseHTTPRequestHandler):
             v = versions[-1] if not version else next((x for x in versions if x["version"] == version), None)
             if v is None:
                 raise kv_error(404, not_found, f"A {label} with (name/id) {name}/{version} was not found in this key vault. If you recently deleted this {label} you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
-            return 200, self._bundle(coll, v, base), {}
+            bundle = self._bundle(coll, v, base)
+            out_type = query.get("outContentType")
+            if coll == "secrets" and out_type:
+                bundle = self._convert(bundle, out_type)
+            return 200, bundle, {}
+
+    @staticmethod
+    def _convert(bundle, out_type):
+        """A secret in another content type (outContentType): Key Vault converts a PKCS#12
+        certificate secret to PEM (private key, then the chain); nothing else converts."""
+        if out_type != "application/x-pem-file" or bundle.get("contentType") not in ("application/x-pkcs12", "application/x-pem-file"):
+            raise kv_error(400, "BadParameter", f"Conversion to '{out_type}' is not supported for this secret.")
+        if bundle["contentType"] == "application/x-pkcs12":
+            key, leaf, extra = pkcs12.load_key_and_certificates(base64.b64decode(bundle["value"]), None)
+            bundle = dict(bundle, value=pem_bundle(key, [leaf] + list(extra)), contentType=out_type)
+        return bundle
 
     @staticmethod
     def _page(items, query, link_base):

@@ -133,8 +133,7 @@ impl Client {
                 requests: AtomicU64::new(0),
             });
         }
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
+        let mut b = crate::tls::client_builder(ep.ca_pem.as_deref(), "Vault")?
             .https_only(scheme == "https")
             .timeout(if ep.timeout.is_zero() {
                 Duration::from_secs(30)
@@ -144,17 +143,6 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(pem) = &ep.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("the Vault CA bundle is not PEM certificates: {e}"))?;
-            if certs.is_empty() {
-                return Err("the Vault CA bundle holds no certificate".into());
-            }
-            b = b.tls_built_in_root_certs(false);
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
         let base = match &ep.tls_server_name {
             // Connect to the address, verify the certificate for the given name: requests go to
             // the name, which is resolved to the address's IPs.

@@ -1,0 +1,450 @@
+//! Azure Key Vault, as one Azure identity (a pod's workload identity, or a managed identity a
+//! binding grants).
+//!
+//! Objects are named `secret/NAME`, `cert/NAME` or `key/NAME` (what bindings match), with
+//! `vault=VAULT&format=pem|pfx` in the request parameters. What a file receives:
+//! - `secret`: the value; for a certificate's backing secret stored as PKCS#12 and
+//!   `objectFormat: pem` (the default), Key Vault's own PFX-to-PEM conversion
+//!   (`outContentType`), so the file holds the private key and the chain; with
+//!   `objectFormat: pfx`, the base64 PFX as stored (`objectEncoding: base64` writes it binary);
+//! - `cert`: the public certificate (`cer`) as PEM;
+//! - `key`: the public key (RSA or EC JWK) as a PEM SubjectPublicKeyInfo.
+//!
+//! The Key Vault calls go through Microsoft's Rust SDK clients (secrets, keys, certificates),
+//! with keybroker's transport (rustls, the binding's CA bundle), no SDK retries (keybroker's
+//! cache and backoff decide when to come back) and keybroker's token source as the credential.
+//! Every vault has a request budget well under Key Vault's limit of 4,000 GETs per 10 s.
+
+pub mod pem;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
+use azure_core::http::{ClientOptions, RetryOptions, Transport};
+use azure_security_keyvault_certificates::{CertificateClient, CertificateClientOptions};
+use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
+use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
+
+use crate::provider::{BoxFuture, ObjectRequest, Provider, ProviderError};
+use crate::secret::{SecretBytes, SecretObject};
+
+pub use token::{ManagedEndpoint, PodJwt, Source, TokenSource};
+
+pub const KIND: &str = "azure";
+
+/// Key Vault GETs one identity may send to one vault per window (Key Vault allows 4,000 per
+/// 10 s per vault; keybroker stays at half of that, whatever the number of volumes).
+const VAULT_BUDGET: u32 = 2_000;
+const VAULT_WINDOW: Duration = Duration::from_secs(10);
+
+/// The Key Vault resource (token audience) of the public cloud.
+pub const KEYVAULT_RESOURCE: &str = "https://vault.azure.net";
+
+/// How an identity reaches Key Vault.
+pub struct VaultAccess {
+    /// `vault.azure.net`, or a sovereign cloud's, or a test's (`vault.localhost:8443`).
+    pub dns_suffix: String,
+    /// Whether the SDK checks that a challenge's resource matches the vault host (off only for
+    /// a suffix that is not a public or sovereign cloud's, which the binding names).
+    pub verify_challenge_resource: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct AzureStats {
+    /// Key Vault requests that returned (or failed with) an answer.
+    pub keyvault_gets: AtomicU64,
+}
+
+struct VaultClients {
+    secrets: SecretClient,
+    keys: KeyClient,
+    certs: CertificateClient,
+    budget: Mutex<(std::time::Instant, u32)>,
+}
+
+pub struct AzureProvider {
+    tokens: Arc<TokenSource>,
+    http: reqwest::Client,
+    access: VaultAccess,
+    vaults: Mutex<HashMap<String, Arc<VaultClients>>>,
+    pub stats: AzureStats,
+}
+
+/// The SDK's view of keybroker's token source.
+#[derive(Debug)]
+struct Credential(Arc<TokenSource>);
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for Credential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let scope = scopes.first().copied().unwrap_or(KEYVAULT_RESOURCE);
+        let resource = scope.strip_suffix("/.default").unwrap_or(scope);
+        match self.0.token(resource).await {
+            Ok((token, expires)) => {
+                let secs = expires
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs() as i64;
+                let at = time::OffsetDateTime::from_unix_timestamp(secs)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                Ok(AccessToken::new(Secret::new(token.to_string()), at))
+            }
+            // The provider reports the token source's own error (AADSTS code and all).
+            Err(e) => Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+impl AzureProvider {
+    pub fn new(tokens: Arc<TokenSource>, http: reqwest::Client, access: VaultAccess) -> Arc<Self> {
+        Arc::new(Self {
+            tokens,
+            http,
+            access,
+            vaults: Mutex::new(HashMap::new()),
+            stats: AzureStats::default(),
+        })
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenSource> {
+        &self.tokens
+    }
+
+    fn clients(&self, vault: &str) -> Result<Arc<VaultClients>, ProviderError> {
+        let mut vaults = self.vaults.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = vaults.get(vault) {
+            return Ok(c.clone());
+        }
+        let url = format!("https://{vault}.{}/", self.access.dns_suffix);
+        let options = || ClientOptions {
+            retry: RetryOptions::none(),
+            transport: Some(Transport::new(Arc::new(self.http.clone()))),
+            ..Default::default()
+        };
+        let cred: Arc<dyn TokenCredential> = Arc::new(Credential(self.tokens.clone()));
+        let verify = Some(self.access.verify_challenge_resource);
+        let setup = |e: azure_core::Error| ProviderError::Invalid {
+            provider: KIND,
+            object: vault.to_owned(),
+            detail: format!("cannot set up the Key Vault client for {url}: {e}"),
+        };
+        let clients = Arc::new(VaultClients {
+            secrets: SecretClient::new(
+                &url,
+                cred.clone(),
+                Some(SecretClientOptions {
+                    client_options: options(),
+                    verify_challenge_resource: verify,
+                    ..Default::default()
+                }),
+            )
+            .map_err(setup)?,
+            keys: KeyClient::new(
+                &url,
+                cred.clone(),
+                Some(KeyClientOptions {
+                    client_options: options(),
+                    verify_challenge_resource: verify,
+                    ..Default::default()
+                }),
+            )
+            .map_err(setup)?,
+            certs: CertificateClient::new(
+                &url,
+                cred,
+                Some(CertificateClientOptions {
+                    client_options: options(),
+                    verify_challenge_resource: verify,
+                    ..Default::default()
+                }),
+            )
+            .map_err(setup)?,
+            budget: Mutex::new((std::time::Instant::now(), 0)),
+        });
+        vaults.insert(vault.to_owned(), clients.clone());
+        Ok(clients)
+    }
+
+    /// Waits for room in the vault's request budget.
+    async fn spend(&self, clients: &VaultClients) {
+        loop {
+            let wait = {
+                let mut b = clients.budget.lock().unwrap_or_else(|p| p.into_inner());
+                if b.0.elapsed() >= VAULT_WINDOW {
+                    *b = (std::time::Instant::now(), 0);
+                }
+                if b.1 < VAULT_BUDGET {
+                    b.1 += 1;
+                    return;
+                }
+                VAULT_WINDOW.saturating_sub(b.0.elapsed())
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// What a failed Key Vault call means, naming the vault and object.
+    fn kv_error(&self, vault: &str, object: &str, e: azure_core::Error) -> ProviderError {
+        use azure_core::error::ErrorKind;
+        let named = format!("{vault}/{object}");
+        match e.kind() {
+            ErrorKind::Credential => {
+                self.tokens
+                    .last_error()
+                    .unwrap_or(ProviderError::Unavailable {
+                        provider: KIND,
+                        detail: format!("no access token for {}: {e}", self.tokens.identity),
+                    })
+            }
+            ErrorKind::HttpResponse {
+                status,
+                error_code,
+                raw_response,
+            } => {
+                let status = u16::from(*status);
+                let code = error_code
+                    .clone()
+                    .unwrap_or_else(|| format!("http-{status}"));
+                let message = raw_response
+                    .as_ref()
+                    .and_then(|r| serde_json::from_slice::<serde_json::Value>(r.body()).ok())
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                    .map(|m| m.chars().take(300).collect::<String>())
+                    .unwrap_or_default();
+                let retry_after = raw_response.as_ref().and_then(|r| {
+                    r.headers()
+                        .get_optional_string(&azure_core::http::headers::HeaderName::from_static(
+                            "retry-after",
+                        ))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs)
+                });
+                match status {
+                    404 => ProviderError::NotFound {
+                        provider: KIND,
+                        object: named,
+                    },
+                    401 | 403 => ProviderError::PermissionDenied {
+                        provider: KIND,
+                        object: named,
+                        code,
+                        detail: format!(
+                            "Key Vault refused {} ({status}): {message}",
+                            self.tokens.identity
+                        ),
+                    },
+                    429 => ProviderError::Throttled {
+                        provider: KIND,
+                        retry_after,
+                    },
+                    s if s >= 500 => ProviderError::Unavailable {
+                        provider: KIND,
+                        detail: format!("Key Vault {vault} answered {s} ({code}) for {object}"),
+                    },
+                    s => ProviderError::Invalid {
+                        provider: KIND,
+                        object: named,
+                        detail: format!("Key Vault answered {s} ({code}): {message}"),
+                    },
+                }
+            }
+            _ => ProviderError::Unavailable {
+                provider: KIND,
+                detail: format!("cannot reach Key Vault {vault} for {object}: {e}"),
+            },
+        }
+    }
+
+    async fn read(&self, req: &ObjectRequest) -> Result<SecretObject, ProviderError> {
+        let invalid = |detail: &str| ProviderError::Invalid {
+            provider: KIND,
+            object: req.name.clone(),
+            detail: detail.to_owned(),
+        };
+        let params = req.params.as_deref().unwrap_or_default();
+        let mut vault = None;
+        let mut format = "pem";
+        for kv in params.split('&') {
+            match kv.split_once('=') {
+                Some(("vault", v)) => vault = Some(v),
+                Some(("format", f)) => format = f,
+                _ => {}
+            }
+        }
+        let vault = vault.ok_or_else(|| invalid("no vault named (keyvaultName)"))?;
+        let (kind, name) = req
+            .name
+            .split_once('/')
+            .ok_or_else(|| invalid("object names are secret/NAME, cert/NAME or key/NAME"))?;
+        let clients = self.clients(vault)?;
+        self.spend(&clients).await;
+        self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
+        let version_of = |id: Option<&String>| {
+            id.and_then(|i| i.rsplit('/').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        match kind {
+            "secret" => {
+                let mut options =
+                    azure_security_keyvault_secrets::models::SecretClientGetSecretOptions {
+                        secret_version: req.version.clone(),
+                        ..Default::default()
+                    };
+                let first = clients
+                    .secrets
+                    .get_secret(name, Some(options.clone()))
+                    .await
+                    .and_then(|r| r.into_model())
+                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                // A certificate's backing secret stored as PKCS#12: Key Vault converts it to
+                // PEM (key and chain) when asked, so no PKCS#12 code runs here.
+                let pkcs12 = first.content_type.as_deref() == Some("application/x-pkcs12");
+                let secret = if pkcs12 && format == "pem" {
+                    options.out_content_type =
+                        Some(azure_security_keyvault_secrets::models::ContentType::Pem);
+                    options.secret_version = Some(version_of(first.id.as_ref()));
+                    self.spend(&clients).await;
+                    self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
+                    clients
+                        .secrets
+                        .get_secret(name, Some(options))
+                        .await
+                        .and_then(|r| r.into_model())
+                        .map_err(|e| self.kv_error(vault, &req.name, e))?
+                } else {
+                    first
+                };
+                let expires_at = secret
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.expires)
+                    .map(to_system_time);
+                let value = secret
+                    .value
+                    .ok_or_else(|| invalid("Key Vault returned the secret without a value"))?;
+                Ok(SecretObject {
+                    value: SecretBytes::new(value.into_bytes()),
+                    version: version_of(secret.id.as_ref()),
+                    content_type: secret.content_type,
+                    expires_at,
+                    lease: None,
+                })
+            }
+            "cert" => {
+                let options =
+                    azure_security_keyvault_certificates::models::CertificateClientGetCertificateOptions {
+                        certificate_version: req.version.clone(),
+                        ..Default::default()
+                    };
+                let cert = clients
+                    .certs
+                    .get_certificate(name, Some(options))
+                    .await
+                    .and_then(|r| r.into_model())
+                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                let der = cert
+                    .cer
+                    .ok_or_else(|| invalid("Key Vault returned the certificate without cer"))?;
+                Ok(SecretObject {
+                    value: SecretBytes::new(pem::pem("CERTIFICATE", &der).into_bytes()),
+                    version: version_of(cert.id.as_ref()),
+                    content_type: Some("application/x-pem-file".into()),
+                    expires_at: cert
+                        .attributes
+                        .as_ref()
+                        .and_then(|a| a.expires)
+                        .map(to_system_time),
+                    lease: None,
+                })
+            }
+            "key" => {
+                use azure_security_keyvault_keys::models::{CurveName, KeyType};
+                let options = azure_security_keyvault_keys::models::KeyClientGetKeyOptions {
+                    key_version: req.version.clone(),
+                    ..Default::default()
+                };
+                let key = clients
+                    .keys
+                    .get_key(name, Some(options))
+                    .await
+                    .and_then(|r| r.into_model())
+                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                let jwk = key
+                    .key
+                    .ok_or_else(|| invalid("Key Vault returned the key without its JWK"))?;
+                let pem = match jwk.kty {
+                    Some(KeyType::Rsa | KeyType::RsaHsm) => {
+                        let (Some(n), Some(e)) = (&jwk.n, &jwk.e) else {
+                            return Err(invalid("the RSA key has no n or e"));
+                        };
+                        pem::rsa_public_key(n, e)
+                    }
+                    Some(KeyType::Ec | KeyType::EcHsm) => {
+                        let curve = match &jwk.crv {
+                            Some(CurveName::P256) => "P-256",
+                            Some(CurveName::P384) => "P-384",
+                            Some(CurveName::P521) => "P-521",
+                            Some(CurveName::P256K) => "P-256K",
+                            _ => return Err(invalid("the EC key's curve is not supported")),
+                        };
+                        let (Some(x), Some(y)) = (&jwk.x, &jwk.y) else {
+                            return Err(invalid("the EC key has no x or y"));
+                        };
+                        pem::ec_public_key(curve, x, y).map_err(|e| invalid(&e))?
+                    }
+                    _ => return Err(invalid("only RSA and EC keys have a public PEM form")),
+                };
+                Ok(SecretObject {
+                    value: SecretBytes::new(pem.into_bytes()),
+                    version: version_of(jwk.kid.as_ref()),
+                    content_type: Some("application/x-pem-file".into()),
+                    expires_at: None,
+                    lease: None,
+                })
+            }
+            _ => Err(invalid("object types are secret, cert and key")),
+        }
+    }
+}
+
+fn to_system_time(t: time::OffsetDateTime) -> SystemTime {
+    let secs = t.unix_timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+impl Provider for AzureProvider {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        req: &'a ObjectRequest,
+    ) -> BoxFuture<'a, Result<SecretObject, ProviderError>> {
+        Box::pin(self.read(req))
+    }
+}
