@@ -25,9 +25,14 @@ struct Node {
     sock: PathBuf,
 }
 
+fn state_dir(root: &Path) -> PathBuf {
+    Path::new("/dev/shm/kb-bench-hostile-state").join(root.file_name().unwrap())
+}
+
 impl Node {
     fn start(bin: &str, root: &Path) -> Node {
         let _ = std::fs::remove_dir_all(root);
+        let _ = std::fs::remove_dir_all(state_dir(root));
         std::fs::create_dir_all(root.join("secrets")).unwrap();
         for o in 0..10 {
             std::fs::write(root.join(format!("secrets/obj{o}")), format!("value-{o}")).unwrap();
@@ -58,8 +63,9 @@ impl Node {
             .arg(format!("unix://{}", sock.display()))
             .arg("--bindings")
             .arg(root.join("bindings.yaml"))
+            // On a node the state directory is /run/keybroker, a tmpfs; /dev/shm is one here.
             .arg("--state-dir")
-            .arg(root.join("state"))
+            .arg(state_dir(root))
             .arg("--audit-log")
             .arg(root.join("audit.jsonl"))
             .stdout(Stdio::null())
@@ -96,6 +102,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(state_dir(&self.root));
         // Unmount whatever the node left (it was killed), and the tmpfs staging mounts behind.
         if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
             for l in mi.lines() {
@@ -226,6 +233,7 @@ async fn main() {
     }
     normal_rows(&bins, &base).await;
     render_row();
+    let _ = std::fs::remove_dir("/dev/shm/kb-bench-hostile-state");
 }
 
 async fn hostile_rows(bins: &[(&str, String)], base: &Path) {

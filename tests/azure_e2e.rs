@@ -304,9 +304,40 @@ async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
     assert_eq!(exchanges.len(), 1, "{exchanges:?}");
     assert_eq!(exchanges[0]["status"], 200);
     assert_eq!(exchanges[0]["subject"], "system:serviceaccount:team-a:api");
+    // No value and no token (JWTs start with eyJ) in the logs, the audit log or the state
+    // directory.
+    let mut places = vec![
+        ("log".to_string(), d.logs()),
+        ("audit".to_string(), read(&w.root.join("audit.jsonl"))),
+    ];
+    for e in walk(&w.root.join("state")) {
+        places.push((
+            e.display().to_string(),
+            String::from_utf8_lossy(&std::fs::read(&e).unwrap()).into_owned(),
+        ));
+    }
+    for (place, text) in &places {
+        for planted in [DB_V1, DB_V2, "S3cret-azure-json-5512", "eyJ", "PRIVATE KEY"] {
+            assert!(!text.contains(planted), "{planted:?} found in {place}");
+        }
+    }
     node.node_unpublish_volume(pod.unpublish(&w.root))
         .await
         .unwrap();
+}
+
+/// Every regular file below `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,6 +171,29 @@ fn write_record(path: &Path, record: &VolumeRecord) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The volume's service-account token for `audience` (kubelet's, for this publish or
+/// republish). `None` when kubelet sent no tokens at all (a volume taken over after a restart);
+/// an error naming the audience when it sent others but not this one.
+fn pod_jwt(
+    grant: &Grant,
+    vr: &VolumeRequest,
+    audience: &str,
+    used_for: &str,
+) -> Result<Option<crate::provider::PodJwt>, NodeError> {
+    match vr.tokens.iter().find(|t| t.audience == audience) {
+        Some(t) => Ok(Some(crate::provider::PodJwt {
+            pod: vr.pod.to_string(),
+            jwt: t.token.clone(),
+            expires: t.expires,
+        })),
+        None if vr.tokens.is_empty() => Ok(None),
+        None => Err(NodeError::FailedPrecondition(format!(
+            "{}: kubelet sent no service-account token for audience {audience:?}, which binding {:?} {used_for}: add it to the CSIDriver's tokenRequests",
+            vr.pod, grant.binding
+        ))),
+    }
+}
+
 fn provider_error(pod: &PodInfo, e: &ProviderError) -> NodeError {
     let msg = format!("{pod}: {e}");
     match e {
@@ -345,7 +368,6 @@ impl NodeService {
         match &grant.identity {
             Identity::Vault(v) => {
                 let audience = v.audience();
-                let jwt = vr.tokens.iter().find(|t| t.audience == audience);
                 let key = identity_key(grant, &vr.pod);
                 let mut vaults = lock(&self.vaults);
                 let p = match vaults.get(&key) {
@@ -383,22 +405,8 @@ impl NodeService {
                         p
                     }
                 };
-                match jwt {
-                    Some(t) => p.set_jwt(
-                        &target.to_string_lossy(),
-                        vault::PodJwt {
-                            pod: vr.pod.to_string(),
-                            jwt: t.token.clone(),
-                            expires: t.expires,
-                        },
-                    ),
-                    None if vr.tokens.is_empty() => {}
-                    None => {
-                        return Err(NodeError::FailedPrecondition(format!(
-                            "{}: kubelet sent no service-account token for audience {audience:?}, which binding {:?} logs in to Vault with: add it to the CSIDriver's tokenRequests",
-                            vr.pod, grant.binding
-                        )));
-                    }
+                if let Some(jwt) = pod_jwt(grant, vr, audience, "logs in to Vault with")? {
+                    p.set_jwt(&target.to_string_lossy(), jwt);
                 }
                 Ok(p)
             }
@@ -496,25 +504,10 @@ impl NodeService {
                 }
             }
         };
-        if a.managed_identity.is_none() {
-            let audience = a.audience();
-            match vr.tokens.iter().find(|t| t.audience == audience) {
-                Some(t) => p.tokens().set_jwt(
-                    &target.to_string_lossy(),
-                    azure::PodJwt {
-                        pod: vr.pod.to_string(),
-                        jwt: t.token.clone(),
-                        expires: t.expires,
-                    },
-                ),
-                None if vr.tokens.is_empty() => {}
-                None => {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "{}: kubelet sent no service-account token for audience {audience:?}, which binding {:?} exchanges at Entra ID: add it to the CSIDriver's tokenRequests",
-                        vr.pod, grant.binding
-                    )));
-                }
-            }
+        if a.managed_identity.is_none()
+            && let Some(jwt) = pod_jwt(grant, vr, a.audience(), "exchanges at Entra ID")?
+        {
+            p.tokens().set_jwt(&target.to_string_lossy(), jwt);
         }
         Ok(p)
     }

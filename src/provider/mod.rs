@@ -16,6 +16,15 @@ use crate::secret::{Lease, SecretObject};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A pod's service-account token as kubelet handed it over (publish and every republish), for
+/// a provider that acts as the pod (Vault login, Entra exchange).
+pub struct PodJwt {
+    /// The pod, for errors ("pod ns/name (service account sa)").
+    pub pod: String,
+    pub jwt: zeroize::Zeroizing<String>,
+    pub expires: Option<std::time::SystemTime>,
+}
+
 /// What to fetch: an object name as the provider knows it, optionally pinned to a version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRequest {

@@ -34,12 +34,7 @@ const IMDS_CONCURRENCY: usize = 5;
 /// How long IMDS's 410 ("still starting") is retried.
 const IMDS_GONE_RETRY: Duration = Duration::from_secs(70);
 
-/// A pod's service-account token for the exchange (from kubelet, at publish and republish).
-pub struct PodJwt {
-    pub pod: String,
-    pub jwt: Zeroizing<String>,
-    pub expires: Option<SystemTime>,
-}
+pub use crate::provider::PodJwt;
 
 /// Where a managed identity's tokens come from.
 #[derive(Clone, Debug)]
@@ -425,14 +420,9 @@ impl TokenSource {
                     transport_error(&e)
                 ),
             })?;
-        let status = resp.status().as_u16();
-        let ra = retry_after(&resp);
-        let text = Zeroizing::new(resp.text().await.unwrap_or_default());
+        let (status, ra, text) = read_reply(resp).await;
         if status == 200 {
-            let reply: TokenReply = serde_json::from_str(&text).map_err(|_| ProviderError::Unavailable {
-                provider: KIND,
-                detail: format!("Entra ID at {authority} answered the token request with something that is not a token reply"),
-            })?;
+            let reply = parse_reply(&text, &format!("Entra ID at {authority}"))?;
             let life = number(&reply.expires_in).unwrap_or(3600);
             return Ok((
                 reply.access_token,
@@ -526,14 +516,9 @@ impl TokenSource {
                     transport_error(&e)
                 ),
             })?;
-            let status = resp.status().as_u16();
-            let ra = retry_after(&resp);
-            let text = Zeroizing::new(resp.text().await.unwrap_or_default());
+            let (status, ra, text) = read_reply(resp).await;
             if status == 200 {
-                let reply: TokenReply = serde_json::from_str(&text).map_err(|_| ProviderError::Unavailable {
-                    provider: KIND,
-                    detail: "the managed identity endpoint answered with something that is not a token reply".into(),
-                })?;
+                let reply = parse_reply(&text, "the managed identity endpoint")?;
                 let expires = match (number(&reply.expires_on), number(&reply.expires_in)) {
                     (Some(on), _) => SystemTime::UNIX_EPOCH + Duration::from_secs(on),
                     (None, Some(secs)) => SystemTime::now() + Duration::from_secs(secs),
@@ -580,6 +565,26 @@ impl TokenSource {
             });
         }
     }
+}
+
+/// Status, `Retry-After` and body of a token endpoint's answer (the body may hold a token).
+async fn read_reply(resp: reqwest::Response) -> (u16, Option<Duration>, Zeroizing<String>) {
+    let status = resp.status().as_u16();
+    let ra = retry_after(&resp);
+    (
+        status,
+        ra,
+        Zeroizing::new(resp.text().await.unwrap_or_default()),
+    )
+}
+
+fn parse_reply(text: &str, who: &str) -> Result<TokenReply, ProviderError> {
+    serde_json::from_str(text).map_err(|_| ProviderError::Unavailable {
+        provider: KIND,
+        detail: format!(
+            "{who} answered the token request with something that is not a token reply"
+        ),
+    })
 }
 
 /// A transport error without the URL's query (which may carry nothing secret here, but keeps

@@ -53,13 +53,7 @@ pub struct LoginConfig {
     pub identity: String,
 }
 
-/// A pod's service-account token, as kubelet handed it over for Vault's audience.
-pub struct PodJwt {
-    /// The pod, for errors ("pod ns/name (service account sa)").
-    pub pod: String,
-    pub jwt: Zeroizing<String>,
-    pub expires: Option<SystemTime>,
-}
+pub use crate::provider::PodJwt;
 
 /// Request counters of one identity (the tests and the benchmark read them).
 #[derive(Debug, Default)]
