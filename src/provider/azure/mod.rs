@@ -64,6 +64,11 @@ struct VaultClients {
     keys: KeyClient,
     certs: CertificateClient,
     budget: Mutex<(std::time::Instant, u32)>,
+    /// Whether a request has gone through the bearer challenge (the SDK then knows the vault's
+    /// tenant and resource). Until then requests go one at a time, so a volume's ten parallel
+    /// first GETs cost one challenge, not ten.
+    primed: std::sync::atomic::AtomicBool,
+    first: tokio::sync::Mutex<()>,
 }
 
 pub struct AzureProvider {
@@ -179,6 +184,8 @@ impl AzureProvider {
             )
             .map_err(setup)?,
             budget: Mutex::new((std::time::Instant::now(), 0)),
+            primed: Default::default(),
+            first: tokio::sync::Mutex::new(()),
         });
         vaults.insert(vault.to_owned(), clients.clone());
         Ok(clients)
@@ -296,7 +303,33 @@ impl AzureProvider {
             .split_once('/')
             .ok_or_else(|| invalid("object names are secret/NAME, cert/NAME or key/NAME"))?;
         let clients = self.clients(vault)?;
-        self.spend(&clients).await;
+        let _first = if clients.primed.load(Ordering::Acquire) {
+            None
+        } else {
+            Some(clients.first.lock().await)
+        };
+        let res = self
+            .read_from(&clients, vault, kind, name, format, req)
+            .await;
+        clients.primed.store(true, Ordering::Release);
+        res
+    }
+
+    async fn read_from(
+        &self,
+        clients: &VaultClients,
+        vault: &str,
+        kind: &str,
+        name: &str,
+        format: &str,
+        req: &ObjectRequest,
+    ) -> Result<SecretObject, ProviderError> {
+        let invalid = |detail: &str| ProviderError::Invalid {
+            provider: KIND,
+            object: req.name.clone(),
+            detail: detail.to_owned(),
+        };
+        self.spend(clients).await;
         self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
         let version_of = |id: Option<&String>| {
             id.and_then(|i| i.rsplit('/').next())
@@ -323,7 +356,7 @@ impl AzureProvider {
                     options.out_content_type =
                         Some(azure_security_keyvault_secrets::models::ContentType::Pem);
                     options.secret_version = Some(version_of(first.id.as_ref()));
-                    self.spend(&clients).await;
+                    self.spend(clients).await;
                     self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
                     clients
                         .secrets
