@@ -504,6 +504,41 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
         .filter(|r| r["kind"] == "managed-identity")
         .collect();
     assert!(!imds.is_empty());
+    // IMDS still starting (410) and throttling (429): retried, the volume is published.
+    {
+        w.standin
+            .post(
+                "faults",
+                json!({"kind": "managed-identity", "status": 410, "count": 2}),
+            )
+            .await;
+        w.standin
+            .post(
+                "faults",
+                json!({"kind": "managed-identity", "status": 429, "retryAfter": 1, "count": 1}),
+            )
+            .await;
+        let d = w.daemon();
+        let mut node = client(&d).await;
+        let pod = Pod::new("team-b", "batch", 22);
+        node.node_publish_volume(w.request(&pod, &attrs, &[], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+        assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
+        node.node_unpublish_volume(pod.unpublish(&w.root))
+            .await
+            .unwrap();
+        let statuses: Vec<u64> = w
+            .standin
+            .requests()
+            .await
+            .into_iter()
+            .filter(|r| r["kind"] == "managed-identity")
+            .map(|r| r["status"].as_u64().unwrap())
+            .collect();
+        assert!(statuses.ends_with(&[410, 410, 429, 200]), "{statuses:?}");
+        w.standin.admin(Method::DELETE, "faults", json!(null)).await;
+    }
     assert!(
         imds.iter()
             .all(|r| r["path"] == "/metadata/identity/oauth2/token" && r["caller"] == MANAGED),
@@ -632,8 +667,19 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
         "{} GETs in 5 s of 2 s polls for 10 objects and 20 volumes",
         gets(&cycle)
     );
-    let audit = std::fs::read_to_string(w.root.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("shared-3"), "the rotation is audited");
+    // Audited per volume, with the old and the new Key Vault version.
+    let rotations: Vec<serde_json::Value> = audit_records(&w.root.join("audit.jsonl"))
+        .into_iter()
+        .filter(|r| r["event"] == "rotate" && r["file"] == "shared-3")
+        .collect();
+    assert_eq!(rotations.len(), pods.len(), "{rotations:?}");
+    for r in &rotations {
+        let (old, new) = (
+            r["previous_version"].as_str().unwrap(),
+            r["version"].as_str().unwrap(),
+        );
+        assert!(old.len() == 32 && new.len() == 32 && old != new, "{r}");
+    }
 
     // Throttling: Key Vault answers 429 (Retry-After: 3) for 4 s; files keep the last good
     // values, no request comes sooner than Retry-After after a 429, and it recovers.

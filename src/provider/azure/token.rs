@@ -620,6 +620,25 @@ fn urlencode(v: &str) -> String {
     out
 }
 
+/// Entry points for the fuzz targets (`fuzz/fuzz_targets/azure_replies.rs`): everything
+/// keybroker itself parses of what Entra ID and managed identity endpoints answer.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub fn token_reply(body: &[u8]) {
+        let text = String::from_utf8_lossy(body);
+        if let Ok(r) = parse_reply(&text, "fuzz") {
+            let _ = number(&r.expires_in);
+            let _ = number(&r.expires_on);
+        }
+        if let Ok(e) = serde_json::from_str::<EntraError>(&text) {
+            let _ = cut(&e.error_description);
+        }
+        let _ = cut(&text);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
