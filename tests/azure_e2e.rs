@@ -458,6 +458,34 @@ async fn refusals_are_clear_audited_and_skip_the_exchange_when_keybroker_can_tel
         "a refused token is not exchanged again"
     );
 
+    // A first mount while Key Vault fails (503), nothing cached: Unavailable, naming the vault
+    // and the object, so kubelet retries.
+    w.standin
+        .post("faults", json!({"kind": "keyvault", "pathContains": "/secrets/db-json", "status": 503, "count": 1}))
+        .await;
+    let fresh = Pod::new("team-a", "api", 14);
+    let json_attrs = vec![
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        (
+            "objects",
+            Box::leak(objects(&["objectName: db-json"]).into_boxed_str()) as &str,
+        ),
+    ];
+    let msg = expect(
+        node.node_publish_volume(w.request(&fresh, &json_attrs, &[WI_AUDIENCE], 3600))
+            .await,
+        Code::Unavailable,
+        "kv1",
+    );
+    assert!(msg.contains("db-json") && msg.contains("503"), "{msg}");
+    node.node_publish_volume(w.request(&fresh, &json_attrs, &[WI_AUDIENCE], 3600))
+        .await
+        .expect("kubelet's retry succeeds once Key Vault answers");
+    node.node_unpublish_volume(fresh.unpublish(&w.root))
+        .await
+        .unwrap();
+
     let audit = std::fs::read_to_string(w.root.join("audit.jsonl")).unwrap();
     for code in ["AADSTS70021", "AADSTS50013"] {
         assert!(audit.contains(code), "{code} is audited");
