@@ -304,7 +304,9 @@ impl AzureProvider {
         let _first = if clients.primed.load(Ordering::Acquire) {
             None
         } else {
-            Some(clients.first.lock().await)
+            let guard = clients.first.lock().await;
+            // Whoever held it has been through the challenge: go on in parallel.
+            (!clients.primed.load(Ordering::Acquire)).then_some(guard)
         };
         let res = self
             .read_from(&clients, vault, kind, name, format, req)
