@@ -234,6 +234,7 @@ async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
         "objectName: tls\nobjectAlias: tls.crt\nobjectType: cert",
         "objectName: rsa-key\nobjectType: key",
         "objectName: ec-key\nobjectType: key",
+        "objectName: db-password\nobjectAlias: db-history\nobjectVersionHistory: 3",
     ]);
     let attrs = [
         ("keyvaultName", "kv1"),
@@ -271,6 +272,16 @@ async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
         "openssl reads the PFX: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Version history: a directory, 0 the newest; two versions exist, so no file 2.
+    assert_eq!(read(&t.join("db-history/0")), DB_V2);
+    assert_eq!(read(&t.join("db-history/1")), DB_V1);
+    assert!(!t.join("db-history/2").exists());
+    let mut listed: Vec<String> = std::fs::read_dir(t.join("db-history"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["0", "1"]);
     let crt = read(&t.join("tls.crt"));
     assert_eq!(crt.matches("-----BEGIN CERTIFICATE-----").count(), 1);
     assert!(!crt.contains("PRIVATE KEY"));
@@ -321,6 +332,40 @@ async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
             assert!(!text.contains(planted), "{planted:?} found in {place}");
         }
     }
+    node.node_unpublish_volume(pod.unpublish(&w.root))
+        .await
+        .unwrap();
+
+    // The same history in a tmpfs volume (kubelet's atomic-writer layout), and a rotation
+    // that pushes the versions down.
+    let pod = Pod::new("team-a", "api", 2);
+    let objs =
+        objects(&["objectName: db-password\nobjectAlias: db-history\nobjectVersionHistory: 2"]);
+    let mut attrs = attrs.to_vec();
+    attrs.retain(|(k, _)| *k != "objects");
+    attrs.push(("objects", objs.as_str()));
+    let mut req = w.request(&pod, &attrs, &[WI_AUDIENCE], 3600);
+    req.volume_context
+        .insert("volumeType".into(), "tmpfs".into());
+    node.node_publish_volume(req).await.unwrap();
+    let t = pod.target(&w.root);
+    assert_eq!(read(&t.join("db-history/0")), DB_V2);
+    assert_eq!(read(&t.join("db-history/1")), DB_V1);
+    w.standin
+        .post(
+            "vaults/kv1/secrets/db-password",
+            json!({"value": "S3cret-azure-v3-1177"}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while read(&t.join("db-history/0")) != "S3cret-azure-v3-1177" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new version did not arrive"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(read(&t.join("db-history/1")), DB_V2);
     node.node_unpublish_volume(pod.unpublish(&w.root))
         .await
         .unwrap();

@@ -222,10 +222,11 @@ fn file_spec(
     keyvault: Option<&str>,
     i: usize,
     o: RawObject,
-) -> Result<FileSpec, RequestError> {
+) -> Result<Vec<FileSpec>, RequestError> {
     let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
     let mode = mode_of(&o.file_permission, i)?;
     let mut params = None;
+    let mut history = None;
     let (file, object, version, key, encoding, template) = match provider {
         ProviderKind::Azure => {
             let kind = o.object_type.as_deref().unwrap_or("secret");
@@ -237,8 +238,35 @@ fn file_spec(
             {
                 return Err(at("objectFormat", &"must be pem or pfx"));
             }
-            if o.object_version_history.is_some() {
-                return Err(at("objectVersionHistory", &"is not supported yet"));
+            if let Some(h) = &o.object_version_history {
+                let n = match h {
+                    serde_norway::Value::Number(n) => n.as_u64(),
+                    serde_norway::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                };
+                match n {
+                    Some(n) if n >= 1 && n <= MAX_VERSION_HISTORY as u64 => {
+                        history = Some(n as usize)
+                    }
+                    _ => {
+                        return Err(at(
+                            "objectVersionHistory",
+                            &format!("must be a number from 1 to {MAX_VERSION_HISTORY}"),
+                        ));
+                    }
+                }
+                if kind != "secret" {
+                    return Err(at(
+                        "objectVersionHistory",
+                        &"is only for objectType: secret",
+                    ));
+                }
+                if o.object_version.is_some() || o.key.is_some() || o.template.is_some() {
+                    return Err(at(
+                        "objectVersionHistory",
+                        &"cannot be combined with objectVersion, key or template",
+                    ));
+                }
             }
             if !valid_kv_object_name(&o.object_name) {
                 return Err(at(
@@ -262,7 +290,10 @@ fn file_spec(
                 return Err(at("objectEncoding", &"is only for objectType: secret"));
             }
             let vault = keyvault.expect("checked before the objects");
-            params = Some(format!("vault={vault}&format={format}"));
+            params = Some(match history {
+                None => format!("vault={vault}&format={format}"),
+                Some(n) => format!("vault={vault}&format={format}&history={n}"),
+            });
             let file = o
                 .object_alias
                 .clone()
@@ -366,15 +397,35 @@ fn file_spec(
             },
         },
     };
-    Ok(FileSpec {
+    let spec = FileSpec {
         name,
         object,
         version: version.filter(|v| !v.is_empty()),
         params,
         mode,
         source,
+    };
+    Ok(match history {
+        None => vec![spec],
+        // Secrets Store's layout: a directory named for the file, `0` the newest version.
+        Some(n) => {
+            let encoding = match &spec.source {
+                FileSource::Object { encoding, .. } => *encoding,
+                _ => Encoding::Utf8,
+            };
+            (0..n)
+                .map(|index| FileSpec {
+                    name: FileName::in_dir(&spec.name, index),
+                    source: FileSource::VersionOf { index, encoding },
+                    ..spec.clone()
+                })
+                .collect()
+        }
     })
 }
+
+/// Most versions one `objectVersionHistory` may ask for.
+pub const MAX_VERSION_HISTORY: usize = 16;
 
 /// The attributes that describe the request (everything but tokens), for the state file and
 /// the republish digest.
@@ -472,7 +523,10 @@ pub fn parse(
         .into_iter()
         .enumerate()
         .map(|(i, o)| file_spec(provider, identity.keyvault_name.as_deref(), i, o))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     let content = VolumeContent::new(files, limits).map_err(|e| err(format!("objects: {e}")))?;
     // kubelet puts tokens in `secrets` when serviceAccountTokenInSecrets is on; read that first.
     let tokens = match secrets.get(SA_TOKENS).or_else(|| attr(ctx, &[SA_TOKENS])) {
@@ -591,6 +645,23 @@ mod tests {
             ctx.insert("objects".into(), objects.into());
             let e = parse_ctx(&ctx).unwrap_err().0;
             assert!(e.contains(field), "{e}");
+        }
+        // objectVersionHistory: a directory of numbered files, newest first.
+        ctx.insert(
+            "objects".into(),
+            "array:\n  - |\n    objectName: db\n    objectVersionHistory: 3\n".into(),
+        );
+        let r = parse_ctx(&ctx).unwrap();
+        let names: Vec<&str> = r.content.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["db/0", "db/1", "db/2"]);
+        assert_eq!(r.object_names(), ["secret/db"]);
+        for bad in ["0", "17", "x", "[1]"] {
+            ctx.insert(
+                "objects".into(),
+                format!("array:\n  - |\n    objectName: db\n    objectVersionHistory: {bad}\n"),
+            );
+            let e = parse_ctx(&ctx).unwrap_err().0;
+            assert!(e.contains("objectVersionHistory"), "{bad}: {e}");
         }
         ctx.insert("keyvaultName".into(), "kv_1".into());
         assert!(parse_ctx(&ctx).unwrap_err().0.contains("keyvaultName"));

@@ -78,6 +78,21 @@ impl FileName {
         Ok(Self(name.to_owned()))
     }
 
+    /// The name of version `index` of a versioned object, inside directory `dir`
+    /// (`objectVersionHistory`: `dir/0` is the newest). Only keybroker makes these two-part
+    /// names; a name from a pod is always one element.
+    pub fn in_dir(dir: &FileName, index: usize) -> Self {
+        Self(format!("{}/{index}", dir.0))
+    }
+
+    /// The directory part of a two-part name, and the last part.
+    pub fn split(&self) -> (Option<&str>, &str) {
+        match self.0.split_once('/') {
+            Some((d, f)) => (Some(d), f),
+            None => (None, &self.0),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -176,6 +191,10 @@ pub enum FileSource {
     },
     /// Keys of the object's JSON value rendered into a template.
     Template(Template),
+    /// Version `index` (0 the newest) of an object fetched with its history: the value is a
+    /// JSON array of the versions' values, newest first. No file when the object has fewer
+    /// versions.
+    VersionOf { index: usize, encoding: Encoding },
 }
 
 /// One file of a volume, validated.
@@ -223,8 +242,16 @@ impl VolumeContent {
         }
         let mut seen = std::collections::BTreeSet::new();
         for f in &files {
-            if !seen.insert(f.name.clone()) {
+            if !seen.insert(f.name.as_str().to_owned()) {
                 return Err(ContentError::DuplicateFile(f.name.to_string()));
+            }
+        }
+        // A directory of versions and a file of the same name cannot both exist.
+        for f in &files {
+            if let (Some(dir), _) = f.name.split()
+                && seen.contains(dir)
+            {
+                return Err(ContentError::DuplicateFile(dir.to_owned()));
             }
         }
         Ok(Self { files, limits })
@@ -267,7 +294,9 @@ impl VolumeContent {
                 max_object: self.limits.max_object_bytes,
                 max_volume: self.limits.max_volume_bytes,
             };
-            let bytes = render_one(spec, obj, &budget)?;
+            let Some(bytes) = render_one(spec, obj, &budget)? else {
+                continue;
+            };
             budget.check(spec, bytes.len())?;
             total += bytes.len();
             out.push(RenderedFile {
@@ -399,7 +428,7 @@ fn render_one(
     spec: &FileSpec,
     obj: &SecretObject,
     budget: &Budget,
-) -> Result<SecretBytes, ContentError> {
+) -> Result<Option<SecretBytes>, ContentError> {
     // Rendering stopped at the budget: report it as the limit that was hit.
     let bounded = |e: ContentError| match e {
         ContentError::Overflow => budget
@@ -416,7 +445,22 @@ fn render_one(
                     json_field(&spec.object, &json, k)?
                 }
             };
-            decode(&spec.object, *encoding, raw)
+            decode(&spec.object, *encoding, raw).map(Some)
+        }
+        FileSource::VersionOf { index, encoding } => {
+            let versions: Vec<zeroize::Zeroizing<String>> =
+                serde_json::from_slice(obj.value.expose()).map_err(|_| ContentError::NotJson {
+                    object: spec.object.clone(),
+                })?;
+            match versions.get(*index) {
+                None => Ok(None),
+                Some(v) => decode(
+                    &spec.object,
+                    *encoding,
+                    SecretBytes::new(v.as_bytes().to_vec()),
+                )
+                .map(Some),
+            }
         }
         FileSource::Template(t) => {
             let json = parse_json_object(&spec.object, &obj.value)?;
@@ -437,7 +481,7 @@ fn render_one(
                         .map_err(bounded)?,
                 }
             }
-            Ok(SecretBytes::new(std::mem::take(&mut *out)))
+            Ok(Some(SecretBytes::new(std::mem::take(&mut *out))))
         }
     }
 }

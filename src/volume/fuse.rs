@@ -314,12 +314,19 @@ impl Volume for FuseVolume {
         let changed = self.fs.apply(files);
         for name in &changed {
             // The kernel answers ENOENT when it had nothing cached for the name: fine.
+            let (parent, leaf) = self.fs.entry_of(name);
             if let Err(e) = self
                 .notifier
-                .inval_entry(INodeNo(ROOT_INO), OsStr::new(name))
+                .inval_entry(INodeNo(parent), OsStr::new(&leaf))
                 && e.raw_os_error() != Some(libc::ENOENT)
             {
                 tracing::warn!(volume = %self.dir.display(), file = %name, error = %e, "cannot invalidate a cached directory entry");
+            }
+            if parent != ROOT_INO
+                && let Err(e) = self.notifier.inval_inode(INodeNo(parent), 0, 0)
+                && e.raw_os_error() != Some(libc::ENOENT)
+            {
+                tracing::warn!(volume = %self.dir.display(), error = %e, "cannot invalidate a cached subdirectory");
             }
         }
         if !changed.is_empty()

@@ -89,7 +89,11 @@ impl FileNode {
 }
 
 struct State {
+    /// Files by name; a file in a subdirectory (a version of `objectVersionHistory`) is named
+    /// `dir/leaf`.
     dir: BTreeMap<String, Arc<FileNode>>,
+    /// Subdirectories of the root (one level) and their inode numbers.
+    subdirs: BTreeMap<String, u64>,
     /// Every inode the kernel may still refer to, with its lookup count.
     inodes: HashMap<u64, (Arc<FileNode>, u64)>,
     next_ino: u64,
@@ -133,6 +137,7 @@ impl MemFs {
             audit,
             state: RwLock::new(State {
                 dir: BTreeMap::new(),
+                subdirs: BTreeMap::new(),
                 inodes: HashMap::new(),
                 next_ino: ROOT_INO + 1,
                 mtime: SystemTime::now(),
@@ -191,6 +196,28 @@ impl MemFs {
         for gone in st.dir.keys().filter(|n| !dir.contains_key(*n)) {
             changed.push(gone.clone());
         }
+        // Subdirectories keep their inode while they have files.
+        let mut subdirs = BTreeMap::new();
+        for name in dir.keys() {
+            if let Some((d, _)) = name.split_once('/')
+                && !subdirs.contains_key(d)
+            {
+                let ino = match st.subdirs.get(d) {
+                    Some(ino) => *ino,
+                    None => {
+                        let ino = st.next_ino;
+                        st.next_ino += 1;
+                        changed.push(d.to_owned());
+                        ino
+                    }
+                };
+                subdirs.insert(d.to_owned(), ino);
+            }
+        }
+        for gone in st.subdirs.keys().filter(|d| !subdirs.contains_key(*d)) {
+            changed.push(gone.clone());
+        }
+        st.subdirs = subdirs;
         if !changed.is_empty() {
             st.mtime = now;
         }
@@ -216,6 +243,34 @@ impl MemFs {
         }
     }
 
+    fn dir_attr(&self, st: &State, ino: u64) -> Attr {
+        Attr {
+            ino,
+            ..self.root_attr(st)
+        }
+    }
+
+    /// The subdirectory with inode `ino`.
+    fn subdir_name(st: &State, ino: u64) -> Option<&str> {
+        st.subdirs
+            .iter()
+            .find(|(_, i)| **i == ino)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Where a changed name sits: (parent inode, name in it) and, for a file in a
+    /// subdirectory, the subdirectory's inode (for the FUSE adapter's invalidations).
+    pub fn entry_of(&self, name: &str) -> (u64, String) {
+        let st = self.state();
+        match name.split_once('/') {
+            Some((d, leaf)) => match st.subdirs.get(d) {
+                Some(ino) => (*ino, leaf.to_owned()),
+                None => (ROOT_INO, d.to_owned()),
+            },
+            None => (ROOT_INO, name.to_owned()),
+        }
+    }
+
     fn root_attr(&self, st: &State) -> Attr {
         Attr {
             ino: ROOT_INO,
@@ -229,17 +284,29 @@ impl MemFs {
         }
     }
 
-    /// Looks `name` up in the root and counts the kernel's reference.
+    /// Looks `name` up in the root or a subdirectory and counts the kernel's reference.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
-        if parent != ROOT_INO {
-            return Err(if self.state().inodes.contains_key(&parent) {
+        let mut st = self.state_mut();
+        let full = if parent == ROOT_INO {
+            if name.contains('/') {
+                return Err(FsError::NotFound);
+            }
+            if !st.dir.contains_key(name)
+                && let Some(ino) = st.subdirs.get(name).copied()
+            {
+                return Ok(self.dir_attr(&st, ino));
+            }
+            name.to_owned()
+        } else if let Some(d) = Self::subdir_name(&st, parent) {
+            format!("{d}/{name}")
+        } else {
+            return Err(if st.inodes.contains_key(&parent) {
                 FsError::NotDir
             } else {
                 FsError::NotFound
             });
-        }
-        let mut st = self.state_mut();
-        let node = st.dir.get(name).cloned().ok_or(FsError::NotFound)?;
+        };
+        let node = st.dir.get(&full).cloned().ok_or(FsError::NotFound)?;
         let entry = st
             .inodes
             .entry(node.ino)
@@ -266,6 +333,9 @@ impl MemFs {
         if ino == ROOT_INO {
             return Ok(self.root_attr(&st));
         }
+        if Self::subdir_name(&st, ino).is_some() {
+            return Ok(self.dir_attr(&st, ino));
+        }
         st.inodes
             .get(&ino)
             .map(|(n, _)| self.file_attr(n))
@@ -274,7 +344,7 @@ impl MemFs {
 
     /// Opens a file for reading, pinning its content, and audits the read.
     pub fn open(&self, ino: u64, write: bool, caller: Caller) -> Result<u64, FsError> {
-        if ino == ROOT_INO {
+        if ino == ROOT_INO || Self::subdir_name(&self.state(), ino).is_some() {
             return Err(FsError::IsDir);
         }
         if write {
@@ -343,14 +413,27 @@ impl MemFs {
 
     /// Entries of the root directory, with "." and "..".
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>, FsError> {
-        if ino != ROOT_INO {
-            return Err(if self.state().inodes.contains_key(&ino) {
-                FsError::NotDir
-            } else {
-                FsError::NotFound
-            });
-        }
         let st = self.state();
+        if ino != ROOT_INO {
+            let Some(d) = Self::subdir_name(&st, ino) else {
+                return Err(if st.inodes.contains_key(&ino) {
+                    FsError::NotDir
+                } else {
+                    FsError::NotFound
+                });
+            };
+            let prefix = format!("{d}/");
+            let mut out = vec![
+                (ino, NodeKind::Dir, ".".to_owned()),
+                (ROOT_INO, NodeKind::Dir, "..".to_owned()),
+            ];
+            out.extend(st.dir.values().filter_map(|n| {
+                n.name
+                    .strip_prefix(&prefix)
+                    .map(|leaf| (n.ino, NodeKind::File, leaf.to_owned()))
+            }));
+            return Ok(out);
+        }
         let mut out = vec![
             (ROOT_INO, NodeKind::Dir, ".".to_owned()),
             (ROOT_INO, NodeKind::Dir, "..".to_owned()),
@@ -358,7 +441,13 @@ impl MemFs {
         out.extend(
             st.dir
                 .values()
+                .filter(|n| !n.name.contains('/'))
                 .map(|n| (n.ino, NodeKind::File, n.name.clone())),
+        );
+        out.extend(
+            st.subdirs
+                .iter()
+                .map(|(d, ino)| (*ino, NodeKind::Dir, d.clone())),
         );
         Ok(out)
     }

@@ -120,14 +120,24 @@ impl TmpfsVolume {
             .and_then(|snap| {
                 let snapshot_dir = snap.to_str()?.to_owned();
                 let mut files = BTreeMap::new();
-                for e in std::fs::read_dir(staging.join(&snapshot_dir)).ok()? {
-                    let e = e.ok()?;
-                    let mode = e.metadata().ok()?.permissions().mode() & 0o777;
-                    let bytes = zeroize::Zeroizing::new(std::fs::read(e.path()).ok()?);
-                    files.insert(
-                        e.file_name().to_str()?.to_owned(),
-                        (mode, Sha256::digest(&*bytes).into()),
-                    );
+                let snap = staging.join(&snapshot_dir);
+                // Files, and one level of version directories (`dir/0`, ...).
+                let mut stack = vec![(snap, String::new())];
+                while let Some((dir, prefix)) = stack.pop() {
+                    for e in std::fs::read_dir(&dir).ok()? {
+                        let e = e.ok()?;
+                        let name = format!("{prefix}{}", e.file_name().to_str()?);
+                        let meta = e.metadata().ok()?;
+                        if meta.is_dir() {
+                            if prefix.is_empty() {
+                                stack.push((e.path(), format!("{name}/")));
+                            }
+                            continue;
+                        }
+                        let mode = meta.permissions().mode() & 0o777;
+                        let bytes = zeroize::Zeroizing::new(std::fs::read(e.path()).ok()?);
+                        files.insert(name, (mode, Sha256::digest(&*bytes).into()));
+                    }
                 }
                 Some(Written {
                     snapshot_dir,
@@ -167,6 +177,16 @@ impl TmpfsVolume {
             .map_err(|e| self.err(e))?;
         for f in files {
             let path = snap.join(f.name.as_str());
+            if let (Some(sub), _) = f.name.split() {
+                let d = snap.join(sub);
+                if !d.exists() {
+                    std::fs::create_dir(&d).map_err(|e| self.err(e))?;
+                    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+                        .map_err(|e| self.err(e))?;
+                    std::os::unix::fs::chown(&d, Some(self.owner.uid), Some(self.owner.gid))
+                        .map_err(|e| self.err(e))?;
+                }
+            }
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -189,7 +209,13 @@ impl TmpfsVolume {
     }
 
     fn fix_links_and_clean(&self, want: &Written) -> Result<(), VolumeError> {
-        for name in want.files.keys() {
+        // One link per top-level entry: a file, or a directory of versions (`dir/0`, ...).
+        let top: std::collections::BTreeSet<&str> = want
+            .files
+            .keys()
+            .map(|n| n.split_once('/').map_or(n.as_str(), |(d, _)| d))
+            .collect();
+        for name in &top {
             let link = self.dir.join(name);
             if std::fs::symlink_metadata(&link).is_err() {
                 std::os::unix::fs::symlink(Path::new(DATA_LINK).join(name), &link)
@@ -209,7 +235,7 @@ impl TmpfsVolume {
                 // An older snapshot (or a leftover of a crash mid-write).
                 let _ = std::fs::remove_dir_all(entry.path())
                     .or_else(|_| std::fs::remove_file(entry.path()));
-            } else if !want.files.contains_key(&name) {
+            } else if !top.contains(name.as_str()) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
