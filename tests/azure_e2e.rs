@@ -66,10 +66,14 @@ struct World {
 /// issuer serving its discovery document; bindings for workload identity (team-a/api) and the
 /// managed identity (team-b/batch).
 async fn world() -> World {
+    world_with(&[]).await
+}
+
+async fn world_with(standin_args: &[&str]) -> World {
     require_root_and_fuse();
     let tmp = open_tempdir();
     let root = tmp.path().to_owned();
-    let standin = AzureStandin::start(&root, &[]);
+    let standin = AzureStandin::start(&root, standin_args);
     let mut issuer = Issuer::new(&root);
     issuer.serve_discovery(&root);
     let s = &standin;
@@ -435,6 +439,16 @@ async fn refusals_are_clear_audited_and_skip_the_exchange_when_keybroker_can_tel
         .node_publish_volume(w.request(&pod, &attrs(APP, "kv1"), &["keybroker"], 3600))
         .await;
     expect(r, Code::FailedPrecondition, "api://AzureADTokenExchange");
+    // An expired token: refused before any exchange.
+    let r = node
+        .node_publish_volume(w.request(&pod, &attrs(APP, "kv1"), &[WI_AUDIENCE], -600))
+        .await;
+    let e = r.expect_err("an expired token is refused");
+    assert!(
+        matches!(e.code(), Code::PermissionDenied | Code::InvalidArgument),
+        "{e:?}"
+    );
+    assert!(e.message().contains("expired"), "{}", e.message());
     // An unbound pod asking for the node's managed identity.
     let mi_attrs = vec![
         ("keyvaultName", "kv1"),
@@ -658,7 +672,7 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
         .unwrap();
 }
 
-/// 20 volumes of one identity sharing 10 objects cost one token exchange and one Key Vault GET
+/// 100 volumes of one identity sharing 10 objects cost one token exchange and one Key Vault GET
 /// per object per rotation cycle, counted at the stand-in; a new version reaches the files
 /// within the poll interval and is audited; a 429 window is waited out with the last good
 /// values served.
@@ -705,7 +719,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
         exchanges, 1,
         "one exchange for the identity, not one per volume"
     );
-    assert_eq!(gets(&reqs), 10, "one GET per object for 20 volumes");
+    assert_eq!(gets(&reqs), 10, "one GET per object for 100 volumes");
 
     // Rotation: a new version appears within the poll interval (2 s) in every volume.
     w.standin
@@ -737,7 +751,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
     let per_cycle = gets(&cycle) as f64 / 10.0;
     assert!(
         (1.0..=4.0).contains(&per_cycle),
-        "{} GETs in 5 s of 2 s polls for 10 objects and 20 volumes",
+        "{} GETs in 5 s of 2 s polls for 10 objects and 100 volumes",
         gets(&cycle)
     );
     // Audited per volume, with the old and the new Key Vault version.
@@ -816,6 +830,69 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
         }
     }
     assert!(throttled > 0, "the window throttled some requests: {kv:?}");
+    for p in &pods {
+        node.node_unpublish_volume(p.unpublish(&w.root))
+            .await
+            .unwrap();
+    }
+}
+
+/// The identity's token is refreshed in the background before it expires (half-life for a
+/// short token), one exchange each time whatever the number of volumes; while Entra is down
+/// the last good token keeps Key Vault reads going until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_refresh_in_the_background_and_the_last_good_one_rides_out_an_entra_outage() {
+    let w = world_with(&["--token-lifetime", "8"]).await;
+    let objs = objects(&["objectName: db-password"]);
+    let attrs = [
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        ("objects", objs.as_str()),
+    ];
+    let d = w.daemon();
+    let mut node = client(&d).await;
+    let pods: Vec<Pod> = (0..5).map(|i| Pod::new("team-a", "api", 300 + i)).collect();
+    for p in &pods {
+        node.node_publish_volume(w.request(p, &attrs, &[WI_AUDIENCE], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    }
+    let exchanges = || async {
+        w.standin
+            .requests()
+            .await
+            .iter()
+            .filter(|r| r["kind"] == "entra" && r["status"] == 200)
+            .map(|r| r["t"].as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    // 8 s tokens are refreshed at half-life: over ~9 s, 2 or 3 exchanges in all, not one per
+    // volume or per read.
+    tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+    let ex = exchanges().await;
+    assert!((2..=3).contains(&ex.len()), "{ex:?}");
+    // Entra down for 3 s right after a refresh: Key Vault reads go on with the token in hand.
+    w.standin
+        .post(
+            "faults",
+            json!({"kind": "entra", "status": 503, "seconds": 3}),
+        )
+        .await;
+    w.standin
+        .post(
+            "vaults/kv1/secrets/db-password",
+            json!({"value": "S3cret-azure-v3-during-outage"}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while read(&pods[0].target(&w.root).join("db-password")) != "S3cret-azure-v3-during-outage" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation while Entra was down: {}",
+            d.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     for p in &pods {
         node.node_unpublish_volume(p.unpublish(&w.root))
             .await
