@@ -73,33 +73,14 @@ enum Command {
         /// This node's id (the Kubernetes node name).
         #[arg(long, env = "KUBE_NODE_NAME")]
         node_id: String,
-        /// Identity bindings (YAML), reloaded when it changes; see `keybroker check --help`.
-        #[arg(long, default_value = "/etc/keybroker/bindings.yaml")]
-        bindings: PathBuf,
         /// Non-secret per-volume records, for taking volumes over after a restart.
         #[arg(long, default_value = "/run/keybroker")]
         state_dir: PathBuf,
-        /// The audit log (JSON lines, hash-chained).
-        #[arg(long, default_value = "/var/log/keybroker/audit.jsonl")]
-        audit_log: PathBuf,
-        /// Key the audit chain with HMAC-SHA256 (a file of 64 hex digits or >= 32 bytes):
-        /// forging, truncating or re-chaining the log then needs the key.
-        #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
-        audit_key: Option<PathBuf>,
-        /// While the audit log cannot be written: refuse FUSE opens (EIO) and new publishes
-        /// (Unavailable). Serving resumes once a write succeeds again. tmpfs volumes are not
-        /// audited per open, so this does not cover their reads (docs/SECURITY.md).
-        #[arg(long)]
-        audit_fail_closed: bool,
-        /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
-        #[arg(long, default_value = "0.0.0.0:9808")]
-        metrics_addr: String,
+        #[command(flatten)]
+        serve: ServeArgs,
         /// Volume type when a volume does not set volumeType.
         #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Fuse)]
         default_kind: KindArg,
-        /// Refresh interval of values without a lease (e.g. 2m).
-        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
-        poll_interval: std::time::Duration,
         /// FUSE request threads per volume.
         #[arg(long, default_value_t = 1)]
         fuse_threads: usize,
@@ -107,22 +88,27 @@ enum Command {
         /// holds keeps being served before its connection is aborted.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         fuse_linger: std::time::Duration,
-        /// Azure Instance Metadata Service, where managed identities' tokens come from (only for
-        /// bindings that grant a managed identity).
-        #[arg(
-            long,
-            env = "KEYBROKER_AZURE_IMDS",
-            default_value = "http://169.254.169.254"
-        )]
-        azure_imds: String,
-        /// App Service style identity endpoint; used instead of IMDS when set, with the header
-        /// secret from IDENTITY_HEADER.
-        #[arg(long, env = "IDENTITY_ENDPOINT")]
-        azure_identity_endpoint: Option<String>,
         /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
         /// Exists only in builds with the `test-controller` feature.
         #[arg(long, hide = true)]
         danger_test_controller: bool,
+    },
+    /// Serve the Secrets Store CSI driver's provider API (behind an existing driver).
+    ///
+    /// The driver calls Mount on the unix socket for each pod and at each rotation poll; each
+    /// call is authorized against the bindings (default deny), answered from the node-wide
+    /// cache and audited, and the driver writes the files. Pods keep their
+    /// SecretProviderClasses (Azure and Vault parameter names).
+    Provider {
+        /// The socket in the driver's providers directory (its --provider-volume).
+        #[arg(
+            long,
+            env = "KEYBROKER_PROVIDER_ENDPOINT",
+            default_value = "unix:///etc/kubernetes/secrets-store-csi-providers/keybroker.sock"
+        )]
+        endpoint: String,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Validate a bindings file offline, and explain a decision.
     ///
@@ -373,34 +359,19 @@ fn main() -> ExitCode {
         Command::Node {
             endpoint,
             node_id,
-            bindings,
             state_dir,
-            audit_log,
-            audit_fail_closed,
-            metrics_addr,
+            serve,
             default_kind,
-            poll_interval,
             fuse_threads,
             fuse_linger,
-            azure_imds,
-            azure_identity_endpoint,
             danger_test_controller,
-            audit_key,
         } => {
-            let azure_managed = match azure_identity_endpoint {
-                Some(endpoint) => {
-                    let Ok(header) = std::env::var("IDENTITY_HEADER") else {
-                        eprintln!(
-                            "error: IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not: the App Service identity endpoint needs both"
-                        );
-                        return std::process::ExitCode::from(2);
-                    };
-                    keybroker::provider::azure::ManagedEndpoint::AppService {
-                        endpoint,
-                        header: std::sync::Arc::new(zeroize::Zeroizing::new(header)),
-                    }
+            let azure_managed = match serve.azure_managed() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
                 }
-                None => keybroker::provider::azure::ManagedEndpoint::Imds { base: azure_imds },
             };
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -409,9 +380,9 @@ fn main() -> ExitCode {
             let cfg = keybroker::node::NodeConfig {
                 node_id,
                 state_dir,
-                bindings_path: bindings,
+                bindings_path: serve.bindings.clone(),
                 default_kind: kind(default_kind),
-                poll: poll_interval,
+                poll: serve.poll_interval,
                 limits: Default::default(),
                 fuse_threads: fuse_threads.clamp(1, 8),
                 fuse_linger,
@@ -419,15 +390,48 @@ fn main() -> ExitCode {
             };
             let res = rt.block_on(run_node(
                 cfg,
-                endpoint,
-                AuditArgs {
-                    path: audit_log,
-                    fail_closed: audit_fail_closed,
-                    key: audit_key,
+                Serving::Csi {
+                    endpoint,
+                    test_controller: danger_test_controller,
                 },
-                metrics_addr,
-                danger_test_controller,
+                serve.audit(),
+                serve.metrics_addr,
             ));
+            exit_code(res)
+        }
+        Command::Provider { endpoint, serve } => {
+            let azure_managed = match serve.azure_managed() {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            // No volumes of its own: the state directory only ever stays empty.
+            let state_dir =
+                std::env::temp_dir().join(format!("keybroker-provider-{}", std::process::id()));
+            let cfg = keybroker::node::NodeConfig {
+                node_id: "secrets-store-provider".into(),
+                state_dir: state_dir.clone(),
+                bindings_path: serve.bindings.clone(),
+                default_kind: keybroker::volume::VolumeKind::Tmpfs,
+                poll: serve.poll_interval,
+                limits: Default::default(),
+                fuse_threads: 1,
+                fuse_linger: std::time::Duration::ZERO,
+                azure_managed,
+            };
+            let res = rt.block_on(run_node(
+                cfg,
+                Serving::Provider { endpoint },
+                serve.audit(),
+                serve.metrics_addr,
+            ));
+            let _ = std::fs::remove_dir_all(&state_dir);
             exit_code(res)
         }
         Command::Audit {
@@ -493,6 +497,72 @@ fn main() -> ExitCode {
 /// How long in-flight CSI calls may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What `node` and `provider` share: bindings, audit, metrics, polling, Azure endpoints.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Identity bindings (YAML), reloaded when it changes; see `keybroker check --help`.
+    #[arg(long, default_value = "/etc/keybroker/bindings.yaml")]
+    bindings: PathBuf,
+    /// The audit log (JSON lines, hash-chained).
+    #[arg(long, default_value = "/var/log/keybroker/audit.jsonl")]
+    audit_log: PathBuf,
+    /// Key the audit chain with HMAC-SHA256 (a file of 64 hex digits or >= 32 bytes):
+    /// forging, truncating or re-chaining the log then needs the key.
+    #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
+    audit_key: Option<PathBuf>,
+    /// While the audit log cannot be written: refuse FUSE opens (EIO) and new publishes or
+    /// Mounts (Unavailable). Serving resumes once a write succeeds again. tmpfs volumes are
+    /// not audited per open, so this does not cover their reads (docs/SECURITY.md).
+    #[arg(long)]
+    audit_fail_closed: bool,
+    /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:9808")]
+    metrics_addr: String,
+    /// Refresh interval of values without a lease (e.g. 2m).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    poll_interval: std::time::Duration,
+    /// Azure Instance Metadata Service, where managed identities' tokens come from (only for
+    /// bindings that grant a managed identity).
+    #[arg(
+        long,
+        env = "KEYBROKER_AZURE_IMDS",
+        default_value = "http://169.254.169.254"
+    )]
+    azure_imds: String,
+    /// App Service style identity endpoint; used instead of IMDS when set, with the header
+    /// secret from IDENTITY_HEADER.
+    #[arg(long, env = "IDENTITY_ENDPOINT")]
+    azure_identity_endpoint: Option<String>,
+}
+
+impl ServeArgs {
+    fn azure_managed(&self) -> Result<keybroker::provider::azure::ManagedEndpoint, String> {
+        use keybroker::provider::azure::ManagedEndpoint;
+        Ok(match &self.azure_identity_endpoint {
+            Some(endpoint) => {
+                let header = std::env::var("IDENTITY_HEADER").map_err(|_| {
+                    "IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not: the App Service identity endpoint needs both".to_string()
+                })?;
+                ManagedEndpoint::AppService {
+                    endpoint: endpoint.clone(),
+                    header: std::sync::Arc::new(zeroize::Zeroizing::new(header)),
+                }
+            }
+            None => ManagedEndpoint::Imds {
+                base: self.azure_imds.clone(),
+            },
+        })
+    }
+
+    fn audit(&self) -> AuditArgs {
+        AuditArgs {
+            path: self.audit_log.clone(),
+            fail_closed: self.audit_fail_closed,
+            key: self.audit_key.clone(),
+        }
+    }
+}
+
 struct AuditArgs {
     path: PathBuf,
     fail_closed: bool,
@@ -535,12 +605,22 @@ fn verify_command(
     }
 }
 
+/// Which API a daemon serves its node service on.
+enum Serving {
+    Csi {
+        endpoint: String,
+        test_controller: bool,
+    },
+    Provider {
+        endpoint: String,
+    },
+}
+
 async fn run_node(
     cfg: keybroker::node::NodeConfig,
-    endpoint: String,
+    serving: Serving,
     audit_args: AuditArgs,
     metrics_addr: String,
-    test_controller: bool,
 ) -> anyhow::Result<()> {
     use keybroker::node::NodeService;
     let key = audit_args
@@ -569,11 +649,38 @@ async fn run_node(
         shutdown.clone(),
     ));
     node.recover().await;
-    tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
     let stop = shutdown.clone();
-    let serve = keybroker_csi::serve(&endpoint, node.clone(), test_controller, async move {
-        stop.cancelled().await
-    });
+    let stopped = async move { stop.cancelled().await };
+    let (endpoint, serve): (
+        String,
+        std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+    ) = match serving {
+        Serving::Csi {
+            endpoint,
+            test_controller,
+        } => {
+            tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
+            let e = endpoint.clone();
+            let node = node.clone();
+            (
+                endpoint,
+                Box::pin(
+                    async move { keybroker_csi::serve(&e, node, test_controller, stopped).await },
+                ),
+            )
+        }
+        Serving::Provider { endpoint } => {
+            tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving the Secrets Store provider API");
+            let e = endpoint.clone();
+            let node = node.clone();
+            (
+                endpoint,
+                Box::pin(
+                    async move { keybroker::node::provider_api::serve(node, &e, stopped).await },
+                ),
+            )
+        }
+    };
     // kubelet keeps its connection open: after a signal, in-flight calls get a grace period,
     // then the process stops regardless instead of waiting for clients to hang up.
     let grace = async {
@@ -581,7 +688,7 @@ async fn run_node(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        r = serve => r.map_err(|e| anyhow::anyhow!("CSI server on {endpoint}: {e}"))?,
+        r = serve => r.map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?,
         _ = grace => tracing::warn!(grace = ?SHUTDOWN_GRACE, "CSI clients still connected after the grace period; stopping anyway"),
     }
     node.shutdown().await;

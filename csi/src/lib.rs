@@ -19,6 +19,7 @@ pub mod provider_pb {
 }
 
 pub mod authority;
+pub mod provider;
 mod server;
 
 use std::collections::BTreeMap;

@@ -11,6 +11,7 @@
 
 pub mod bindings;
 pub mod metrics;
+pub mod provider_api;
 pub mod request;
 pub mod token;
 
@@ -576,6 +577,16 @@ impl NodeService {
         ctx: BTreeMap<String, String>,
         secrets: keybroker_csi::Secrets,
     ) -> Result<VolumeRequest, request::RequestError> {
+        self.parse_request_with_mode(ctx, secrets, request::NODE_DEFAULT_MODE)
+            .await
+    }
+
+    async fn parse_request_with_mode(
+        &self,
+        ctx: BTreeMap<String, String>,
+        secrets: keybroker_csi::Secrets,
+        mode: u32,
+    ) -> Result<VolumeRequest, request::RequestError> {
         let (kind, limits) = (self.cfg.default_kind, self.cfg.limits);
         let size: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
         // YAML anchors and aliases can make a small text expand a lot (the parser caps the
@@ -585,16 +596,18 @@ impl NodeService {
         if size <= INLINE_PARSE_BYTES && !may_alias {
             // Small attributes (every ordinary volume) parse in microseconds; a hand-off to the
             // blocking pool would cost more than the parse.
-            return request::parse(&ctx, &secrets, kind, limits);
+            return request::parse_with_mode(&ctx, &secrets, kind, limits, mode);
         }
         let _slot = self.parse_slots.acquire().await;
-        tokio::task::spawn_blocking(move || request::parse(&ctx, &secrets, kind, limits))
-            .await
-            .unwrap_or_else(|_| {
-                Err(request::RequestError(
-                    "the volume attributes could not be parsed".into(),
-                ))
-            })
+        tokio::task::spawn_blocking(move || {
+            request::parse_with_mode(&ctx, &secrets, kind, limits, mode)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(request::RequestError(
+                "the volume attributes could not be parsed".into(),
+            ))
+        })
     }
 
     async fn do_publish(&self, req: PublishRequest) -> Result<(), NodeError> {

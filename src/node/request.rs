@@ -197,9 +197,13 @@ fn owned(ctx: &BTreeMap<String, String>, keys: &[&str]) -> Option<String> {
     attr(ctx, keys).map(str::to_owned)
 }
 
-fn mode_of(v: &Option<serde_norway::Value>, i: usize) -> Result<u32, RequestError> {
+fn mode_of(
+    v: &Option<serde_norway::Value>,
+    i: usize,
+    default_mode: u32,
+) -> Result<u32, RequestError> {
     match v {
-        None => Ok(NODE_DEFAULT_MODE),
+        None => Ok(default_mode),
         Some(v) => parse_mode(v).map_err(|e| err(format!("objects[{i}].filePermission: {e}"))),
     }
 }
@@ -220,11 +224,12 @@ fn valid_kv_object_name(v: &str) -> bool {
 fn file_spec(
     provider: ProviderKind,
     keyvault: Option<&str>,
+    default_mode: u32,
     i: usize,
     o: RawObject,
 ) -> Result<Vec<FileSpec>, RequestError> {
     let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
-    let mode = mode_of(&o.file_permission, i)?;
+    let mode = mode_of(&o.file_permission, i, default_mode)?;
     let mut params = None;
     let mut history = None;
     let (file, object, version, key, encoding, template) = match provider {
@@ -443,6 +448,18 @@ pub fn parse(
     default_kind: VolumeKind,
     limits: Limits,
 ) -> Result<VolumeRequest, RequestError> {
+    parse_with_mode(ctx, secrets, default_kind, limits, NODE_DEFAULT_MODE)
+}
+
+/// [`parse`], with the mode of files that set no `filePermission` (the Secrets Store driver
+/// sends its own default with every Mount).
+pub fn parse_with_mode(
+    ctx: &BTreeMap<String, String>,
+    secrets: &keybroker_csi::Secrets,
+    default_kind: VolumeKind,
+    limits: Limits,
+    default_mode: u32,
+) -> Result<VolumeRequest, RequestError> {
     let need = |k: &str| {
         attr(ctx, &[k]).map(str::to_owned).ok_or_else(|| {
             err(format!(
@@ -522,7 +539,15 @@ pub fn parse(
     let files = raw
         .into_iter()
         .enumerate()
-        .map(|(i, o)| file_spec(provider, identity.keyvault_name.as_deref(), i, o))
+        .map(|(i, o)| {
+            file_spec(
+                provider,
+                identity.keyvault_name.as_deref(),
+                default_mode,
+                i,
+                o,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .flatten()

@@ -25,6 +25,19 @@ pub struct PodJwt {
     pub expires: Option<std::time::SystemTime>,
 }
 
+/// Keeps `jwt` for `volume` in `map` and drops the tokens that have expired (provider mode
+/// never unpublishes, so this is what bounds the map there).
+pub fn keep_jwt(
+    map: &std::sync::Mutex<std::collections::BTreeMap<String, PodJwt>>,
+    volume: &str,
+    jwt: PodJwt,
+) {
+    let now = std::time::SystemTime::now();
+    let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+    m.retain(|_, j| j.expires.is_none_or(|e| e > now));
+    m.insert(volume.to_owned(), jwt);
+}
+
 /// What to fetch: an object name as the provider knows it, optionally pinned to a version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRequest {

@@ -59,23 +59,22 @@ impl Daemon {
             .append(true)
             .open(dir.join("node.log"))
             .unwrap();
-        let child = Command::new(BIN)
-            .envs(env.iter().copied())
-            .args([
-                "--log-format",
-                "json",
-                "node",
-                "--node-id",
-                "test-node",
-                "--poll-interval",
-                poll,
-            ])
+        let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied()).args(["--log-format", "json"]);
+        if extra.first() == Some(&"provider") {
+            // `keybroker provider`: the Secrets Store provider API on the socket.
+            cmd.arg("provider");
+        } else {
+            cmd.args(["node", "--node-id", "test-node", "--state-dir"])
+                .arg(dir.join("state"));
+        }
+        let extra = extra.strip_prefix(&["provider"]).unwrap_or(extra);
+        let child = cmd
+            .args(["--poll-interval", poll])
             .arg("--endpoint")
             .arg(format!("unix://{}", sock.display()))
             .arg("--bindings")
             .arg(dir.join("etc/bindings.yaml"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
             .arg("--audit-log")
             .arg(audit)
             .arg("--metrics-addr")

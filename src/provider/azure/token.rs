@@ -214,9 +214,7 @@ impl TokenSource {
     /// Gives the identity a volume's service-account token (federation only).
     pub fn set_jwt(&self, volume: &str, jwt: PodJwt) {
         if let Source::Federated { jwts, .. } = &self.source {
-            jwts.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(volume.to_owned(), jwt);
+            crate::provider::keep_jwt(jwts, volume, jwt);
         }
     }
 

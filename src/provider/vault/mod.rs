@@ -384,10 +384,7 @@ impl VaultProvider {
     /// Gives the identity a volume's service-account token (publish, and every republish: kubelet
     /// sends fresh tokens).
     pub fn set_jwt(&self, volume: &str, jwt: PodJwt) {
-        self.jwts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(volume.to_owned(), jwt);
+        crate::provider::keep_jwt(&self.jwts, volume, jwt);
         self.jwt_generation.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -1,0 +1,260 @@
+//! `keybroker provider`: the Secrets Store CSI driver's provider API (v1alpha1), driven over
+//! its unix socket with the requests the driver sends (a tonic client of the same proto).
+//! Authorization, cache and audit are the node's: bound pods get files, unbound ones an error
+//! code, and the driver's rotation re-Mounts cost no provider request while values are fresh.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::azure::AzureStandin;
+use common::node::*;
+use common::peers::{Issuer, TokenSpec};
+use common::*;
+use keybroker_csi::provider_pb::{self as pb, csi_driver_provider_client::CsiDriverProviderClient};
+use serde_json::json;
+
+const DB: &str = r#"{"username":"app","password":"S3cret-provider-db-8841"}"#;
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    require_root_and_fuse();
+    let tmp = open_tempdir();
+    let d = tmp.path().to_owned();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/db"), DB).unwrap();
+    std::fs::create_dir_all(d.join("etc")).unwrap();
+    std::fs::write(
+        d.join("etc/bindings.yaml"),
+        format!(
+            "bindings:\n  - name: apps\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [db]\n",
+            d.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    (tmp, d)
+}
+
+/// The attributes the driver sends: the SecretProviderClass parameters plus the pod info.
+fn attributes(pod: &Pod, params: &[(&str, &str)], tokens: &str) -> String {
+    let mut m: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in [
+        ("csi.storage.k8s.io/pod.name", pod.name.as_str()),
+        ("csi.storage.k8s.io/pod.namespace", pod.ns),
+        ("csi.storage.k8s.io/pod.uid", pod.uid.as_str()),
+        ("csi.storage.k8s.io/serviceAccount.name", pod.sa),
+        ("csi.storage.k8s.io/serviceAccount.tokens", tokens),
+    ] {
+        m.insert(k.into(), v.into());
+    }
+    serde_json::to_string(&m).unwrap()
+}
+
+fn mount_request(root: &std::path::Path, pod: &Pod, attributes: String) -> pb::MountRequest {
+    pb::MountRequest {
+        attributes,
+        secrets: "{}".into(),
+        target_path: root
+            .join(format!(
+                "kubelet/pods/{}/volumes/kubernetes.io~csi/store/mount",
+                pod.uid
+            ))
+            .display()
+            .to_string(),
+        permission: "420".into(),
+        current_object_version: vec![],
+    }
+}
+
+async fn provider_client(d: &Daemon) -> CsiDriverProviderClient<tonic::transport::Channel> {
+    CsiDriverProviderClient::new(keybroker_csi::connect_unix(&d.sock).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_pods_get_files_unbound_pods_an_error_code_and_re_mounts_are_free() {
+    let (_tmp, root) = setup();
+    let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
+    let mut c = provider_client(&d).await;
+    let v = c
+        .version(pb::VersionRequest {
+            version: "v1alpha1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.version.as_str(), v.runtime_name.as_str()),
+        ("v1alpha1", "keybroker")
+    );
+
+    let pod = Pod::new("team-a", "api", 1);
+    let objects = "- objectName: password\n  object: db\n  key: password\n- objectName: db.json\n  object: db\n  filePermission: \"0440\"\n";
+    let tokens = sa_token(pod.ns, pod.sa, &pod.name, &pod.uid);
+    let req = mount_request(
+        &root,
+        &pod,
+        attributes(
+            &pod,
+            &[("provider", "local"), ("objects", objects)],
+            &tokens,
+        ),
+    );
+    let resp = c.mount(req.clone()).await.unwrap().into_inner();
+    assert!(resp.error.is_none(), "{:?}", resp.error);
+    let files: BTreeMap<&str, (&[u8], i32)> = resp
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), (f.contents.as_slice(), f.mode)))
+        .collect();
+    assert_eq!(
+        files["password"],
+        (&b"S3cret-provider-db-8841"[..], 0o644),
+        "the driver's permission"
+    );
+    assert_eq!(
+        files["db.json"],
+        (DB.as_bytes(), 0o440),
+        "filePermission wins"
+    );
+    assert_eq!(resp.object_version.len(), 1, "one entry per object");
+    assert_eq!(resp.object_version[0].id, "db");
+    assert!(!resp.object_version[0].version.is_empty());
+    let fetches = d.metric("keybroker_provider_fetches_total");
+
+    // The driver's rotation poll: the same Mount again; the cache answers.
+    for _ in 0..5 {
+        let again = c.mount(req.clone()).await.unwrap().into_inner();
+        assert_eq!(again.files.len(), 2);
+    }
+    assert_eq!(
+        d.metric("keybroker_provider_fetches_total"),
+        fetches,
+        "re-Mounts are free"
+    );
+
+    // A pod no binding selects: an error code for the pod's events, no files, audited.
+    let stranger = Pod::new("team-b", "api", 2);
+    let tokens = sa_token(stranger.ns, stranger.sa, &stranger.name, &stranger.uid);
+    let resp = c
+        .mount(mount_request(
+            &root,
+            &stranger,
+            attributes(
+                &stranger,
+                &[("provider", "local"), ("objects", objects)],
+                &tokens,
+            ),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.error.unwrap().code, "PermissionDenied");
+    assert!(resp.files.is_empty() && resp.object_version.is_empty());
+    // Bad input from the driver's side is an InvalidArgument status.
+    let mut bad = req.clone();
+    bad.attributes = "[1,2]".into();
+    assert_eq!(
+        c.mount(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    let mut bad = req.clone();
+    bad.permission = "2541".into();
+    assert_eq!(
+        c.mount(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"deny\"") && audit.contains("team-b"));
+    assert!(audit.contains("Secrets Store provider Mount"));
+    assert!(!audit.contains("S3cret-provider-db-8841"));
+    assert!(!d.logs().contains("S3cret-provider-db-8841"));
+}
+
+/// An Azure SecretProviderClass, in the Azure provider's parameter names, against the stand-in:
+/// the files of a node volume, and re-Mounts that cost no Key Vault request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_secret_provider_class_is_served_from_the_cache() {
+    require_root_and_fuse();
+    let tmp = open_tempdir();
+    let root = tmp.path().to_owned();
+    let standin = AzureStandin::start(&root, &[]);
+    let mut issuer = Issuer::new(&root);
+    issuer.serve_discovery(&root);
+    let (tenant, app) = (
+        "72f988bf-0000-4000-8000-00000000c0de",
+        "11111111-2222-4333-8444-555555555555",
+    );
+    standin.post("tenants", json!({"tenant": tenant})).await;
+    standin
+        .post("apps", json!({"tenant": tenant, "clientId": app, "federated": [
+            {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:api", "audiences": ["api://AzureADTokenExchange"]}]}))
+        .await;
+    standin
+        .post(
+            "vaults",
+            json!({"name": "kv1", "tenant": tenant, "access": {app: "read"}}),
+        )
+        .await;
+    standin
+        .post(
+            "vaults/kv1/secrets/db-password",
+            json!({"value": "S3cret-provider-azure-2201"}),
+        )
+        .await;
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/bindings.yaml"),
+        format!(
+            "bindings:\n  - name: wi\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{azure: {{tenantID: {tenant}, clientID: {app}, authorityHost: \"{}\", keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}}}\n    objects: [\"secret/*\"]\n",
+            standin.authority(),
+            standin.https_port,
+            standin.ca().display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
+    let mut c = provider_client(&d).await;
+    let objects = "array:\n  - |\n    objectName: db-password\n    objectType: secret\n";
+    for i in 0..20 {
+        let pod = Pod::new("team-a", "api", 10 + i);
+        let tokens = issuer.kubelet_tokens(&[TokenSpec {
+            ns: pod.ns,
+            sa: pod.sa,
+            pod: &pod.name,
+            uid: &pod.uid,
+            audience: "api://AzureADTokenExchange",
+            expires_in: 3600,
+        }]);
+        let params = [
+            ("keyvaultName", "kv1"),
+            ("tenantId", tenant),
+            ("clientID", app),
+            ("usePodIdentity", "false"),
+            ("objects", objects),
+        ];
+        let resp = c
+            .mount(mount_request(
+                &root,
+                &pod,
+                attributes(&pod, &params, &tokens),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(resp.error.is_none(), "{:?}\n{}", resp.error, d.logs());
+        assert_eq!(resp.files.len(), 1);
+        assert_eq!(resp.files[0].path, "db-password");
+        assert_eq!(resp.files[0].contents, b"S3cret-provider-azure-2201");
+        assert_eq!(resp.object_version[0].id, "secret/db-password");
+    }
+    let gets = standin
+        .requests()
+        .await
+        .iter()
+        .filter(|r| r["kind"] == "keyvault" && r["status"] == 200)
+        .count();
+    assert_eq!(gets, 1, "20 pods' Mounts cost one Key Vault GET");
+}
