@@ -23,6 +23,15 @@ if ! diff -u deploy/keybroker.yaml "$render"; then
   exit 1
 fi
 "$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml deploy/examples/pod-azure.yaml
+# The provider mode (behind an installed Secrets Store CSI driver) renders and validates too.
+provider_render=$(mktemp)
+trap 'rm -f "$render" "$provider_render"' EXIT
+"$helm" lint --strict --kube-version 1.35.0 deploy/helm/keybroker --set mode=provider --set-file bindings=deploy/examples/bindings.yaml >/dev/null
+"$helm" template keybroker deploy/helm/keybroker --namespace kube-system --set mode=provider \
+  --kube-version 1.35.0 --set-file bindings=deploy/examples/bindings.yaml > "$provider_render"
+grep -q "kind: CSIDriver" "$provider_render" && { echo "provider mode must not register a CSIDriver" >&2; exit 1; }
+grep -q "name: keybroker-provider" "$provider_render" || { echo "provider mode renders no provider DaemonSet" >&2; exit 1; }
+"$kv" --strict --kubernetes-version 1.35.0 "$provider_render"
 # The bindings the chart ships must be valid keybroker bindings.
 cargo run --quiet --locked -- check --bindings deploy/examples/bindings.yaml
 echo "deploy/: chart renders, manifests valid for Kubernetes 1.35, bindings valid"
