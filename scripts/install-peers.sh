@@ -81,6 +81,17 @@ for pkg in "grpcio==$GRPCIO_VERSION" "${AZURE_PY[@]}"; do
 done
 log "python clients ready (grpcio $GRPCIO_VERSION, ${AZURE_PY[*]})"
 
+# The Secrets Store CSI driver's own provider client (v1.6.0, pinned by tests/driver-harness/go.mod
+# and go.sum), wrapped as a small command the provider tests drive keybroker with.
+harness_src="$root/tests/driver-harness"
+harness_sum=$(cat "$harness_src"/go.mod "$harness_src"/go.sum "$harness_src"/*.go "$harness_src"/mlogstub/* | sha256sum | cut -c1-16)
+if [ ! -x "$PEERS/bin/driver-harness" ] || [ "$(cat "$PEERS/bin/driver-harness.version" 2>/dev/null)" != "$harness_sum" ]; then
+  log "go build tests/driver-harness (sigs.k8s.io/secrets-store-csi-driver v1.6.0)"
+  (cd "$harness_src" && CGO_ENABLED=0 go build -o "$PEERS/bin/driver-harness" .)
+  echo "$harness_sum" > "$PEERS/bin/driver-harness.version"
+fi
+log "driver-harness ready (Secrets Store CSI driver v1.6.0 provider client)"
+
 # helm (Go, pinned), only to render the chart in deploy/helm; nothing is installed in a cluster.
 if [ ! -x "$PEERS/bin/helm" ] || [ "$(cat "$PEERS/bin/helm.version" 2>/dev/null)" != "$HELM_VERSION" ]; then
   log "go install helm@$HELM_VERSION"

@@ -258,3 +258,102 @@ async fn an_azure_secret_provider_class_is_served_from_the_cache() {
         .count();
     assert_eq!(gets, 1, "20 pods' Mounts cost one Key Vault GET");
 }
+
+/// Runs the Secrets Store CSI driver's own provider client (tests/driver-harness: v1.6.0's
+/// `PluginClientBuilder`, `Version`, `MountContent`, which also writes the files with the
+/// driver's atomic writer) against keybroker's socket.
+fn driver_mounts(
+    providers_dir: &std::path::Path,
+    requests: serde_json::Value,
+) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let bin = common::peers::peers_bin("driver-harness");
+    let mut child = std::process::Command::new(bin)
+        .arg("-providers-dir")
+        .arg(providers_dir)
+        .args(["-provider", "csi"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(requests.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "driver-harness: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_drivers_own_client_mounts_through_keybroker() {
+    let (_tmp, root) = setup();
+    let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
+    let objects = "- objectName: password\n  object: db\n  key: password\n- objectName: db.json\n  object: db\n";
+    let pod = Pod::new("team-a", "api", 1);
+    let stranger = Pod::new("team-b", "api", 2);
+    let request = |p: &Pod| {
+        let tokens = sa_token(p.ns, p.sa, &p.name, &p.uid);
+        let attrs: serde_json::Value = serde_json::from_str(&attributes(
+            p,
+            &[("provider", "local"), ("objects", objects)],
+            &tokens,
+        ))
+        .unwrap();
+        json!({
+            "attributes": attrs,
+            "secrets": {},
+            "targetPath": root.join(format!("driver/{}/mount", p.uid)),
+            "permission": "420",
+        })
+    };
+    let results = driver_mounts(
+        &root.join("csi"),
+        json!([request(&pod), request(&pod), request(&stranger)]),
+    );
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["errorCode"], "", "{:?}", results[0]);
+    assert_eq!(results[0]["objectVersions"].as_object().unwrap().len(), 1);
+    // The driver wrote the files, with its atomic writer, in the modes keybroker sent.
+    let target = root.join(format!("driver/{}/mount", pod.uid));
+    assert_eq!(
+        std::fs::read_to_string(target.join("password")).unwrap(),
+        "S3cret-provider-db-8841"
+    );
+    assert_eq!(std::fs::read_to_string(target.join("db.json")).unwrap(), DB);
+    assert!(
+        target.join("..data").is_symlink(),
+        "the driver's atomic writer layout"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(target.join("password"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+    // The same pod again (the driver's rotation): fine, and free.
+    assert_eq!(results[1]["errorCode"], "");
+    assert_eq!(d.metric("keybroker_provider_fetches_total"), 1);
+    // The unbound pod: the driver reports keybroker's code.
+    assert_eq!(results[2]["errorCode"], "PermissionDenied");
+    assert!(
+        results[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("PermissionDenied"),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        !root
+            .join(format!("driver/{}/mount/password", stranger.uid))
+            .exists()
+    );
+}
