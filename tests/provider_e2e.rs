@@ -259,6 +259,9 @@ async fn an_azure_secret_provider_class_is_served_from_the_cache() {
     assert_eq!(gets, 1, "20 pods' Mounts cost one Key Vault GET");
 }
 
+/// One SecretProviderClass case: service account, parameters, token audience, files.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a [&'a str]);
+
 /// Runs the Secrets Store CSI driver's own provider client (tests/driver-harness: v1.6.0's
 /// `PluginClientBuilder`, `Version`, `MountContent`, which also writes the files with the
 /// driver's atomic writer) against keybroker's socket.
@@ -449,7 +452,7 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
             expires_in: 3600,
         }])
     };
-    let cases: [(&str, &[(&str, &str)], &str, &[&str]); 2] = [
+    let cases: [Case; 2] = [
         (
             "vaultapp",
             &vault_params,
