@@ -260,7 +260,12 @@ async fn an_azure_secret_provider_class_is_served_from_the_cache() {
 }
 
 /// One SecretProviderClass case: service account, parameters, token audience, files.
-type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a [&'a str]);
+type Case<'a> = (
+    &'static str,
+    &'a [(&'a str, &'a str)],
+    &'static str,
+    &'static [&'static str],
+);
 
 /// Runs the Secrets Store CSI driver's own provider client (tests/driver-harness: v1.6.0's
 /// `PluginClientBuilder`, `Version`, `MountContent`, which also writes the files with the
