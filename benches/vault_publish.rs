@@ -80,32 +80,6 @@ fn unpublish(req: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeReque
     }
 }
 
-/// The per-pod model: log in with the pod's token, then read each object in turn.
-async fn per_pod_mount(http: &reqwest::Client, bao: &Bao, jwt: &str) {
-    let body = serde_json::json!({"role": "app", "jwt": jwt}).to_string();
-    let reply = http
-        .post(format!("{}/v1/auth/jwt/login", bao.addr))
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let login: serde_json::Value = serde_json::from_slice(&reply).unwrap();
-    let token = login["auth"]["client_token"].as_str().unwrap().to_owned();
-    for o in 0..10 {
-        let r = http
-            .get(format!("{}/v1/secret/data/app/k{o}", bao.addr))
-            .header("X-Vault-Token", &token)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        r.bytes().await.unwrap();
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     common::require_root_and_fuse();
@@ -165,7 +139,7 @@ async fn main() {
         node.node_publish_volume(second.clone()).await.unwrap();
         warm.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        per_pod_mount(&http, &bao, &jwt).await;
+        common::peers::vault_csi_provider_mount(&http, &bao, &jwt).await;
         base.push(t.elapsed().as_secs_f64() * 1e3);
         // The identity's last volume goes: keybroker revokes its token and drops its values,
         // so the next round starts cold.

@@ -441,3 +441,31 @@ pub fn peers_python() -> PathBuf {
     );
     p
 }
+
+/// What HashiCorp's Vault CSI provider does for one Mount, as measured against OpenBao (issue
+/// #9): log in with the pod's token, then read each object in turn (`secret/data/app/k0..k9`,
+/// role `app`). The benchmarks' model of the peer, run with a plain HTTP client.
+pub async fn vault_csi_provider_mount(http: &reqwest::Client, bao: &Bao, jwt: &str) {
+    let body = serde_json::json!({"role": "app", "jwt": jwt}).to_string();
+    let reply = http
+        .post(format!("{}/v1/auth/jwt/login", bao.addr))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let login: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    let token = login["auth"]["client_token"].as_str().unwrap().to_owned();
+    for o in 0..10 {
+        let r = http
+            .get(format!("{}/v1/secret/data/app/k{o}", bao.addr))
+            .header("X-Vault-Token", &token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        r.bytes().await.unwrap();
+    }
+}
