@@ -47,12 +47,89 @@ struct RawConfig {
     #[serde(default)]
     audit: RawAudit,
     files: Vec<RawFile>,
+    #[serde(default)]
+    on_change: Vec<RawAction>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawProvider {
     local: Option<RawLocal>,
+    vault: Option<RawVault>,
+    azure: Option<RawAzure>,
+}
+
+/// Vault/OpenBao as the pod itself: JWT or Kubernetes auth with the pod's projected
+/// service-account token file (re-read as kubelet rotates it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawVault {
+    address: String,
+    auth_mount: Option<String>,
+    role: String,
+    namespace: Option<String>,
+    ca_file: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+/// Azure Key Vault as the pod itself: workload identity (the webhook's environment, or these
+/// fields), or a managed identity the config names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAzure {
+    keyvault_name: String,
+    #[serde(rename = "tenantID")]
+    tenant_id: Option<String>,
+    #[serde(rename = "clientID")]
+    client_id: Option<String>,
+    token_file: Option<PathBuf>,
+    authority_host: Option<String>,
+    #[serde(rename = "keyvaultDNSSuffix")]
+    keyvault_dns_suffix: Option<String>,
+    ca_file: Option<PathBuf>,
+    managed_identity: Option<RawManaged>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManaged {
+    #[serde(rename = "clientID")]
+    client_id: String,
+}
+
+/// What to do after a complete, consistent write that changed files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAction {
+    signal: Option<RawSignal>,
+    http: Option<RawHttp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSignal {
+    /// The process name (`comm`, as `ps` shows it).
+    process: String,
+    #[serde(default = "default_signal")]
+    signal: String,
+}
+
+fn default_signal() -> String {
+    "HUP".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttp {
+    url: String,
+    #[serde(default = "default_method")]
+    method: String,
+    timeout: Option<String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,8 +182,48 @@ struct RawFile {
 /// Where secrets come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProviderConfig {
-    Local { path: PathBuf },
+    Local {
+        path: PathBuf,
+    },
+    Vault {
+        address: String,
+        auth_mount: String,
+        role: String,
+        namespace: Option<String>,
+        ca_file: Option<PathBuf>,
+        tls_server_name: Option<String>,
+        /// The pod's projected service-account token (audience per the pod spec).
+        token_file: PathBuf,
+    },
+    Azure {
+        keyvault: String,
+        tenant_id: String,
+        /// Workload identity: the app's client ID and the federated token file.
+        client_id: Option<String>,
+        token_file: Option<PathBuf>,
+        /// Instead: a managed identity's client ID.
+        managed_identity: Option<String>,
+        authority_host: String,
+        keyvault_dns_suffix: String,
+        ca_file: Option<PathBuf>,
+    },
 }
+
+/// A rotation notice to the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeAction {
+    /// Send `signal` to every process of this name in the pod (shared process namespace).
+    Signal { process: String, signal: i32 },
+    /// An HTTP request to a local endpoint.
+    Http {
+        url: String,
+        method: String,
+        timeout: Duration,
+    },
+}
+
+/// The Kubernetes projected token path keybroker reads by default for Vault.
+pub const DEFAULT_VAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/vault-token";
 
 /// A validated `keybroker mount` configuration.
 #[derive(Clone, Debug)]
@@ -120,6 +237,7 @@ pub struct MountConfig {
     pub fuse_threads: usize,
     pub audit_path: PathBuf,
     pub fail_closed: bool,
+    pub on_change: Vec<ChangeAction>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,11 +276,23 @@ impl MountConfig {
             error: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, path, base)
+        Self::parse_env(&text, path, base, &|k| std::env::var(k).ok())
     }
 
     /// Parses `text` (read from `path`); relative paths are taken from `base`.
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_env(text, path, base, &|_| None)
+    }
+
+    /// [`MountConfig::parse`], with the environment the Azure workload identity webhook sets
+    /// (`AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_FEDERATED_TOKEN_FILE`,
+    /// `AZURE_AUTHORITY_HOST`) filling what the config leaves out.
+    pub fn parse_env(
+        text: &str,
+        path: &Path,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             error: e.to_string(),
@@ -172,17 +302,166 @@ impl MountConfig {
             field,
             error,
         };
-        let provider = match raw.provider.local {
-            Some(l) => ProviderConfig::Local {
+        let provider = match (raw.provider.local, raw.provider.vault, raw.provider.azure) {
+            (Some(l), None, None) => ProviderConfig::Local {
                 path: base.join(l.path),
             },
-            None => {
+            (None, Some(v), None) => {
+                if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
+                    return Err(invalid(
+                        "provider.vault.address".into(),
+                        "must be an https:// URL (http only on loopback)".into(),
+                    ));
+                }
+                if v.role.is_empty() {
+                    return Err(invalid("provider.vault.role".into(), "is required".into()));
+                }
+                ProviderConfig::Vault {
+                    address: v.address,
+                    auth_mount: v.auth_mount.unwrap_or_else(|| "jwt".into()),
+                    role: v.role,
+                    namespace: v.namespace,
+                    ca_file: v.ca_file.map(|f| base.join(f)),
+                    tls_server_name: v.tls_server_name,
+                    token_file: v
+                        .token_file
+                        .map(|f| base.join(f))
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_VAULT_TOKEN_FILE)),
+                }
+            }
+            (None, None, Some(a)) => {
+                let field = |f: &str| format!("provider.azure.{f}");
+                let tenant_id =
+                    a.tenant_id
+                        .or_else(|| env("AZURE_TENANT_ID"))
+                        .ok_or_else(|| {
+                            invalid(field("tenantID"), "is required (or AZURE_TENANT_ID)".into())
+                        })?;
+                let managed_identity = a.managed_identity.map(|m| m.client_id);
+                let (client_id, token_file) = if managed_identity.is_some() {
+                    (None, None)
+                } else {
+                    let c = a.client_id.or_else(|| env("AZURE_CLIENT_ID")).ok_or_else(|| {
+                        invalid(
+                            field("clientID"),
+                            "is required for workload identity (or AZURE_CLIENT_ID); or name a managedIdentity".into(),
+                        )
+                    })?;
+                    let t = a
+                        .token_file
+                        .map(|f| base.join(f))
+                        .or_else(|| env("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
+                        .ok_or_else(|| {
+                            invalid(
+                                field("tokenFile"),
+                                "is required for workload identity (or AZURE_FEDERATED_TOKEN_FILE)"
+                                    .into(),
+                            )
+                        })?;
+                    (Some(c), Some(t))
+                };
+                let authority_host = a
+                    .authority_host
+                    .or_else(|| env("AZURE_AUTHORITY_HOST"))
+                    .unwrap_or_else(|| "https://login.microsoftonline.com".into())
+                    .trim_end_matches('/')
+                    .to_owned();
+                if !authority_host.starts_with("https://") {
+                    return Err(invalid(
+                        field("authorityHost"),
+                        "must be an https:// URL".into(),
+                    ));
+                }
+                ProviderConfig::Azure {
+                    keyvault: a.keyvault_name,
+                    tenant_id,
+                    client_id,
+                    token_file,
+                    managed_identity,
+                    authority_host,
+                    keyvault_dns_suffix: a
+                        .keyvault_dns_suffix
+                        .unwrap_or_else(|| "vault.azure.net".into()),
+                    ca_file: a.ca_file.map(|f| base.join(f)),
+                }
+            }
+            (None, None, None) => {
                 return Err(invalid(
                     "provider".into(),
-                    "name a provider: `local: {path: ...}`".into(),
+                    "name a provider: `local: {path: ...}`, `vault: {...}` or `azure: {...}`"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "provider".into(),
+                    "name exactly one provider (local, vault or azure)".into(),
                 ));
             }
         };
+        let mut on_change = Vec::new();
+        for (i, a) in raw.on_change.into_iter().enumerate() {
+            let field = |f: &str| format!("onChange[{i}].{f}");
+            on_change.push(match (a.signal, a.http) {
+                (Some(sig), None) => {
+                    let name = sig.signal.trim_start_matches("SIG");
+                    let signal = match name {
+                        "HUP" => libc::SIGHUP,
+                        "USR1" => libc::SIGUSR1,
+                        "USR2" => libc::SIGUSR2,
+                        "TERM" => libc::SIGTERM,
+                        "INT" => libc::SIGINT,
+                        _ => {
+                            return Err(invalid(
+                                field("signal.signal"),
+                                "must be HUP, USR1, USR2, TERM or INT".into(),
+                            ));
+                        }
+                    };
+                    if sig.process.is_empty() || sig.process.len() > 15 {
+                        return Err(invalid(
+                            field("signal.process"),
+                            "must be a process name as ps shows it (at most 15 characters)".into(),
+                        ));
+                    }
+                    ChangeAction::Signal {
+                        process: sig.process,
+                        signal,
+                    }
+                }
+                (None, Some(h)) => {
+                    let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"];
+                    if !local.iter().any(|p| h.url.starts_with(p)) {
+                        return Err(invalid(
+                            field("http.url"),
+                            "must be a localhost URL (http://127.0.0.1:PORT/...)".into(),
+                        ));
+                    }
+                    if !matches!(h.method.as_str(), "POST" | "PUT" | "GET") {
+                        return Err(invalid(
+                            field("http.method"),
+                            "must be POST, PUT or GET".into(),
+                        ));
+                    }
+                    let timeout = match &h.timeout {
+                        None => Duration::from_secs(5),
+                        Some(t) => humantime::parse_duration(t)
+                            .map_err(|e| invalid(field("http.timeout"), format!("\"{t}\": {e}")))?,
+                    };
+                    ChangeAction::Http {
+                        url: h.url,
+                        method: h.method,
+                        timeout,
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("onChange[{i}]"),
+                        "name exactly one action: signal or http".into(),
+                    ));
+                }
+            });
+        }
         let defaults = Limits::default();
         let limits = Limits {
             max_files: raw.volume.limits.max_files.unwrap_or(defaults.max_files),
@@ -251,11 +530,26 @@ impl MountConfig {
                     },
                 },
             };
+            let params = match &provider {
+                ProviderConfig::Azure { keyvault, .. } => {
+                    if !["secret/", "cert/", "key/"]
+                        .iter()
+                        .any(|p| f.object.starts_with(p))
+                    {
+                        return Err(invalid(
+                            field("object"),
+                            "Key Vault objects are secret/NAME, cert/NAME or key/NAME".into(),
+                        ));
+                    }
+                    Some(format!("vault={keyvault}&format=pem"))
+                }
+                _ => None,
+            };
             files.push(FileSpec {
                 name,
                 object: f.object,
                 version: f.version,
-                params: None,
+                params,
                 mode,
                 source,
             });
@@ -276,6 +570,7 @@ impl MountConfig {
                     .unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl")),
             ),
             fail_closed: raw.audit.fail_closed,
+            on_change,
         })
     }
 }

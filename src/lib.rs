@@ -10,6 +10,7 @@
 //! - [`volume`]: content model, the in-memory filesystem, and the FUSE/tmpfs edges;
 //! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
 //! - [`config`] + [`mount`]: `keybroker mount`;
+//! - [`sidecar`]: `keybroker init` / `sidecar` in the pod, as the pod;
 //! - [`hardening`]: no core dumps (secrets live in memory);
 //! - [`tls`]: HTTPS clients (rustls + ring, CA bundle or public roots);
 //! - [`untrusted`]: YAML from pods, bounded before parsing, errors without the pod's text;
@@ -28,6 +29,7 @@ pub mod provider;
 pub mod refresh;
 pub mod rotation;
 pub mod secret;
+pub mod sidecar;
 pub mod tls;
 pub mod untrusted;
 pub mod volume;

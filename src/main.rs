@@ -61,6 +61,42 @@ enum Command {
         /// Where to mount; created when missing.
         dir: PathBuf,
     },
+    /// Write a pod's secret files once, as the pod, then exit (an init container).
+    ///
+    /// Same config as `mount` (provider local, vault with the pod's token file, or azure with
+    /// the workload identity environment). Exits non-zero naming the object when a file cannot
+    /// be written. Needs no privileges.
+    Init {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where the files go (a shared emptyDir, medium: Memory); kubelet's atomic layout.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The audit log (overrides the config's audit.path).
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
+    /// Keep a pod's secret files fresh, as the pod (a native sidecar container).
+    ///
+    /// Writes once, turns ready (/readyz on --health-addr, or `keybroker probe`), then
+    /// refreshes with the same cache, rotation and backoff rules as the node, and runs the
+    /// config's onChange actions after each write that changed files. Needs no privileges.
+    Sidecar {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        /// /healthz and /readyz (200 only after the first complete write).
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        health_addr: String,
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
+    /// Exit 0 when DIR holds a complete write (a startup or readiness probe command).
+    Probe {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Run the CSI node plugin: serve pod volumes on a node (DaemonSet mode).
     ///
     /// kubelet calls NodePublishVolume/NodeUnpublishVolume on the unix socket; each volume is
@@ -323,6 +359,8 @@ fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
     // Before anything reads a secret: no core dumps, in every mode.
     let hardening = keybroker::hardening::disable_core_dumps();
+    // rustls's crypto provider (ring) for every HTTPS client of the process.
+    keybroker::tls::init();
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     for w in &hardening.warnings {
@@ -459,6 +497,37 @@ fn main() -> ExitCode {
             };
             verify_command(&file, &opts, keyed)
         }
+        Command::Init {
+            config,
+            dir,
+            audit_log,
+        } => in_pod(keybroker::sidecar::Options {
+            config,
+            dir,
+            once: true,
+            health_addr: None,
+            audit_path: audit_log,
+        }),
+        Command::Sidecar {
+            config,
+            dir,
+            health_addr,
+            audit_log,
+        } => in_pod(keybroker::sidecar::Options {
+            config,
+            dir,
+            once: false,
+            health_addr: Some(health_addr),
+            audit_path: audit_log,
+        }),
+        Command::Probe { dir } => {
+            if keybroker::sidecar::probe(&dir) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}: no complete write yet", dir.display());
+                ExitCode::from(1)
+            }
+        }
         Command::Mount {
             config,
             kind,
@@ -492,6 +561,19 @@ fn main() -> ExitCode {
             exit_code(res)
         }
     }
+}
+
+/// `init` and `sidecar`: the pod-side runs.
+fn in_pod(opts: keybroker::sidecar::Options) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let res = rt.block_on(async {
+        let shutdown = shutdown_on_signals();
+        keybroker::sidecar::run(opts, shutdown).await
+    });
+    exit_code(res)
 }
 
 /// How long in-flight CSI calls may take to finish after SIGTERM.

@@ -12,9 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::cache::FetchCache;
-use crate::config::{MountConfig, ProviderConfig};
-use crate::provider::Provider;
-use crate::provider::local::LocalProvider;
+use crate::config::MountConfig;
 use crate::refresh::Refresher;
 use crate::volume::fuse::{FuseOptions, FuseVolume};
 use crate::volume::memfs::MemFs;
@@ -28,15 +26,6 @@ pub struct MountOverrides {
     pub audit_path: Option<PathBuf>,
     /// Key the audit chain (`--audit-key`).
     pub audit_key: Option<PathBuf>,
-}
-
-pub fn build_provider(cfg: &MountConfig) -> anyhow::Result<Arc<dyn Provider>> {
-    match &cfg.provider {
-        ProviderConfig::Local { path } => Ok(Arc::new(LocalProvider::open(
-            path,
-            cfg.content.limits.max_object_bytes,
-        )?)),
-    }
 }
 
 /// Runs `keybroker mount` until `shutdown` is cancelled.
@@ -69,7 +58,7 @@ pub async fn run(
                 .error("stale mount of a keybroker that is no longer running was cleaned"),
         );
     }
-    let provider = build_provider(&cfg)?;
+    let provider = crate::sidecar::build_provider(&cfg, shutdown.child_token())?;
     let cache = Arc::new(FetchCache::new(cfg.poll));
     let mut refresher = Refresher::new(
         volume_id.clone(),

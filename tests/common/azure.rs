@@ -29,7 +29,14 @@ impl AzureStandin {
         let d = dir.join("azure");
         std::fs::create_dir_all(&d).unwrap();
         let log = std::fs::File::create(d.join("standin.log")).unwrap();
-        let child = Command::new(peers_python())
+        // Everything that can panic comes before the spawn or after `s` exists (whose Drop
+        // stops the process), so a failing test never leaves a stand-in running.
+        let client = keybroker::tls::client_builder(None, "test")
+            .unwrap()
+            .build()
+            .unwrap();
+        let python = peers_python();
+        let child = Command::new(python)
             .arg(standin_script("azure_standin.py"))
             .arg("--dir")
             .arg(&d)
@@ -44,10 +51,7 @@ impl AzureStandin {
             https_port: 0,
             http_port: 0,
             identity_header: String::new(),
-            client: keybroker::tls::client_builder(None, "test")
-                .unwrap()
-                .build()
-                .unwrap(),
+            client,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let ready = loop {

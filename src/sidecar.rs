@@ -1,0 +1,494 @@
+//! `keybroker sidecar` and `keybroker init`: keybroker inside the pod, as the pod.
+//!
+//! No node privileges: the files go into a directory the pod shares (an `emptyDir` with
+//! `medium: Memory`) with kubelet's atomic-writer layout (the tmpfs volume's writer, without a
+//! mount), the identity is the pod's own (its projected token file for Vault, the workload
+//! identity webhook's environment for Azure, re-read as kubelet rotates them), and the same
+//! content model, cache, rotation rules and audit as every other keybroker volume apply.
+//!
+//! `init` writes once and exits (non-zero naming the object on failure); `sidecar` writes, turns
+//! ready (`/readyz` on `--health-addr`, or `keybroker probe --dir`), keeps the files fresh and
+//! runs the config's `onChange` actions after each complete write that changed something.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditLog, Event, EventKind, Outcome};
+use crate::cache::FetchCache;
+use crate::config::{ChangeAction, MountConfig, ProviderConfig};
+use crate::provider::{PodJwt, Provider};
+use crate::refresh::Refresher;
+use crate::volume::content::RenderedFile;
+use crate::volume::tmpfs::{DATA_LINK, TmpfsVolume};
+use crate::volume::{Owner, Volume, VolumeError, VolumeKind};
+
+/// How often a token file is looked at for kubelet's rotation.
+const TOKEN_FILE_CHECK: Duration = Duration::from_secs(10);
+
+/// The `exp` claim of a JWT (not verified: the party the token is for verifies it).
+pub fn jwt_expiry(jwt: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let claims = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(v["exp"].as_u64()?))
+}
+
+fn read_token(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let t = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the service-account token file {}: {e}",
+            path.display()
+        )
+    })?);
+    let trimmed = zeroize::Zeroizing::new(t.trim().to_owned());
+    if trimmed.is_empty() || trimmed.len() > 16 * 1024 {
+        anyhow::bail!(
+            "the service-account token file {} is empty or larger than 16 KiB",
+            path.display()
+        );
+    }
+    Ok(trimmed)
+}
+
+/// Feeds `set` the token in `path` now and whenever kubelet rewrites it.
+fn watch_token_file(
+    path: PathBuf,
+    set: impl Fn(PodJwt) + Send + 'static,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let give = move |jwt: zeroize::Zeroizing<String>, set: &dyn Fn(PodJwt)| {
+        set(PodJwt {
+            pod: "this pod".into(),
+            expires: jwt_expiry(&jwt),
+            jwt,
+        })
+    };
+    let first = read_token(&path)?;
+    let mut last = first.clone();
+    give(first, &set);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(TOKEN_FILE_CHECK) => {}
+            }
+            match read_token(&path) {
+                Ok(t) if t != last => {
+                    last = t.clone();
+                    give(t, &set);
+                    tracing::info!(file = %path.display(), "service-account token rotated by kubelet");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "keeping the last service-account token"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The provider a config names, acting as this process's pod (Vault, Azure) or reading local
+/// files. Token files are watched until `stop`.
+pub fn build_provider(
+    cfg: &MountConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    use crate::provider::azure::{self, AzureProvider};
+    use crate::provider::vault::{self, VaultProvider};
+    let read_ca = |f: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+        f.as_ref()
+            .map(|f| {
+                std::fs::read(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read the CA file {}: {e}", f.display()))
+            })
+            .transpose()
+    };
+    Ok(match &cfg.provider {
+        ProviderConfig::Local { path } => Arc::new(crate::provider::local::LocalProvider::open(
+            path,
+            cfg.content.limits.max_object_bytes,
+        )?),
+        ProviderConfig::Vault {
+            address,
+            auth_mount,
+            role,
+            namespace,
+            ca_file,
+            tls_server_name,
+            token_file,
+        } => {
+            let endpoint = vault::Endpoint {
+                address: address.clone(),
+                namespace: namespace.clone(),
+                ca_pem: read_ca(ca_file)?,
+                tls_server_name: tls_server_name.clone(),
+                timeout: Duration::from_secs(15),
+            };
+            let login = vault::LoginConfig {
+                auth_mount: auth_mount.clone(),
+                role: role.clone(),
+                identity: format!("vault role {role}"),
+            };
+            let p = VaultProvider::new(&endpoint, login).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let q = p.clone();
+            watch_token_file(
+                token_file.clone(),
+                move |j| q.set_jwt("token-file", j),
+                stop,
+            )?;
+            p
+        }
+        ProviderConfig::Azure {
+            tenant_id,
+            client_id,
+            token_file,
+            managed_identity,
+            authority_host,
+            keyvault_dns_suffix,
+            ca_file,
+            ..
+        } => {
+            let ca = read_ca(ca_file)?;
+            let http = crate::tls::client_builder(ca.as_deref(), "Azure")
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .dns_resolver(crate::tls::LoopbackNames)
+                .timeout(Duration::from_secs(15))
+                .connect_timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
+            let source = match managed_identity {
+                Some(mi) => azure::Source::Managed {
+                    client_id: mi.clone(),
+                    endpoint: managed_endpoint()?,
+                },
+                None => azure::Source::Federated {
+                    authority: authority_host.clone(),
+                    tenant: tenant_id.clone(),
+                    client_id: client_id.clone().unwrap_or_default(),
+                    jwts: Default::default(),
+                },
+            };
+            let tokens =
+                azure::TokenSource::new(source, http.clone(), format!("azure tenant {tenant_id}"));
+            if let Some(f) = token_file {
+                let t = tokens.clone();
+                watch_token_file(f.clone(), move |j| t.set_jwt("token-file", j), stop)?;
+            }
+            let access = azure::VaultAccess {
+                verify_challenge_resource: crate::node::bindings::AZURE_CLOUD_KEYVAULT_SUFFIXES
+                    .contains(&keyvault_dns_suffix.as_str()),
+                dns_suffix: keyvault_dns_suffix.clone(),
+            };
+            AzureProvider::new(tokens, http, access)
+        }
+    })
+}
+
+/// IMDS, or the App Service endpoint when the platform set `IDENTITY_ENDPOINT`.
+fn managed_endpoint() -> anyhow::Result<crate::provider::azure::ManagedEndpoint> {
+    use crate::provider::azure::ManagedEndpoint;
+    Ok(match std::env::var("IDENTITY_ENDPOINT") {
+        Ok(endpoint) => ManagedEndpoint::AppService {
+            endpoint,
+            header: Arc::new(zeroize::Zeroizing::new(
+                std::env::var("IDENTITY_HEADER").map_err(|_| {
+                    anyhow::anyhow!("IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not")
+                })?,
+            )),
+        },
+        Err(_) => ManagedEndpoint::Imds {
+            base: std::env::var("KEYBROKER_AZURE_IMDS")
+                .unwrap_or_else(|_| "http://169.254.169.254".into()),
+        },
+    })
+}
+
+/// The pod's identity for audit records, from the downward API environment
+/// (`POD_NAMESPACE`, `POD_NAME`, `POD_UID`, `POD_SERVICE_ACCOUNT`).
+fn pod_from_env() -> Option<crate::audit::PodRef> {
+    let v = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    Some(crate::audit::PodRef {
+        namespace: v("POD_NAMESPACE")?,
+        name: v("POD_NAME")?,
+        uid: v("POD_UID").unwrap_or_default(),
+        service_account: v("POD_SERVICE_ACCOUNT").unwrap_or_default(),
+    })
+}
+
+/// Runs the config's actions after a write that changed `changed`, auditing each outcome.
+async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, volume: &str) {
+    for a in actions {
+        let (what, res) = match a {
+            ChangeAction::Signal { process, signal } => (
+                format!("signal {signal} to {process}"),
+                signal_by_name(process, *signal),
+            ),
+            ChangeAction::Http {
+                url,
+                method,
+                timeout,
+            } => (
+                format!("{method} {url}"),
+                http_notice(url, method, *timeout).await,
+            ),
+        };
+        let mut ev = Event::new(EventKind::Rotate)
+            .volume(volume.to_owned())
+            .detail(format!(
+                "onChange {what} after {} changed files",
+                changed.len()
+            ));
+        match &res {
+            Ok(()) => tracing::info!(action = %what, "rotation notice sent"),
+            Err(e) => {
+                tracing::warn!(action = %what, error = %e, "rotation notice failed");
+                ev = ev.outcome(Outcome::Failure).error(e);
+            }
+        }
+        audit.record(ev);
+    }
+}
+
+/// Sends `signal` to every process named `name` that this process can see (the pod's, with
+/// `shareProcessNamespace: true`).
+fn signal_by_name(name: &str, signal: i32) -> Result<(), String> {
+    let me = std::process::id();
+    let mut sent = 0;
+    for e in std::fs::read_dir("/proc")
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let sig = nix::sys::signal::Signal::try_from(signal).map_err(|e| e.to_string())?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+                .map_err(|e| format!("cannot signal {name} (pid {pid}): {e}"))?;
+            sent += 1;
+        }
+    }
+    if sent == 0 {
+        return Err(format!(
+            "no process named {name:?} is visible: the pod needs shareProcessNamespace: true for signal notices"
+        ));
+    }
+    Ok(())
+}
+
+async fn http_notice(url: &str, method: &str, timeout: Duration) -> Result<(), String> {
+    let client = crate::tls::client_builder(None, "rotation notice")?
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let resp = client
+        .request(m, url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}", resp.status()))
+    }
+}
+
+/// The sidecar's volume: the atomic writer, and the notices after each changing write.
+struct Notifying {
+    inner: TmpfsVolume,
+    changes: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+}
+
+impl Volume for Notifying {
+    fn kind(&self) -> VolumeKind {
+        VolumeKind::Tmpfs
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        let changed = self.inner.apply(files)?;
+        if !changed.is_empty() {
+            let _ = self.changes.send(changed.clone());
+        }
+        Ok(changed)
+    }
+
+    fn tick(&self) {}
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        Ok(())
+    }
+}
+
+/// How `init` and `sidecar` run.
+pub struct Options {
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    /// `init`: write once and exit.
+    pub once: bool,
+    /// `/readyz` (and `/healthz`) on this address (sidecar).
+    pub health_addr: Option<String>,
+    pub audit_path: Option<PathBuf>,
+}
+
+/// Runs `init` or `sidecar` until done or `shutdown`.
+pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut cfg = MountConfig::load(&opts.config)?;
+    if let Some(a) = opts.audit_path {
+        cfg.audit_path = a;
+    }
+    std::fs::create_dir_all(&opts.dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", opts.dir.display()))?;
+    let audit = AuditLog::open_keyed(&cfg.audit_path, cfg.fail_closed, None)?;
+    let volume_id = opts.dir.display().to_string();
+    let pod = pod_from_env();
+    let stop = shutdown.child_token();
+    let provider = build_provider(&cfg, stop.clone())?;
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = &opts.health_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        tokio::spawn(health(listener, ready.clone(), stop.clone()));
+    }
+    let cache = Arc::new(FetchCache::new(cfg.poll));
+    let mut refresher = Refresher::new(
+        volume_id.clone(),
+        cfg.content.clone(),
+        provider.clone(),
+        provider.kind(),
+        cache,
+        audit.clone(),
+    );
+    if let Some(p) = pod.clone() {
+        refresher = refresher.with_pod(p);
+    }
+    let owner = Owner {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let volume = Notifying {
+        inner: TmpfsVolume::at(&opts.dir, owner, false),
+        changes: tx,
+    };
+    // The first complete write: until it succeeds nothing is ready (sidecar retries with the
+    // provider's backoff; init gives up at once, naming the object).
+    let mut failures = 0u32;
+    loop {
+        match refresher.render().await {
+            Ok(r) => {
+                volume.inner.apply(&r.files)?;
+                break;
+            }
+            Err(e) if opts.once => {
+                let mut ev = Event::new(EventKind::Mount)
+                    .volume(volume_id.clone())
+                    .provider(provider.kind())
+                    .error(&e);
+                ev.pod = pod.clone();
+                audit.record(ev);
+                audit.flush();
+                anyhow::bail!("no files were written to {}: {e}", opts.dir.display());
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = crate::rotation::backoff(failures, None, fastrand::f64());
+                tracing::warn!(error = %e, retry_in = ?wait, "first write failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("stopped before the first write: {e}"),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    refresher.refresh(&volume).await.ok();
+    while rx.try_recv().is_ok() {}
+    let mut ev = Event::new(EventKind::Mount)
+        .volume(volume_id.clone())
+        .provider(provider.kind())
+        .detail(if opts.once {
+            "init: files written"
+        } else {
+            "sidecar: files written"
+        });
+    ev.pod = pod.clone();
+    audit.record(ev);
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(dir = %opts.dir.display(), files = cfg.content.files.len(), "files written");
+    if opts.once {
+        stop.cancel();
+        audit.flush();
+        return Ok(());
+    }
+    let actions = cfg.on_change.clone();
+    let notices = {
+        let audit = audit.clone();
+        let volume_id = volume_id.clone();
+        tokio::spawn(async move {
+            while let Some(changed) = rx.recv().await {
+                notify(&actions, &changed, &audit, &volume_id).await;
+            }
+        })
+    };
+    refresher.run(&volume, shutdown, cfg.poll).await;
+    stop.cancel();
+    drop(volume);
+    let _ = notices.await;
+    audit.flush();
+    Ok(())
+}
+
+async fn health(
+    listener: tokio::net::TcpListener,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let conn = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        let Ok((mut s, _)) = conn else { continue };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let ok = match req.split(' ').nth(1) {
+                Some("/healthz") => true,
+                Some("/readyz") => ready.load(Ordering::Relaxed),
+                _ => false,
+            };
+            let status = if ok {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let _ = s
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        });
+    }
+}
+
+/// `keybroker probe --dir DIR`: whether the first complete write happened.
+pub fn probe(dir: &Path) -> bool {
+    std::fs::metadata(dir.join(DATA_LINK)).is_ok_and(|m| m.is_dir())
+}

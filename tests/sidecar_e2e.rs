@@ -1,0 +1,498 @@
+//! `keybroker init` and `keybroker sidecar` run as a pod runs them: as processes, as an
+//! ordinary user without capabilities (setpriv), writing into a shared directory, with the
+//! pod's own identity (a token file the test rewrites as kubelet does, or the workload identity
+//! environment), and rotation notices to the app.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::azure::AzureStandin;
+use common::peers::{Bao, Issuer, TokenSpec};
+use common::*;
+use serde_json::json;
+
+const NOBODY: &str = "65534";
+
+/// A directory tree the unprivileged user may use.
+fn nobody_dir() -> tempfile::TempDir {
+    let tmp = open_tempdir();
+    std::fs::create_dir_all(tmp.path().join("shared")).unwrap();
+    std::process::Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    tmp
+}
+
+/// `keybroker <args>` as uid/gid 65534 with no capabilities at all (ambient, bounding and
+/// inheritable sets cleared), as a restricted pod runs it.
+fn unprivileged(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        NOBODY,
+        "--regid",
+        NOBODY,
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        BIN,
+    ])
+    .args(args)
+    .envs(env.iter().copied());
+    c
+}
+
+struct Running(Child, PathBuf);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+fn spawn(mut c: Command, log: &Path) -> Running {
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Running(child, log.to_owned())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_status(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
+    require_root_and_fuse();
+    let tmp = nobody_dir();
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/db"), r#"{"password":"S3cret-sidecar-v1"}"#).unwrap();
+    // An app that counts SIGHUPs (a copy of bash, so its process name is "hupwatch").
+    // Copied by cp: a file this process held open for writing could be inherited by a child
+    // another test spawns meanwhile, and then exec fails with ETXTBSY.
+    assert!(
+        Command::new("cp")
+            .arg("/bin/bash")
+            .arg(d.join("hupwatch"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let hups = d.join("hups");
+    let _app = Running(
+        Command::new(d.join("hupwatch"))
+            .arg("-c")
+            .arg(format!(
+                "trap 'echo hup >> {}' HUP; while true; do sleep 0.05; done",
+                hups.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        d.join("app.log"),
+    );
+    // A reload endpoint that counts POSTs.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reload = format!("http://{}/-/reload", listener.local_addr().unwrap());
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let posts = posts.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for c in listener.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut buf = [0u8; 2048];
+                let n = c.read(&mut buf).unwrap_or(0);
+                if buf[..n].starts_with(b"POST /-/reload") {
+                    posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+    }
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "provider: {{local: {{path: secrets}}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: db, key: password}}\nonChange:\n  - signal: {{process: hupwatch, signal: HUP}}\n  - http: {{url: \"{reload}\"}}\n  - signal: {{process: nosuchapp}}\n"
+        ),
+    )
+    .unwrap();
+    Command::new("chown")
+        .args([&format!("{NOBODY}:{NOBODY}")])
+        .arg(&config)
+        .status()
+        .unwrap();
+    let out_dir = d.join("shared/secrets");
+
+    // init: once, then exit 0.
+    let out = unprivileged(
+        &[
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--dir",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("password")).unwrap(),
+        "S3cret-sidecar-v1"
+    );
+    assert!(out_dir.join("..data").is_symlink());
+    assert!(
+        Command::new(BIN)
+            .args(["probe", "--dir"])
+            .arg(&out_dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        !Command::new(BIN)
+            .args(["probe", "--dir"])
+            .arg(d)
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    // sidecar: ready after the first write, then rotation with notices. It signals the app,
+    // so it runs as the app's user here (root); the no-privilege run is the Vault test's.
+    let port = common::node::free_port();
+    let health = format!("127.0.0.1:{port}");
+    let s = spawn(
+        {
+            let mut c = Command::new(BIN);
+            c.args(["sidecar", "--config"])
+                .arg(&config)
+                .arg("--dir")
+                .arg(&out_dir)
+                .args(["--health-addr", &health]);
+            c
+        },
+        &d.join("sidecar.log"),
+    );
+    wait_for("ready", Duration::from_secs(20), || {
+        http_status(&health, "/readyz").contains("200")
+    });
+    std::fs::write(d.join("secrets/db"), r#"{"password":"S3cret-sidecar-v2"}"#).unwrap();
+    wait_for("rotation", Duration::from_secs(10), || {
+        std::fs::read_to_string(out_dir.join("password")).unwrap_or_default() == "S3cret-sidecar-v2"
+    });
+    let notified = || {
+        std::fs::read_to_string(&hups)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 1
+            && posts.load(std::sync::atomic::Ordering::SeqCst) == 1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !notified() {
+        assert!(
+            Instant::now() < deadline,
+            "no notice: hups {:?}, posts {}\n{}\n{}",
+            std::fs::read_to_string(&hups),
+            posts.load(std::sync::atomic::Ordering::SeqCst),
+            s.logs(),
+            std::fs::read_to_string(d.join("shared/audit.jsonl")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No second notice without a second rotation.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        std::fs::read_to_string(&hups).unwrap().lines().count(),
+        1,
+        "{}",
+        s.logs()
+    );
+    assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The missing process is an audited failure, and the sidecar still runs.
+    let audit = std::fs::read_to_string(d.join("shared/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("nosuchapp") && audit.contains("shareProcessNamespace"),
+        "{audit}"
+    );
+    assert!(!audit.contains("S3cret-sidecar"));
+    assert!(http_status(&health, "/healthz").contains("200"));
+    drop(s);
+}
+
+#[test]
+fn vault_as_an_unprivileged_sidecar_follows_kubelets_token_rotation() {
+    require_root_and_fuse();
+    let tmp = nobody_dir();
+    let d = tmp.path();
+    let bao = Bao::start(d);
+    let issuer = Issuer::new(d);
+    bao.trust_issuer(None, &issuer);
+    bao.jwt_role(None, "app", "team-a:app", &["token_ttl=1h"]);
+    bao.policy(
+        None,
+        "app",
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
+    );
+    bao.cli(&[
+        "kv",
+        "put",
+        "secret/app/db",
+        "password=S3cret-vault-sidecar-v1",
+    ]);
+    let token = |i: u32| {
+        issuer.token(&TokenSpec {
+            ns: "team-a",
+            sa: "app",
+            pod: "app-0",
+            uid: &format!("00000000-0000-0000-0000-{i:012}"),
+            audience: "vault",
+            expires_in: 3600,
+        })
+    };
+    let token_file = d.join("shared/token");
+    std::fs::write(&token_file, token(1)).unwrap();
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "provider:\n  vault: {{address: \"{}\", role: app, caFile: {}, tokenFile: {}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: secret/data/app/db, key: password}}\n",
+            bao.addr,
+            bao.ca.display(),
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(d.join("shared"))
+        .arg(&config)
+        .status()
+        .unwrap();
+    let out_dir = d.join("shared/secrets");
+    let port = common::node::free_port();
+    let health = format!("127.0.0.1:{port}");
+    let s = spawn(
+        unprivileged(
+            &[
+                "sidecar",
+                "--config",
+                config.to_str().unwrap(),
+                "--dir",
+                out_dir.to_str().unwrap(),
+                "--health-addr",
+                &health,
+            ],
+            &[
+                ("POD_NAMESPACE", "team-a"),
+                ("POD_NAME", "app-0"),
+                ("POD_SERVICE_ACCOUNT", "app"),
+            ],
+        ),
+        &d.join("sidecar.log"),
+    );
+    wait_for("ready", Duration::from_secs(30), || {
+        http_status(&health, "/readyz").contains("200")
+    });
+    // The process has no capabilities and is not root.
+    let pid = s.0.id();
+    let status = wait_status(pid);
+    assert!(status.contains(&format!("Uid:\t{NOBODY}")), "{status}");
+    for cap in [
+        "CapEff:\t0000000000000000",
+        "CapPrm:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ] {
+        assert!(status.contains(cap), "{cap} in {status}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("password")).unwrap(),
+        "S3cret-vault-sidecar-v1"
+    );
+    // kubelet rewrites the token file; a KV rotation reaches the file.
+    std::fs::write(&token_file, token(2)).unwrap();
+    bao.cli(&[
+        "kv",
+        "put",
+        "secret/app/db",
+        "password=S3cret-vault-sidecar-v2",
+    ]);
+    wait_for("KV rotation", Duration::from_secs(15), || {
+        std::fs::read_to_string(out_dir.join("password")).unwrap_or_default()
+            == "S3cret-vault-sidecar-v2"
+    });
+    // Vault down: the last good file stays.
+    drop(bao);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("password")).unwrap(),
+        "S3cret-vault-sidecar-v2"
+    );
+    let audit = std::fs::read_to_string(d.join("shared/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"namespace\":\"team-a\""),
+        "pod identity from the downward API"
+    );
+    assert!(!audit.contains("S3cret-vault-sidecar") && !audit.contains("eyJ"));
+    assert!(!s.logs().contains("S3cret-vault-sidecar") && !s.logs().contains("eyJ"));
+}
+
+fn wait_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_with_the_workload_identity_environment_reads_key_vault() {
+    require_root_and_fuse();
+    let tmp = nobody_dir();
+    let d = tmp.path().to_owned();
+    let standin = AzureStandin::start(&d, &[]);
+    let mut issuer = Issuer::new(&d);
+    issuer.serve_discovery(&d);
+    let (tenant, app) = (
+        "72f988bf-0000-4000-8000-00000000c0de",
+        "11111111-2222-4333-8444-555555555555",
+    );
+    standin.post("tenants", json!({"tenant": tenant})).await;
+    standin
+        .post("apps", json!({"tenant": tenant, "clientId": app, "federated": [
+            {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:api", "audiences": ["api://AzureADTokenExchange"]}]}))
+        .await;
+    standin
+        .post(
+            "vaults",
+            json!({"name": "kv1", "tenant": tenant, "access": {app: "read"}}),
+        )
+        .await;
+    standin
+        .post(
+            "vaults/kv1/secrets/api-key",
+            json!({"value": "S3cret-azure-init-3131"}),
+        )
+        .await;
+    let token_file = d.join("shared/azure-token");
+    std::fs::write(
+        &token_file,
+        issuer.token(&TokenSpec {
+            ns: "team-a",
+            sa: "api",
+            pod: "api-0",
+            uid: "00000000-0000-0000-0000-000000000001",
+            audience: "api://AzureADTokenExchange",
+            expires_in: 3600,
+        }),
+    )
+    .unwrap();
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "provider:\n  azure: {{keyvaultName: kv1, keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: api-key, object: secret/api-key}}\n",
+            standin.https_port,
+            standin.ca().display()
+        ),
+    )
+    .unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(d.join("shared"))
+        .arg(&config)
+        .arg(d.join("azure"))
+        .status()
+        .unwrap();
+    let out_dir = d.join("shared/secrets");
+    // The workload identity webhook's environment.
+    let env = [
+        ("AZURE_TENANT_ID", tenant),
+        ("AZURE_CLIENT_ID", app),
+        ("AZURE_FEDERATED_TOKEN_FILE", token_file.to_str().unwrap()),
+        ("AZURE_AUTHORITY_HOST", &standin.authority()),
+    ];
+    let out = unprivileged(
+        &[
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--dir",
+            out_dir.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("api-key")).unwrap(),
+        "S3cret-azure-init-3131"
+    );
+    // A missing object: non-zero, naming it.
+    std::fs::write(
+        &config,
+        format!(
+            "provider:\n  azure: {{keyvaultName: kv1, keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: other, object: secret/no-such-secret}}\n",
+            standin.https_port,
+            standin.ca().display()
+        ),
+    )
+    .unwrap();
+    let out = unprivileged(
+        &[
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--dir",
+            d.join("shared/other").to_str().unwrap(),
+        ],
+        &env,
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-secret"), "{err}");
+}
