@@ -37,7 +37,7 @@ pub fn jwt_expiry(jwt: &str) -> Option<SystemTime> {
         .decode(claims.trim_end_matches('='))
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(v["exp"].as_u64()?))
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(v["exp"].as_u64()?))
 }
 
 fn read_token(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {

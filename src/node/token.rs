@@ -121,7 +121,8 @@ pub fn check(token: &SaToken, pod: &PodInfo, now: SystemTime) -> Result<(), Stri
     let c = claims(&token.token)?;
     let exp = c
         .exp
-        .map(|e| UNIX_EPOCH + Duration::from_secs(e))
+        // A claim past what the clock can hold is treated as no claim (not a panic).
+        .and_then(|e| UNIX_EPOCH.checked_add(Duration::from_secs(e)))
         .or(token.expires);
     if exp.is_some_and(|e| e <= now) {
         return Err(format!(
@@ -178,6 +179,15 @@ pub(crate) mod tests {
             "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": uid}, "serviceaccount": {"name": sa, "uid": "sa-uid"}}
         }));
         format!("{header}.{payload}.c2ln")
+    }
+
+    #[test]
+    fn an_exp_past_what_the_clock_holds_is_no_panic() {
+        let p = pod();
+        for exp in [u64::MAX, 10_000_000_001_263_207_793, i64::MAX as u64] {
+            let t = tok(jwt(&p.namespace, &p.service_account, &p.name, &p.uid, exp));
+            let _ = check(&t, &p, SystemTime::now());
+        }
     }
 
     fn pod() -> PodInfo {

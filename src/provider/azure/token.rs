@@ -31,6 +31,8 @@ use super::KIND;
 const MAX_ERROR_TEXT: usize = 400;
 /// Requests in flight to IMDS on the node (IMDS throttles above 5 per second per VM).
 const IMDS_CONCURRENCY: usize = 5;
+/// Longest a token from any endpoint is kept, whatever its reply says (seconds).
+const MAX_TOKEN_LIFE: u64 = 86_400;
 /// How long IMDS's 410 ("still starting") is retried.
 const IMDS_GONE_RETRY: Duration = Duration::from_secs(70);
 
@@ -164,6 +166,21 @@ fn number(v: &Option<serde_json::Value>) -> Option<u64> {
         serde_json::Value::Number(n) => n.as_u64(),
         serde_json::Value::String(s) => s.trim().parse().ok(),
         _ => None,
+    }
+}
+
+/// When a token from `reply` expires: `expires_on` (Unix seconds, IMDS and App Service) or
+/// `expires_in` (seconds from now, Entra), an hour when it says neither, and never more than a
+/// day away whatever it says.
+fn expiry_of(reply: &TokenReply, now: SystemTime) -> SystemTime {
+    let cap = now + Duration::from_secs(MAX_TOKEN_LIFE);
+    match (number(&reply.expires_on), number(&reply.expires_in)) {
+        (Some(on), _) => SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(on))
+            .unwrap_or(now)
+            .min(cap),
+        (None, Some(secs)) => now + Duration::from_secs(secs.min(MAX_TOKEN_LIFE)),
+        (None, None) => now + Duration::from_secs(3600),
     }
 }
 
@@ -426,11 +443,8 @@ impl TokenSource {
         let (status, ra, text) = read_reply(resp).await;
         if status == 200 {
             let reply = parse_reply(&text, &format!("Entra ID at {authority}"))?;
-            let life = number(&reply.expires_in).unwrap_or(3600);
-            return Ok((
-                reply.access_token,
-                SystemTime::now() + Duration::from_secs(life),
-            ));
+            let expires = expiry_of(&reply, SystemTime::now());
+            return Ok((reply.access_token, expires));
         }
         let err: EntraError = serde_json::from_str(&text).unwrap_or_default();
         let code = err
@@ -522,11 +536,7 @@ impl TokenSource {
             let (status, ra, text) = read_reply(resp).await;
             if status == 200 {
                 let reply = parse_reply(&text, "the managed identity endpoint")?;
-                let expires = match (number(&reply.expires_on), number(&reply.expires_in)) {
-                    (Some(on), _) => SystemTime::UNIX_EPOCH + Duration::from_secs(on),
-                    (None, Some(secs)) => SystemTime::now() + Duration::from_secs(secs),
-                    (None, None) => SystemTime::now() + Duration::from_secs(3600),
-                };
+                let expires = expiry_of(&reply, SystemTime::now());
                 return Ok((reply.access_token, expires));
             }
             let retry = match status {
@@ -632,8 +642,9 @@ pub mod fuzzing {
     pub fn token_reply(body: &[u8]) {
         let text = String::from_utf8_lossy(body);
         if let Ok(r) = parse_reply(&text, "fuzz") {
-            let _ = number(&r.expires_in);
-            let _ = number(&r.expires_on);
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let e = expiry_of(&r, now);
+            let _ = refresh_time(now, e);
         }
         if let Ok(e) = serde_json::from_str::<EntraError>(&text) {
             let _ = cut(&e.error_description);
@@ -654,6 +665,42 @@ mod tests {
         let short = now + Duration::from_secs(120);
         assert_eq!(refresh_time(now, short), now + Duration::from_secs(60));
         assert_eq!(refresh_time(now, now - Duration::from_secs(5)), now);
+    }
+
+    #[test]
+    fn expiries_from_replies_are_bounded() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let reply = |j: &str| parse_reply(j, "test").unwrap();
+        let day = now + Duration::from_secs(MAX_TOKEN_LIFE);
+        assert_eq!(
+            expiry_of(&reply(r#"{"access_token":"t","expires_in":3599}"#), now),
+            now + Duration::from_secs(3599)
+        );
+        assert_eq!(
+            expiry_of(
+                &reply(r#"{"access_token":"t","expires_in":"18446744073709551615"}"#),
+                now
+            ),
+            day
+        );
+        assert_eq!(
+            expiry_of(
+                &reply(r#"{"access_token":"t","expires_on":"18446744073709551615"}"#),
+                now
+            ),
+            now
+        );
+        assert_eq!(
+            expiry_of(
+                &reply(r#"{"access_token":"t","expires_on":"1800000600"}"#),
+                now
+            ),
+            now + Duration::from_secs(600)
+        );
+        assert_eq!(
+            expiry_of(&reply(r#"{"access_token":"t"}"#), now),
+            now + Duration::from_secs(3600)
+        );
     }
 
     #[test]

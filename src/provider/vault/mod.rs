@@ -309,7 +309,7 @@ fn object_from_reply(
     let expires_at = data
         .and_then(|d| d.get("expiration"))
         .and_then(Value::as_u64)
-        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)));
     let version = match (&lease, data.and_then(|d| d.get("serial_number"))) {
         (_, Some(Value::String(serial))) => serial.clone(),
         (Some(l), _) => format!("lease-{}", short_hash(&l.id)),
@@ -835,6 +835,17 @@ impl Provider for VaultProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the vault_replies fuzz target (10-minute run): a PKI `expiration` past what
+    /// SystemTime holds panicked while adding it to the epoch.
+    #[test]
+    fn an_expiration_past_what_the_clock_holds_is_no_expiry() {
+        let body = br#"{"data":{"n":1920000000,"sri":["a","b"],"expiration":10000000001263207793,"er":"2a:2b"}}"#;
+        let obj = object_from_reply(&Engine::Other, body, "pki/issue/x", None).unwrap();
+        assert_eq!(obj.expires_at, None);
+        let body = br#"{"data":{"expiration":18446744073709551615}}"#;
+        assert!(object_from_reply(&Engine::Other, body, "pki/issue/x", None).is_ok());
+    }
 
     #[test]
     fn paths_from_pods_are_checked() {
