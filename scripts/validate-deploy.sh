@@ -22,7 +22,8 @@ if ! diff -u deploy/keybroker.yaml "$render"; then
   echo "deploy/keybroker.yaml differs from the chart: run scripts/validate-deploy.sh --update" >&2
   exit 1
 fi
-"$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml deploy/examples/pod-azure.yaml
+"$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml deploy/examples/pod-azure.yaml \
+  deploy/examples/pod-sidecar-vault.yaml deploy/examples/pod-init-azure.yaml
 # The provider mode (behind an installed Secrets Store CSI driver) renders and validates too.
 provider_render=$(mktemp)
 trap 'rm -f "$render" "$provider_render"' EXIT
