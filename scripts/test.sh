@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "scripts/test.sh mounts filesystems and installs packages: run it as root" >&2
   exit 1
 fi
-scripts/install-peers.sh
+scripts/install-peers.sh --image
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -30,6 +30,8 @@ if target/release/keybroker node --danger-test-controller --node-id x --endpoint
   echo "the release build accepted --danger-test-controller" >&2; exit 1
 fi
 grep -q "no test controller" /tmp/keybroker-release-check.err || { cat /tmp/keybroker-release-check.err >&2; exit 1; }
+echo "== container image: build offline, run --version and an init inside it (scripts/build-image.sh)"
+scripts/build-image.sh
 echo "== fuzz every parser of untrusted input, 30 s each (scripts/fuzz.sh)"
 scripts/fuzz.sh 30
 echo "== cargo test (csi-sanity needs the test-only controller: --features test-controller)"
