@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::azure::AzureStandin;
+use common::azure::{APP, AzureStandin, TENANT};
 use common::node::*;
 use common::peers::{Issuer, TokenSpec};
 use common::*;
@@ -183,21 +183,8 @@ async fn an_azure_secret_provider_class_is_served_from_the_cache() {
     let standin = AzureStandin::start(&root, &[]);
     let mut issuer = Issuer::new(&root);
     issuer.serve_discovery(&root);
-    let (tenant, app) = (
-        "72f988bf-0000-4000-8000-00000000c0de",
-        "11111111-2222-4333-8444-555555555555",
-    );
-    standin.post("tenants", json!({"tenant": tenant})).await;
-    standin
-        .post("apps", json!({"tenant": tenant, "clientId": app, "federated": [
-            {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:api", "audiences": ["api://AzureADTokenExchange"]}]}))
-        .await;
-    standin
-        .post(
-            "vaults",
-            json!({"name": "kv1", "tenant": tenant, "access": {app: "read"}}),
-        )
-        .await;
+    let (tenant, app) = (TENANT, APP);
+    standin.workload_identity(&issuer.iss, "team-a:api").await;
     standin
         .post(
             "vaults/kv1/secrets/db-password",
@@ -396,20 +383,9 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
     ]);
     // The stand-in: app with a federated credential for team-a/azureapp, vault kv1.
     let standin = AzureStandin::start(&root, &[]);
-    let (tenant, app) = (
-        "72f988bf-0000-4000-8000-00000000c0de",
-        "11111111-2222-4333-8444-555555555555",
-    );
-    standin.post("tenants", json!({"tenant": tenant})).await;
+    let (tenant, app) = (TENANT, APP);
     standin
-        .post("apps", json!({"tenant": tenant, "clientId": app, "federated": [
-            {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:azureapp", "audiences": ["api://AzureADTokenExchange"]}]}))
-        .await;
-    standin
-        .post(
-            "vaults",
-            json!({"name": "kv1", "tenant": tenant, "access": {app: "read"}}),
-        )
+        .workload_identity(&issuer.iss, "team-a:azureapp")
         .await;
     standin
         .post(

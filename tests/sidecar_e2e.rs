@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::azure::AzureStandin;
+use common::azure::{APP, AzureStandin, TENANT};
 use common::peers::{Bao, Issuer, TokenSpec};
 use common::*;
 use serde_json::json;
@@ -390,21 +390,8 @@ async fn init_with_the_workload_identity_environment_reads_key_vault() {
     let standin = AzureStandin::start(&d, &[]);
     let mut issuer = Issuer::new(&d);
     issuer.serve_discovery(&d);
-    let (tenant, app) = (
-        "72f988bf-0000-4000-8000-00000000c0de",
-        "11111111-2222-4333-8444-555555555555",
-    );
-    standin.post("tenants", json!({"tenant": tenant})).await;
-    standin
-        .post("apps", json!({"tenant": tenant, "clientId": app, "federated": [
-            {"issuer": issuer.iss, "subject": "system:serviceaccount:team-a:api", "audiences": ["api://AzureADTokenExchange"]}]}))
-        .await;
-    standin
-        .post(
-            "vaults",
-            json!({"name": "kv1", "tenant": tenant, "access": {app: "read"}}),
-        )
-        .await;
+    let (tenant, app) = (TENANT, APP);
+    standin.workload_identity(&issuer.iss, "team-a:api").await;
     standin
         .post(
             "vaults/kv1/secrets/api-key",

@@ -13,7 +13,6 @@ use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -218,20 +217,7 @@ pub async fn serve<P: SecretsProvider>(
     provider: Arc<P>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let path = crate::server::socket_path(endpoint)?;
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await?;
-    }
-    match tokio::fs::remove_file(&path).await {
-        Ok(()) => tracing::info!(socket = %path.display(), "replaced a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
-    let listener = UnixListener::bind(&path)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let (path, listener) = crate::server::bind_socket(endpoint).await?;
     tonic::transport::Server::builder()
         .add_service(pb::csi_driver_provider_server::CsiDriverProviderServer::new(Svc { provider }))
         .serve_with_incoming_shutdown(

@@ -195,15 +195,11 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
     Ok(p.to_owned())
 }
 
-/// Serves Identity and Node (and, in test builds asked for it, the controller stub) on the unix
-/// socket at `endpoint` until `shutdown` completes. A stale socket file is replaced; the socket
-/// is made owner-only (kubelet runs as root).
-pub async fn serve<P: NodePlugin>(
+/// Binds the unix socket of `endpoint`: its directory created, a stale socket file replaced,
+/// the socket owner-only (its clients, kubelet or the Secrets Store driver, run as root).
+pub(crate) async fn bind_socket(
     endpoint: &str,
-    plugin: Arc<P>,
-    test_controller: bool,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(PathBuf, UnixListener), Box<dyn std::error::Error + Send + Sync>> {
     let path = socket_path(endpoint)?;
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
@@ -218,6 +214,19 @@ pub async fn serve<P: NodePlugin>(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
+    Ok((path, listener))
+}
+
+/// Serves Identity and Node (and, in test builds asked for it, the controller stub) on the unix
+/// socket at `endpoint` until `shutdown` completes. A stale socket file is replaced; the socket
+/// is made owner-only (kubelet runs as root).
+pub async fn serve<P: NodePlugin>(
+    endpoint: &str,
+    plugin: Arc<P>,
+    test_controller: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (path, listener) = bind_socket(endpoint).await?;
     #[cfg(not(feature = "test-controller"))]
     if test_controller {
         return Err("this build has no test controller (cargo feature test-controller)".into());

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::peers::peers_python;
 
+/// The tests' Entra tenant and workload identity app.
+pub const TENANT: &str = "72f988bf-0000-4000-8000-00000000c0de";
+pub const APP: &str = "11111111-2222-4333-8444-555555555555";
+
 pub struct AzureStandin {
     child: Child,
     pub dir: PathBuf,
@@ -114,6 +118,27 @@ impl AzureStandin {
         let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
         assert!(status.is_success(), "{url}: {status} {v}");
         v
+    }
+
+    /// Tenant [`TENANT`], app [`APP`] with a federated credential for the service account
+    /// `ns:sa` of `issuer` (audience `api://AzureADTokenExchange`), and vault `kv1` it may read.
+    pub async fn workload_identity(&self, issuer: &str, ns_sa: &str) {
+        self.post("tenants", serde_json::json!({"tenant": TENANT}))
+            .await;
+        self.post(
+            "apps",
+            serde_json::json!({"tenant": TENANT, "clientId": APP, "federated": [{
+                "issuer": issuer,
+                "subject": format!("system:serviceaccount:{ns_sa}"),
+                "audiences": ["api://AzureADTokenExchange"],
+            }]}),
+        )
+        .await;
+        self.post(
+            "vaults",
+            serde_json::json!({"name": "kv1", "tenant": TENANT, "access": {APP: "read"}}),
+        )
+        .await;
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
