@@ -535,3 +535,62 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
     assert_eq!(vault_reads() - reads0, 1, "Vault reads for 40 Mounts");
     assert_eq!(kv_gets().await - gets0, 1, "Key Vault GETs for 40 Mounts");
 }
+
+/// The driver's rotation: every pod's volume is Mounted again each poll. 100 pods × 10 objects
+/// through the driver's own client cost 10 provider fetches per cycle, not 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_pods_rotating_through_the_driver_cost_ten_fetches_per_cycle() {
+    let (_tmp, root) = setup();
+    for o in 0..10 {
+        std::fs::write(root.join(format!("secrets/obj{o}")), format!("value-{o}")).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/bindings.yaml"),
+        format!(
+            "bindings:\n  - name: apps\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [\"obj*\"]\n",
+            root.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_opts(&root, "2s", &root.join("audit.jsonl"), &["provider"]);
+    let objects: String = (0..10).map(|o| format!("- objectName: obj{o}\n")).collect();
+    let pods: Vec<Pod> = (0..100)
+        .map(|i| Pod::new("team-a", "api", 100 + i))
+        .collect();
+    let requests = serde_json::Value::Array(
+        pods.iter()
+            .map(|p| {
+                let tokens = sa_token(p.ns, p.sa, &p.name, &p.uid);
+                let attrs: serde_json::Value = serde_json::from_str(&attributes(
+                    p,
+                    &[("provider", "local"), ("objects", &objects)],
+                    &tokens,
+                ))
+                .unwrap();
+                json!({
+                    "attributes": attrs,
+                    "secrets": {},
+                    "targetPath": root.join(format!("driver/{}/mount", p.uid)),
+                    "permission": "420",
+                })
+            })
+            .collect(),
+    );
+    let fetches = || d.metric("keybroker_provider_fetches_total");
+    let mut per_cycle = Vec::new();
+    for cycle in 0..4 {
+        let before = fetches();
+        let results = driver_mounts(&root.join("csi"), requests.clone());
+        assert!(results.iter().all(|r| r["errorCode"] == ""), "{results:?}");
+        per_cycle.push(fetches() - before);
+        if cycle == 0 {
+            assert_eq!(per_cycle[0], 10, "the first cycle fetches each object once");
+        }
+        // The next poll (2 s, +0-10% jitter): every object is due again.
+        std::thread::sleep(std::time::Duration::from_millis(2300));
+    }
+    assert!(per_cycle.iter().all(|n| *n <= 10), "{per_cycle:?}");
+    assert!(per_cycle[1..].iter().any(|n| *n == 10), "{per_cycle:?}");
+    let t = root.join(format!("driver/{}/mount", pods[99].uid));
+    assert_eq!(std::fs::read_to_string(t.join("obj9")).unwrap(), "value-9");
+}
