@@ -340,7 +340,7 @@ impl AuditLog {
         let good_len = file.seek(SeekFrom::End(0)).map_err(err)?;
         let mut writer = Writer {
             file,
-            head_path: head_path(path),
+            head_path: Some(head_path(path)),
             key,
             pending: Vec::new(),
             pending_records: 0,
@@ -372,6 +372,49 @@ impl AuditLog {
                     )),
             );
         }
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(err)?;
+        Ok(Self {
+            tx,
+            health,
+            fail_closed,
+        })
+    }
+
+    /// An audit log written to standard output as JSON lines (for a pod, whose log pipeline
+    /// keeps them): the same chained records, no head anchor (a stream cannot be cut back;
+    /// the chain still shows edits and gaps), starting at sequence 0.
+    pub fn stdout(fail_closed: bool) -> Result<Self, AuditError> {
+        use std::os::fd::AsFd;
+        let err = |e: std::io::Error| AuditError::Open {
+            path: PathBuf::from("-"),
+            error: e.to_string(),
+        };
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(err)?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let health = Arc::new(Health::default());
+        let writer = Writer {
+            file: File::from(fd),
+            head_path: None,
+            key: None,
+            pending: Vec::new(),
+            pending_records: 0,
+            good_len: 0,
+            good_seq: 0,
+            good_prev: GENESIS.to_owned(),
+            seq: 0,
+            prev: GENESIS.to_owned(),
+            health: health.clone(),
+            last_head: Instant::now(),
+            head_dirty: false,
+            failing_since: None,
+            last_complaint: None,
+        };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
@@ -562,7 +605,8 @@ const MAX_PENDING: usize = 8 << 20;
 
 struct Writer {
     file: File,
-    head_path: PathBuf,
+    /// Where the head anchor goes (`None` for a stream such as stdout).
+    head_path: Option<PathBuf>,
     key: Option<AuditKey>,
     /// Serialized records not yet on disk (chained, in order).
     pending: Vec<u8>,
@@ -717,6 +761,9 @@ impl Writer {
     }
 
     fn write_head(&mut self) {
+        let Some(head_path) = self.head_path.clone() else {
+            return;
+        };
         if self.good_seq == 0 {
             return;
         }
@@ -729,9 +776,9 @@ impl Writer {
         if let Some(k) = &self.key {
             head["mac"] = head_mac(k, seq, &self.good_prev).into();
         }
-        let tmp = self.head_path.with_extension("head.tmp");
-        let res = std::fs::write(&tmp, head.to_string())
-            .and_then(|_| std::fs::rename(&tmp, &self.head_path));
+        let tmp = head_path.with_extension("head.tmp");
+        let res =
+            std::fs::write(&tmp, head.to_string()).and_then(|_| std::fs::rename(&tmp, &head_path));
         self.last_head = Instant::now();
         match res {
             Ok(()) => self.head_dirty = false,

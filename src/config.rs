@@ -564,11 +564,11 @@ impl MountConfig {
             uid: raw.volume.uid,
             gid: raw.volume.gid,
             fuse_threads: raw.volume.fuse_threads.unwrap_or(2).clamp(1, 16),
-            audit_path: base.join(
-                raw.audit
-                    .path
-                    .unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl")),
-            ),
+            audit_path: match raw.audit.path {
+                // Standard output (init and sidecar): kept as written.
+                Some(p) if p == Path::new("-") => p,
+                p => base.join(p.unwrap_or_else(|| PathBuf::from("keybroker-audit.jsonl"))),
+            },
             fail_closed: raw.audit.fail_closed,
             on_change,
         })

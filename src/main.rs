@@ -72,7 +72,8 @@ enum Command {
         /// Where the files go (a shared emptyDir, medium: Memory); kubelet's atomic layout.
         #[arg(long)]
         dir: PathBuf,
-        /// The audit log (overrides the config's audit.path).
+        /// The audit log (overrides the config's audit.path); `-` writes the records to
+        /// standard output as JSON lines (logs go to standard error).
         #[arg(long)]
         audit_log: Option<PathBuf>,
     },
@@ -89,6 +90,7 @@ enum Command {
         /// /healthz and /readyz (200 only after the first complete write).
         #[arg(long, default_value = "127.0.0.1:8099")]
         health_addr: String,
+        /// The audit log (overrides the config's audit.path); `-` for standard output.
         #[arg(long)]
         audit_log: Option<PathBuf>,
     },

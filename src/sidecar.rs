@@ -351,7 +351,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     }
     std::fs::create_dir_all(&opts.dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", opts.dir.display()))?;
-    let audit = AuditLog::open_keyed(&cfg.audit_path, cfg.fail_closed, None)?;
+    // `-`: JSON lines on stdout, for the cluster's log pipeline.
+    let audit = if cfg.audit_path == Path::new("-") {
+        AuditLog::stdout(cfg.fail_closed)?
+    } else {
+        AuditLog::open_keyed(&cfg.audit_path, cfg.fail_closed, None)?
+    };
     let volume_id = opts.dir.display().to_string();
     let pod = pod_from_env();
     let stop = shutdown.child_token();

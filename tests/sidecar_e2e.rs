@@ -181,6 +181,41 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
         "S3cret-sidecar-v1"
     );
     assert!(out_dir.join("..data").is_symlink());
+    // The audit records on stdout, for the log pipeline: a chain `audit verify` accepts.
+    let stdout_dir = d.join("shared/stdout");
+    let out = unprivileged(
+        &[
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--dir",
+            stdout_dir.to_str().unwrap(),
+            "--audit-log",
+            "-",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        lines.lines().count() >= 2 && lines.lines().all(|l| l.starts_with('{')),
+        "{lines}"
+    );
+    assert!(!lines.contains("S3cret-sidecar"));
+    let copy = d.join("stdout-audit.jsonl");
+    std::fs::write(&copy, &lines).unwrap();
+    let v = Command::new(BIN)
+        .args(["audit", "verify", "--allow-missing-head"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     assert!(
         Command::new(BIN)
             .args(["probe", "--dir"])
