@@ -177,6 +177,9 @@ struct RawFile {
     encoding: Option<String>,
     mode: Option<serde_norway::Value>,
     template: Option<String>,
+    /// Vault: a write-style read (`POST` to `pki/issue/web` with `secretArgs`).
+    method: Option<String>,
+    secret_args: Option<serde_norway::Value>,
 }
 
 /// Where secrets come from.
@@ -530,7 +533,28 @@ impl MountConfig {
                     },
                 },
             };
+            if !matches!(provider, ProviderConfig::Vault { .. })
+                && (f.method.is_some() || f.secret_args.is_some())
+            {
+                return Err(invalid(
+                    field("method"),
+                    "method and secretArgs are for the vault provider".into(),
+                ));
+            }
             let params = match &provider {
+                ProviderConfig::Vault { .. } => {
+                    let args = match &f.secret_args {
+                        None => None,
+                        Some(a) => Some(serde_json::to_value(a).map_err(|_| {
+                            invalid(field("secretArgs"), "must be a map of values".into())
+                        })?),
+                    };
+                    crate::provider::vault::encode_params(
+                        f.method.as_deref().unwrap_or("GET"),
+                        args.as_ref(),
+                    )
+                    .map_err(|e| invalid(field("method"), e.to_string()))?
+                }
                 ProviderConfig::Azure { keyvault, .. } => {
                     if !["secret/", "cert/", "key/"]
                         .iter()

@@ -518,3 +518,136 @@ async fn init_with_the_workload_identity_environment_reads_key_vault() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-secret"), "{err}");
 }
+
+/// The sidecar keeps dynamic values alive as the node does: a database credential lease is
+/// renewed (the files keep working credentials; PostgreSQL accepts them) and a PKI certificate
+/// with a 10 s TTL is reissued before it ends.
+#[test]
+fn the_sidecar_renews_database_credentials_and_reissues_certificates() {
+    use common::peers::Postgres;
+    require_root_and_fuse();
+    let tmp = nobody_dir();
+    let d = tmp.path();
+    let bao = Bao::start(d);
+    let issuer = Issuer::new(d);
+    bao.trust_issuer(None, &issuer);
+    bao.jwt_role(None, "app", "team-a:app", &["token_ttl=1h"]);
+    bao.policy(
+        None,
+        "app",
+        "path \"database/creds/app\" { capabilities = [\"read\"] }\npath \"pki/issue/web\" { capabilities = [\"update\"] }\npath \"sys/leases/renew\" { capabilities = [\"update\"] }\n",
+    );
+    let pg = Postgres::start(d);
+    bao.cli(&["secrets", "enable", "database"]);
+    bao.cli(&[
+        "write",
+        "database/config/pg",
+        "plugin_name=postgresql-database-plugin",
+        &format!(
+            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+            pg.port
+        ),
+        "username=postgres",
+        &format!("password={}", pg.password),
+        "allowed_roles=app",
+    ]);
+    bao.cli(&[
+        "write",
+        "database/roles/app",
+        "db_name=pg",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+        "default_ttl=6s",
+        "max_ttl=1h",
+    ]);
+    bao.cli(&["secrets", "enable", "pki"]);
+    bao.cli(&["secrets", "tune", "-max-lease-ttl=24h", "pki"]);
+    bao.cli(&[
+        "write",
+        "pki/root/generate/internal",
+        "common_name=keybroker test root",
+        "ttl=24h",
+    ]);
+    bao.cli(&[
+        "write",
+        "pki/roles/web",
+        "allowed_domains=example.test",
+        "allow_subdomains=true",
+        "max_ttl=1h",
+    ]);
+    let token_file = d.join("shared/token");
+    std::fs::write(
+        &token_file,
+        issuer.token(&TokenSpec {
+            ns: "team-a",
+            sa: "app",
+            pod: "app-0",
+            uid: "00000000-0000-0000-0000-000000000009",
+            audience: "vault",
+            expires_in: 3600,
+        }),
+    )
+    .unwrap();
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "provider:\n  vault: {{address: \"{}\", role: app, caFile: {}, tokenFile: {}}}\nvolume: {{pollInterval: 1h}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: username, object: database/creds/app, key: username}}\n  - {{name: password, object: database/creds/app, key: password}}\n  - {{name: tls.crt, object: pki/issue/web, key: certificate, method: POST, secretArgs: {{common_name: api.example.test, ttl: 10s}}}}\n",
+            bao.addr,
+            bao.ca.display(),
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(d.join("shared"))
+        .arg(&config)
+        .status()
+        .unwrap();
+    let out_dir = d.join("shared/secrets");
+    let port = common::node::free_port();
+    let health = format!("127.0.0.1:{port}");
+    let s = spawn(
+        unprivileged(
+            &[
+                "sidecar",
+                "--config",
+                config.to_str().unwrap(),
+                "--dir",
+                out_dir.to_str().unwrap(),
+                "--health-addr",
+                &health,
+            ],
+            &[],
+        ),
+        &d.join("sidecar.log"),
+    );
+    wait_for("ready", Duration::from_secs(30), || {
+        http_status(&health, "/readyz").contains("200")
+    });
+    let read = |f: &str| std::fs::read_to_string(out_dir.join(f)).unwrap_or_default();
+    let (user, cert) = (read("username"), read("tls.crt"));
+    assert!(
+        user.starts_with("v-") && cert.contains("BEGIN CERTIFICATE"),
+        "{user} {}",
+        s.logs()
+    );
+    // Past the 6 s lease: renewed in place, so the same credentials still log in.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        read("username"),
+        user,
+        "a renewed lease keeps its credentials"
+    );
+    pg.login(&user, &read("password"))
+        .unwrap_or_else(|e| panic!("credentials after renewals: {e}\n{}", s.logs()));
+    // The 10 s certificate is reissued at 90% of its life.
+    wait_for("a reissued certificate", Duration::from_secs(15), || {
+        let c = read("tls.crt");
+        c.contains("BEGIN CERTIFICATE") && c != cert
+    });
+    assert!(
+        bao.requests(|_, p| p == "sys/leases/renew") >= 1,
+        "the lease was renewed"
+    );
+}
