@@ -180,6 +180,9 @@ struct RawFile {
     /// Vault: a write-style read (`POST` to `pki/issue/web` with `secretArgs`).
     method: Option<String>,
     secret_args: Option<serde_norway::Value>,
+    /// Actions run when this file changed (in addition to the volume's).
+    #[serde(default)]
+    on_change: Vec<RawAction>,
 }
 
 /// Where secrets come from.
@@ -241,6 +244,8 @@ pub struct MountConfig {
     pub audit_path: PathBuf,
     pub fail_closed: bool,
     pub on_change: Vec<ChangeAction>,
+    /// Actions for one file each: (file name, actions), run when that file changed.
+    pub file_on_change: Vec<(String, Vec<ChangeAction>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -404,66 +409,7 @@ impl MountConfig {
         };
         let mut on_change = Vec::new();
         for (i, a) in raw.on_change.into_iter().enumerate() {
-            let field = |f: &str| format!("onChange[{i}].{f}");
-            on_change.push(match (a.signal, a.http) {
-                (Some(sig), None) => {
-                    let name = sig.signal.trim_start_matches("SIG");
-                    let signal = match name {
-                        "HUP" => libc::SIGHUP,
-                        "USR1" => libc::SIGUSR1,
-                        "USR2" => libc::SIGUSR2,
-                        "TERM" => libc::SIGTERM,
-                        "INT" => libc::SIGINT,
-                        _ => {
-                            return Err(invalid(
-                                field("signal.signal"),
-                                "must be HUP, USR1, USR2, TERM or INT".into(),
-                            ));
-                        }
-                    };
-                    if sig.process.is_empty() || sig.process.len() > 15 {
-                        return Err(invalid(
-                            field("signal.process"),
-                            "must be a process name as ps shows it (at most 15 characters)".into(),
-                        ));
-                    }
-                    ChangeAction::Signal {
-                        process: sig.process,
-                        signal,
-                    }
-                }
-                (None, Some(h)) => {
-                    let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"];
-                    if !local.iter().any(|p| h.url.starts_with(p)) {
-                        return Err(invalid(
-                            field("http.url"),
-                            "must be a localhost URL (http://127.0.0.1:PORT/...)".into(),
-                        ));
-                    }
-                    if !matches!(h.method.as_str(), "POST" | "PUT" | "GET") {
-                        return Err(invalid(
-                            field("http.method"),
-                            "must be POST, PUT or GET".into(),
-                        ));
-                    }
-                    let timeout = match &h.timeout {
-                        None => Duration::from_secs(5),
-                        Some(t) => humantime::parse_duration(t)
-                            .map_err(|e| invalid(field("http.timeout"), format!("\"{t}\": {e}")))?,
-                    };
-                    ChangeAction::Http {
-                        url: h.url,
-                        method: h.method,
-                        timeout,
-                    }
-                }
-                _ => {
-                    return Err(invalid(
-                        format!("onChange[{i}]"),
-                        "name exactly one action: signal or http".into(),
-                    ));
-                }
-            });
+            on_change.push(parse_action(a, &format!("onChange[{i}]"), &invalid)?);
         }
         let defaults = Limits::default();
         let limits = Limits {
@@ -495,8 +441,17 @@ impl MountConfig {
             ));
         }
         let mut files = Vec::with_capacity(raw.files.len());
-        for (i, f) in raw.files.into_iter().enumerate() {
+        let mut file_on_change = Vec::new();
+        for (i, mut f) in raw.files.into_iter().enumerate() {
             let field = |sub: &str| format!("files[{i}].{sub}");
+            let actions = std::mem::take(&mut f.on_change)
+                .into_iter()
+                .enumerate()
+                .map(|(k, a)| parse_action(a, &format!("files[{i}].onChange[{k}]"), &invalid))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !actions.is_empty() {
+                file_on_change.push((f.name.clone(), actions));
+            }
             let ctx = |sub: &str, e: ContentError| invalid(field(sub), e.to_string());
             let name = FileName::parse(&f.name).map_err(|e| ctx("name", e))?;
             if f.object.is_empty() || f.object.chars().any(char::is_control) {
@@ -595,8 +550,77 @@ impl MountConfig {
             },
             fail_closed: raw.audit.fail_closed,
             on_change,
+            file_on_change,
         })
     }
+}
+
+/// One `onChange` action, validated; `at` names it in errors (`onChange[0]`).
+fn parse_action(
+    a: RawAction,
+    at: &str,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<ChangeAction, ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    Ok(match (a.signal, a.http) {
+        (Some(sig), None) => {
+            let name = sig.signal.trim_start_matches("SIG");
+            let signal = match name {
+                "HUP" => libc::SIGHUP,
+                "USR1" => libc::SIGUSR1,
+                "USR2" => libc::SIGUSR2,
+                "TERM" => libc::SIGTERM,
+                "INT" => libc::SIGINT,
+                _ => {
+                    return Err(invalid(
+                        field("signal.signal"),
+                        "must be HUP, USR1, USR2, TERM or INT".into(),
+                    ));
+                }
+            };
+            if sig.process.is_empty() || sig.process.len() > 15 {
+                return Err(invalid(
+                    field("signal.process"),
+                    "must be a process name as ps shows it (at most 15 characters)".into(),
+                ));
+            }
+            ChangeAction::Signal {
+                process: sig.process,
+                signal,
+            }
+        }
+        (None, Some(h)) => {
+            let local = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"];
+            if !local.iter().any(|p| h.url.starts_with(p)) {
+                return Err(invalid(
+                    field("http.url"),
+                    "must be a localhost URL (http://127.0.0.1:PORT/...)".into(),
+                ));
+            }
+            if !matches!(h.method.as_str(), "POST" | "PUT" | "GET") {
+                return Err(invalid(
+                    field("http.method"),
+                    "must be POST, PUT or GET".into(),
+                ));
+            }
+            let timeout = match &h.timeout {
+                None => Duration::from_secs(5),
+                Some(t) => humantime::parse_duration(t)
+                    .map_err(|e| invalid(field("http.timeout"), format!("\"{t}\": {e}")))?,
+            };
+            ChangeAction::Http {
+                url: h.url,
+                method: h.method,
+                timeout,
+            }
+        }
+        _ => {
+            return Err(invalid(
+                at.to_owned(),
+                "name exactly one action: signal or http".into(),
+            ));
+        }
+    })
 }
 
 #[cfg(test)]
@@ -669,6 +693,18 @@ mod tests {
                 "name a provider",
             ),
             ("provider: {local: {path: s}}\nfiles: []\n", "no files"),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, onChange: [{http: {url: \"http://example.com/\"}}]}\n",
+                "files[0].onChange[0].http.url",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a}\nonChange: [{signal: {process: x, signal: KILL}}]\n",
+                "onChange[0].signal.signal",
+            ),
+            (
+                "provider: {local: {path: s}}\nfiles:\n  - {name: a, object: a, method: POST}\n",
+                "files[0].method",
+            ),
             (
                 "provider: {local: {path: s}}\nvolume: {limits: {maxFiles: 1}}\nfiles:\n  - {name: a, object: a}\n  - {name: b, object: b}\n",
                 "at most 1",

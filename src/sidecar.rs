@@ -439,12 +439,20 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         return Ok(());
     }
     let actions = cfg.on_change.clone();
+    let file_actions = cfg.file_on_change.clone();
     let notices = {
         let audit = audit.clone();
         let volume_id = volume_id.clone();
         tokio::spawn(async move {
             while let Some(changed) = rx.recv().await {
                 notify(&actions, &changed, &audit, &volume_id).await;
+                // A file's own actions, when that file (or a version under it) changed.
+                for (file, acts) in &file_actions {
+                    let prefix = format!("{file}/");
+                    if changed.iter().any(|c| c == file || c.starts_with(&prefix)) {
+                        notify(acts, std::slice::from_ref(file), &audit, &volume_id).await;
+                    }
+                }
             }
         })
     };

@@ -128,8 +128,12 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let reload = format!("http://{}/-/reload", listener.local_addr().unwrap());
     let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let token_posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let token_url = reload.replace("/-/reload", "/-/token");
+    std::fs::write(d.join("secrets/tok"), "token-v1").unwrap();
     {
         let posts = posts.clone();
+        let token_posts = token_posts.clone();
         std::thread::spawn(move || {
             use std::io::{Read, Write};
             for c in listener.incoming() {
@@ -138,6 +142,8 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
                 let n = c.read(&mut buf).unwrap_or(0);
                 if buf[..n].starts_with(b"POST /-/reload") {
                     posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                } else if buf[..n].starts_with(b"POST /-/token") {
+                    token_posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
             }
@@ -147,7 +153,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     std::fs::write(
         &config,
         format!(
-            "provider: {{local: {{path: secrets}}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: db, key: password}}\nonChange:\n  - signal: {{process: hupwatch, signal: HUP}}\n  - http: {{url: \"{reload}\"}}\n  - signal: {{process: nosuchapp}}\n"
+            "provider: {{local: {{path: secrets}}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: db, key: password}}\n  - name: token\n    object: tok\n    onChange:\n      - http: {{url: \"{token_url}\"}}\nonChange:\n  - signal: {{process: hupwatch, signal: HUP}}\n  - http: {{url: \"{reload}\"}}\n  - signal: {{process: nosuchapp}}\n"
         ),
     )
     .unwrap();
@@ -276,15 +282,25 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // No second notice without a second rotation.
+    // The token file did not change: its own action did not run.
+    assert_eq!(token_posts.load(std::sync::atomic::Ordering::SeqCst), 0);
+    std::fs::write(d.join("secrets/tok"), "token-v2").unwrap();
+    wait_for(
+        "the token file's own notice",
+        Duration::from_secs(10),
+        || token_posts.load(std::sync::atomic::Ordering::SeqCst) == 1,
+    );
+    // The token's change was a second rotation of the volume (one more SIGHUP and POST);
+    // nothing more without another change.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         std::fs::read_to_string(&hups).unwrap().lines().count(),
-        1,
+        2,
         "{}",
         s.logs()
     );
-    assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(token_posts.load(std::sync::atomic::Ordering::SeqCst), 1);
     // The missing process is an audited failure, and the sidecar still runs.
     let audit = std::fs::read_to_string(d.join("shared/audit.jsonl")).unwrap();
     assert!(
