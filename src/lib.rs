@@ -24,6 +24,7 @@ pub mod config;
 pub mod hardening;
 pub mod mount;
 pub mod node;
+pub mod notify;
 pub mod procinfo;
 pub mod provider;
 pub mod refresh;

@@ -26,6 +26,23 @@ use crate::volume::content::RenderedFile;
 use crate::volume::tmpfs::{DATA_LINK, TmpfsVolume};
 use crate::volume::{Owner, Volume, VolumeError, VolumeKind};
 
+/// The writer, shared by the first write and the refresher's notifying volume.
+struct Shared(Arc<TmpfsVolume>);
+
+impl Volume for Shared {
+    fn kind(&self) -> VolumeKind {
+        VolumeKind::Tmpfs
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        self.0.apply(files)
+    }
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        Ok(())
+    }
+}
+
 /// How often a token file is looked at for kubelet's rotation.
 const TOKEN_FILE_CHECK: Duration = Duration::from_secs(10);
 
@@ -227,7 +244,7 @@ async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, 
         let (what, res) = match a {
             ChangeAction::Signal { process, signal } => (
                 format!("signal {signal} to {process}"),
-                signal_by_name(process, *signal),
+                crate::notify::signal_by_name(process, *signal, None),
             ),
             ChangeAction::Http {
                 url,
@@ -235,7 +252,7 @@ async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, 
                 timeout,
             } => (
                 format!("{method} {url}"),
-                http_notice(url, method, *timeout).await,
+                crate::notify::http_notice(url, method, *timeout).await,
             ),
         };
         let mut ev = Event::new(EventKind::Rotate)
@@ -252,83 +269,6 @@ async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, 
             }
         }
         audit.record(ev);
-    }
-}
-
-/// Sends `signal` to every process named `name` that this process can see (the pod's, with
-/// `shareProcessNamespace: true`).
-fn signal_by_name(name: &str, signal: i32) -> Result<(), String> {
-    let me = std::process::id();
-    let mut sent = 0;
-    for e in std::fs::read_dir("/proc")
-        .map_err(|e| e.to_string())?
-        .flatten()
-    {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid as u32 == me {
-            continue;
-        }
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            let sig = nix::sys::signal::Signal::try_from(signal).map_err(|e| e.to_string())?;
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
-                .map_err(|e| format!("cannot signal {name} (pid {pid}): {e}"))?;
-            sent += 1;
-        }
-    }
-    if sent == 0 {
-        return Err(format!(
-            "no process named {name:?} is visible: the pod needs shareProcessNamespace: true for signal notices"
-        ));
-    }
-    Ok(())
-}
-
-async fn http_notice(url: &str, method: &str, timeout: Duration) -> Result<(), String> {
-    let client = crate::tls::client_builder(None, "rotation notice")?
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-    let resp = client
-        .request(m, url)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("{url} answered {}", resp.status()))
-    }
-}
-
-/// The sidecar's volume: the atomic writer, and the notices after each changing write.
-struct Notifying {
-    inner: TmpfsVolume,
-    changes: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
-}
-
-impl Volume for Notifying {
-    fn kind(&self) -> VolumeKind {
-        VolumeKind::Tmpfs
-    }
-
-    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
-        let changed = self.inner.apply(files)?;
-        if !changed.is_empty() {
-            let _ = self.changes.send(changed.clone());
-        }
-        Ok(changed)
-    }
-
-    fn tick(&self) {}
-
-    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
-        Ok(())
     }
 }
 
@@ -385,17 +325,17 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         gid: nix::unistd::getegid().as_raw(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let volume = Notifying {
-        inner: TmpfsVolume::at(&opts.dir, owner, false),
-        changes: tx,
-    };
+    let writer = Arc::new(TmpfsVolume::at(&opts.dir, owner, false));
+    let volume = crate::volume::Notifying::new(Box::new(Shared(writer.clone())), move |changed| {
+        let _ = tx.send(changed);
+    });
     // The first complete write: until it succeeds nothing is ready (sidecar retries with the
     // provider's backoff; init gives up at once, naming the object).
     let mut failures = 0u32;
     loop {
         match refresher.render().await {
             Ok(r) => {
-                volume.inner.apply(&r.files)?;
+                writer.apply(&r.files)?;
                 break;
             }
             Err(e) if opts.once => {

@@ -832,6 +832,35 @@ impl NodeService {
             return Err(self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())));
         }
         let _ = refresher.refresh(volume.as_ref()).await;
+        // Rotation notices to the pod's own processes (through hostPID, checked by cgroup).
+        let volume: Box<dyn Volume> = if vr.on_change.is_empty() {
+            volume
+        } else {
+            let (actions, uid, audit, volume_id) = (
+                vr.on_change.clone(),
+                pod.uid.clone(),
+                self.audit.clone(),
+                vid.to_owned(),
+            );
+            let pod_ref = pod.audit_ref();
+            Box::new(crate::volume::Notifying::new(volume, move |changed| {
+                for (process, signal) in &actions {
+                    let res = crate::notify::signal_by_name(process, *signal, Some(&uid));
+                    let mut ev = Event::new(EventKind::Rotate)
+                        .volume(volume_id.clone())
+                        .pod(pod_ref.clone())
+                        .detail(format!(
+                            "onChange signal {signal} to {process} after {} changed files",
+                            changed.len()
+                        ));
+                    if let Err(e) = &res {
+                        tracing::warn!(volume_id = %volume_id, error = %e, "rotation notice failed");
+                        ev = ev.outcome(Outcome::Failure).error(e);
+                    }
+                    audit.record(ev);
+                }
+            }))
+        };
         let cancel = CancellationToken::new();
         let keys = refresher.keys();
         let status = refresher.status();

@@ -117,6 +117,53 @@ pub struct VolumeRequest {
     /// `credentialScope: volume`: this volume gets its own dynamic credentials instead of
     /// sharing the identity's (the default, so an init container and its app see the same).
     pub own_values: bool,
+    /// `onChange`: signals (process name, signal number) for the pod's own processes after a
+    /// rotation of this volume.
+    pub on_change: Vec<(String, i32)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNodeAction {
+    signal: RawNodeSignal,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeSignal {
+    process: String,
+    #[serde(default)]
+    signal: Option<String>,
+}
+
+/// Node volumes' `onChange`: signals only (an HTTP URL would be the node's localhost), at most 4.
+fn parse_on_change(text: &str) -> Result<Vec<(String, i32)>, RequestError> {
+    let raw: Vec<RawNodeAction> = untrusted::from_yaml(text, "onChange").map_err(err)?;
+    if raw.len() > 4 {
+        return Err(err("onChange: at most 4 actions"));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let p = a.signal.process;
+            if p.is_empty() || p.len() > 15 || p.chars().any(|c| c.is_control() || c == '/') {
+                return Err(err(format!(
+                    "onChange[{i}].signal.process: must be a process name as ps shows it (at most 15 characters)"
+                )));
+            }
+            let sig = match a.signal.signal.as_deref().unwrap_or("HUP").trim_start_matches("SIG") {
+                "HUP" => libc::SIGHUP,
+                "USR1" => libc::SIGUSR1,
+                "USR2" => libc::SIGUSR2,
+                _ => {
+                    return Err(err(format!(
+                        "onChange[{i}].signal.signal: must be HUP, USR1 or USR2"
+                    )));
+                }
+            };
+            Ok((p, sig))
+        })
+        .collect()
 }
 
 impl VolumeRequest {
@@ -567,6 +614,10 @@ pub fn parse_with_mode(
             ));
         }
     };
+    let on_change = match attr(ctx, &["onChange"]) {
+        None => Vec::new(),
+        Some(t) => parse_on_change(t)?,
+    };
     let attributes = request_attributes(ctx);
     let mut h = Sha256::new();
     for (k, v) in &attributes {
@@ -585,6 +636,7 @@ pub fn parse_with_mode(
         attributes,
         digest: hex::encode(&h.finalize()[..16]),
         own_values,
+        on_change,
     })
 }
 

@@ -55,6 +55,46 @@ pub trait Volume: Send + Sync {
     fn unmount(self: Box<Self>) -> Result<(), VolumeError>;
 }
 
+/// A volume that tells `on_change` the names each changing write changed (rotation notices).
+pub struct Notifying {
+    inner: Box<dyn Volume>,
+    on_change: Box<dyn Fn(Vec<String>) + Send + Sync>,
+}
+
+impl Notifying {
+    pub fn new(
+        inner: Box<dyn Volume>,
+        on_change: impl Fn(Vec<String>) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            on_change: Box::new(on_change),
+        }
+    }
+}
+
+impl Volume for Notifying {
+    fn kind(&self) -> VolumeKind {
+        self.inner.kind()
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        let changed = self.inner.apply(files)?;
+        if !changed.is_empty() {
+            (self.on_change)(changed.clone());
+        }
+        Ok(changed)
+    }
+
+    fn tick(&self) {
+        self.inner.tick()
+    }
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        self.inner.unmount()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("cannot mount {kind} at {path}: {error}")]
