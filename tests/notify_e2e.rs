@@ -69,8 +69,9 @@ async fn on_change_signals_the_pods_own_process_only() {
             Command::new(root.join("hupwatch"))
                 .arg("-c")
                 .arg(format!(
-                    "trap 'echo hup >> {}' HUP; while true; do sleep 0.05; done",
-                    root.join(log).display()
+                    "trap 'echo hup >> {}' HUP; touch {}; while true; do sleep 0.05; done",
+                    root.join(log).display(),
+                    root.join(format!("{log}-ready")).display()
                 ))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -80,6 +81,15 @@ async fn on_change_signals_the_pods_own_process_only() {
     };
     let inside = spawn("inside");
     let _outside = spawn("outside");
+    // Before their traps are set, SIGHUP would end them: wait until both say they are ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(root.join("inside-ready").exists() && root.join("outside-ready").exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the test processes did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::fs::write(cg.0.join("cgroup.procs"), inside.0.id().to_string()).unwrap();
 
     let d = Daemon::start_with(&root, "1s");

@@ -115,8 +115,9 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
         Command::new(d.join("hupwatch"))
             .arg("-c")
             .arg(format!(
-                "trap 'echo hup >> {}' HUP; while true; do sleep 0.05; done",
-                hups.display()
+                "trap 'echo hup >> {}' HUP; touch {}; while true; do sleep 0.05; done",
+                hups.display(),
+                d.join("app-ready").display()
             ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -124,6 +125,10 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
             .unwrap(),
         d.join("app.log"),
     );
+    // Before its trap is set, SIGHUP would end the app: wait until it says it is ready.
+    wait_for("the app's trap", Duration::from_secs(10), || {
+        d.join("app-ready").exists()
+    });
     // A reload endpoint that counts POSTs.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let reload = format!("http://{}/-/reload", listener.local_addr().unwrap());
