@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         proto_dir.join("csi.proto"),
         proto_dir.join("secrets_store_provider.proto"),
+        proto_dir.join("keybroker/v1/broker.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -93,6 +93,14 @@ enum Command {
         /// The audit log (overrides the config's audit.path); `-` for standard output.
         #[arg(long)]
         audit_log: Option<PathBuf>,
+        /// Serve the broker API (Get/List/Watch) on this unix socket, e.g. in the shared
+        /// emptyDir.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// A caller uid the broker API serves (repeatable; default: the sidecar's own uid).
+        /// Callers are identified by the kernel (SO_PEERCRED); others are refused and audited.
+        #[arg(long)]
+        api_uid: Vec<u32>,
     },
     /// Exit 0 when DIR holds a complete write (a startup or readiness probe command).
     Probe {
@@ -509,18 +517,24 @@ fn main() -> ExitCode {
             once: true,
             health_addr: None,
             audit_path: audit_log,
+            api_socket: None,
+            api_uids: Vec::new(),
         }),
         Command::Sidecar {
             config,
             dir,
             health_addr,
             audit_log,
+            api_socket,
+            api_uid,
         } => in_pod(keybroker::sidecar::Options {
             config,
             dir,
             once: false,
             health_addr: Some(health_addr),
             audit_path: audit_log,
+            api_socket,
+            api_uids: api_uid,
         }),
         Command::Probe { dir } => {
             if keybroker::sidecar::probe(&dir) {

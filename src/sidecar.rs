@@ -26,8 +26,9 @@ use crate::volume::content::RenderedFile;
 use crate::volume::tmpfs::{DATA_LINK, TmpfsVolume};
 use crate::volume::{Owner, Volume, VolumeError, VolumeKind};
 
-/// The writer, shared by the first write and the refresher's notifying volume.
-struct Shared(Arc<TmpfsVolume>);
+/// The writer, shared by the first write and the refresher's notifying volume; every write
+/// also updates what the broker API serves.
+struct Shared(Arc<TmpfsVolume>, Arc<Broker>);
 
 impl Volume for Shared {
     fn kind(&self) -> VolumeKind {
@@ -35,7 +36,9 @@ impl Volume for Shared {
     }
 
     fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
-        self.0.apply(files)
+        let changed = self.0.apply(files)?;
+        self.1.update(files, !changed.is_empty());
+        Ok(changed)
     }
 
     fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
@@ -272,6 +275,99 @@ async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, 
     }
 }
 
+/// What the broker API serves: the volume's current files, to the uids allowed.
+pub struct Broker {
+    files:
+        std::sync::RwLock<std::collections::BTreeMap<String, (crate::secret::SecretBytes, String)>>,
+    generation: tokio::sync::watch::Sender<u64>,
+    allowed_uids: Vec<u32>,
+    audit: AuditLog,
+    volume: String,
+}
+
+impl Broker {
+    fn update(&self, files: &[RenderedFile], changed: bool) {
+        let mut map = self.files.write().unwrap_or_else(|p| p.into_inner());
+        *map = files
+            .iter()
+            .map(|f| {
+                (
+                    f.name.as_str().to_owned(),
+                    (f.bytes.clone(), f.version.clone()),
+                )
+            })
+            .collect();
+        drop(map);
+        if changed {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+impl keybroker_csi::broker::BrokerBackend for Broker {
+    fn admit(
+        &self,
+        caller: keybroker_csi::broker::Caller,
+        rpc: &str,
+    ) -> Result<(), keybroker_csi::broker::BrokerError> {
+        if self.allowed_uids.contains(&caller.uid) {
+            return Ok(());
+        }
+        let why = format!(
+            "uid {} may not use the broker API (allowed: {:?})",
+            caller.uid, self.allowed_uids
+        );
+        self.audit.record(
+            Event::new(EventKind::Deny)
+                .volume(self.volume.clone())
+                .outcome(Outcome::Denied)
+                .detail(format!(
+                    "broker {rpc} from pid {} uid {} gid {}",
+                    caller.pid.unwrap_or(0),
+                    caller.uid,
+                    caller.gid
+                ))
+                .error(&why),
+        );
+        Err(keybroker_csi::broker::BrokerError::PermissionDenied(why))
+    }
+
+    fn get(
+        &self,
+        name: &str,
+    ) -> Result<keybroker_csi::broker::Value, keybroker_csi::broker::BrokerError> {
+        let map = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let (bytes, version) = map.get(name).ok_or_else(|| {
+            keybroker_csi::broker::BrokerError::NotFound(format!("no file {name:?} in this volume"))
+        })?;
+        self.audit.record(
+            Event::new(EventKind::Read)
+                .volume(self.volume.clone())
+                .file(name.to_owned())
+                .version(version.clone())
+                .detail("broker Get"),
+        );
+        Ok(keybroker_csi::broker::Value {
+            bytes: zeroize::Zeroizing::new(bytes.expose().to_vec()),
+            version: version.clone(),
+            expires_at: 0,
+        })
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, (_, v))| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
 /// How `init` and `sidecar` run.
 pub struct Options {
     pub config: PathBuf,
@@ -281,6 +377,9 @@ pub struct Options {
     /// `/readyz` (and `/healthz`) on this address (sidecar).
     pub health_addr: Option<String>,
     pub audit_path: Option<PathBuf>,
+    /// Serve the broker API on this socket (sidecar), to these caller uids.
+    pub api_socket: Option<PathBuf>,
+    pub api_uids: Vec<u32>,
 }
 
 /// Runs `init` or `sidecar` until done or `shutdown`.
@@ -326,9 +425,23 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = Arc::new(TmpfsVolume::at(&opts.dir, owner, false));
-    let volume = crate::volume::Notifying::new(Box::new(Shared(writer.clone())), move |changed| {
-        let _ = tx.send(changed);
+    let broker = Arc::new(Broker {
+        files: Default::default(),
+        generation: tokio::sync::watch::channel(0).0,
+        allowed_uids: if opts.api_uids.is_empty() {
+            vec![owner.uid]
+        } else {
+            opts.api_uids.clone()
+        },
+        audit: audit.clone(),
+        volume: volume_id.clone(),
     });
+    let volume = crate::volume::Notifying::new(
+        Box::new(Shared(writer.clone(), broker.clone())),
+        move |changed| {
+            let _ = tx.send(changed);
+        },
+    );
     // The first complete write: until it succeeds nothing is ready (sidecar retries with the
     // provider's backoff; init gives up at once, naming the object).
     let mut failures = 0u32;
@@ -336,6 +449,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         match refresher.render().await {
             Ok(r) => {
                 writer.apply(&r.files)?;
+                broker.update(&r.files, true);
                 break;
             }
             Err(e) if opts.once => {
@@ -377,6 +491,21 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         stop.cancel();
         audit.flush();
         return Ok(());
+    }
+    if let Some(sock) = &opts.api_socket {
+        let (b, stop) = (broker.clone(), stop.clone());
+        let path = sock.clone();
+        tokio::spawn(async move {
+            let sock = path;
+            // 0666: any local user may connect; the uid check decides who is served.
+            if let Err(e) =
+                keybroker_csi::broker::serve(&sock, 0o666, b, async move { stop.cancelled().await })
+                    .await
+            {
+                tracing::error!(socket = %sock.display(), error = %e, "the broker API stopped");
+            }
+        });
+        tracing::info!(socket = %sock.display(), "serving the broker API");
     }
     let actions = cfg.on_change.clone();
     let file_actions = cfg.file_on_change.clone();

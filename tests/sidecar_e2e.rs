@@ -672,3 +672,112 @@ fn the_sidecar_renews_database_credentials_and_reissues_certificates() {
         "the lease was renewed"
     );
 }
+
+/// The broker API on the sidecar's socket: Get, List and Watch for the allowed uid (a rotation
+/// shows on Watch within the poll interval); another uid is refused by its kernel credentials
+/// and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_api_serves_the_allowed_uid_and_refuses_others() {
+    use keybroker_csi::broker_pb::{self as pb, broker_client::BrokerClient};
+    require_root_and_fuse();
+    let tmp = nobody_dir();
+    let d = tmp.path().to_owned();
+    std::fs::create_dir_all(d.join("secrets")).unwrap();
+    std::fs::write(d.join("secrets/db"), r#"{"password":"S3cret-broker-v1"}"#).unwrap();
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        "provider: {local: {path: secrets}}\nvolume: {pollInterval: 1s}\naudit: {path: shared/audit.jsonl}\nfiles:\n  - {name: password, object: db, key: password}\n",
+    )
+    .unwrap();
+    let sock = d.join("shared/api.sock");
+    let port = common::node::free_port();
+    let health = format!("127.0.0.1:{port}");
+    let s = spawn(
+        {
+            let mut c = Command::new(BIN);
+            c.args(["sidecar", "--config"])
+                .arg(&config)
+                .arg("--dir")
+                .arg(d.join("shared/secrets"))
+                .args(["--health-addr", &health, "--api-uid", "0", "--api-socket"])
+                .arg(&sock);
+            c
+        },
+        &d.join("sidecar.log"),
+    );
+    wait_for("ready and serving", Duration::from_secs(20), || {
+        http_status(&health, "/readyz").contains("200") && sock.exists()
+    });
+    let mut c = BrokerClient::new(keybroker_csi::connect_unix(&sock).await.unwrap());
+    let got = c
+        .get(pb::GetRequest {
+            name: "password".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, b"S3cret-broker-v1");
+    let list = c.list(pb::ListRequest {}).await.unwrap().into_inner();
+    assert_eq!(list.entries.len(), 1);
+    assert_eq!(list.entries[0].name, "password");
+    let missing = c
+        .get(pb::GetRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let mut watch = c
+        .watch(pb::WatchRequest {
+            names: vec!["password".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.version, got.version);
+    std::fs::write(d.join("secrets/db"), r#"{"password":"S3cret-broker-v2"}"#).unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a rotation on Watch within the poll interval")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.name, "password");
+    assert_ne!(next.version, first.version);
+    let got = c
+        .get(pb::GetRequest {
+            name: "password".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, b"S3cret-broker-v2");
+    assert_eq!(got.version, next.version);
+
+    // Another uid (grpc-python as 65534): refused by its credentials, audited.
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
+        .arg(common::peers::peers_python())
+        .arg("-c")
+        .arg(format!(
+            "import grpc\nch = grpc.insecure_channel('unix://{}')\nf = ch.unary_unary('/keybroker.v1.Broker/Get', request_serializer=lambda b: b, response_deserializer=lambda b: b)\ntry:\n    f(b'\\n\\x08password', timeout=10)\n    print('served')\nexcept grpc.RpcError as e:\n    print(e.code())\n",
+            sock.display()
+        ))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("PERMISSION_DENIED"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = std::fs::read_to_string(d.join("shared/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("uid 65534 may not use the broker API"),
+        "{audit}"
+    );
+    assert!(audit.contains("broker Get"), "allowed reads are audited");
+    assert!(!audit.contains("S3cret-broker"));
+    drop(s);
+}

@@ -12,6 +12,12 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
+/// keybroker's broker API (`keybroker.v1.Broker`).
+pub mod broker_pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("keybroker.v1");
+}
+
 /// The Secrets Store CSI driver's provider API (`v1alpha1.CSIDriverProvider`).
 pub mod provider_pb {
     #![allow(clippy::all, clippy::pedantic)]
@@ -19,6 +25,7 @@ pub mod provider_pb {
 }
 
 pub mod authority;
+pub mod broker;
 pub mod provider;
 mod server;
 

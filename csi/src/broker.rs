@@ -1,0 +1,188 @@
+//! The broker API edge (`keybroker.v1.Broker`): a unix socket for applications, callers
+//! attested by the kernel (`SO_PEERCRED`), values only in `Get` answers (zeroized after they
+//! are encoded), `Watch` streaming names and versions only. No protobuf type crosses into
+//! keybroker, which implements [`BrokerBackend`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::authority::AuthorityRepair;
+use crate::broker_pb as pb;
+
+/// Longest file name a caller may ask for.
+const MAX_NAME: usize = 512;
+/// Most names one Watch may list.
+const MAX_WATCH: usize = 256;
+
+/// Who is calling, as the kernel says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One value as the API hands it out.
+pub struct Value {
+    pub bytes: zeroize::Zeroizing<Vec<u8>>,
+    pub version: String,
+    /// Unix seconds; 0 when the value has no end.
+    pub expires_at: i64,
+}
+
+/// Why a call was refused; the message names the rule, never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    PermissionDenied(String),
+    NotFound(String),
+    InvalidArgument(String),
+}
+
+/// What keybroker implements behind the API.
+pub trait BrokerBackend: Send + Sync + 'static {
+    /// Whether `caller` may use the API (refusals are audited by the implementation).
+    fn admit(&self, caller: Caller, rpc: &str) -> Result<(), BrokerError>;
+    fn get(&self, name: &str) -> Result<Value, BrokerError>;
+    fn list(&self) -> Vec<(String, String)>;
+    /// Ticks after every write that changed something.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+fn status(e: BrokerError) -> tonic::Status {
+    match e {
+        BrokerError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+        BrokerError::NotFound(m) => tonic::Status::not_found(m),
+        BrokerError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+    }
+}
+
+fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+    let info = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| tonic::Status::permission_denied("the caller's credentials are unknown"))?;
+    Ok(Caller {
+        pid: info.pid(),
+        uid: info.uid(),
+        gid: info.gid(),
+    })
+}
+
+struct Svc<B> {
+    backend: Arc<B>,
+}
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Entry, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<B: BrokerBackend> pb::broker_server::Broker for Svc<B> {
+    async fn get(
+        &self,
+        req: tonic::Request<pb::GetRequest>,
+    ) -> Result<tonic::Response<pb::GetResponse>, tonic::Status> {
+        self.backend.admit(caller(&req)?, "Get").map_err(status)?;
+        let name = req.into_inner().name;
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(tonic::Status::invalid_argument(
+                "name must be 1 to 512 bytes",
+            ));
+        }
+        let v = self.backend.get(&name).map_err(status)?;
+        Ok(tonic::Response::new(pb::GetResponse {
+            value: v.bytes.to_vec(),
+            version: v.version,
+            expires_at: v.expires_at,
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: tonic::Request<pb::ListRequest>,
+    ) -> Result<tonic::Response<pb::ListResponse>, tonic::Status> {
+        self.backend.admit(caller(&req)?, "List").map_err(status)?;
+        Ok(tonic::Response::new(pb::ListResponse {
+            entries: self
+                .backend
+                .list()
+                .into_iter()
+                .map(|(name, version)| pb::Entry { name, version })
+                .collect(),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        self.backend.admit(caller(&req)?, "Watch").map_err(status)?;
+        let names = req.into_inner().names;
+        if names.len() > MAX_WATCH || names.iter().any(|n| n.len() > MAX_NAME) {
+            return Err(tonic::Status::invalid_argument(
+                "watch at most 256 names of at most 512 bytes",
+            ));
+        }
+        let backend = self.backend.clone();
+        let mut changes = backend.changes();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+            loop {
+                for (name, version) in backend.list() {
+                    if !names.is_empty() && !names.contains(&name) {
+                        continue;
+                    }
+                    if seen.get(&name) != Some(&version) {
+                        seen.insert(name.clone(), version.clone());
+                        if tx.send(Ok(pb::Entry { name, version })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Serves the broker API on the unix socket at `path` (mode `mode`, so the application's user
+/// can connect; the backend still admits callers by credentials) until `shutdown`.
+pub async fn serve<B: BrokerBackend>(
+    path: &std::path::Path,
+    mode: u32,
+    backend: Arc<B>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (path, listener) =
+        crate::server::bind_socket(&format!("unix://{}", path.display())).await?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o777))?;
+    }
+    tonic::transport::Server::builder()
+        .max_frame_size(Some(64 * 1024))
+        .add_service(
+            pb::broker_server::BrokerServer::new(Svc { backend })
+                .max_decoding_message_size(64 * 1024)
+                .max_encoding_message_size(16 * 1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityRepair::new)),
+            shutdown,
+        )
+        .await?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
