@@ -99,7 +99,8 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     let d = tmp.path();
     std::fs::create_dir_all(d.join("secrets")).unwrap();
     std::fs::write(d.join("secrets/db"), r#"{"password":"S3cret-sidecar-v1"}"#).unwrap();
-    // An app that counts SIGHUPs (a copy of bash, so its process name is "hupwatch").
+    // An app that counts SIGUSR1s (a copy of bash, so its process name is "hupwatch"). USR1,
+    // not HUP: a run under nohup ignores SIGHUP, and bash cannot trap a signal ignored at entry.
     // Copied by cp: a file this process held open for writing could be inherited by a child
     // another test spawns meanwhile, and then exec fails with ETXTBSY.
     assert!(
@@ -115,7 +116,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
         Command::new(d.join("hupwatch"))
             .arg("-c")
             .arg(format!(
-                "trap 'echo hup >> {}' HUP; touch {}; while true; do sleep 0.05; done",
+                "trap 'echo hup >> {}' USR1; touch {}; while true; do sleep 0.05; done",
                 hups.display(),
                 d.join("app-ready").display()
             ))
@@ -125,7 +126,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
             .unwrap(),
         d.join("app.log"),
     );
-    // Before its trap is set, SIGHUP would end the app: wait until it says it is ready.
+    // Before its trap is set, the signal would end the app: wait until it says it is ready.
     wait_for("the app's trap", Duration::from_secs(10), || {
         d.join("app-ready").exists()
     });
@@ -158,7 +159,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     std::fs::write(
         &config,
         format!(
-            "provider: {{local: {{path: secrets}}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: db, key: password}}\n  - name: token\n    object: tok\n    onChange:\n      - http: {{url: \"{token_url}\"}}\nonChange:\n  - signal: {{process: hupwatch, signal: HUP}}\n  - http: {{url: \"{reload}\"}}\n  - signal: {{process: nosuchapp}}\n"
+            "provider: {{local: {{path: secrets}}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: db, key: password}}\n  - name: token\n    object: tok\n    onChange:\n      - http: {{url: \"{token_url}\"}}\nonChange:\n  - signal: {{process: hupwatch, signal: USR1}}\n  - http: {{url: \"{reload}\"}}\n  - signal: {{process: nosuchapp}}\n"
         ),
     )
     .unwrap();
