@@ -1,7 +1,8 @@
 //! The broker API edge (`keybroker.v1.Broker`): a unix socket for applications, callers
-//! attested by the kernel (`SO_PEERCRED`), values only in `Get` answers (zeroized after they
-//! are encoded), `Watch` streaming names and versions only. No protobuf type crosses into
-//! keybroker, which implements [`BrokerBackend`].
+//! attested by the kernel (`SO_PEERCRED`), values only in `Get` answers, `Watch` streaming
+//! names and versions only. No protobuf type crosses into keybroker, which implements
+//! [`BrokerBackend`]. The value keybroker hands over is zeroized when dropped; the copy in the
+//! protobuf message and tonic's encode buffers are not (known gap, docs/SECURITY.md).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -55,7 +55,8 @@ pub struct MountedFile {
     /// Relative, clean, no `..`.
     pub path: String,
     pub mode: u32,
-    /// Zeroized when dropped (after it is encoded into the response).
+    /// Zeroized when dropped; the copy in the protobuf response and tonic's encode buffers
+    /// are not (known gap, docs/SECURITY.md).
     pub contents: zeroize::Zeroizing<Vec<u8>>,
 }
 
