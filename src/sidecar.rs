@@ -547,8 +547,17 @@ async fn health(
         let Ok((mut s, _)) = conn else { continue };
         let ready = ready.clone();
         tokio::spawn(async move {
+            // The request line may arrive in pieces: read until the end of the headers (or
+            // 1 KiB, or 2 s).
             let mut buf = [0u8; 1024];
-            let n = s.read(&mut buf).await.unwrap_or(0);
+            let mut n = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout_at(deadline, s.read(&mut buf[n..])).await {
+                    Ok(Ok(m)) if m > 0 => n += m,
+                    _ => break,
+                }
+            }
             let req = String::from_utf8_lossy(&buf[..n]);
             let ok = match req.split(' ').nth(1) {
                 Some("/healthz") => true,
