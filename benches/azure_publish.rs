@@ -23,6 +23,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::{pct, rss_mib};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,11 +48,6 @@ fn rounds() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn run(cmd: &mut Command) {
@@ -181,14 +178,6 @@ impl Bench {
 }
 
 const LOCAL_OBJECTS: &str = "- objectName: obj-0\n- objectName: obj-1\n- objectName: obj-2\n- objectName: obj-3\n- objectName: obj-4\n- objectName: obj-5\n- objectName: obj-6\n- objectName: obj-7\n- objectName: obj-8\n- objectName: obj-9\n";
-
-fn rss_mib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 struct Provider {
     child: Child,

@@ -10,6 +10,10 @@
 //!
 //! Run (root): `KB_BASELINE_BIN=... cargo bench --bench hostile_publish`
 //! (`KB_BENCH_ONLY=normal` runs only the normal-path rows.)
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::bench::pct;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -210,11 +214,6 @@ const ORDINARY: &str = "- objectName: file0\n  object: obj0\n- objectName: file1
 
 async fn client(n: &Node) -> NodeClient<tonic::transport::Channel> {
     NodeClient::new(keybroker_csi::connect_unix(&n.sock).await.unwrap())
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,10 @@
 //! does for a Secret volume (mount a tmpfs, write 10 files, unmount).
 //!
 //! Run (root): `cargo bench --bench node_publish`
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::bench::{pct, rss_mib};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -23,17 +27,6 @@ fn sequential() -> usize {
         .unwrap_or(200)
 }
 const CONCURRENT: usize = 100;
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    keybroker::procinfo::resident_bytes(pid).expect("the daemon's /proc status") as f64
-        / (1 << 20) as f64
-}
 
 fn request(root: &Path, i: usize, kind: &str) -> pb::NodePublishVolumeRequest {
     let objects: String = (0..10)

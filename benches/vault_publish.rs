@@ -15,6 +15,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::bench::pct;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,11 +27,6 @@ use keybroker_csi::pb;
 
 const ROUNDS: usize = 30;
 const POLL_S: f64 = 2.0;
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn request(root: &Path, bao: &Bao, issuer: &Issuer, i: usize) -> pb::NodePublishVolumeRequest {
     let objects: String = (0..10)

@@ -1,7 +1,10 @@
-//! Read-path benchmark (issue #2): open+read+close of a small mounted secret, and pread on an
-//! open fd, for a plain tmpfs file (the baseline), keybroker's tmpfs volume, keybroker's FUSE
-//! volume (kernel cache on, every open audited) and the same FUSE volume with kernel caching
-//! off (the naive baseline). Rounds are interleaved so machine noise hits every variant alike;
+//! Read-path benchmark (issues #2 and #11): open+read+close of a small mounted secret, and pread
+//! on an open fd, for a plain tmpfs file (the baseline), keybroker's tmpfs volume unaudited, the
+//! same audited through fanotify (notification mode, and permission mode as with
+//! `--audit-fail-closed`), keybroker's FUSE volume (kernel cache on, every open audited) and the
+//! same FUSE volume with kernel caching off (the naive baseline). The reads are made by a child
+//! process (this binary with `--reader`), as an application's are: the auditor records a
+//! process other than itself. Rounds are interleaved so machine noise hits every variant alike;
 //! the median round is reported with its ratio to the plain tmpfs file. Then the resident
 //! memory of `keybroker mount` serving 10 objects.
 //!
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use keybroker::audit::AuditLog;
 use keybroker::secret::SecretBytes;
 use keybroker::volume::content::{FileName, RenderedFile};
+use keybroker::volume::fanotify::{Audited, Mode, OpenAudit};
 use keybroker::volume::fuse::{FuseOptions, FuseVolume};
 use keybroker::volume::memfs::MemFs;
 use keybroker::volume::tmpfs::TmpfsVolume;
@@ -57,7 +61,40 @@ fn file() -> RenderedFile {
     }
 }
 
+/// `--reader PATH`: one round of open+read+close and of pread on PATH, in ns per op.
+fn reader(path: &Path) {
+    let mut buf = Vec::with_capacity(4096);
+    let orc = ns_per_op(|| open_read_close(path, &mut buf));
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 256];
+    let pread = ns_per_op(|| {
+        let n = f.read_at(&mut b, 0).unwrap();
+        assert_eq!(n, SECRET.len());
+    });
+    println!("{orc} {pread}");
+}
+
+fn in_child(path: &Path) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--reader")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v = text.split_whitespace().map(|n| n.parse::<f64>().unwrap());
+    (v.next().unwrap(), v.next().unwrap())
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--reader") {
+        return reader(Path::new(&args[i + 1]));
+    }
     assert!(
         nix::unistd::geteuid().is_root(),
         "run as root: the benchmark mounts tmpfs and FUSE"
@@ -89,6 +126,21 @@ fn main() {
 
     // keybroker FUSE volume, every open audited.
     let audit = AuditLog::open(&tmp.path().join("audit.jsonl"), false).unwrap();
+
+    // keybroker tmpfs volumes with every open audited through fanotify, as the node mounts them.
+    let fan_audit = AuditLog::open(&tmp.path().join("fanotify-audit.jsonl"), false).unwrap();
+    let audited_tmpfs = |name: &str, mode: Mode| {
+        let dir = d(name);
+        let staging = d(&format!("{name}-staging"));
+        let opens = OpenAudit::start(fan_audit.clone(), mode).unwrap();
+        let v = TmpfsVolume::mount(&dir, &staging, 1 << 20, owner).unwrap();
+        opens.watch(name, &staging).unwrap();
+        let v = Audited::new(Box::new(v), opens.clone(), staging);
+        v.apply(&[file()]).unwrap();
+        (dir, v, opens)
+    };
+    let (kn, kn_vol, kn_opens) = audited_tmpfs("kb-tmpfs-notify", Mode::Notify);
+    let (kp, kp_vol, kp_opens) = audited_tmpfs("kb-tmpfs-perm", Mode::Permission);
     let mount_fuse = |dir: &Path, kernel_cache: bool| {
         let use_audit = std::env::var("KB_BENCH_NOAUDIT").is_err();
         let fs = Arc::new(MemFs::new("bench", owner, use_audit.then(|| audit.clone())));
@@ -109,33 +161,33 @@ fn main() {
     let nf = d("naive-fuse");
     let nv = mount_fuse(&nf, false);
 
-    let variants: [(&str, PathBuf); 4] = [
+    let variants: [(&str, PathBuf); 6] = [
         ("plain tmpfs file", plain.join("database-url")),
-        ("keybroker tmpfs volume", kt.join("database-url")),
+        ("keybroker tmpfs volume, unaudited", kt.join("database-url")),
+        ("keybroker tmpfs, fanotify audit", kn.join("database-url")),
+        (
+            "keybroker tmpfs, fanotify fail-closed",
+            kp.join("database-url"),
+        ),
         ("keybroker FUSE (cached, audited)", kf.join("database-url")),
         ("naive FUSE (no kernel cache)", nf.join("database-url")),
     ];
-    let mut buf = Vec::with_capacity(4096);
     // Warm up every path (dentries, pages, process lookup).
     for (_, p) in &variants {
-        for _ in 0..200 {
-            open_read_close(p, &mut buf);
-        }
+        in_child(p);
     }
     let mut orc: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut pread: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..ROUNDS {
         for (i, (_, p)) in variants.iter().enumerate() {
-            orc[i].push(ns_per_op(|| open_read_close(p, &mut buf)));
-            let f = std::fs::File::open(p).unwrap();
-            let mut b = [0u8; 256];
-            pread[i].push(ns_per_op(|| {
-                let n = f.read_at(&mut b, 0).unwrap();
-                assert_eq!(n, SECRET.len());
-            }));
+            let (o, r) = in_child(p);
+            orc[i].push(o);
+            pread[i].push(r);
         }
     }
     audit.flush();
+    std::thread::sleep(Duration::from_millis(1500));
+    fan_audit.flush();
     let base_orc = median(orc[0].clone());
     let base_pread = median(pread[0].clone());
     println!(
@@ -169,6 +221,19 @@ fn main() {
         .lines()
         .count();
     println!("audit records written for FUSE opens: {audited}");
+    let fan_records = std::fs::read_to_string(tmp.path().join("fanotify-audit.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    println!(
+        "fanotify: {} opens seen in notification mode, {} in permission mode, {fan_records} records",
+        kn_opens.opens(),
+        kp_opens.opens()
+    );
+    Box::new(kn_vol).unmount().unwrap();
+    Box::new(kp_vol).unmount().unwrap();
+    kn_opens.stop();
+    kp_opens.stop();
 
     Box::new(fv).unmount().unwrap();
     Box::new(nv).unmount().unwrap();

@@ -32,7 +32,11 @@ use sha2::{Digest, Sha256};
 use crate::procinfo::ProcessRef;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const QUEUE: usize = 65_536;
+/// Records queued for the writer thread before `record` blocks. std's bounded channel
+/// allocates and initializes every slot up front (32 bytes each): 65,536 slots were 2 MiB
+/// resident in every process; the writer drains thousands of records per millisecond, so a
+/// burst larger than this only waits, it never loses a record.
+const QUEUE: usize = 4096;
 const HEAD_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +50,8 @@ pub enum EventKind {
     Deny,
     Read,
     Error,
+    /// A span in which events may be missing (a kernel queue overflowed, a restart).
+    Gap,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +287,8 @@ pub struct AuditLog {
     tx: SyncSender<Msg>,
     health: Arc<Health>,
     fail_closed: bool,
+    /// When the previous writer of this log wrote its last record (None: a new log).
+    previous_last: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -337,6 +345,7 @@ impl AuditLog {
         }
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let health = Arc::new(Health::default());
+        let previous_last = tail.last_time.as_deref().map(Arc::from);
         let good_len = file.seek(SeekFrom::End(0)).map_err(err)?;
         let mut writer = Writer {
             file,
@@ -380,7 +389,13 @@ impl AuditLog {
             tx,
             health,
             fail_closed,
+            previous_last,
         })
+    }
+
+    /// The `time` of the last record a previous process wrote to this log, if any.
+    pub fn previous_last_time(&self) -> Option<&str> {
+        self.previous_last.as_deref()
     }
 
     /// An audit log written to standard output as JSON lines (for a pod, whose log pipeline
@@ -423,6 +438,7 @@ impl AuditLog {
             tx,
             health,
             fail_closed,
+            previous_last: None,
         })
     }
 
@@ -491,6 +507,8 @@ struct Tail {
     /// The last record links to the one before it the way this writer links (same key, or
     /// none on both sides). True when there is nothing to compare.
     chain_matches: bool,
+    /// `time` of the last complete record (where a previous process stopped writing).
+    last_time: Option<String>,
 }
 
 struct Torn {
@@ -507,6 +525,7 @@ fn tail_state(file: &mut File, key: Option<&AuditKey>) -> std::io::Result<Tail> 
         prev: GENESIS.to_owned(),
         torn: None,
         chain_matches: true,
+        last_time: None,
     };
     if len == 0 {
         return Ok(fresh);
@@ -574,6 +593,9 @@ fn tail_state(file: &mut File, key: Option<&AuditKey>) -> std::io::Result<Tail> 
         prev: link(key, last),
         torn: None,
         chain_matches,
+        last_time: serde_json::from_slice::<serde_json::Value>(last)
+            .ok()
+            .and_then(|v| v.get("time").and_then(|t| t.as_str()).map(str::to_owned)),
     };
     let keep = start + le as u64 + 1;
     if keep < len {

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod hardening;

@@ -125,7 +125,9 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
         /// Volume type when a volume does not set volumeType.
-        #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Fuse)]
+        /// tmpfs (the default) survives keybroker restarts and has every open audited through
+        /// fanotify; fuse pins one version per open and audits per read.
+        #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Tmpfs)]
         default_kind: KindArg,
         /// FUSE request threads per volume.
         #[arg(long, default_value_t = 1)]
@@ -365,6 +367,19 @@ fn fix_malloc_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn fix_malloc_mmap_threshold() {}
 
+/// glibc gives each thread that allocates its own arena (up to 8 per core), each with its own
+/// resident heap pages; in the pod one arena serves the few threads there are.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn in_pod_malloc() {
+    // SAFETY: as in fix_malloc_mmap_threshold: a tuning parameter, set once before any other
+    // thread exists, to a value glibc documents as valid for M_ARENA_MAX.
+    let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn in_pod_malloc() {}
+
 fn main() -> ExitCode {
     fix_malloc_mmap_threshold();
     // Before anything reads a secret: no core dumps, in every mode.
@@ -435,6 +450,7 @@ fn main() -> ExitCode {
                 fuse_threads: fuse_threads.clamp(1, 8),
                 fuse_linger,
                 azure_managed,
+                audit_opens: true,
             };
             let res = rt.block_on(run_node(
                 cfg,
@@ -472,6 +488,8 @@ fn main() -> ExitCode {
                 fuse_threads: 1,
                 fuse_linger: std::time::Duration::ZERO,
                 azure_managed,
+                // The driver writes and serves the files: nothing of keybroker's to watch.
+                audit_opens: false,
             };
             let res = rt.block_on(run_node(
                 cfg,
@@ -579,11 +597,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// `init` and `sidecar`: the pod-side runs.
+/// `init` and `sidecar`: the pod-side runs. One pod's files need no parallelism: a
+/// single-threaded runtime (blocking work still goes to tokio's blocking pool), and one malloc
+/// arena (`in_pod_malloc`), keep the container small (BENCHMARKS.md, sidecar memory).
 fn in_pod(opts: keybroker::sidecar::Options) -> ExitCode {
-    let rt = match runtime() {
+    in_pod_malloc();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
     };
     let res = rt.block_on(async {
         let shutdown = shutdown_on_signals();

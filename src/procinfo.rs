@@ -110,6 +110,40 @@ impl ProcCache {
     }
 }
 
+impl ProcCache {
+    /// A process known by its pid alone (fanotify): uid and gid (effective) from its status.
+    /// The flag says whether /proc was read now (false: from the cache).
+    pub fn resolve_pid(&mut self, pid: u32) -> (ProcessRef, bool) {
+        let now = Instant::now();
+        if let Some((at, p)) = self.entries.get(&pid)
+            && now.duration_since(*at) < TTL
+        {
+            return (p.clone(), false);
+        }
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.clear();
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let id = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u32::MAX)
+        };
+        let p = lookup(pid, id("Uid:"), id("Gid:"));
+        self.entries.insert(pid, (now, p.clone()));
+        (p, true)
+    }
+}
+
+impl ProcCache {
+    pub fn forget(&mut self, pid: u32) {
+        self.entries.remove(&pid);
+    }
+}
+
 fn lookup(tid: u32, uid: u32, gid: u32) -> ProcessRef {
     let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
         .ok()

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Event, EventKind, Outcome};
+use crate::broker::{Admission, Broker};
 use crate::cache::FetchCache;
 use crate::config::{ChangeAction, MountConfig, ProviderConfig};
 use crate::provider::{PodJwt, Provider};
@@ -275,99 +276,6 @@ async fn notify(actions: &[ChangeAction], changed: &[String], audit: &AuditLog, 
     }
 }
 
-/// What the broker API serves: the volume's current files, to the uids allowed.
-pub struct Broker {
-    files:
-        std::sync::RwLock<std::collections::BTreeMap<String, (crate::secret::SecretBytes, String)>>,
-    generation: tokio::sync::watch::Sender<u64>,
-    allowed_uids: Vec<u32>,
-    audit: AuditLog,
-    volume: String,
-}
-
-impl Broker {
-    fn update(&self, files: &[RenderedFile], changed: bool) {
-        let mut map = self.files.write().unwrap_or_else(|p| p.into_inner());
-        *map = files
-            .iter()
-            .map(|f| {
-                (
-                    f.name.as_str().to_owned(),
-                    (f.bytes.clone(), f.version.clone()),
-                )
-            })
-            .collect();
-        drop(map);
-        if changed {
-            self.generation.send_modify(|g| *g += 1);
-        }
-    }
-}
-
-impl keybroker_csi::broker::BrokerBackend for Broker {
-    fn admit(
-        &self,
-        caller: keybroker_csi::broker::Caller,
-        rpc: &str,
-    ) -> Result<(), keybroker_csi::broker::BrokerError> {
-        if self.allowed_uids.contains(&caller.uid) {
-            return Ok(());
-        }
-        let why = format!(
-            "uid {} may not use the broker API (allowed: {:?})",
-            caller.uid, self.allowed_uids
-        );
-        self.audit.record(
-            Event::new(EventKind::Deny)
-                .volume(self.volume.clone())
-                .outcome(Outcome::Denied)
-                .detail(format!(
-                    "broker {rpc} from pid {} uid {} gid {}",
-                    caller.pid.unwrap_or(0),
-                    caller.uid,
-                    caller.gid
-                ))
-                .error(&why),
-        );
-        Err(keybroker_csi::broker::BrokerError::PermissionDenied(why))
-    }
-
-    fn get(
-        &self,
-        name: &str,
-    ) -> Result<keybroker_csi::broker::Value, keybroker_csi::broker::BrokerError> {
-        let map = self.files.read().unwrap_or_else(|p| p.into_inner());
-        let (bytes, version) = map.get(name).ok_or_else(|| {
-            keybroker_csi::broker::BrokerError::NotFound(format!("no file {name:?} in this volume"))
-        })?;
-        self.audit.record(
-            Event::new(EventKind::Read)
-                .volume(self.volume.clone())
-                .file(name.to_owned())
-                .version(version.clone())
-                .detail("broker Get"),
-        );
-        Ok(keybroker_csi::broker::Value {
-            bytes: zeroize::Zeroizing::new(bytes.expose().to_vec()),
-            version: version.clone(),
-            expires_at: 0,
-        })
-    }
-
-    fn list(&self) -> Vec<(String, String)> {
-        self.files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, (_, v))| (n.clone(), v.clone()))
-            .collect()
-    }
-
-    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
-    }
-}
-
 /// How `init` and `sidecar` run.
 pub struct Options {
     pub config: PathBuf,
@@ -425,17 +333,16 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let writer = Arc::new(TmpfsVolume::at(&opts.dir, owner, false));
-    let broker = Arc::new(Broker {
-        files: Default::default(),
-        generation: tokio::sync::watch::channel(0).0,
-        allowed_uids: if opts.api_uids.is_empty() {
+    let broker = Arc::new(Broker::new(
+        Admission::Uids(if opts.api_uids.is_empty() {
             vec![owner.uid]
         } else {
             opts.api_uids.clone()
-        },
-        audit: audit.clone(),
-        volume: volume_id.clone(),
-    });
+        }),
+        audit.clone(),
+        volume_id.clone(),
+        pod.clone(),
+    ));
     let volume = crate::volume::Notifying::new(
         Box::new(Shared(writer.clone(), broker.clone())),
         move |changed| {

@@ -350,51 +350,6 @@ fn mounts_under(root: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A small tmpfs the test can fill up, unmounted however the test ends.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn new(dir: &Path, kib: usize) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        nix::mount::mount(
-            Some("kb-test-audit"),
-            dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(format!("size={kib}k").as_str()),
-        )
-        .unwrap();
-        SmallFs(dir.to_owned())
-    }
-
-    /// Writes a filler file until the filesystem is full.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    fn unfill(&self) {
-        std::fs::remove_file(self.0.join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_after() {
     let (_tmp, root) = setup();
@@ -431,12 +386,12 @@ async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_afte
 
     fs.fill();
     // The next audited open is the write that fails; after it, opens get EIO.
-    wait_until("fail-closed opens to fail", Duration::from_secs(10), || {
+    wait_for("fail-closed opens to fail", Duration::from_secs(10), || {
         read_file(&file).is_err_and(|e| e.raw_os_error() == Some(libc::EIO))
     });
     let _ = read_file(&b.target(&open_dir).join("password")).unwrap();
     for d in [&closed, &open] {
-        wait_until("not ready", Duration::from_secs(10), || {
+        wait_for("not ready", Duration::from_secs(10), || {
             d.http("/readyz").starts_with("HTTP/1.1 503")
         });
         assert_eq!(d.metric("keybroker_audit_healthy"), 0);
@@ -461,11 +416,11 @@ async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_afte
     );
 
     fs.unfill();
-    wait_until("opens served again", Duration::from_secs(10), || {
+    wait_for("opens served again", Duration::from_secs(10), || {
         read_file(&file).is_ok()
     });
     for d in [&closed, &open] {
-        wait_until("ready again", Duration::from_secs(10), || {
+        wait_for("ready again", Duration::from_secs(10), || {
             d.http("/readyz").starts_with("HTTP/1.1 200")
         });
         assert_eq!(d.metric("keybroker_audit_healthy"), 1);
@@ -611,7 +566,7 @@ fn no_keybroker_process_can_dump_core() {
     let mut child = KillOnDrop(child);
     let limits = || std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
     // Blocked opening the FIFO: past start-up, where the limits are set.
-    wait_until(
+    wait_for(
         "the process to block on the FIFO",
         Duration::from_secs(10),
         || {
@@ -807,7 +762,7 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_until("serving", Duration::from_secs(20), || {
+    wait_for("serving", Duration::from_secs(20), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("serving CSI"))
     });
     let text = std::fs::read_to_string(&log).unwrap();

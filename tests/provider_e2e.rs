@@ -14,24 +14,14 @@ use common::*;
 use keybroker_csi::provider_pb::{self as pb, csi_driver_provider_client::CsiDriverProviderClient};
 use serde_json::json;
 
+/// Two files of the object `db`: one key, and the whole JSON.
+const PASSWORD_AND_JSON: &str =
+    "- objectName: password\n  object: db\n  key: password\n- objectName: db.json\n  object: db\n";
+
 const DB: &str = r#"{"username":"app","password":"S3cret-provider-db-8841"}"#;
 
 fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
-    require_root_and_fuse();
-    let tmp = open_tempdir();
-    let d = tmp.path().to_owned();
-    std::fs::create_dir_all(d.join("secrets")).unwrap();
-    std::fs::write(d.join("secrets/db"), DB).unwrap();
-    std::fs::create_dir_all(d.join("etc")).unwrap();
-    std::fs::write(
-        d.join("etc/bindings.yaml"),
-        format!(
-            "bindings:\n  - name: apps\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: [db]\n",
-            d.join("secrets").display()
-        ),
-    )
-    .unwrap();
-    (tmp, d)
+    local_setup(DB, "[db]")
 }
 
 /// The attributes the driver sends: the SecretProviderClass parameters plus the pod info.
@@ -291,7 +281,7 @@ fn driver_mounts(
 async fn the_upstream_drivers_own_client_mounts_through_keybroker() {
     let (_tmp, root) = setup();
     let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
-    let objects = "- objectName: password\n  object: db\n  key: password\n- objectName: db.json\n  object: db\n";
+    let objects = PASSWORD_AND_JSON;
     let pod = Pod::new("team-a", "api", 1);
     let stranger = Pod::new("team-b", "api", 2);
     let request = |p: &Pod| {
@@ -593,4 +583,159 @@ async fn a_hundred_pods_rotating_through_the_driver_cost_ten_fetches_per_cycle()
     assert!(per_cycle[1..].contains(&10), "{per_cycle:?}");
     let t = root.join(format!("driver/{}/mount", pods[99].uid));
     assert_eq!(std::fs::read_to_string(t.join("obj9")).unwrap(), "value-9");
+}
+
+/// The Secrets Store CSI driver itself (tests/driver-harness `-serve-csi`: v1.6.0's
+/// `NewSecretsStoreDriver` serving CSI on a socket, its Kubernetes client a fake holding the
+/// SecretProviderClasses and pods); stopped, and every mount it made under `root` detached, on
+/// drop.
+struct Driver {
+    child: std::process::Child,
+    root: std::path::PathBuf,
+    sock: std::path::PathBuf,
+}
+
+impl Driver {
+    fn start(
+        root: &std::path::Path,
+        providers_dir: &std::path::Path,
+        objects: serde_json::Value,
+    ) -> Self {
+        let sock = root.join("driver/csi.sock");
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        std::fs::write(root.join("driver/objects.json"), objects.to_string()).unwrap();
+        let log = std::fs::File::create(root.join("driver/driver.log")).unwrap();
+        let child = std::process::Command::new(common::peers::peers_bin("driver-harness"))
+            .arg("-providers-dir")
+            .arg(providers_dir)
+            .arg("-serve-csi")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("-objects")
+            .arg(root.join("driver/objects.json"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Driver {
+            child,
+            root: root.to_owned(),
+            sock,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !d.sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the driver did not start: {}",
+                d.logs()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.root.join("driver/driver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = wait_timeout(&mut self.child, std::time::Duration::from_secs(5));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The driver's tmpfs mounts (source "tmpfs"), deepest first.
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut targets: Vec<std::path::PathBuf> = mi
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.starts_with(&self.root))
+            .collect();
+        targets.sort();
+        for t in targets.iter().rev() {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// kubelet's part against the driver's own node server: NodePublishVolume over the driver's
+/// CSI socket names a SecretProviderClass; the driver mounts its tmpfs, Mounts through keybroker
+/// (the provider) and writes the files with its atomic writer. A pod the bindings do not allow
+/// gets the driver's error with keybroker's code, and no files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drivers_own_node_server_publishes_through_keybroker() {
+    use keybroker_csi::pb::node_client::NodeClient;
+    let (_tmp, root) = setup();
+    let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
+    let objects = PASSWORD_AND_JSON;
+    let pod = Pod::new("team-a", "api", 31);
+    let stranger = Pod::new("team-b", "api", 32);
+    let class = |ns: &str| {
+        json!({
+            "apiVersion": "secrets-store.csi.x-k8s.io/v1",
+            "kind": "SecretProviderClass",
+            "metadata": {"name": "store", "namespace": ns},
+            // The provider's socket is <providers dir>/csi.sock here.
+            "spec": {"provider": "csi", "parameters": {"provider": "local", "objects": objects}},
+        })
+    };
+    let pod_object = |p: &Pod| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": p.ns, "uid": p.uid},
+            "spec": {"serviceAccountName": p.sa, "nodeName": "keybroker-test-node"},
+        })
+    };
+    let driver = Driver::start(
+        &root,
+        &root.join("csi"),
+        json!({
+            "classes": [class("team-a"), class("team-b")],
+            "pods": [pod_object(&pod), pod_object(&stranger)],
+        }),
+    );
+    let mut kubelet = NodeClient::new(keybroker_csi::connect_unix(&driver.sock).await.unwrap());
+    let spc = [("secretProviderClass", "store")];
+    kubelet
+        .node_publish_volume(pod.request_with(&root, &spc, None))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}\n{}", driver.logs(), d.logs()));
+    let target = pod.target(&root);
+    assert!(is_mount_point(&target), "the driver's own tmpfs");
+    assert_eq!(
+        std::fs::read_to_string(target.join("password")).unwrap(),
+        "S3cret-provider-db-8841"
+    );
+    assert_eq!(std::fs::read_to_string(target.join("db.json")).unwrap(), DB);
+    assert!(
+        target.join("..data").is_symlink(),
+        "the driver's atomic writer"
+    );
+    assert_eq!(d.metric("keybroker_provider_fetches_total"), 1);
+
+    let e = kubelet
+        .node_publish_volume(stranger.request_with(&root, &spc, None))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("PermissionDenied"),
+        "the driver reports keybroker's code: {}",
+        e.message()
+    );
+    assert!(!stranger.target(&root).join("password").exists());
+    let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"deny\""), "the refusal is audited");
+    assert!(!audit.contains("S3cret-provider-db"));
+
+    kubelet
+        .node_unpublish_volume(pod.unpublish(&root))
+        .await
+        .unwrap();
+    assert!(!is_mount_point(&target), "the driver unmounted its tmpfs");
+    drop(driver);
 }

@@ -163,15 +163,6 @@ fn cat(path: &Path) -> String {
     out
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
-
 fn is_login(_op: &str, path: &str) -> bool {
     path == "auth/jwt/login"
 }
@@ -610,6 +601,10 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
         .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
     let t = app.target(&s.root);
     let check = |t: &Path| -> String {
+        // Read the three files from one snapshot, as an application of an atomic-writer
+        // volume does (`..data` resolved once): a rotation may land between two opens.
+        let snapshot = std::fs::canonicalize(t.join("..data")).unwrap();
+        let t = snapshot.as_path();
         // The certificate is for the name asked, chains to the CA file, and matches the key.
         let out = std::process::Command::new("openssl")
             .args(["verify", "-CAfile"])

@@ -158,20 +158,45 @@ impl<B: BrokerBackend> pb::broker_server::Broker for Svc<B> {
     }
 }
 
-/// Serves the broker API on the unix socket at `path` (mode `mode`, so the application's user
-/// can connect; the backend still admits callers by credentials) until `shutdown`.
-pub async fn serve<B: BrokerBackend>(
+/// A bound broker socket, not yet served.
+pub struct Bound {
+    path: std::path::PathBuf,
+    listener: tokio::net::UnixListener,
+}
+
+/// Binds the broker socket at `path` (a stale one replaced), mode `mode` so the application's
+/// user can connect; the backend still admits callers by credentials.
+pub async fn bind(
     path: &std::path::Path,
     mode: u32,
-    backend: Arc<B>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Bound, Box<dyn std::error::Error + Send + Sync>> {
     let (path, listener) =
         crate::server::bind_socket(&format!("unix://{}", path.display())).await?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o777))?;
     }
+    Ok(Bound { path, listener })
+}
+
+/// Serves the broker API on the unix socket at `path` until `shutdown` ([`bind`], then
+/// [`serve_bound`]).
+pub async fn serve<B: BrokerBackend>(
+    path: &std::path::Path,
+    mode: u32,
+    backend: Arc<B>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_bound(bind(path, mode).await?, backend, shutdown).await
+}
+
+/// Serves a bound socket until `shutdown`, then removes the socket file.
+pub async fn serve_bound<B: BrokerBackend>(
+    bound: Bound,
+    backend: Arc<B>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Bound { path, listener } = bound;
     tonic::transport::Server::builder()
         .max_frame_size(Some(64 * 1024))
         .add_service(

@@ -195,6 +195,24 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
     Ok(p.to_owned())
 }
 
+/// `bind(2)` takes at most 107 bytes of path: a longer one (a socket inside a kubelet volume
+/// path) is bound through its directory's `/proc/self/fd` entry.
+fn bind_long(path: &Path) -> std::io::Result<UnixListener> {
+    const SUN_PATH_MAX: usize = 107;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return UnixListener::bind(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixListener::bind(path);
+    };
+    let dir = std::fs::File::open(dir)?;
+    use std::os::fd::AsRawFd;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    UnixListener::bind(short)
+}
+
 /// Binds the unix socket of `endpoint`: its directory created, a stale socket file replaced,
 /// the socket owner-only (its clients, kubelet or the Secrets Store driver, run as root).
 pub(crate) async fn bind_socket(
@@ -209,7 +227,7 @@ pub(crate) async fn bind_socket(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    let listener = UnixListener::bind(&path)?;
+    let listener = bind_long(&path)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;

@@ -36,6 +36,7 @@ use crate::provider::vault::{self, VaultProvider};
 use crate::provider::{Provider, ProviderError};
 use crate::refresh::{RefreshError, RefreshStatus, Refresher};
 use crate::volume::content::Limits;
+use crate::volume::fanotify::{self, Audited, OpenAudit};
 use crate::volume::fuse::{FuseOptions, FuseVolume};
 use crate::volume::memfs::MemFs;
 use crate::volume::tmpfs::TmpfsVolume;
@@ -60,6 +61,8 @@ pub struct NodeConfig {
     pub fuse_linger: Duration,
     /// Where managed identities' tokens come from (IMDS, or the App Service endpoint).
     pub azure_managed: crate::provider::azure::ManagedEndpoint,
+    /// Audit opens of tmpfs volumes with fanotify (node mode; needs CAP_SYS_ADMIN).
+    pub audit_opens: bool,
 }
 
 /// What is recorded about a published volume: enough to take it over after a restart, and no
@@ -85,6 +88,8 @@ struct Published {
     cancel: CancellationToken,
     /// Runs the refresher; hands the volume back when cancelled.
     task: JoinHandle<Box<dyn Volume>>,
+    /// Serves the broker API in the volume (`api: "true"`); ends with `cancel`.
+    api: Option<JoinHandle<()>>,
 }
 
 pub struct NodeService {
@@ -108,7 +113,12 @@ pub struct NodeService {
     /// Attribute parses in flight (on the blocking pool).
     parse_slots: tokio::sync::Semaphore,
     ready: AtomicBool,
+    /// Audits every open of every tmpfs volume (fanotify), when `cfg.audit_opens`.
+    opens: Option<Arc<OpenAudit>>,
 }
+
+/// What [`NodeService::recover_one`] says of a tmpfs volume it kept serving.
+const TAKEN_OVER: &str = "tmpfs volume taken over after restart";
 
 /// Volume attribute parses that may run at once on the blocking pool.
 const PARSE_SLOTS: usize = 2;
@@ -224,7 +234,7 @@ fn identity_key(grant: &Grant, pod: &PodInfo) -> String {
 }
 
 impl NodeService {
-    pub fn new(cfg: NodeConfig, audit: AuditLog) -> Result<Arc<Self>, bindings::BindingsError> {
+    pub fn new(cfg: NodeConfig, audit: AuditLog) -> anyhow::Result<Arc<Self>> {
         let bindings = Bindings::load(&cfg.bindings_path)?;
         std::fs::create_dir_all(cfg.state_dir.join("volumes")).map_err(|e| {
             bindings::BindingsError {
@@ -232,7 +242,24 @@ impl NodeService {
                 error: format!("cannot create the state directory: {e}"),
             }
         })?;
+        let opens = if cfg.audit_opens {
+            let mode = if audit.fail_closed() {
+                fanotify::Mode::Permission
+            } else {
+                fanotify::Mode::Notify
+            };
+            let o = OpenAudit::start(audit.clone(), mode).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start auditing tmpfs volumes with fanotify: {e} (the node needs CAP_SYS_ADMIN, as for mounting)"
+                )
+            })?;
+            tracing::info!(mode = ?mode, pidfd = o.reports_pidfd(), "auditing opens of tmpfs volumes (fanotify)");
+            Some(o)
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
+            opens,
             cache: Arc::new(FetchCache::new(cfg.poll)),
             bindings: ArcSwap::from_pointee(bindings),
             audit,
@@ -825,12 +852,62 @@ impl NodeService {
                 Box::new(v)
             }
         };
-        if let Err(e) = volume.apply(&rendered.files) {
+        // A mounted volume that cannot be completed is taken down again, and nothing is left.
+        let abandon = |volume: Box<dyn Volume>, why: String| {
             let _ = volume.unmount();
             detach_all(target);
             forget(created);
-            return Err(self.fail(Some(&pod), vid, NodeError::Internal(e.to_string())));
+            self.fail(Some(&pod), vid, NodeError::Internal(why))
+        };
+        // Every open of a tmpfs volume is audited (fanotify mark on its tmpfs instance),
+        // before the pod can see it.
+        let volume: Box<dyn Volume> = match (&self.opens, volume.kind()) {
+            (Some(o), VolumeKind::Tmpfs) => {
+                let root = mountpoint::staging_dir(target);
+                if let Err(e) = o.watch(vid, &root) {
+                    return Err(abandon(
+                        volume,
+                        format!("cannot audit the volume's opens (fanotify mark): {e}"),
+                    ));
+                }
+                Box::new(Audited::new(volume, o.clone(), root))
+            }
+            _ => volume,
+        };
+        // `api: "true"`: what the volume holds is also what its broker API serves.
+        let broker = vr.api.then(|| {
+            Arc::new(crate::broker::Broker::new(
+                crate::broker::Admission::Pod(pod.uid.clone()),
+                self.audit.clone(),
+                vid.to_owned(),
+                Some(pod.audit_ref()),
+            ))
+        });
+        let volume: Box<dyn Volume> = match &broker {
+            Some(b) => Box::new(crate::broker::Serving::new(volume, b.clone())),
+            None => volume,
+        };
+        if let Err(e) = volume.apply(&rendered.files) {
+            return Err(abandon(volume, e.to_string()));
         }
+        // The broker socket: in the volume's own tmpfs (written through the staging mount,
+        // seen by the pod at the target), bound before the publish returns so the pod finds it
+        // at start. Any uid may connect; the caller's cgroup decides who is served.
+        let bound = match broker {
+            None => None,
+            Some(b) => {
+                let sock = mountpoint::staging_dir(target).join(crate::broker::NODE_SOCKET);
+                match keybroker_csi::broker::bind(&sock, 0o666).await {
+                    Ok(bound) => Some((bound, b)),
+                    Err(e) => {
+                        return Err(abandon(
+                            volume,
+                            format!("cannot create the broker API socket in the volume: {e}"),
+                        ));
+                    }
+                }
+            }
+        };
         let _ = refresher.refresh(volume.as_ref()).await;
         // Rotation notices to the pod's own processes (through hostPID, checked by cgroup).
         let volume: Box<dyn Volume> = if vr.on_change.is_empty() {
@@ -862,6 +939,17 @@ impl NodeService {
             }))
         };
         let cancel = CancellationToken::new();
+        let api = bound.map(|(bound, b)| {
+            let stop = cancel.clone();
+            let volume_id = vid.to_owned();
+            tokio::spawn(async move {
+                let res =
+                    keybroker_csi::broker::serve_bound(bound, b, stop.cancelled_owned()).await;
+                if let Err(e) = res {
+                    tracing::error!(volume_id = %volume_id, error = %e, "the volume's broker API stopped");
+                }
+            })
+        });
         let keys = refresher.keys();
         let status = refresher.status();
         let poll = self.cfg.poll;
@@ -883,6 +971,7 @@ impl NodeService {
                 status,
                 cancel,
                 task,
+                api,
             },
         );
         self.metrics.publishes.fetch_add(1, Ordering::Relaxed);
@@ -920,6 +1009,9 @@ impl NodeService {
                     Ordering::Relaxed,
                 );
                 p.cancel.cancel();
+                if let Some(api) = p.api {
+                    let _ = api.await;
+                }
                 match p.task.await {
                     Ok(volume) => {
                         if let Err(e) = volume.unmount() {
@@ -1037,6 +1129,7 @@ impl NodeService {
             self.ready.store(true, Ordering::Relaxed);
             return;
         };
+        let mut taken_over = Vec::new();
         for e in entries.flatten() {
             let Ok(bytes) = std::fs::read(e.path()) else {
                 continue;
@@ -1047,12 +1140,31 @@ impl NodeService {
             };
             match self.recover_one(&rec).await {
                 Ok(how) => {
+                    if how == TAKEN_OVER {
+                        taken_over.push(rec.volume_id.clone());
+                    }
                     tracing::info!(volume_id = %rec.volume_id, target = %rec.target.display(), "{how}");
                 }
                 Err(err) => {
                     tracing::error!(volume_id = %rec.volume_id, target = %rec.target.display(), error = %err, "cannot recover the volume; kubelet's next republish will retry");
                 }
             }
+        }
+        if !taken_over.is_empty() && self.opens.is_some() {
+            // Between the previous process's last record and now nobody watched these volumes.
+            taken_over.sort();
+            self.audit.record(
+                Event::new(EventKind::Gap)
+                    .outcome(Outcome::Failure)
+                    .detail(format!(
+                        "keybroker restarted: opens of tmpfs volumes {} between {} and {} were not audited",
+                        taken_over.join(", "),
+                        self.audit
+                            .previous_last_time()
+                            .unwrap_or("the previous process's end"),
+                        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                    )),
+            );
         }
         self.ready.store(true, Ordering::Relaxed);
     }
@@ -1103,7 +1215,7 @@ impl NodeService {
                     .pod(pod.audit_ref())
                     .detail("tmpfs volume taken over after a keybroker restart"),
             );
-            return Ok("tmpfs volume taken over after restart");
+            return Ok(TAKEN_OVER);
         }
         if rec.kind == VolumeKind::Fuse {
             let msg = "FUSE volume was served by the previous keybroker process and is remounted; containers \
@@ -1132,6 +1244,11 @@ impl NodeService {
             if let Ok(volume) = p.task.await {
                 drop(volume);
             }
+        }
+        if let Some(o) = &self.opens {
+            // Open windows are recorded; tmpfs volumes stay mounted, unaudited until the next
+            // process takes them over (it records the gap).
+            o.stop();
         }
     }
 }

@@ -120,6 +120,9 @@ pub struct VolumeRequest {
     /// `onChange`: signals (process name, signal number) for the pod's own processes after a
     /// rotation of this volume.
     pub on_change: Vec<(String, i32)>,
+    /// `api: "true"`: serve the broker API on a socket inside the volume, to the pod's own
+    /// processes (tmpfs volumes only).
+    pub api: bool,
 }
 
 #[derive(Deserialize)]
@@ -618,6 +621,16 @@ pub fn parse_with_mode(
         None => Vec::new(),
         Some(t) => parse_on_change(t)?,
     };
+    let api = match attr(ctx, &["api"]) {
+        None | Some("false") => false,
+        Some("true") if kind == VolumeKind::Tmpfs => true,
+        Some("true") => {
+            return Err(err(
+                "api: \"true\" needs volumeType: tmpfs (the broker API's socket lives in the volume)",
+            ));
+        }
+        Some(_) => return Err(err("api must be \"true\" or \"false\"")),
+    };
     let attributes = request_attributes(ctx);
     let mut h = Sha256::new();
     for (k, v) in &attributes {
@@ -637,6 +650,7 @@ pub fn parse_with_mode(
         digest: hex::encode(&h.finalize()[..16]),
         own_values,
         on_change,
+        api,
     })
 }
 
@@ -664,6 +678,21 @@ mod tests {
             VolumeKind::Fuse,
             Limits::default(),
         )
+    }
+
+    #[test]
+    fn api_needs_a_tmpfs_volume() {
+        let mut ctx = base();
+        ctx.insert("provider".into(), "local".into());
+        ctx.insert("objects".into(), "- objectName: a\n  object: db\n".into());
+        assert!(!parse_ctx(&ctx).unwrap().api);
+        ctx.insert("api".into(), "true".into());
+        let e = parse_ctx(&ctx).unwrap_err();
+        assert!(e.0.contains("volumeType: tmpfs"), "{}", e.0);
+        ctx.insert("volumeType".into(), "tmpfs".into());
+        assert!(parse_ctx(&ctx).unwrap().api);
+        ctx.insert("api".into(), "yes".into());
+        assert!(parse_ctx(&ctx).unwrap_err().0.contains("api must be"));
     }
 
     #[test]

@@ -7,25 +7,23 @@
 //! Replaced inodes live on until the kernel forgets them.
 //!
 //! Every open is audited with the calling process (thread id resolved to pid, command, pod),
-//! uid and gid. The first open of a file version by a process is recorded at once; further
-//! opens of it by the same process within [`READ_WINDOW`] are counted and recorded as one
-//! record with `count` when the window closes ([`MemFs::flush_reads`]), so a reader in a hot
-//! loop costs the audit log one line a second, and every open is still accounted for.
+//! uid and gid, coalesced per process and file version (`volume::opens`; flushed by
+//! [`MemFs::flush_reads`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::procinfo::ProcCache;
 use crate::secret::SecretBytes;
 use crate::volume::Owner;
 use crate::volume::content::RenderedFile;
+use crate::volume::opens::OpenWindows;
 
 pub const ROOT_INO: u64 = 1;
-/// Window in which repeated opens of one file version by one process are coalesced.
-pub const READ_WINDOW: Duration = Duration::from_secs(1);
+pub use crate::volume::opens::READ_WINDOW;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
@@ -108,18 +106,11 @@ pub struct MemFs {
     handles: Mutex<HashMap<u64, Arc<FileNode>>>,
     next_fh: AtomicU64,
     procs: Mutex<ProcCache>,
-    reads: Mutex<HashMap<ReadKey, ReadWindow>>,
+    reads: Mutex<OpenWindows<ReadKey>>,
 }
 
 /// (pid, uid, inode): an inode is one version of one file.
 type ReadKey = (u32, u32, u64);
-
-struct ReadWindow {
-    opened: Instant,
-    first_time: SystemTime,
-    repeats: u64,
-    event: Event,
-}
 
 impl std::fmt::Debug for MemFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,7 +136,7 @@ impl MemFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             procs: Mutex::new(ProcCache::default()),
-            reads: Mutex::new(HashMap::new()),
+            reads: Mutex::new(OpenWindows::default()),
         }
     }
 
@@ -372,31 +363,17 @@ impl MemFs {
                 .unwrap_or_else(|p| p.into_inner())
                 .resolve(caller.tid, caller.uid, caller.gid);
             let key = (process.pid, caller.uid, ino);
-            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            match reads.get_mut(&key) {
-                Some(w) if w.opened.elapsed() < READ_WINDOW => w.repeats += 1,
-                _ => {
-                    if let Some(old) = reads.remove(&key) {
-                        record_repeats(a, old);
-                    }
-                    let event = Event::new(EventKind::Read)
+            self.reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(a, key, || {
+                    Event::new(EventKind::Read)
                         .volume(&*self.volume)
                         .file(node.name.clone())
                         .object(node.object.clone())
                         .version(node.version.clone())
-                        .process(process);
-                    a.record(event.clone());
-                    reads.insert(
-                        key,
-                        ReadWindow {
-                            opened: Instant::now(),
-                            first_time: SystemTime::now(),
-                            repeats: 0,
-                            event,
-                        },
-                    );
-                }
-            }
+                        .process(process)
+                });
         }
         self.handles().insert(fh, node);
         Ok(fh)
@@ -467,31 +444,15 @@ impl MemFs {
 
     pub fn flush_reads(&self, all: bool) {
         let Some(a) = &self.audit else { return };
-        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        let closed: Vec<ReadKey> = reads
-            .iter()
-            .filter(|(_, w)| all || w.opened.elapsed() >= READ_WINDOW)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in closed {
-            if let Some(w) = reads.remove(&k) {
-                record_repeats(a, w);
-            }
-        }
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(a, all);
     }
 
     /// Number of open file handles (for leak checks).
     pub fn open_handles(&self) -> usize {
         self.handles().len()
-    }
-}
-
-fn record_repeats(audit: &AuditLog, w: ReadWindow) {
-    if w.repeats > 0 {
-        let mut ev = w.event;
-        ev.count = Some(w.repeats);
-        ev.first_time = Some(humantime::format_rfc3339_micros(w.first_time).to_string());
-        audit.record(ev);
     }
 }
 

@@ -7,9 +7,11 @@
 //! - [`mountpoint`]: finding and cleaning mounts left behind by a killed process.
 
 pub mod content;
+pub mod fanotify;
 pub mod fuse;
 pub mod memfs;
 pub mod mountpoint;
+pub mod opens;
 pub mod tmpfs;
 
 use std::path::PathBuf;

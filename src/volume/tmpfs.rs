@@ -75,15 +75,31 @@ impl TmpfsVolume {
             path: staging.to_owned(),
             error: e.to_string(),
         })?;
+        // `noswap` (Linux ≥ 6.4): the secrets never go to swap. Older kernels refuse the
+        // option; the volume is then mounted without it and the node says so, loudly, once.
         let data = format!("size={size},mode=0755,uid={},gid={}", owner.uid, owner.gid);
-        nix::mount::mount(
-            Some("keybroker"),
-            staging,
-            Some("tmpfs"),
-            MOUNT_FLAGS,
-            Some(data.as_str()),
-        )
-        .map_err(|e| fail(staging, e))?;
+        let mount = |opts: &str| {
+            nix::mount::mount(
+                Some("keybroker"),
+                staging,
+                Some("tmpfs"),
+                MOUNT_FLAGS,
+                Some(opts),
+            )
+        };
+        match mount(&format!("{data},noswap")) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EINVAL) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::error!(
+                        "this kernel's tmpfs has no noswap option (Linux < 6.4): tmpfs volumes can be swapped out; disable swap on this node or use volumeType: fuse"
+                    )
+                });
+                mount(&data).map_err(|e| fail(staging, e))?;
+            }
+            Err(e) => return Err(fail(staging, e)),
+        }
         let bind = nix::mount::mount(
             Some(staging),
             target,
@@ -226,6 +242,7 @@ impl TmpfsVolume {
             let entry = entry.map_err(|e| self.err(e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == DATA_LINK
+                || name == crate::broker::NODE_SOCKET
                 || name == want.snapshot_dir
                 || Some(&name) == want.previous_dir.as_ref()
             {

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod azure;
+pub mod bench;
 pub mod node;
 pub mod peers;
 
@@ -227,5 +228,53 @@ pub fn assert_no_secrets(secrets: &[&str], files: &[&Path], texts: &[(&str, &str
         for s in secrets {
             assert!(!text.contains(s), "secret {s:?} found in {what}");
         }
+    }
+}
+
+/// Polls `f` every 50 ms until it holds; fails the test naming `what` after `timeout`.
+/// Returns how long it took.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// A small tmpfs the test can fill up, unmounted however the test ends.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn new(dir: &Path, kib: usize) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        nix::mount::mount(
+            Some("kb-test-audit"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={kib}k").as_str()),
+        )
+        .unwrap();
+        SmallFs(dir.to_owned())
+    }
+
+    /// Writes a filler file until the filesystem is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }

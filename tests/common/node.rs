@@ -317,3 +317,23 @@ impl Pod {
         }
     }
 }
+
+/// A test directory where the local provider's object `db` holds `db`, and bindings let
+/// team-a/api read the objects `objects` (a YAML list, `[db]`) from it.
+pub fn local_setup(db: &str, objects: &str) -> (tempfile::TempDir, PathBuf) {
+    super::require_root_and_fuse();
+    let tmp = super::open_tempdir();
+    let root = tmp.path().to_owned();
+    std::fs::create_dir_all(root.join("secrets")).unwrap();
+    std::fs::write(root.join("secrets/db"), db).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/bindings.yaml"),
+        format!(
+            "bindings:\n  - name: apps\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects}\n",
+            root.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    (tmp, root)
+}

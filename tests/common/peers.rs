@@ -57,42 +57,56 @@ impl Bao {
             ),
         )
         .unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("server.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
-            .arg(format!("-dev-tls-cert-dir={}", dir.join("tls").display()))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .arg(format!("-config={}", dir.join("audit.hcl").display()))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let bao = Bao {
-            child,
-            addr: format!("https://127.0.0.1:{port}"),
-            ca: dir.join("tls/vault-ca.pem"),
-            audit_log,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = bao.ca.exists()
-                && bao
-                    .command(&["status", "-format=json"])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-            if ok {
-                break;
+        // A port picked this way can be taken again (as another connection's source port)
+        // before OpenBao binds it: a server that exits at start is started again on another.
+        for attempt in 1.. {
+            let port = free_port();
+            let log = std::fs::File::create(dir.join("server.log")).unwrap();
+            let child = Command::new(&bin)
+                .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
+                .arg(format!("-dev-tls-cert-dir={}", dir.join("tls").display()))
+                .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+                .arg(format!("-config={}", dir.join("audit.hcl").display()))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut bao = Bao {
+                child,
+                addr: format!("https://127.0.0.1:{port}"),
+                ca: dir.join("tls/vault-ca.pem"),
+                audit_log: audit_log.clone(),
+                dir: dir.clone(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let ok = bao.ca.exists()
+                    && bao
+                        .command(&["status", "-format=json"])
+                        .output()
+                        .is_ok_and(|o| o.status.success());
+                if ok {
+                    return bao;
+                }
+                let exited = bao.child.try_wait().ok().flatten().is_some();
+                let log =
+                    || std::fs::read_to_string(bao.dir.join("server.log")).unwrap_or_default();
+                assert!(
+                    Instant::now() < deadline && (!exited || attempt < 3),
+                    "OpenBao did not start:\n{}",
+                    log()
+                );
+                if exited {
+                    eprintln!(
+                        "OpenBao exited at start (attempt {attempt}); starting it again:\n{}",
+                        log()
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            assert!(
-                Instant::now() < deadline,
-                "OpenBao did not start:\n{}",
-                std::fs::read_to_string(bao.dir.join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
         }
-        bao
+        unreachable!()
     }
 
     pub fn command(&self, args: &[&str]) -> Command {

@@ -4,10 +4,12 @@
 // building, response checks and file writing (its atomic writer) run against keybroker.
 //
 //	driver-harness -providers-dir DIR -provider NAME < requests.json > results.json
+//	driver-harness -providers-dir DIR -serve-csi unix:///PATH -objects objects.json
 //
 // requests.json is a JSON list of {"attributes": {...}, "secrets": {...}, "targetPath": "...",
 // "permission": "420"}; each result is {"objectVersions": {...}, "errorCode": "...",
 // "error": "..."} in the same order. The driver's own marshalling of the maps is used.
+// With -serve-csi the driver's own node server runs instead (driver.go).
 package main
 
 import (
@@ -38,7 +40,13 @@ type result struct {
 func main() {
 	dir := flag.String("providers-dir", "", "the driver's providers directory")
 	name := flag.String("provider", "keybroker", "provider name (socket NAME.sock)")
+	serveCSI := flag.String("serve-csi", "", "serve the driver's own CSI node server on this endpoint (unix:///path)")
+	objectsPath := flag.String("objects", "", "with -serve-csi: JSON {classes: [SecretProviderClass], pods: [Pod]}")
 	flag.Parse()
+	if *serveCSI != "" {
+		serveDriver(*serveCSI, *dir, *objectsPath)
+		return
+	}
 	var reqs []request
 	if err := json.NewDecoder(os.Stdin).Decode(&reqs); err != nil {
 		fmt.Fprintln(os.Stderr, "requests:", err)

@@ -1,0 +1,626 @@
+//! Every open of a tmpfs volume's files audited without being in the read path: one fanotify
+//! group for the node, a filesystem mark on each volume's tmpfs instance (so an open through any
+//! mount of it counts: the target, a container's bind mount, another mount namespace), and one
+//! listener thread that turns events into the same coalesced `read` records a FUSE open gets.
+//!
+//! - **Notification mode** (default): `FAN_OPEN`; the reader never waits for keybroker. Every
+//!   process that opens a file version is recorded (its first open in each one-second window,
+//!   at once). The kernel merges a process's repeated opens of one file while they wait unread
+//!   in the queue, so the window's `count` is a lower bound here, not the exact number.
+//! - **Permission mode** (`--audit-fail-closed`): `FAN_OPEN_PERM`; each batch of opens is
+//!   recorded, the audit writer is flushed, and only then are the opens allowed; while the log
+//!   cannot be written they are refused (EPERM), and the refusals are recorded. Permission
+//!   events are never merged: counts are exact.
+//! - A queue overflow (the kernel dropped events) becomes a `gap` record naming every watched
+//!   volume and the time span in which opens may be missing: never silent.
+//! - In notification mode, with `FAN_REPORT_PIDFD` (Linux ≥ 5.15), each event carries a pidfd;
+//!   the process details read from /proc are kept only if the pidfd shows the same process still
+//!   holds the pid afterwards (a reused pid is never attributed to the wrong program). A process
+//!   that exited before its event was read is recorded by pid alone. In permission mode the
+//!   opener waits in `open` meanwhile, so /proc is read while it certainly exists.
+//!
+//! The kernel hands over one descriptor per event (the opened file, and the pidfd): both are
+//! read through /proc/self/fd and closed here, so no descriptor outlives its event.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+
+use crate::audit::{AuditLog, Event, EventKind, Outcome};
+use crate::procinfo::{ProcCache, ProcessRef};
+use crate::volume::content::RenderedFile;
+use crate::volume::opens::OpenWindows;
+use crate::volume::{Volume, VolumeError, VolumeKind};
+
+/// `struct fanotify_event_metadata`: event_len u32, vers u8, reserved u8, metadata_len u16,
+/// mask u64, fd i32, pid i32.
+const METADATA_LEN: usize = 24;
+const FANOTIFY_METADATA_VERSION: u8 = 3;
+/// `FAN_EVENT_INFO_TYPE_PIDFD` and `struct fanotify_event_info_pidfd` (header + i32).
+const INFO_TYPE_PIDFD: u8 = 4;
+const FAN_OPEN_BIT: u64 = 0x20;
+const FAN_OPEN_PERM_BIT: u64 = 0x0001_0000;
+const FAN_Q_OVERFLOW_BIT: u64 = 0x4000;
+const FAN_ALLOW: u32 = 0x01;
+const FAN_DENY: u32 = 0x02;
+
+/// How opens are watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Events after the fact; readers never wait.
+    Notify,
+    /// Opens wait until their record is written; refused while it cannot be.
+    Permission,
+}
+
+/// One file version of a volume, known by its inode.
+#[derive(Clone, Debug)]
+struct FileInfo {
+    name: String,
+    object: String,
+    version: String,
+}
+
+struct Watched {
+    volume: String,
+    /// Files of the current and the previous write, by inode (a reader may still be opening
+    /// the previous version when a rotation lands).
+    current: HashMap<u64, FileInfo>,
+    previous: HashMap<u64, FileInfo>,
+}
+
+/// (pid, uid, device, inode): one process, one file version.
+type OpenKey = (u32, u32, u64, u64);
+
+struct Shared {
+    fan: Fanotify,
+    mode: Mode,
+    pidfd: bool,
+    audit: AuditLog,
+    /// Watched volumes by the device number of their tmpfs.
+    volumes: Mutex<HashMap<u64, Watched>>,
+    windows: Mutex<OpenWindows<OpenKey>>,
+    procs: Mutex<ProcCache>,
+    stop: AtomicBool,
+    /// Opens seen (for tests and metrics).
+    opens: AtomicU64,
+    overflows: AtomicU64,
+    last_event: Mutex<SystemTime>,
+}
+
+/// The node's open auditor: one fanotify group, one listener thread.
+pub struct OpenAudit {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl OpenAudit {
+    /// Creates the group and starts the listener. Needs CAP_SYS_ADMIN.
+    pub fn start(audit: AuditLog, mode: Mode) -> std::io::Result<Arc<Self>> {
+        let class = match mode {
+            Mode::Notify => InitFlags::FAN_CLASS_NOTIF,
+            Mode::Permission => InitFlags::FAN_CLASS_CONTENT,
+        };
+        let base = class | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK;
+        let f_flags = EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC;
+        // In permission mode the opener waits in open() while its event is handled, so its
+        // /proc entry cannot go away meanwhile: no pidfd needed (and none to create per open).
+        let (fan, pidfd) = match mode {
+            Mode::Permission => (Fanotify::init(base, f_flags)?, false),
+            Mode::Notify => match Fanotify::init(base | InitFlags::FAN_REPORT_PIDFD, f_flags) {
+                Ok(f) => (f, true),
+                // Kernels before 5.15 have no FAN_REPORT_PIDFD.
+                Err(nix::errno::Errno::EINVAL) => (Fanotify::init(base, f_flags)?, false),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if mode == Mode::Notify && !pidfd {
+            tracing::warn!(
+                "this kernel has no FAN_REPORT_PIDFD (Linux < 5.15): opens are attributed by pid alone"
+            );
+        }
+        let shared = Arc::new(Shared {
+            fan,
+            mode,
+            pidfd,
+            audit,
+            volumes: Mutex::new(HashMap::new()),
+            windows: Mutex::new(OpenWindows::default()),
+            procs: Mutex::new(ProcCache::default()),
+            stop: AtomicBool::new(false),
+            opens: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+            last_event: Mutex::new(SystemTime::now()),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("kb-fanotify".into())
+            .spawn(move || listen(&s))?;
+        Ok(Arc::new(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.shared.mode
+    }
+
+    /// Whether events carry a pidfd (FAN_REPORT_PIDFD).
+    pub fn reports_pidfd(&self) -> bool {
+        self.shared.pidfd
+    }
+
+    /// Opens seen so far (every event, before coalescing).
+    pub fn opens(&self) -> u64 {
+        self.shared.opens.load(Ordering::Relaxed)
+    }
+
+    pub fn overflows(&self) -> u64 {
+        self.shared.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Marks the tmpfs instance mounted at `root` (the volume's staging mount).
+    pub fn watch(&self, volume: &str, root: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(root)?.dev();
+        let mask = match self.shared.mode {
+            Mode::Notify => MaskFlags::FAN_OPEN,
+            Mode::Permission => MaskFlags::FAN_OPEN_PERM,
+        };
+        self.shared.fan.mark(
+            MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+            mask,
+            nix::fcntl::AT_FDCWD,
+            Some(root),
+        )?;
+        lock(&self.shared.volumes).insert(
+            dev,
+            Watched {
+                volume: volume.to_owned(),
+                current: HashMap::new(),
+                previous: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Learns the inodes of a volume's files after a write (so records name the version).
+    pub fn learn(&self, root: &Path, files: &[RenderedFile]) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dev) = std::fs::metadata(root).map(|m| m.dev()) else {
+            return;
+        };
+        let data = root.join(crate::volume::tmpfs::DATA_LINK);
+        let current: HashMap<u64, FileInfo> = files
+            .iter()
+            .filter_map(|f| {
+                let ino = std::fs::metadata(data.join(f.name.as_str())).ok()?.ino();
+                Some((
+                    ino,
+                    FileInfo {
+                        name: f.name.as_str().to_owned(),
+                        object: f.object.clone(),
+                        version: f.version.clone(),
+                    },
+                ))
+            })
+            .collect();
+        if let Some(w) = lock(&self.shared.volumes).get_mut(&dev)
+            && w.current.keys().ne(current.keys())
+        {
+            w.previous = std::mem::replace(&mut w.current, current);
+        }
+    }
+
+    /// Stops watching the volume at `root` (before it is unmounted); its open windows are
+    /// recorded.
+    pub fn unwatch(&self, root: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dev) = std::fs::metadata(root).map(|m| m.dev()) else {
+            return;
+        };
+        let mask = match self.shared.mode {
+            Mode::Notify => MaskFlags::FAN_OPEN,
+            Mode::Permission => MaskFlags::FAN_OPEN_PERM,
+        };
+        let _ = self.shared.fan.mark(
+            MarkFlags::FAN_MARK_REMOVE | MarkFlags::FAN_MARK_FILESYSTEM,
+            mask,
+            nix::fcntl::AT_FDCWD,
+            Some(root),
+        );
+        lock(&self.shared.volumes).remove(&dev);
+        lock(&self.shared.windows).flush_where(&self.shared.audit, |k| k.2 == dev);
+    }
+
+    /// Stops the listener (the marks go with the group); open windows are recorded.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        lock(&self.shared.windows).flush(&self.shared.audit, true);
+    }
+}
+
+impl Drop for OpenAudit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One event as read from the group.
+#[derive(Debug, PartialEq, Eq)]
+struct RawEvent {
+    mask: u64,
+    fd: i32,
+    pid: i32,
+    pidfd: Option<i32>,
+}
+
+/// Parses a buffer of events (metadata and info records), as the kernel writes them.
+fn parse_events(buf: &[u8]) -> Vec<RawEvent> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while buf.len() - off >= METADATA_LEN {
+        let b = &buf[off..];
+        let event_len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let vers = b[4];
+        let metadata_len = u16::from_ne_bytes([b[6], b[7]]) as usize;
+        if event_len < METADATA_LEN || event_len > b.len() || vers != FANOTIFY_METADATA_VERSION {
+            break;
+        }
+        let mask = u64::from_ne_bytes(b[8..16].try_into().unwrap_or_default());
+        let fd = i32::from_ne_bytes(b[16..20].try_into().unwrap_or_default());
+        let pid = i32::from_ne_bytes(b[20..24].try_into().unwrap_or_default());
+        let mut pidfd = None;
+        let mut i = metadata_len.max(METADATA_LEN);
+        while i + 4 <= event_len {
+            let (info_type, len) = (b[i], u16::from_ne_bytes([b[i + 2], b[i + 3]]) as usize);
+            if len < 4 || i + len > event_len {
+                break;
+            }
+            if info_type == INFO_TYPE_PIDFD && len >= 8 {
+                pidfd = Some(i32::from_ne_bytes(
+                    b[i + 4..i + 8].try_into().unwrap_or_default(),
+                ));
+            }
+            i += len;
+        }
+        out.push(RawEvent {
+            mask,
+            fd,
+            pid,
+            pidfd,
+        });
+        off += event_len;
+    }
+    out
+}
+
+/// The name of a volume file from the path of its open descriptor: what follows the atomic
+/// writer's snapshot directory (`..2026_12_01_…/name`), whatever mount it was opened through.
+fn name_from_path(path: &str) -> Option<String> {
+    let mut parts = path.rsplit('/').collect::<Vec<_>>();
+    parts.reverse();
+    let snap = parts
+        .iter()
+        .rposition(|p| p.starts_with("..") && p.len() > 2)?;
+    let rest = parts[snap + 1..].join("/");
+    (!rest.is_empty()).then_some(rest)
+}
+
+fn close(fd: i32) {
+    if fd >= 0 {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// Whether the pidfd still names `pid` (not reaped; the pid cannot have been reused).
+fn pidfd_holds(pidfd: i32, pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        })
+        == Some(pid)
+}
+
+fn listen(s: &Shared) {
+    let me = std::process::id() as i32;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut last_tick = std::time::Instant::now();
+    while !s.stop.load(Ordering::Relaxed) {
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            lock(&s.windows).flush(&s.audit, false);
+            last_tick = std::time::Instant::now();
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&s.fan),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "fanotify poll failed; open auditing stopped");
+                return;
+            }
+        }
+        let n = match nix::unistd::read(&s.fan, &mut buf) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "fanotify read failed; open auditing stopped");
+                return;
+            }
+        };
+        handle_batch(s, parse_events(&buf[..n]), me);
+        if s.mode == Mode::Notify && n < buf.len() / 2 {
+            // Let events gather while nobody waits on the group: an open then queues its event
+            // without waking a sleeping listener, and a process's repeats merge in the queue.
+            // Records are late by at most this much; readers never wait.
+            std::thread::sleep(NOTIFY_GATHER);
+        }
+    }
+}
+
+/// How long the notification listener lets events gather between reads.
+const NOTIFY_GATHER: Duration = Duration::from_millis(2);
+
+/// Records a batch of events; in permission mode, answers each open after its record is
+/// written (or refuses it while the log cannot be written).
+fn handle_batch(s: &Shared, events: Vec<RawEvent>, me: i32) {
+    let mut answers: Vec<(i32, u32)> = Vec::new();
+    let permission = s.mode == Mode::Permission;
+    let may_serve = !permission || s.audit.may_serve();
+    let mut recorded = false;
+    for ev in events {
+        if ev.mask & FAN_Q_OVERFLOW_BIT != 0 {
+            overflow(s);
+            continue;
+        }
+        let is_perm = ev.mask & FAN_OPEN_PERM_BIT != 0;
+        if ev.mask & (FAN_OPEN_BIT | FAN_OPEN_PERM_BIT) == 0 || ev.fd < 0 {
+            close(ev.fd);
+            ev.pidfd.into_iter().for_each(close);
+            continue;
+        }
+        let verdict = if ev.pid == me {
+            // keybroker's own writer and adoption.
+            FAN_ALLOW
+        } else {
+            match record_open(s, &ev, may_serve) {
+                Some(true) => {
+                    recorded = true;
+                    FAN_ALLOW
+                }
+                Some(false) => FAN_ALLOW,
+                None => FAN_DENY,
+            }
+        };
+        if is_perm {
+            answers.push((ev.fd, verdict));
+        } else {
+            close(ev.fd);
+        }
+        ev.pidfd.into_iter().for_each(close);
+    }
+    if recorded && permission {
+        // "Allowed only after its record is written".
+        s.audit.flush();
+    }
+    for (fd, verdict) in answers {
+        let verdict = if verdict == FAN_ALLOW && permission && recorded && !s.audit.healthy() {
+            FAN_DENY
+        } else {
+            verdict
+        };
+        let mut resp = [0u8; 8];
+        resp[..4].copy_from_slice(&fd.to_ne_bytes());
+        resp[4..].copy_from_slice(&verdict.to_ne_bytes());
+        if let Err(e) = nix::unistd::write(&s.fan, &resp) {
+            tracing::error!(error = %e, "cannot answer a fanotify permission event");
+        }
+        close(fd);
+    }
+    *lock(&s.last_event) = SystemTime::now();
+}
+
+/// Records one open (coalesced). `Some(true)`: a record was queued; `Some(false)`: counted in
+/// an open window; `None`: refused (permission mode, log unwritable; the refusal is recorded).
+fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let fd_path = format!("/proc/self/fd/{}", ev.fd);
+    let meta = std::fs::metadata(&fd_path).ok()?;
+    if meta.is_dir() {
+        // Listing a directory is not reading a secret.
+        return Some(false);
+    }
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let (volume, info) = {
+        let vols = lock(&s.volumes);
+        let w = vols.get(&dev)?;
+        let info = w
+            .current
+            .get(&ino)
+            .or_else(|| w.previous.get(&ino))
+            .cloned()
+            .or_else(|| {
+                let p = std::fs::read_link(&fd_path).ok()?;
+                Some(FileInfo {
+                    name: name_from_path(&p.to_string_lossy())?,
+                    object: String::new(),
+                    version: String::new(),
+                })
+            });
+        (w.volume.clone(), info)
+    };
+    s.opens.fetch_add(1, Ordering::Relaxed);
+    let (mut process, fresh) = lock(&s.procs).resolve_pid(ev.pid as u32);
+    if fresh
+        && let Some(pidfd) = ev.pidfd.filter(|p| *p >= 0)
+        && !pidfd_holds(pidfd, ev.pid)
+    {
+        // The process was gone (and its pid possibly reused) before /proc was read: keep the
+        // pid only, and do not cache what was read.
+        process = ProcessRef {
+            pid: ev.pid as u32,
+            ..Default::default()
+        };
+        lock(&s.procs).forget(ev.pid as u32);
+    }
+    let make = |info: &Option<FileInfo>, process: ProcessRef| {
+        let mut e = Event::new(EventKind::Read).volume(volume.clone());
+        if let Some(i) = info {
+            e = e.file(i.name.clone());
+            if !i.object.is_empty() {
+                e = e.object(i.object.clone()).version(i.version.clone());
+            }
+        }
+        e.process(process)
+    };
+    if !may_serve {
+        s.audit.record(
+            make(&info, process)
+                .outcome(Outcome::Denied)
+                .detail("open refused: the audit log cannot be written"),
+        );
+        return None;
+    }
+    let key = (process.pid, process.uid, dev, ino);
+    Some(lock(&s.windows).note(&s.audit, key, || make(&info, process)))
+}
+
+fn overflow(s: &Shared) {
+    s.overflows.fetch_add(1, Ordering::Relaxed);
+    let since = *lock(&s.last_event);
+    let volumes: Vec<String> = lock(&s.volumes)
+        .values()
+        .map(|w| w.volume.clone())
+        .collect();
+    tracing::error!(volumes = ?volumes, "fanotify queue overflowed: some opens were not audited");
+    s.audit.record(
+        Event::new(EventKind::Gap)
+            .outcome(Outcome::Failure)
+            .detail(format!(
+                "fanotify queue overflowed: opens of volumes {} between {} and {} may be missing from this log",
+                volumes.join(", "),
+                humantime::format_rfc3339_micros(since),
+                humantime::format_rfc3339_micros(SystemTime::now())
+            )),
+    );
+}
+
+/// A tmpfs volume whose opens the node audits: every write teaches the auditor the files'
+/// inodes; unmount stops watching first.
+pub struct Audited {
+    inner: Box<dyn Volume>,
+    opens: Arc<OpenAudit>,
+    root: PathBuf,
+}
+
+impl Audited {
+    pub fn new(inner: Box<dyn Volume>, opens: Arc<OpenAudit>, root: PathBuf) -> Self {
+        Self { inner, opens, root }
+    }
+}
+
+impl Volume for Audited {
+    fn kind(&self) -> VolumeKind {
+        self.inner.kind()
+    }
+
+    fn apply(&self, files: &[RenderedFile]) -> Result<Vec<String>, VolumeError> {
+        let changed = self.inner.apply(files)?;
+        // Also after an unchanged write: a volume taken over after a restart learns its
+        // inodes at its first one.
+        self.opens.learn(&self.root, files);
+        Ok(changed)
+    }
+
+    fn tick(&self) {
+        self.inner.tick()
+    }
+
+    fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
+        self.opens.unwatch(&self.root);
+        self.inner.unmount()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(event_len: u32, mask: u64, fd: i32, pid: i32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&event_len.to_ne_bytes());
+        b.push(FANOTIFY_METADATA_VERSION);
+        b.push(0);
+        b.extend_from_slice(&(METADATA_LEN as u16).to_ne_bytes());
+        b.extend_from_slice(&mask.to_ne_bytes());
+        b.extend_from_slice(&fd.to_ne_bytes());
+        b.extend_from_slice(&pid.to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn events_with_and_without_a_pidfd_record() {
+        let mut buf = metadata(32, FAN_OPEN_BIT, 7, 100);
+        buf.extend_from_slice(&[INFO_TYPE_PIDFD, 0]);
+        buf.extend_from_slice(&8u16.to_ne_bytes());
+        buf.extend_from_slice(&9i32.to_ne_bytes());
+        buf.extend(metadata(24, FAN_Q_OVERFLOW_BIT, -1, 0));
+        let got = parse_events(&buf);
+        assert_eq!(
+            got,
+            vec![
+                RawEvent {
+                    mask: FAN_OPEN_BIT,
+                    fd: 7,
+                    pid: 100,
+                    pidfd: Some(9)
+                },
+                RawEvent {
+                    mask: FAN_Q_OVERFLOW_BIT,
+                    fd: -1,
+                    pid: 0,
+                    pidfd: None
+                },
+            ]
+        );
+        // A truncated or foreign record ends the parse instead of being misread.
+        assert!(parse_events(&buf[..20]).is_empty());
+        let mut bad = metadata(24, FAN_OPEN_BIT, 3, 1);
+        bad[4] = 2;
+        assert!(parse_events(&bad).is_empty());
+        assert!(parse_events(&metadata(400, FAN_OPEN_BIT, 3, 1)).is_empty());
+    }
+
+    #[test]
+    fn file_names_follow_the_snapshot_directory() {
+        assert_eq!(
+            name_from_path("/run/keybroker/staging/ab/..2026_12_01_10_00_00.1/password").as_deref(),
+            Some("password")
+        );
+        assert_eq!(
+            name_from_path("/mnt/secrets/..2026_12_01_10_00_00.1/cert/0").as_deref(),
+            Some("cert/0")
+        );
+        assert_eq!(name_from_path("/mnt/secrets/password"), None);
+        assert_eq!(name_from_path("/mnt/..2026/"), None);
+    }
+}

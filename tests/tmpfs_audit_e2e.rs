@@ -1,0 +1,339 @@
+//! Every open of a tmpfs volume audited through fanotify: opens by processes in other mount
+//! namespaces (each reading the volume through its own bind mount, as a container does) are
+//! recorded with their pid and command, coalesced per process; a queue overflow is a gap record;
+//! with `--audit-fail-closed` opens wait for their record and are refused (EPERM) while the log
+//! cannot be written.
+//!
+//! The tests here run one at a time (`SERIAL`): one of them lowers the kernel's
+//! `fs.fanotify.max_queued_events`, which every fanotify group created meanwhile would take.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::node::*;
+use common::*;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SECRET: &str = "S3cret-fanotify-31337";
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    local_setup(&format!(r#"{{"password":"{SECRET}"}}"#), "[db]")
+}
+
+const OBJECTS: &str = "- objectName: password\n  object: db\n  key: password\n";
+
+/// Publishes `pod`'s volume of [`OBJECTS`] with the node's default volume type.
+async fn publish(
+    node: &mut keybroker_csi::pb::node_client::NodeClient<tonic::transport::Channel>,
+    d: &Daemon,
+    pod: &Pod,
+    root: &Path,
+) {
+    node.node_publish_volume(pod.request_with(
+        root,
+        &[("provider", "local"), ("objects", OBJECTS)],
+        None,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+}
+
+/// Runs `script` (bash) as a program named `name`, in a new mount namespace where the volume at
+/// `target` is bind-mounted at `view` (a container's view of it). Returns its pid and output.
+fn in_container(root: &Path, name: &str, target: &Path, script: &str) -> (u32, String) {
+    let exe = root.join(name);
+    if !exe.exists() {
+        assert!(
+            Command::new("cp")
+                .arg("/bin/bash")
+                .arg(&exe)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let view = root.join(format!("view-{name}"));
+    std::fs::create_dir_all(&view).unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(&exe)
+        .arg("-c")
+        .arg(format!(
+            "mount --bind {} {} || exit 9; echo pid=$$; V={}; {script}",
+            target.display(),
+            view.display(),
+            view.display()
+        ))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{name}: {text}");
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name}: {text}"));
+    (pid, text)
+}
+
+/// Opens recorded for `pid` (a record with `count` stands for that many).
+fn opens_of(
+    records: &[serde_json::Value],
+    volume: &str,
+    pid: u32,
+) -> (u64, Vec<serde_json::Value>) {
+    let mine: Vec<serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "read" && r["volume"] == volume && r["process"]["pid"] == pid)
+        .cloned()
+        .collect();
+    let n = mine.iter().map(|r| r["count"].as_u64().unwrap_or(1)).sum();
+    (n, mine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_from_other_mount_namespaces_are_all_recorded_with_their_process() {
+    let _serial = SERIAL.lock().await;
+    let (_tmp, root) = setup();
+    let audit = root.join("audit.jsonl");
+    let d = Daemon::start_opts(&root, "1h", &audit, &[]);
+    let mut node = client(&d).await;
+    let pod = Pod::new("team-a", "api", 41);
+    // No volumeType: tmpfs is the node's default.
+    publish(&mut node, &d, &pod, &root).await;
+    let target = pod.target(&root);
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap()))
+        .expect("the target is a mount");
+    assert!(line.contains(" - tmpfs keybroker "), "{line}");
+    let staging = mi
+        .lines()
+        .find(|l| l.contains(" - tmpfs keybroker ") && l.contains("/run/keybroker/staging/"))
+        .expect("the staging mount");
+    assert!(staging.contains("noswap"), "mounted noswap: {staging}");
+
+    // Three "containers": 20, 35 and 50 opens, each by one process (bash's `read <`).
+    let counts = [("opener-a", 20u64), ("opener-b", 35), ("opener-c", 50)];
+    let mut pids = Vec::new();
+    for (name, n) in counts {
+        let (pid, out) = in_container(
+            &root,
+            name,
+            &target,
+            &format!(
+                "for i in $(seq {n}); do x=; read -r x < $V/password; [ -n \"$x\" ] || exit 3; done; echo \"got=$x\""
+            ),
+        );
+        assert!(out.contains(&format!("got={SECRET}")), "{out}");
+        pids.push(pid);
+    }
+    // And one open each by 5 short-lived processes (cat), through another mount namespace.
+    let (_, out) = in_container(
+        &root,
+        "opener-d",
+        &target,
+        "for i in 1 2 3 4 5; do cat $V/password > /dev/null & echo cat=$!; wait $! || exit 4; done",
+    );
+    let cat_pids: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("cat="))
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    assert_eq!(cat_pids.len(), 5, "{out}");
+    // Windows close after a second; the listener flushes them on its next tick.
+    std::thread::sleep(Duration::from_millis(2500));
+    let vid = format!("csi-{}", pod.uid);
+    let records = audit_records(&audit);
+    for ((name, n), pid) in counts.iter().zip(&pids) {
+        let (seen, mine) = opens_of(&records, &vid, *pid);
+        // One record when the window opened, one with the count of the repeats: the kernel
+        // merges a process's repeated opens of a file that are still queued, so the count is
+        // at least one and at most the opens made (exact in fail-closed mode).
+        assert!(
+            (1..=*n).contains(&seen) && (1..=2).contains(&mine.len()),
+            "{name}: {seen} opens in {mine:?}"
+        );
+        assert!(
+            mine[0]["count"].is_null(),
+            "the first record is written at once"
+        );
+        for r in &mine {
+            assert_eq!(r["process"]["comm"], *name);
+            assert_eq!(r["file"], "password");
+            assert_eq!(r["object"], "db");
+            assert!(r["version"].as_str().is_some_and(|v| !v.is_empty()), "{r}");
+            assert_eq!(r["process"]["uid"], 0);
+        }
+    }
+    for pid in &cat_pids {
+        // A process that exits before the listener reads its event is recorded by pid alone
+        // (its /proc entry is gone; with a pidfd a reused pid is never misattributed).
+        let (seen, mine) = opens_of(&records, &vid, *pid);
+        assert_eq!(seen, 1, "cat {pid}: {mine:?}");
+        assert!(
+            mine[0]["process"]["comm"].is_null() || mine[0]["process"]["comm"] == "cat",
+            "{mine:?}"
+        );
+    }
+    assert!(
+        !std::fs::read_to_string(&audit).unwrap().contains(SECRET),
+        "never the value"
+    );
+    // A rotation: opens after it name the new version.
+    let before = opens_of(&records, &vid, pids[0]).1[0]["version"].clone();
+    std::fs::write(
+        root.join("secrets/db"),
+        r#"{"password":"S3cret-fanotify-v2"}"#,
+    )
+    .unwrap();
+    wait_for("the rotation", Duration::from_secs(10), || {
+        read_file(&target.join("password")).is_ok_and(|v| v == "S3cret-fanotify-v2")
+    });
+    let (pid, _) = in_container(
+        &root,
+        "opener-e",
+        &target,
+        "read -r x < $V/password; [ -n \"$x\" ]",
+    );
+    wait_for("the new version's record", Duration::from_secs(5), || {
+        opens_of(&audit_records(&audit), &vid, pid)
+            .1
+            .first()
+            .is_some_and(|r| {
+                r["version"] != before && r["version"].as_str().is_some_and(|v| !v.is_empty())
+            })
+    });
+    node.node_unpublish_volume(pod.unpublish(&root))
+        .await
+        .unwrap();
+    assert!(!is_mount_point(&target));
+}
+
+/// A burst that overflows the kernel's queue becomes a gap record naming the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_overflow_is_a_gap_record() {
+    let _serial = SERIAL.lock().await;
+    let (_tmp, root) = setup();
+    let audit = root.join("audit.jsonl");
+    // A tiny queue for the groups created while it is set (this test's daemon only).
+    struct QueueSize(String);
+    impl Drop for QueueSize {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/fs/fanotify/max_queued_events", &self.0);
+        }
+    }
+    const SYSCTL: &str = "/proc/sys/fs/fanotify/max_queued_events";
+    let saved = QueueSize(std::fs::read_to_string(SYSCTL).unwrap());
+    std::fs::write(SYSCTL, "8").unwrap();
+    let d = Daemon::start_opts(&root, "1h", &audit, &[]);
+    drop(saved);
+    let mut node = client(&d).await;
+    let pod = Pod::new("team-a", "api", 42);
+    publish(&mut node, &d, &pod, &root).await;
+    let target = pod.target(&root);
+    // The listener stalls (the daemon stopped) while 20 processes open the file: 20 events
+    // that cannot merge (one per process) for a queue of 8.
+    let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid() as i32), sig);
+    stop(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let burst = std::panic::catch_unwind(|| {
+        in_container(
+            &root,
+            "burst",
+            &target,
+            "for i in $(seq 20); do cat $V/password > /dev/null || exit 5; done",
+        )
+    });
+    stop(nix::sys::signal::Signal::SIGCONT).unwrap();
+    burst.unwrap();
+    let vid = format!("csi-{}", pod.uid);
+    wait_for("a gap record", Duration::from_secs(10), || {
+        audit_records(&audit).iter().any(|r| {
+            r["event"] == "gap"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("fanotify queue overflowed") && d.contains(&vid))
+        })
+    });
+    node.node_unpublish_volume(pod.unpublish(&root))
+        .await
+        .unwrap();
+}
+
+/// `--audit-fail-closed`: an open waits for its record; while the log cannot be written opens
+/// are refused with EPERM (and the refusals recorded once it can), then served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_opens_while_the_log_is_unwritable() {
+    let _serial = SERIAL.lock().await;
+    let (_tmp, root) = setup();
+    let fs = SmallFs::new(&root.join("auditfs"), 512);
+    let audit = fs.0.join("audit.jsonl");
+    let d = Daemon::start_opts(&root, "1h", &audit, &["--audit-fail-closed"]);
+    let mut node = client(&d).await;
+    let pod = Pod::new("team-a", "api", 43);
+    node.node_publish_volume(pod.request_with(
+        &root,
+        &[
+            ("provider", "local"),
+            ("objects", OBJECTS),
+            ("volumeType", "tmpfs"),
+        ],
+        None,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+    let file = pod.target(&root).join("password");
+    assert_eq!(read_file(&file).unwrap(), SECRET);
+    let vid = format!("csi-{}", pod.uid);
+    let (pid, _) = in_container(
+        &root,
+        "reader",
+        &pod.target(&root),
+        "read -r x < $V/password; [ -n \"$x\" ]",
+    );
+    let (n, _) = opens_of(&audit_records(&audit), &vid, pid);
+    assert_eq!(
+        n, 1,
+        "the open's record was written before the open was allowed"
+    );
+    // Permission events are never merged: every open is counted.
+    let (pid, _) = in_container(
+        &root,
+        "reader-30",
+        &pod.target(&root),
+        "for i in $(seq 30); do x=; read -r x < $V/password; [ -n \"$x\" ] || exit 3; done",
+    );
+    wait_for("30 opens accounted for", Duration::from_secs(5), || {
+        opens_of(&audit_records(&audit), &vid, pid).0 == 30
+    });
+
+    fs.fill();
+    wait_for("opens refused", Duration::from_secs(10), || {
+        read_file(&file).is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
+    });
+    fs.unfill();
+    wait_for("opens served again", Duration::from_secs(10), || {
+        read_file(&file).is_ok()
+    });
+    wait_for("the refusals recorded", Duration::from_secs(10), || {
+        audit_records(&audit).iter().any(|r| {
+            r["event"] == "read"
+                && r["outcome"] == "denied"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("audit log cannot be written"))
+        })
+    });
+    node.node_unpublish_volume(pod.unpublish(&root))
+        .await
+        .unwrap();
+}
