@@ -7,7 +7,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::bench::{pct, rss_mib};
+use common::bench::{local_volume as request, pct, rss_mib, unpublish};
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,7 +15,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keybroker_csi::pb;
 use keybroker_csi::pb::node_client::NodeClient;
 use nix::mount::{MntFlags, MsFlags};
 
@@ -27,44 +26,6 @@ fn sequential() -> usize {
         .unwrap_or(200)
 }
 const CONCURRENT: usize = 100;
-
-fn request(root: &Path, i: usize, kind: &str) -> pb::NodePublishVolumeRequest {
-    let objects: String = (0..10)
-        .map(|o| format!("- objectName: file{o}\n  object: obj{o}\n"))
-        .collect();
-    let uid = format!("00000000-0000-0000-0000-{i:012}");
-    let ctx: HashMap<String, String> = [
-        ("csi.storage.k8s.io/pod.name", format!("web-{i}")),
-        ("csi.storage.k8s.io/pod.namespace", "bench".into()),
-        ("csi.storage.k8s.io/pod.uid", uid.clone()),
-        ("csi.storage.k8s.io/serviceAccount.name", "app".into()),
-        ("csi.storage.k8s.io/ephemeral", "true".into()),
-        ("provider", "local".into()),
-        ("volumeType", kind.into()),
-        ("objects", objects),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    pb::NodePublishVolumeRequest {
-        volume_id: format!("csi-{uid}"),
-        target_path: root.join(format!("pods/{uid}/mount")).display().to_string(),
-        volume_capability: Some(pb::VolumeCapability {
-            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-        }),
-        readonly: true,
-        volume_context: ctx,
-        ..Default::default()
-    }
-}
-
-fn unpublish(r: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeRequest {
-    pb::NodeUnpublishVolumeRequest {
-        volume_id: r.volume_id.clone(),
-        target_path: r.target_path.clone(),
-    }
-}
 
 /// kubelet's Secret volume, as the baseline: tmpfs mount, 10 files written, unmount.
 fn kubelet_style_secret_volume(dir: &Path) -> f64 {

@@ -126,12 +126,9 @@ enum Command {
         serve: ServeArgs,
         /// Volume type when a volume does not set volumeType.
         /// tmpfs (the default) survives keybroker restarts and has every open audited through
-        /// fanotify; fuse pins one version per open and audits per read.
+        /// fanotify; fuse pins one version per open.
         #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Tmpfs)]
         default_kind: KindArg,
-        /// FUSE request threads per volume.
-        #[arg(long, default_value_t = 1)]
-        fuse_threads: usize,
         /// After NodeUnpublishVolume, how long a FUSE volume that another mount namespace still
         /// holds keeps being served before its connection is aborted.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -367,6 +364,19 @@ fn fix_malloc_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn fix_malloc_mmap_threshold() {}
 
+/// Returns the free memory of glibc's heaps to the kernel (after volumes were unpublished: the
+/// freed pages would otherwise stay resident at the high-water mark).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases memory glibc already considers free; it takes the
+    // allocator's own locks and may be called from any thread at any time.
+    let _ = unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
+
 /// glibc gives each thread that allocates its own arena (up to 8 per core), each with its own
 /// resident heap pages; in the pod one arena serves the few threads there are.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -425,7 +435,6 @@ fn main() -> ExitCode {
             state_dir,
             serve,
             default_kind,
-            fuse_threads,
             fuse_linger,
             danger_test_controller,
         } => {
@@ -447,10 +456,10 @@ fn main() -> ExitCode {
                 default_kind: kind(default_kind),
                 poll: serve.poll_interval,
                 limits: Default::default(),
-                fuse_threads: fuse_threads.clamp(1, 8),
                 fuse_linger,
                 azure_managed,
                 audit_opens: true,
+                release_memory: Some(trim_heap),
             };
             let res = rt.block_on(run_node(
                 cfg,
@@ -485,11 +494,11 @@ fn main() -> ExitCode {
                 default_kind: keybroker::volume::VolumeKind::Tmpfs,
                 poll: serve.poll_interval,
                 limits: Default::default(),
-                fuse_threads: 1,
                 fuse_linger: std::time::Duration::ZERO,
                 azure_managed,
                 // The driver writes and serves the files: nothing of keybroker's to watch.
                 audit_opens: false,
+                release_memory: None,
             };
             let res = rt.block_on(run_node(
                 cfg,

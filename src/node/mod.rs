@@ -17,7 +17,7 @@ pub mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,7 +37,8 @@ use crate::provider::{Provider, ProviderError};
 use crate::refresh::{RefreshError, RefreshStatus, Refresher};
 use crate::volume::content::Limits;
 use crate::volume::fanotify::{self, Audited, OpenAudit};
-use crate::volume::fuse::{FuseOptions, FuseVolume};
+use crate::volume::fuse::FuseOptions;
+use crate::volume::fuse_mux::MuxVolume;
 use crate::volume::memfs::MemFs;
 use crate::volume::tmpfs::TmpfsVolume;
 use crate::volume::{Owner, Volume, VolumeKind, mountpoint};
@@ -56,13 +57,15 @@ pub struct NodeConfig {
     pub default_kind: VolumeKind,
     pub poll: Duration,
     pub limits: Limits,
-    pub fuse_threads: usize,
     /// How long an unpublished FUSE volume that another mount namespace still holds is served.
     pub fuse_linger: Duration,
     /// Where managed identities' tokens come from (IMDS, or the App Service endpoint).
     pub azure_managed: crate::provider::azure::ManagedEndpoint,
     /// Audit opens of tmpfs volumes with fanotify (node mode; needs CAP_SYS_ADMIN).
     pub audit_opens: bool,
+    /// Gives freed heap back to the kernel (glibc `malloc_trim`); run once unpublishes have
+    /// been quiet for a second.
+    pub release_memory: Option<fn()>,
 }
 
 /// What is recorded about a published volume: enough to take it over after a restart, and no
@@ -115,6 +118,8 @@ pub struct NodeService {
     ready: AtomicBool,
     /// Audits every open of every tmpfs volume (fanotify), when `cfg.audit_opens`.
     opens: Option<Arc<OpenAudit>>,
+    /// Unpublishes so far, to run `cfg.release_memory` once they have been quiet for a second.
+    unpublished: Arc<AtomicU64>,
 }
 
 /// What [`NodeService::recover_one`] says of a tmpfs volume it kept serving.
@@ -260,6 +265,7 @@ impl NodeService {
         };
         Ok(Arc::new(Self {
             opens,
+            unpublished: Arc::new(AtomicU64::new(0)),
             cache: Arc::new(FetchCache::new(cfg.poll)),
             bindings: ArcSwap::from_pointee(bindings),
             audit,
@@ -828,12 +834,13 @@ impl NodeService {
                 let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
                 fs.apply(&rendered.files);
                 let opts = FuseOptions {
-                    threads: self.cfg.fuse_threads,
+                    threads: 1,
                     allow_other: true,
                     kernel_cache: true,
                     linger: self.cfg.fuse_linger,
                 };
-                Box::new(FuseVolume::mount(target, fs, &opts).map_err(|e| {
+                // Served by a task on the runtime: threads do not grow with volumes.
+                Box::new(MuxVolume::mount(target, fs, &opts).map_err(|e| {
                     forget(created);
                     self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
                 })?)
@@ -1048,6 +1055,17 @@ impl NodeService {
         self.metrics.unpublishes.fetch_add(1, Ordering::Relaxed);
         self.audit.record(ev);
         lock(&self.target_locks).remove(&target);
+        if let Some(release) = self.cfg.release_memory {
+            // Once unpublishes have been quiet for a second, the freed heap goes back.
+            let seen = self.unpublished.fetch_add(1, Ordering::Relaxed) + 1;
+            let count = self.unpublished.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if count.load(Ordering::Relaxed) == seen {
+                    let _ = tokio::task::spawn_blocking(release).await;
+                }
+            });
+        }
         Ok(())
     }
 

@@ -406,7 +406,7 @@ impl Volume for FuseVolume {
 
 /// The FUSE connection number of the mount at `dir` (its device minor), which names the
 /// connection under /sys/fs/fuse/connections.
-fn connection_id(dir: &Path) -> Option<u32> {
+pub(crate) fn connection_id(dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = dir.to_str()?;
     text.lines().rev().find_map(|l| {
@@ -423,7 +423,7 @@ fn connection_id(dir: &Path) -> Option<u32> {
 }
 
 /// Aborts a FUSE connection through fusectl, mounting fusectl first where the system has not.
-fn abort_connection(conn: u32) -> std::io::Result<()> {
+pub(crate) fn abort_connection(conn: u32) -> std::io::Result<()> {
     let dir = Path::new("/sys/fs/fuse/connections");
     let abort = dir.join(conn.to_string()).join("abort");
     if !abort.exists() && super::mountpoint::mount_at(dir).is_none() {
@@ -439,6 +439,26 @@ fn abort_connection(conn: u32) -> std::io::Result<()> {
     std::fs::write(abort, "1")
 }
 
+/// A session outlives its unmount (another mount namespace holds the volume): counted, logged,
+/// audited.
+pub(crate) fn linger_started(dir: &Path, fs: &MemFs, linger: Duration) {
+    LINGERING.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(volume = %dir.display(), linger = ?linger, "unmounted, but another mount namespace still holds the FUSE volume; serving it there until that copy goes");
+    fs.audit_note(format!(
+        "unmounted at {}; another mount namespace still holds the volume, served until it lets go (at most {})",
+        dir.display(),
+        humantime::format_duration(linger)
+    ));
+}
+
+/// The lingering session ended (`how`).
+pub(crate) fn linger_ended(dir: &Path, fs: &MemFs, how: String) {
+    LINGERING.fetch_sub(1, Ordering::Relaxed);
+    fs.flush_reads(true);
+    tracing::info!(volume = %dir.display(), "{how}");
+    fs.audit_note(how);
+}
+
 /// Waits (off the caller's thread) for a session whose mount another namespace still holds;
 /// aborts its connection after `linger`. Audited at both ends.
 fn linger_in_background(
@@ -449,13 +469,7 @@ fn linger_in_background(
     joiner: std::thread::JoinHandle<()>,
     linger: Duration,
 ) {
-    LINGERING.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(volume = %dir.display(), linger = ?linger, "unmounted, but another mount namespace still holds the FUSE volume; serving it there until that copy goes");
-    fs.audit_note(format!(
-        "unmounted at {}; another mount namespace still holds the volume, served until it lets go (at most {})",
-        dir.display(),
-        humantime::format_duration(linger)
-    ));
+    linger_started(&dir, &fs, linger);
     let spawned = std::thread::Builder::new()
         .name("fuse-linger".into())
         .spawn(move || {
@@ -488,10 +502,7 @@ fn linger_in_background(
                     )
                 }
             };
-            LINGERING.fetch_sub(1, Ordering::Relaxed);
-            fs.flush_reads(true);
-            tracing::info!(volume = %dir.display(), "{ended}");
-            fs.audit_note(ended);
+            linger_ended(&dir, &fs, ended);
         });
     if spawned.is_err() {
         LINGERING.fetch_sub(1, Ordering::Relaxed);

@@ -9,6 +9,8 @@
 pub mod content;
 pub mod fanotify;
 pub mod fuse;
+pub mod fuse_mux;
+pub mod fusewire;
 pub mod memfs;
 pub mod mountpoint;
 pub mod opens;
