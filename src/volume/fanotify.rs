@@ -341,6 +341,7 @@ fn listen(s: &Shared) {
     let me = std::process::id() as i32;
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_tick = std::time::Instant::now();
+    let mut last_complaint: Option<std::time::Instant> = None;
     while !s.stop.load(Ordering::Relaxed) {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             lock(&s.windows).flush(&s.audit, false);
@@ -355,16 +356,17 @@ fn listen(s: &Shared) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "fanotify poll failed; open auditing stopped");
-                return;
+                // Never give up: in permission mode an unread event is an open that waits.
+                complain(&mut last_complaint, "poll", e);
+                continue;
             }
         }
         let n = match nix::unistd::read(&s.fan, &mut buf) {
             Ok(n) => n,
             Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "fanotify read failed; open auditing stopped");
-                return;
+                complain(&mut last_complaint, "read", e);
+                continue;
             }
         };
         handle_batch(s, parse_events(&buf[..n]), me);
@@ -377,13 +379,23 @@ fn listen(s: &Shared) {
     }
 }
 
+/// Logs a failing poll or read at most every 10 s, and backs off a little before retrying.
+fn complain(last: &mut Option<std::time::Instant>, what: &str, e: nix::errno::Errno) {
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        tracing::error!(error = %e, "fanotify {what} failed; retrying (opens of tmpfs volumes are not audited meanwhile)");
+        *last = Some(std::time::Instant::now());
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 /// How long the notification listener lets events gather between reads.
 const NOTIFY_GATHER: Duration = Duration::from_millis(2);
 
 /// Records a batch of events; in permission mode, answers each open after its record is
 /// written (or refuses it while the log cannot be written).
 fn handle_batch(s: &Shared, events: Vec<RawEvent>, me: i32) {
-    let mut answers: Vec<(i32, u32)> = Vec::new();
+    // (event fd, verdict, keybroker's own open)
+    let mut answers: Vec<(i32, u32, bool)> = Vec::new();
     let permission = s.mode == Mode::Permission;
     let may_serve = !permission || s.audit.may_serve();
     let mut recorded = false;
@@ -412,7 +424,7 @@ fn handle_batch(s: &Shared, events: Vec<RawEvent>, me: i32) {
             }
         };
         if is_perm {
-            answers.push((ev.fd, verdict));
+            answers.push((ev.fd, verdict, ev.pid == me));
         } else {
             close(ev.fd);
         }
@@ -422,8 +434,10 @@ fn handle_batch(s: &Shared, events: Vec<RawEvent>, me: i32) {
         // "Allowed only after its record is written".
         s.audit.flush();
     }
-    for (fd, verdict) in answers {
-        let verdict = if verdict == FAN_ALLOW && permission && recorded && !s.audit.healthy() {
+    for (fd, verdict, own) in answers {
+        // A record that could not be written after all refuses the opens it stood for (never
+        // keybroker's own writes).
+        let verdict = if verdict == FAN_ALLOW && !own && recorded && !s.audit.healthy() {
             FAN_DENY
         } else {
             verdict
@@ -452,7 +466,10 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
     let (dev, ino) = (meta.dev(), meta.ino());
     let (volume, info) = {
         let vols = lock(&s.volumes);
-        let w = vols.get(&dev)?;
+        // Not a watched volume (a mark being added or removed): not ours to refuse.
+        let Some(w) = vols.get(&dev) else {
+            return Some(false);
+        };
         let info = w
             .current
             .get(&ino)
