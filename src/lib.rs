@@ -23,6 +23,7 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod hardening;
+pub mod keeper;
 pub mod mount;
 pub mod node;
 pub mod notify;

@@ -38,6 +38,19 @@ enum KindArg {
     Tmpfs,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum KeeperMode {
+    Auto,
+    External,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AfterHandover {
+    Exit,
+    Wait,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Mount a secrets volume on DIR and keep it fresh until interrupted (Ctrl-C / SIGTERM).
@@ -133,10 +146,37 @@ enum Command {
         /// holds keeps being served before its connection is aborted.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         fuse_linger: std::time::Duration,
+        /// Who keeps the FUSE sessions' descriptors across restarts: `auto` connects to the
+        /// keeper at --fd-keeper-socket or starts one (a `keybroker node` run by hand);
+        /// `external` only connects (the DaemonSet's keeper container); `off` keeps none, and
+        /// a restart breaks every FUSE volume's running containers (ENOTCONN).
+        #[arg(long, value_enum, default_value_t = KeeperMode::Auto)]
+        fd_keeper: KeeperMode,
+        /// The fd keeper's socket (default: keeper.sock in --state-dir).
+        #[arg(long)]
+        fd_keeper_socket: Option<PathBuf>,
+        /// What this process does once it has handed its volumes over to a newer one (an
+        /// upgrade): `exit`, or `wait` for SIGTERM (in a pod, where an exit would be
+        /// restarted by kubelet; the DaemonSet deletes the old pod once the new one is ready).
+        #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
+        after_handover: AfterHandover,
         /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
         /// Exists only in builds with the `test-controller` feature.
         #[arg(long, hide = true)]
         danger_test_controller: bool,
+    },
+    /// Hold the node's FUSE session descriptors so FUSE volumes outlive a crash or restart of
+    /// `keybroker node` (the DaemonSet runs it as its own container; a node started by hand
+    /// starts one itself).
+    ///
+    /// It only keeps descriptors and hands them back (SCM_RIGHTS on a unix socket only its own
+    /// uid may use); it reads no FUSE request and holds no secret.
+    FdKeeper {
+        #[arg(long, default_value = "/run/keybroker/keeper.sock")]
+        socket: PathBuf,
+        /// Exit once it has held nothing and heard from nobody for this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        exit_when_idle: Option<std::time::Duration>,
     },
     /// Serve the Secrets Store CSI driver's provider API (behind an existing driver).
     ///
@@ -436,6 +476,9 @@ fn main() -> ExitCode {
             serve,
             default_kind,
             fuse_linger,
+            fd_keeper,
+            fd_keeper_socket,
+            after_handover,
             danger_test_controller,
         } => {
             let azure_managed = match serve.azure_managed() {
@@ -460,17 +503,44 @@ fn main() -> ExitCode {
                 azure_managed,
                 audit_opens: true,
                 release_memory: Some(trim_heap),
+                keeper: None,
+            };
+            raise_fd_limit();
+            let keeper_socket =
+                fd_keeper_socket.unwrap_or_else(|| cfg.state_dir.join("keeper.sock"));
+            let cfg = keybroker::node::NodeConfig {
+                keeper: keeper(fd_keeper, &keeper_socket),
+                ..cfg
             };
             let res = rt.block_on(run_node(
                 cfg,
                 Serving::Csi {
                     endpoint,
                     test_controller: danger_test_controller,
+                    wait_after_handover: after_handover == AfterHandover::Wait,
                 },
                 serve.audit(),
                 serve.metrics_addr,
             ));
             exit_code(res)
+        }
+        Command::FdKeeper {
+            socket,
+            exit_when_idle,
+        } => {
+            raise_fd_limit();
+            let opts = keybroker::keeper::KeeperOptions {
+                socket,
+                exit_when_idle,
+            };
+            match keybroker::keeper::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(socket = %opts.socket.display(), error = %e, "fd keeper stopped");
+                    eprintln!("error: fd keeper at {}: {e}", opts.socket.display());
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Provider { endpoint, serve } => {
             let azure_managed = match serve.azure_managed() {
@@ -499,6 +569,7 @@ fn main() -> ExitCode {
                 // The driver writes and serves the files: nothing of keybroker's to watch.
                 audit_opens: false,
                 release_memory: None,
+                keeper: None,
             };
             let res = rt.block_on(run_node(
                 cfg,
@@ -739,11 +810,89 @@ fn verify_command(
     }
 }
 
+/// Raises the soft limit of open descriptors to the hard one: the node holds two per FUSE
+/// volume (the session and the duplicate it hands over), the keeper one per volume.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit");
+    }
+}
+
+/// The fd keeper the node gives its FUSE sessions to (see `keybroker fd-keeper`).
+fn keeper(mode: KeeperMode, socket: &std::path::Path) -> Option<keybroker::keeper::KeeperClient> {
+    use std::time::{Duration, Instant};
+    let client = keybroker::keeper::KeeperClient::new(socket);
+    let answers_within = |wait: Duration| {
+        let started = Instant::now();
+        loop {
+            if client.ping().is_ok() {
+                return true;
+            }
+            if started.elapsed() >= wait {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    match mode {
+        KeeperMode::Off => {
+            tracing::warn!(
+                "--fd-keeper off: FUSE volumes end with this process (a restart breaks their running containers)"
+            );
+            None
+        }
+        KeeperMode::External => {
+            if !answers_within(Duration::from_secs(10)) {
+                tracing::error!(socket = %socket.display(), "the fd keeper does not answer yet; FUSE sessions are given to it once it does, and do not survive a crash before");
+            }
+            Some(client)
+        }
+        KeeperMode::Auto => {
+            if client.ping().is_ok() {
+                return Some(client);
+            }
+            // Its own process group: a signal to the node's group (Ctrl-C, a test harness)
+            // leaves it running, which is its whole point.
+            use std::os::unix::process::CommandExt;
+            let started = std::env::current_exe().and_then(|exe| {
+                std::process::Command::new(exe)
+                    .arg("fd-keeper")
+                    .arg("--socket")
+                    .arg(socket)
+                    .args(["--exit-when-idle", "60s"])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .process_group(0)
+                    .spawn()
+            });
+            match started {
+                Ok(child) if answers_within(Duration::from_secs(5)) => {
+                    tracing::info!(socket = %socket.display(), pid = child.id(), "started an fd keeper");
+                    Some(client)
+                }
+                Ok(_) => {
+                    tracing::error!(socket = %socket.display(), "the fd keeper started but does not answer; FUSE volumes will not survive a restart");
+                    Some(client)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start an fd keeper; FUSE volumes will not survive a restart");
+                    None
+                }
+            }
+        }
+    }
+}
+
 /// Which API a daemon serves its node service on.
 enum Serving {
     Csi {
         endpoint: String,
         test_controller: bool,
+        wait_after_handover: bool,
     },
     Provider {
         endpoint: String,
@@ -757,6 +906,26 @@ async fn run_node(
     metrics_addr: String,
 ) -> anyhow::Result<()> {
     use keybroker::node::NodeService;
+    // A process still serving this node hands its volumes over first (before this one opens
+    // the audit log it writes).
+    let csi = matches!(serving, Serving::Csi { .. });
+    let wait_after_handover = matches!(
+        serving,
+        Serving::Csi {
+            wait_after_handover: true,
+            ..
+        }
+    );
+    let handed = if csi {
+        keybroker::node::handover::request(&cfg.state_dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the handover from the running keybroker failed; taking the sessions from the fd keeper");
+            None
+        })
+    } else {
+        None
+    };
+    let state_dir = cfg.state_dir.clone();
+    let keeper = cfg.keeper.clone();
     let key = audit_args
         .key
         .as_deref()
@@ -769,9 +938,27 @@ async fn run_node(
     let shutdown = shutdown_on_signals();
     node.watch_bindings(shutdown.clone())
         .map_err(|e| anyhow::anyhow!("cannot watch the bindings file: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(&metrics_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_addr} for metrics: {e}"))?;
+    // After a handover the previous process may take a moment to let its port go.
+    let listener = {
+        let started = std::time::Instant::now();
+        loop {
+            match tokio::net::TcpListener::bind(&metrics_addr).await {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && handed.is_some()
+                        && started.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "cannot listen on {metrics_addr} for metrics: {e}"
+                    ));
+                }
+            }
+        }
+    };
     // The address actually bound (port 0 picks one).
     let metrics_addr = listener
         .local_addr()
@@ -782,7 +969,26 @@ async fn run_node(
         node.clone(),
         shutdown.clone(),
     ));
-    node.recover().await;
+    let sessions = match (handed, &keeper) {
+        (Some(s), _) => s,
+        (None, Some(k)) => k.take().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot take the FUSE sessions back from the fd keeper; FUSE volumes are remounted");
+            Default::default()
+        }),
+        (None, None) => Default::default(),
+    };
+    node.recover(sessions).await;
+    if csi {
+        keybroker::node::handover::listen(node.clone(), &state_dir, shutdown.clone()).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "cannot listen for a handover in {}: {e}",
+                    state_dir.display()
+                )
+            },
+        )?;
+        node.watch_keeper(shutdown.clone());
+    }
     let stop = shutdown.clone();
     let stopped = async move { stop.cancelled().await };
     let (endpoint, serve): (
@@ -792,6 +998,7 @@ async fn run_node(
         Serving::Csi {
             endpoint,
             test_controller,
+            ..
         } => {
             tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
             let e = endpoint.clone();
@@ -827,6 +1034,18 @@ async fn run_node(
     }
     node.shutdown().await;
     audit.flush();
-    tracing::info!("stopped");
+    if node.complete_handover() {
+        if wait_after_handover {
+            tracing::info!(
+                "handed over to the newer process; waiting for SIGTERM (the pod's deletion)"
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            term.recv().await;
+        }
+        tracing::info!("stopped after handing over");
+    } else {
+        tracing::info!("stopped");
+    }
     Ok(())
 }

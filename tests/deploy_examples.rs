@@ -42,3 +42,81 @@ fn example_pod_configs_are_valid() {
     }
     assert!(checked >= 2, "found {checked} example configs");
 }
+
+/// The rendered DaemonSet upgrades by surge (the new pod takes the volumes over from the old
+/// one), runs the fd keeper as a native sidecar sharing its socket's volume with keybroker, and
+/// every keybroker container's arguments are accepted by the binary built here.
+#[test]
+fn the_daemonset_keeps_fuse_sessions_across_restarts_and_upgrades() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keybroker.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let ds: serde_json::Value = text
+        .split("\n---\n")
+        .filter_map(|d| serde_norway::from_str::<serde_json::Value>(d).ok())
+        .find(|v| v["kind"] == "DaemonSet" && v["metadata"]["name"] == "keybroker-node")
+        .expect("the node DaemonSet");
+    let strategy = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(strategy["maxSurge"], 1);
+    assert_eq!(strategy["maxUnavailable"], 0);
+    let spec = &ds["spec"]["template"]["spec"];
+    let keeper = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "fd-keeper")
+        .expect("an fd-keeper container");
+    assert_eq!(keeper["restartPolicy"], "Always", "a native sidecar");
+    let node = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "keybroker")
+        .unwrap();
+    let args = |c: &serde_json::Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let socket_of = |args: &[String], flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"))
+            .to_owned()
+    };
+    let (keeper_args, node_args) = (args(keeper), args(node));
+    let socket = socket_of(&keeper_args, "--socket=");
+    assert_eq!(socket_of(&node_args, "--fd-keeper-socket="), socket);
+    assert!(node_args.contains(&"--fd-keeper=external".to_owned()));
+    // The socket's directory is the same volume in both containers.
+    let dir = Path::new(&socket)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let volume_at = |c: &serde_json::Value| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == dir.as_str())
+            .map(|m| m["name"].clone())
+    };
+    assert!(volume_at(keeper).is_some());
+    assert_eq!(volume_at(keeper), volume_at(node));
+    for a in [keeper_args, node_args] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
+            .args(&a)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "keybroker {a:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

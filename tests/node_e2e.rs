@@ -352,7 +352,7 @@ async fn a_hundred_volumes_publish_concurrently_and_leave_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
+async fn a_restart_keeps_tmpfs_and_fuse_volumes_serving() {
     let (_tmp, root) = setup();
     let mut d = Daemon::start(&root);
     let mut node = client(&d).await;
@@ -364,43 +364,47 @@ async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
     node.node_publish_volume(f.request(&root, A_OBJECTS, "fuse", None))
         .await
         .unwrap();
-    d.kill9();
-    // tmpfs content survives the daemon; the FUSE mount dies with it.
-    assert_eq!(read_file(&t.target(&root).join("api-key")).unwrap(), A_KEY);
+    drop(node);
     assert_eq!(
-        std::fs::read_dir(f.target(&root))
-            .unwrap_err()
-            .raw_os_error(),
-        Some(libc::ENOTCONN)
+        d.keeper().ping().unwrap(),
+        1,
+        "the keeper holds the FUSE session"
     );
+    d.kill9();
+    // tmpfs content survives the daemon as files; the FUSE session survives in the keeper
+    // (a reader would wait until the next process serves it).
+    assert_eq!(read_file(&t.target(&root).join("api-key")).unwrap(), A_KEY);
+    assert!(is_mount_point(&f.target(&root)), "the FUSE mount stays");
 
     let d = Daemon::start(&root);
     assert_eq!(d.metric("keybroker_volumes"), 2, "{}", d.logs());
+    let logs = d.logs();
     assert!(
-        d.logs().contains("tmpfs volume taken over after restart"),
-        "{}",
-        d.logs()
+        logs.contains("tmpfs volume taken over after restart"),
+        "{logs}"
     );
     assert!(
-        d.logs().contains("containers that already had it mounted"),
-        "{}",
-        d.logs()
+        logs.contains("FUSE session taken over after restart"),
+        "{logs}"
     );
-    assert_eq!(
-        read_file(&f.target(&root).join("api-key")).unwrap(),
-        A_KEY,
-        "FUSE volume remounted"
+    assert!(
+        !logs.contains("Containers that already had it mounted"),
+        "{logs}"
     );
-    // The taken-over tmpfs volume is refreshed again.
+    assert_eq!(d.metric("keybroker_repairs_total"), 0);
+    assert_eq!(read_file(&f.target(&root).join("api-key")).unwrap(), A_KEY);
+    // Both taken-over volumes are refreshed again.
     write_atomic(&root.join("secrets-a/api-key"), "S3cret-after-restart");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while read_file(&t.target(&root).join("api-key")).unwrap() != "S3cret-after-restart" {
-        assert!(
-            Instant::now() < deadline,
-            "taken-over volume not refreshed:\n{}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for p in [&t, &f] {
+        while read_file(&p.target(&root).join("api-key")).unwrap() != "S3cret-after-restart" {
+            assert!(
+                Instant::now() < deadline,
+                "taken-over volume not refreshed:\n{}",
+                d.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let mut node = client(&d).await;
     for p in [&t, &f] {
@@ -409,11 +413,53 @@ async fn restart_keeps_tmpfs_volumes_and_remounts_fuse() {
             .unwrap();
         assert!(!is_mount_point(&p.target(&root)));
     }
+    assert_eq!(
+        d.keeper().ping().unwrap(),
+        0,
+        "unpublish closes the kept session"
+    );
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mi.contains(root.to_str().unwrap()),
         "mounts left behind:\n{mi}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_fd_keeper_a_restart_remounts_fuse_and_says_what_it_means() {
+    let (_tmp, root) = setup();
+    let no_keeper = ["--fd-keeper", "off"];
+    let mut d = Daemon::start_opts(&root, "1s", &root.join("audit.jsonl"), &no_keeper);
+    let mut node = client(&d).await;
+    let f = Pod::new("team-a", "api", 8);
+    node.node_publish_volume(f.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    drop(node);
+    d.kill9();
+    assert_eq!(
+        std::fs::read_dir(f.target(&root))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    let d = Daemon::start_opts(&root, "1s", &root.join("audit.jsonl"), &no_keeper);
+    assert!(
+        d.logs().contains("Containers that already had it mounted"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(d.metric("keybroker_repairs_total"), 1);
+    assert_eq!(
+        read_file(&f.target(&root).join("api-key")).unwrap(),
+        A_KEY,
+        "FUSE volume remounted"
+    );
+    let mut node = client(&d).await;
+    node.node_unpublish_volume(f.unpublish(&root))
+        .await
+        .unwrap();
+    assert!(!is_mount_point(&f.target(&root)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,12 +10,14 @@
 //! health and is otherwise free: a transient provider error never breaks a healthy mount.
 
 pub mod bindings;
+pub mod handover;
 pub mod metrics;
 pub mod provider_api;
 pub mod request;
 pub mod token;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,16 +68,50 @@ pub struct NodeConfig {
     /// Gives freed heap back to the kernel (glibc `malloc_trim`); run once unpublishes have
     /// been quiet for a second.
     pub release_memory: Option<fn()>,
+    /// Where duplicates of the FUSE session descriptors are kept across restarts. `None`: FUSE
+    /// volumes end with the process (their containers see ENOTCONN).
+    pub keeper: Option<crate::keeper::KeeperClient>,
 }
 
 /// What is recorded about a published volume: enough to take it over after a restart, and no
 /// secret (no tokens, no values).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct VolumeRecord {
     volume_id: String,
     target: PathBuf,
     kind: VolumeKind,
     attributes: BTreeMap<String, String>,
+    /// A FUSE volume's session, for the next process to serve it without a second INIT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fuse: Option<FuseRecord>,
+}
+
+/// What a process that takes a FUSE session over must know (nothing secret): which kernel
+/// connection it is, the protocol minor agreed at INIT, and the names behind its inodes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct FuseRecord {
+    /// The connection number (device minor of the mount, /sys/fs/fuse/connections/N).
+    conn: u32,
+    minor: u32,
+    inodes: crate::volume::memfs::InodeTable,
+}
+
+/// A FUSE session this process serves, as the keeper and a handover see it.
+struct Session {
+    /// The name the keeper holds it under (the record's file name).
+    key: String,
+    /// A duplicate of the session descriptor.
+    fd: std::os::fd::OwnedFd,
+    fs: Arc<MemFs>,
+}
+
+/// A volume a previous process left mounted, to serve on.
+enum Adopt {
+    Tmpfs(TmpfsVolume),
+    Fuse {
+        fd: std::os::fd::OwnedFd,
+        rec: FuseRecord,
+    },
 }
 
 struct Published {
@@ -120,10 +156,16 @@ pub struct NodeService {
     opens: Option<Arc<OpenAudit>>,
     /// Unpublishes so far, to run `cfg.release_memory` once they have been quiet for a second.
     unpublished: Arc<AtomicU64>,
+    /// FUSE sessions by target (their descriptors go to the keeper and to a handover).
+    sessions: Mutex<HashMap<PathBuf, Session>>,
+    /// A newer process asked for this one's volumes: it gets the sessions at shutdown.
+    handover: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 /// What [`NodeService::recover_one`] says of a tmpfs volume it kept serving.
 const TAKEN_OVER: &str = "tmpfs volume taken over after restart";
+/// ... and of a FUSE session it serves on.
+const FUSE_TAKEN_OVER: &str = "FUSE session taken over after restart";
 
 /// Volume attribute parses that may run at once on the blocking pool.
 const PARSE_SLOTS: usize = 2;
@@ -158,9 +200,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The name of a target's record (and of its session at the keeper).
+fn record_key(target: &Path) -> String {
+    hex::encode(&Sha256::digest(target.as_os_str().as_encoded_bytes())[..12])
+}
+
 fn record_path(state_dir: &Path, target: &Path) -> PathBuf {
-    let key = hex::encode(&Sha256::digest(target.as_os_str().as_encoded_bytes())[..12]);
-    state_dir.join("volumes").join(format!("{key}.json"))
+    state_dir
+        .join("volumes")
+        .join(format!("{}.json", record_key(target)))
 }
 
 /// Whether a FUSE server answers at `target` (a killed one leaves ENOTCONN behind).
@@ -266,6 +314,8 @@ impl NodeService {
         Ok(Arc::new(Self {
             opens,
             unpublished: Arc::new(AtomicU64::new(0)),
+            sessions: Mutex::new(HashMap::new()),
+            handover: Mutex::new(None),
             cache: Arc::new(FetchCache::new(cfg.poll)),
             bindings: ArcSwap::from_pointee(bindings),
             audit,
@@ -755,7 +805,7 @@ impl NodeService {
         grant: Grant,
         provider: Arc<dyn Provider>,
         started: Instant,
-        adopt: Option<TmpfsVolume>,
+        adopt: Option<Adopt>,
     ) -> Result<(), NodeError> {
         let pod = vr.pod.clone();
         let identity = identity_key(&grant, &pod);
@@ -810,6 +860,10 @@ impl NodeService {
             target: target.to_owned(),
             kind: vr.kind,
             attributes: vr.attributes.clone(),
+            fuse: match &adopt {
+                Some(Adopt::Fuse { rec, .. }) => Some(rec.clone()),
+                _ => None,
+            },
         };
         let path = record_path(&self.cfg.state_dir, target);
         if let Err(e) = write_record(&path, &record) {
@@ -828,22 +882,72 @@ impl NodeService {
             undo_target(created);
         };
         let owner = Owner { uid: 0, gid: 0 };
+        let mut session = None;
         let volume: Box<dyn Volume> = match (adopt, vr.kind) {
-            (Some(t), _) => Box::new(t),
-            (None, VolumeKind::Fuse) => {
-                let fs = Arc::new(MemFs::new(vid, owner, Some(self.audit.clone())));
-                fs.apply(&rendered.files);
+            (Some(Adopt::Tmpfs(t)), _) => Box::new(t),
+            (adopt @ (None | Some(Adopt::Fuse { .. })), VolumeKind::Fuse) => {
                 let opts = FuseOptions {
                     threads: 1,
                     allow_other: true,
                     kernel_cache: true,
                     linger: self.cfg.fuse_linger,
                 };
+                let audit = Some(self.audit.clone());
+                // Every change of the inode table is recorded before the kernel can see it.
+                let record_table = |fs: &MemFs, conn: u32, minor: u32| {
+                    let (base, path) = (record.clone(), path.clone());
+                    fs.on_table(move |t| {
+                        let mut r = base.clone();
+                        r.fuse = Some(FuseRecord {
+                            conn,
+                            minor,
+                            inodes: t.clone(),
+                        });
+                        if let Err(e) = write_record(&path, &r) {
+                            tracing::warn!(record = %path.display(), error = %e, "cannot record the volume's inode table; a restart will remount it");
+                        }
+                    });
+                };
                 // Served by a task on the runtime: threads do not grow with volumes.
-                Box::new(MuxVolume::mount(target, fs, &opts).map_err(|e| {
+                let mounted = match adopt {
+                    Some(Adopt::Fuse { fd, rec }) => {
+                        let fs = Arc::new(MemFs::restore(vid, owner, audit, rec.inodes.clone()));
+                        fs.apply(&rendered.files);
+                        record_table(&fs, rec.conn, rec.minor);
+                        MuxVolume::adopt(target, fd, fs, &opts, rec.minor)
+                    }
+                    _ => {
+                        let fs = Arc::new(MemFs::new(vid, owner, audit));
+                        fs.apply(&rendered.files);
+                        MuxVolume::mount(target, fs, &opts).inspect(|v| {
+                            let conn = crate::volume::fuse::connection_id(target).unwrap_or(0);
+                            record_table(v.fs(), conn, v.minor());
+                        })
+                    }
+                };
+                let v = mounted.map_err(|e| {
                     forget(created);
                     self.fail(Some(&pod), vid, NodeError::Internal(e.to_string()))
-                })?)
+                })?;
+                session = match v.session_fd().try_clone_to_owned() {
+                    Ok(fd) => Some(Session {
+                        key: record_key(target),
+                        fd,
+                        fs: v.fs().clone(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(volume_id = vid, error = %e, "cannot duplicate the FUSE session descriptor; the volume will not survive a restart");
+                        None
+                    }
+                };
+                Box::new(v)
+            }
+            (Some(Adopt::Fuse { .. }), VolumeKind::Tmpfs) => {
+                return Err(self.fail(
+                    Some(&pod),
+                    vid,
+                    NodeError::Internal("a FUSE session recorded for a tmpfs volume".into()),
+                ));
             }
             (None, VolumeKind::Tmpfs) => {
                 let v = TmpfsVolume::mount(
@@ -957,6 +1061,9 @@ impl NodeService {
                 }
             })
         });
+        if let Some(s) = session {
+            self.keep_session(target, s);
+        }
         let keys = refresher.keys();
         let status = refresher.status();
         let poll = self.cfg.poll;
@@ -1007,6 +1114,7 @@ impl NodeService {
         // The record goes first: a crash after this leaves at most a mount without a record,
         // which kubelet's retried unpublish (or the next publish there) cleans.
         let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
+        self.forget_session(&target);
         let entry = lock(&self.volumes).remove(&target);
         let mut ev = Event::new(EventKind::Unmount).volume(req.volume_id.clone());
         match entry {
@@ -1139,24 +1247,110 @@ impl NodeService {
         }
     }
 
-    /// Takes over the volumes a previous keybroker process published (from the state
-    /// directory): tmpfs volumes keep being served; dead FUSE mounts are replaced and reported.
-    pub async fn recover(&self) {
-        let dir = self.cfg.state_dir.join("volumes");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            self.ready.store(true, Ordering::Relaxed);
-            return;
+    /// Keeps a FUSE session's descriptor: at the keeper (so the connection outlives this
+    /// process) and here (for a handover).
+    fn keep_session(&self, target: &Path, s: Session) {
+        if let Some(k) = &self.cfg.keeper
+            && let Err(e) = k.put(&s.key, s.fd.as_fd())
+        {
+            tracing::warn!(target = %target.display(), error = %e, "the fd keeper does not hold the FUSE session; the volume will not survive a crash until it does (given again when the keeper answers)");
+        }
+        lock(&self.sessions).insert(target.to_owned(), s);
+    }
+
+    fn forget_session(&self, target: &Path) {
+        let gone = lock(&self.sessions).remove(target);
+        if let (Some(s), Some(k)) = (gone, &self.cfg.keeper)
+            && let Err(e) = k.drop_fd(&s.key)
+        {
+            tracing::warn!(target = %target.display(), error = %e, "cannot tell the fd keeper to close a session (it closes it itself once the connection ends)");
+        }
+    }
+
+    /// Gives the keeper every session it lacks (it restarted, or this process took the
+    /// sessions over from another one with a keeper of its own). Returns how many were given.
+    pub fn sync_keeper(&self, all: bool) -> usize {
+        let Some(k) = &self.cfg.keeper else { return 0 };
+        let sessions = lock(&self.sessions);
+        let held = match k.ping() {
+            Ok(n) => n,
+            Err(e) => {
+                if !sessions.is_empty() {
+                    tracing::warn!(error = %e, sessions = sessions.len(), "the fd keeper does not answer: FUSE volumes will not survive a crash of this process until it does");
+                }
+                return 0;
+            }
         };
+        if !all && held >= sessions.len() {
+            return 0;
+        }
+        let mut given = 0;
+        for (target, s) in sessions.iter() {
+            match k.put(&s.key, s.fd.as_fd()) {
+                Ok(_) => given += 1,
+                Err(e) => {
+                    tracing::warn!(target = %target.display(), error = %e, "cannot give the fd keeper a FUSE session")
+                }
+            }
+        }
+        if given > 0 && !all {
+            tracing::warn!(
+                sessions = given,
+                "the fd keeper had lost FUSE sessions (restarted?); given again"
+            );
+        }
+        given
+    }
+
+    /// Keeps the fd keeper in step every few seconds, until `shutdown`.
+    pub fn watch_keeper(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.cfg.keeper.is_none() {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                let n = node.clone();
+                let _ = tokio::task::spawn_blocking(move || n.sync_keeper(false)).await;
+            }
+        });
+    }
+
+    /// Takes over the volumes a previous keybroker process published (from the state
+    /// directory): tmpfs volumes keep being served; FUSE sessions whose descriptor came back
+    /// (`sessions`, from the keeper or a handover, by record key) are served again without a
+    /// new INIT; other FUSE mounts are dead and replaced. Descriptors of no recorded volume are
+    /// closed. Every outcome is audited.
+    pub async fn recover(&self, mut sessions: BTreeMap<String, std::os::fd::OwnedFd>) {
+        let dir = self.cfg.state_dir.join("volumes");
         let mut taken_over = Vec::new();
-        for e in entries.flatten() {
-            let Ok(bytes) = std::fs::read(e.path()) else {
-                continue;
-            };
-            let Ok(rec) = serde_json::from_slice::<VolumeRecord>(&bytes) else {
-                tracing::warn!(file = %e.path().display(), "unreadable volume record; ignored");
-                continue;
-            };
-            match self.recover_one(&rec).await {
+        let mut records = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "json") {
+                    // A record half written when a process died: the complete one is beside it.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                match serde_json::from_slice::<VolumeRecord>(&bytes) {
+                    Ok(rec) => records.push(rec),
+                    Err(_) => {
+                        tracing::warn!(file = %path.display(), "unreadable volume record; ignored")
+                    }
+                }
+            }
+        }
+        for rec in records {
+            let session = sessions.remove(&record_key(&rec.target));
+            match self.recover_one(&rec, session).await {
                 Ok(how) => {
                     if how == TAKEN_OVER {
                         taken_over.push(rec.volume_id.clone());
@@ -1168,6 +1362,19 @@ impl NodeService {
                 }
             }
         }
+        for (key, fd) in sessions {
+            // Unpublished while no process ran (its record went first): its connection is
+            // closed with the last descriptor.
+            drop(fd);
+            if let Some(k) = &self.cfg.keeper {
+                let _ = k.drop_fd(&key);
+            }
+            self.audit
+                .record(Event::new(EventKind::Unmount).volume(key.clone()).detail(
+                    "FUSE session of no recorded volume (unpublished during a restart) closed",
+                ));
+        }
+        self.sync_keeper(true);
         if !taken_over.is_empty() && self.opens.is_some() {
             // Between the previous process's last record and now nobody watched these volumes.
             taken_over.sort();
@@ -1187,7 +1394,11 @@ impl NodeService {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    async fn recover_one(&self, rec: &VolumeRecord) -> Result<&'static str, NodeError> {
+    async fn recover_one(
+        &self,
+        rec: &VolumeRecord,
+        session: Option<std::os::fd::OwnedFd>,
+    ) -> Result<&'static str, NodeError> {
         let vr = request::parse(
             &rec.attributes,
             &Default::default(),
@@ -1202,42 +1413,76 @@ impl NodeService {
             .map_err(|why| self.deny(Some(&vr.pod), &rec.volume_id, why))?;
         let provider = self.provider_for(&grant, &vr, &rec.target)?;
         let staging = mountpoint::staging_dir(&rec.target);
-        let live_tmpfs = rec.kind == VolumeKind::Tmpfs
-            && target_alive(&rec.target)
-            && mountpoint::mount_at(&staging).is_some_and(|m| mountpoint::is_keybroker_mount(&m));
         let pod = vr.pod.clone();
-        let adopted = if live_tmpfs {
-            Some(TmpfsVolume::adopt(
-                &rec.target,
-                &staging,
-                Owner { uid: 0, gid: 0 },
-            ))
-        } else {
-            detach_all(&rec.target);
-            None
+        let adopt = match (rec.kind, &rec.fuse, session) {
+            (VolumeKind::Tmpfs, _, _)
+                if target_alive(&rec.target)
+                    && mountpoint::mount_at(&staging)
+                        .is_some_and(|m| mountpoint::is_keybroker_mount(&m)) =>
+            {
+                Some(Adopt::Tmpfs(TmpfsVolume::adopt(
+                    &rec.target,
+                    &staging,
+                    Owner { uid: 0, gid: 0 },
+                )))
+            }
+            // The descriptor must be the connection still mounted at the target.
+            (VolumeKind::Fuse, Some(fr), Some(fd))
+                if crate::volume::fuse::connection_id(&rec.target) == Some(fr.conn)
+                    && !crate::keeper::ended(fd.as_fd()) =>
+            {
+                Some(Adopt::Fuse {
+                    fd,
+                    rec: fr.clone(),
+                })
+            }
+            _ => {
+                detach_all(&rec.target);
+                None
+            }
         };
-        self.mount_new(
-            &rec.volume_id,
-            &rec.target,
-            vr,
-            grant,
-            provider,
-            Instant::now(),
-            adopted,
-        )
-        .await?;
-        if live_tmpfs {
+        let how = match &adopt {
+            Some(Adopt::Tmpfs(_)) => Some("tmpfs volume taken over after a keybroker restart"),
+            Some(Adopt::Fuse { .. }) => Some(
+                "FUSE session taken over after a keybroker restart (readers waited, none saw an error)",
+            ),
+            None => None,
+        };
+        let res = self
+            .mount_new(
+                &rec.volume_id,
+                &rec.target,
+                vr,
+                grant,
+                provider,
+                Instant::now(),
+                adopt,
+            )
+            .await;
+        if let Err(e) = res {
+            if rec.kind == VolumeKind::Fuse {
+                // A session nobody serves would make its readers wait forever: end it.
+                detach_all(&rec.target);
+            }
+            return Err(e);
+        }
+        if let Some(how) = how {
             self.audit.record(
                 Event::new(EventKind::Mount)
                     .volume(rec.volume_id.clone())
                     .pod(pod.audit_ref())
-                    .detail("tmpfs volume taken over after a keybroker restart"),
+                    .detail(how),
             );
-            return Ok(TAKEN_OVER);
+            return Ok(if rec.kind == VolumeKind::Tmpfs {
+                TAKEN_OVER
+            } else {
+                FUSE_TAKEN_OVER
+            });
         }
         if rec.kind == VolumeKind::Fuse {
-            let msg = "FUSE volume was served by the previous keybroker process and is remounted; containers \
-                       that already had it mounted see a dead mount (ENOTCONN) until the pod restarts";
+            let msg = "FUSE volume was served by the previous keybroker process and no fd keeper kept its \
+                       session; remounted. Containers that already had it mounted see a dead mount \
+                       (ENOTCONN) until the pod restarts";
             tracing::error!(volume_id = %rec.volume_id, pod = %pod, "{msg}");
             self.audit.record(
                 Event::new(EventKind::Error)
@@ -1252,9 +1497,10 @@ impl NodeService {
         Ok("volume remounted after restart")
     }
 
-    /// Process shutdown: stops every refresher. tmpfs volumes stay mounted with their content
-    /// (the next process takes them over, pods keep reading); FUSE volumes end with this
-    /// process, and their records make the next process remount them.
+    /// Process shutdown: stops every refresher, then every FUSE session between two requests.
+    /// Mounts stay: tmpfs volumes with their content, FUSE sessions held by the fd keeper
+    /// (their readers wait in the kernel until the next process serves them). A newer
+    /// process that asked for a handover gets the sessions now.
     pub async fn shutdown(&self) {
         let all: Vec<Published> = lock(&self.volumes).drain().map(|(_, p)| p).collect();
         for p in all {
@@ -1263,11 +1509,53 @@ impl NodeService {
                 drop(volume);
             }
         }
+        let left = crate::volume::fuse_mux::stop_serving(Duration::from_secs(2));
+        if left > 0 {
+            tracing::error!(
+                sessions = left,
+                "FUSE sessions still busy after 2 s; exiting anyway"
+            );
+        }
+        for s in lock(&self.sessions).values() {
+            s.fs.flush_reads(true);
+        }
         if let Some(o) = &self.opens {
             // Open windows are recorded; tmpfs volumes stay mounted, unaudited until the next
             // process takes them over (it records the gap).
             o.stop();
         }
+        if lock(&self.handover).is_some() {
+            self.audit
+                .record(Event::new(EventKind::Unmount).detail(format!(
+                "handing {} FUSE sessions and every tmpfs volume over to a newer keybroker process",
+                lock(&self.sessions).len()
+            )));
+        }
+    }
+
+    /// Sends the sessions to the process that asked for a handover (after [`Self::shutdown`]
+    /// and the audit log's last flush). True when one was asked for.
+    pub fn complete_handover(&self) -> bool {
+        let Some(conn) = lock(&self.handover).take() else {
+            return false;
+        };
+        let sessions = lock(&self.sessions);
+        let res = crate::keeper::send_all(
+            conn.as_fd(),
+            sessions.values().map(|s| (s.key.as_str(), s.fd.as_fd())),
+        );
+        match res {
+            Ok(()) => tracing::info!(sessions = sessions.len(), "volumes handed over"),
+            Err(e) => {
+                tracing::error!(error = %e, "the handover failed; the fd keeper still holds the sessions")
+            }
+        }
+        true
+    }
+
+    /// Called by the handover listener: a newer process takes over at this one's shutdown.
+    pub fn hand_over_to(&self, conn: std::os::fd::OwnedFd) {
+        *lock(&self.handover) = Some(conn);
     }
 }
 

@@ -12,14 +12,19 @@
 //!
 //! A session does not depend on the process that mounted it: it is a descriptor and the state
 //! of [`MemFs`]. [`MuxVolume::session_fd`] gives the descriptor to whoever must keep the
-//! connection alive across a restart.
+//! connection alive across a restart (the fd keeper, `crate::keeper`); [`MuxVolume::adopt`]
+//! serves such a descriptor in the next process without a second INIT: the protocol minor is
+//! the one recorded at mount, requests the dead server had read are queued again
+//! (`FUSE_NOTIFY_RESEND`), and the previous process's inodes answer through
+//! [`MemFs::restore`]. [`stop_serving`] stops every session between two requests, so a process
+//! that exits never leaves one half answered.
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
@@ -47,6 +52,29 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("the FUSE runtime starts (threads can be created)")
     })
+}
+
+/// Stops every session (process exit or handover); see [`stop_serving`].
+fn stopping() -> &'static tokio_util::sync::CancellationToken {
+    static STOP: std::sync::OnceLock<tokio_util::sync::CancellationToken> =
+        std::sync::OnceLock::new();
+    STOP.get_or_init(tokio_util::sync::CancellationToken::new)
+}
+
+/// Sessions whose task is running.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Stops serving every session of this process between two requests and waits (at most
+/// `wait`) until none is in the middle of one. The mounts and descriptors stay: readers wait
+/// in the kernel until another process (holding the descriptors through the keeper) serves
+/// them. Returns how many sessions were still running when the wait ended (0 normally).
+pub fn stop_serving(wait: Duration) -> usize {
+    stopping().cancel();
+    let started = std::time::Instant::now();
+    while RUNNING.load(Ordering::Acquire) > 0 && started.elapsed() < wait {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    RUNNING.load(Ordering::Acquire)
 }
 
 thread_local! {
@@ -116,34 +144,86 @@ impl MuxVolume {
             Some(data.as_str()),
         )
         .map_err(|e| mount_err(dir, e))?;
-        let session = if opts.kernel_cache {
-            Session {
-                ttl: TTL,
-                open_flags: wire::FOPEN_KEEP_CACHE,
-            }
-        } else {
-            Session {
-                ttl: (0, 0),
-                open_flags: wire::FOPEN_DIRECT_IO,
-            }
-        };
-        let rt = runtime();
+        let session = session_for(opts);
         let registered = {
-            let _in_rt = rt.enter();
+            let _in_rt = runtime().enter();
             Self::serve(dev, fs, session, 0)
         };
-        match registered {
-            Ok(conn) => Ok(Self {
-                task: rt.spawn(run(conn.clone())),
+        let v = match registered {
+            Ok(conn) => Self {
+                task: spawn(conn.clone()),
                 conn,
                 dir: dir.to_owned(),
                 linger: opts.linger,
-            }),
+            },
             Err(e) => {
                 let _ = nix::mount::umount2(dir, MntFlags::MNT_DETACH);
-                Err(mount_err(dir, e))
+                return Err(mount_err(dir, e));
             }
+        };
+        // The kernel sent INIT with the mount; its answer (the protocol minor a later process
+        // must keep speaking) comes within microseconds.
+        let waited = std::time::Instant::now();
+        while v.minor() == 0 && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_micros(200));
         }
+        if v.minor() == 0 {
+            let _ = Box::new(v).unmount();
+            return Err(mount_err(
+                dir,
+                "the kernel's INIT was not answered within 5 s",
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Serves a live session a previous process mounted (`dev` from the fd keeper or a
+    /// handover) without INIT: `minor` is what that process agreed with the kernel, `fs` was
+    /// [`MemFs::restore`]d from its inode table and filled anew. Requests the previous process
+    /// had read but not answered are queued again, and every entry and inode of the previous
+    /// process is invalidated, so the kernel looks names up afresh.
+    pub fn adopt(
+        dir: &Path,
+        dev: std::os::fd::OwnedFd,
+        fs: Arc<MemFs>,
+        opts: &FuseOptions,
+        minor: u32,
+    ) -> Result<Self, VolumeError> {
+        let rt = runtime();
+        let conn = {
+            let _in_rt = rt.enter();
+            Self::serve(File::from(dev), fs, session_for(opts), minor)
+        }
+        .map_err(|e| mount_err(dir, e))?;
+        let v = Self {
+            task: spawn(conn.clone()),
+            conn,
+            dir: dir.to_owned(),
+            linger: opts.linger,
+        };
+        // Linux ≥ 6.9; before it, a request the dead server had read stays unanswered (its
+        // reader waits until the volume goes).
+        if let Err(e) = v.notify(|r| r.resend()) {
+            tracing::warn!(volume = %dir.display(), error = %e, "cannot ask the kernel to resend requests the previous process had read (FUSE_NOTIFY_RESEND needs Linux 6.9)");
+        }
+        // Sent from this thread, not a session worker: an invalidation may wait for a lookup
+        // the session answers.
+        let fs = &v.conn.fs;
+        let mut parents = std::collections::BTreeSet::from([ROOT_INO]);
+        for (ino, parent, name) in fs.aliases() {
+            let _ = v.notify(|r| r.inval_entry(parent, &name));
+            let _ = v.notify(|r| r.inval_inode(ino));
+            parents.insert(parent);
+        }
+        for p in parents {
+            let _ = v.notify(|r| r.inval_inode(p));
+        }
+        Ok(v)
+    }
+
+    /// The protocol minor agreed at INIT (0 before).
+    pub fn minor(&self) -> u32 {
+        self.conn.minor.load(Ordering::Relaxed)
     }
 
     fn serve(
@@ -185,21 +265,52 @@ impl MuxVolume {
     }
 }
 
-/// Reads and answers requests until the connection ends (unmounted, or aborted).
+fn session_for(opts: &FuseOptions) -> Session {
+    if opts.kernel_cache {
+        Session {
+            ttl: TTL,
+            open_flags: wire::FOPEN_KEEP_CACHE,
+        }
+    } else {
+        Session {
+            ttl: (0, 0),
+            open_flags: wire::FOPEN_DIRECT_IO,
+        }
+    }
+}
+
+fn spawn(conn: Arc<Conn>) -> tokio::task::JoinHandle<()> {
+    RUNNING.fetch_add(1, Ordering::AcqRel);
+    runtime().spawn(async move {
+        run(conn).await;
+        RUNNING.fetch_sub(1, Ordering::AcqRel);
+    })
+}
+
+/// Reads and answers requests until the connection ends (unmounted, or aborted) or
+/// [`stop_serving`].
 async fn run(conn: Arc<Conn>) {
+    let stop = stopping();
     loop {
         // A connection that ends (its last mount gone, or aborted) polls as an error, not as
         // readable: wait for both, and let the read tell which (ENODEV ends the session).
         let interest = tokio::io::Interest::READABLE.add(tokio::io::Interest::ERROR);
-        let mut guard = match conn.dev.ready(interest).await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "FUSE session cannot wait for requests; it ends");
-                return;
-            }
+        let mut guard = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            g = conn.dev.ready(interest) => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "FUSE session cannot wait for requests; it ends");
+                    return;
+                }
+            },
         };
         // Everything queued, then wait again.
         loop {
+            if stop.is_cancelled() {
+                return;
+            }
             let res = BUFS.with(|b| {
                 let (buf, reply) = &mut *b.borrow_mut();
                 match nix::unistd::read(conn.dev.get_ref(), buf) {
@@ -299,7 +410,9 @@ fn handle(conn: &Conn, bytes: &[u8], r: &mut Reply) {
             }
         }
         op::READ => {
-            match wire::parse_read(body).map(|(fh, off, size)| (fs.handle(fh), off, size)) {
+            match wire::parse_read(body)
+                .map(|(fh, off, size)| (fs.read_node(fh, h.nodeid), off, size))
+            {
                 Some((Ok(node), off, size)) => {
                     r.data(h.unique, read_range(node.bytes(), off, size))
                 }

@@ -6,6 +6,11 @@
 //! served), and a reader's open file keeps the content it opened (each open pins one version).
 //! Replaced inodes live on until the kernel forgets them.
 //!
+//! A restarted daemon takes a live FUSE session over with [`MemFs::restore`]: the kernel still
+//! refers to the previous process's inode numbers, so the (non-secret) inode table is recorded
+//! at every change ([`MemFs::on_table`]) and the old numbers answer for the current content of
+//! their names ([`InodeTable`]).
+//!
 //! Every open is audited with the calling process (thread id resolved to pid, command, pod),
 //! uid and gid, coalesced per process and file version (`volume::opens`; flushed by
 //! [`MemFs::flush_reads`]).
@@ -86,7 +91,24 @@ impl FileNode {
     }
 }
 
+/// The names behind every inode number the kernel may hold: what a restarted daemon needs to
+/// answer for the previous one's inodes. Names only (they are what `readdir` shows); inode
+/// numbers are counters, never derived from content.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InodeTable {
+    pub next_ino: u64,
+    /// (inode, file name) of every file inode, current or still referenced.
+    pub files: Vec<(u64, String)>,
+    /// (inode, name) of the subdirectories.
+    pub dirs: Vec<(u64, String)>,
+}
+
+type TableHook = Box<dyn Fn(&InodeTable) + Send + Sync>;
+
 struct State {
+    /// Inodes of a previous process (after [`MemFs::restore`]): they answer for the current
+    /// content of their name.
+    aliases: HashMap<u64, String>,
     /// Files by name; a file in a subdirectory (a version of `objectVersionHistory`) is named
     /// `dir/leaf`.
     dir: BTreeMap<String, Arc<FileNode>>,
@@ -107,6 +129,7 @@ pub struct MemFs {
     next_fh: AtomicU64,
     procs: Mutex<ProcCache>,
     reads: Mutex<OpenWindows<ReadKey>>,
+    on_table: std::sync::OnceLock<TableHook>,
 }
 
 /// (pid, uid, inode): an inode is one version of one file.
@@ -122,21 +145,84 @@ impl std::fmt::Debug for MemFs {
 
 impl MemFs {
     pub fn new(volume: &str, owner: Owner, audit: Option<AuditLog>) -> Self {
+        Self::restore(volume, owner, audit, InodeTable::default())
+    }
+
+    /// A filesystem that answers for the inodes of `table` (a previous process's): each old
+    /// file inode serves the current content of its name, subdirectories keep their numbers,
+    /// new inodes are numbered after the old ones.
+    pub fn restore(volume: &str, owner: Owner, audit: Option<AuditLog>, table: InodeTable) -> Self {
+        // File handles carry a random generation in their high bits, so a handle the kernel
+        // got from a previous process is never mistaken for one of ours.
+        let generation = fastrand::u64(1..1 << 23);
         Self {
             volume: Arc::from(volume),
             owner,
             audit,
             state: RwLock::new(State {
+                aliases: table.files.into_iter().collect(),
                 dir: BTreeMap::new(),
-                subdirs: BTreeMap::new(),
+                subdirs: table.dirs.into_iter().map(|(i, n)| (n, i)).collect(),
                 inodes: HashMap::new(),
-                next_ino: ROOT_INO + 1,
+                next_ino: table.next_ino.max(ROOT_INO + 1),
                 mtime: SystemTime::now(),
             }),
             handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: AtomicU64::new((generation << 40) + 1),
             procs: Mutex::new(ProcCache::default()),
             reads: Mutex::new(OpenWindows::default()),
+            on_table: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Calls `hook` with the inode table now and whenever it changes, before the kernel can
+    /// see a new inode (the caller records it for the next process).
+    pub fn on_table(&self, hook: impl Fn(&InodeTable) + Send + Sync + 'static) {
+        let st = self.state();
+        hook(&Self::table_of(&st));
+        let _ = self.on_table.set(Box::new(hook));
+    }
+
+    fn table_of(st: &State) -> InodeTable {
+        let mut files: Vec<(u64, String)> = st
+            .inodes
+            .iter()
+            .map(|(ino, (n, _))| (*ino, n.name.clone()))
+            .chain(st.aliases.iter().map(|(i, n)| (*i, n.clone())))
+            .collect();
+        files.sort();
+        InodeTable {
+            next_ino: st.next_ino,
+            files,
+            dirs: st.subdirs.iter().map(|(n, i)| (*i, n.clone())).collect(),
+        }
+    }
+
+    /// The previous process's inodes: (inode, parent inode, name in the parent), for the
+    /// adapter to invalidate after a takeover.
+    pub fn aliases(&self) -> Vec<(u64, u64, String)> {
+        let st = self.state();
+        st.aliases
+            .iter()
+            .map(|(ino, name)| match name.split_once('/') {
+                Some((d, leaf)) => (
+                    *ino,
+                    st.subdirs.get(d).copied().unwrap_or(ROOT_INO),
+                    leaf.to_owned(),
+                ),
+                None => (*ino, ROOT_INO, name.clone()),
+            })
+            .collect()
+    }
+
+    /// The node `ino` stands for: its own, or (a previous process's inode) its name's current.
+    fn node_of(st: &State, ino: u64) -> Option<Arc<FileNode>> {
+        match st.inodes.get(&ino) {
+            Some((n, _)) => Some(n.clone()),
+            None => st
+                .aliases
+                .get(&ino)
+                .and_then(|name| st.dir.get(name).cloned()),
         }
     }
 
@@ -218,6 +304,12 @@ impl MemFs {
         inodes.retain(|_, (node, n)| {
             *n > 0 || dir.get(&node.name).is_some_and(|d| d.ino == node.ino)
         });
+        if !changed.is_empty()
+            && let Some(hook) = self.on_table.get()
+        {
+            // Still under the write lock: no lookup sees a new inode before it is recorded.
+            hook(&Self::table_of(&st));
+        }
         changed
     }
 
@@ -309,6 +401,8 @@ impl MemFs {
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         let mut st = self.state_mut();
+        // The kernel forgets an inode with all its lookups at once: a previous process's goes.
+        st.aliases.remove(&ino);
         let State { dir, inodes, .. } = &mut *st;
         if let Some((node, count)) = inodes.get_mut(&ino) {
             *count = count.saturating_sub(n);
@@ -327,9 +421,11 @@ impl MemFs {
         if Self::subdir_name(&st, ino).is_some() {
             return Ok(self.dir_attr(&st, ino));
         }
-        st.inodes
-            .get(&ino)
-            .map(|(n, _)| self.file_attr(n))
+        Self::node_of(&st, ino)
+            .map(|n| Attr {
+                ino,
+                ..self.file_attr(&n)
+            })
             .ok_or(FsError::NotFound)
     }
 
@@ -346,12 +442,7 @@ impl MemFs {
         {
             return Err(FsError::AuditDown);
         }
-        let node = self
-            .state()
-            .inodes
-            .get(&ino)
-            .map(|(n, _)| n.clone())
-            .ok_or(FsError::NotFound)?;
+        let node = Self::node_of(&self.state(), ino).ok_or(FsError::NotFound)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(a) = &self.audit {
             // Resolved here, while the caller is certainly alive (a short-lived `cat` is gone
@@ -382,6 +473,15 @@ impl MemFs {
     /// The pinned content of an open file.
     pub fn handle(&self, fh: u64) -> Result<Arc<FileNode>, FsError> {
         self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    /// What a read of `fh` on inode `ino` returns: the content the open pinned, or, for a
+    /// handle a previous process opened (after a takeover), the inode's current content.
+    pub fn read_node(&self, fh: u64, ino: u64) -> Result<Arc<FileNode>, FsError> {
+        if let Some(n) = self.handles().get(&fh) {
+            return Ok(n.clone());
+        }
+        Self::node_of(&self.state(), ino).ok_or(FsError::BadHandle)
     }
 
     pub fn release(&self, fh: u64) {
@@ -574,6 +674,53 @@ mod tests {
         assert!(recs[1]["first_time"].is_string());
         let opens: u64 = recs.iter().map(|r| r["count"].as_u64().unwrap_or(1)).sum();
         assert_eq!(opens, 50);
+    }
+
+    #[test]
+    fn a_restored_filesystem_answers_for_the_previous_inodes() {
+        let old = MemFs::new("v", Owner { uid: 0, gid: 0 }, None);
+        let table = Arc::new(Mutex::new(InodeTable::default()));
+        let t = table.clone();
+        old.on_table(move |tb| *t.lock().unwrap() = tb.clone());
+        let mut nested = file("x", "xx", 0o440);
+        nested.name = crate::volume::content::FileName::in_dir(&nested.name, 0);
+        let nested_name = nested.name.as_str().to_owned();
+        let leaf = nested_name.split_once('/').unwrap().1.to_owned();
+        old.apply(&[file("a", "one", 0o440), nested.clone()]);
+        let a1 = old.lookup(ROOT_INO, "a").unwrap().ino;
+        let d = old.lookup(ROOT_INO, "x").unwrap().ino;
+        let old_fh = old.open(a1, false, ME).unwrap();
+        let recorded = table.lock().unwrap().clone();
+        assert!(recorded.files.iter().any(|(i, n)| *i == a1 && n == "a"));
+        assert_eq!(recorded.dirs, [(d, "x".to_owned())]);
+        assert!(!format!("{recorded:?}").contains("one"), "names only");
+
+        // The next process: content rendered anew (rotated meanwhile), old numbers answered.
+        let new = MemFs::restore("v", Owner { uid: 0, gid: 0 }, None, recorded.clone());
+        new.apply(&[file("a", "two!", 0o440), nested]);
+        let a2 = new.lookup(ROOT_INO, "a").unwrap();
+        assert!(
+            a2.ino >= recorded.next_ino,
+            "new inodes never reuse old numbers"
+        );
+        assert_eq!(
+            new.lookup(ROOT_INO, "x").unwrap().ino,
+            d,
+            "directories keep theirs"
+        );
+        let old_attr = new.getattr(a1).unwrap();
+        assert_eq!((old_attr.ino, old_attr.size), (a1, 4));
+        // A handle the previous process gave the kernel reads the current content.
+        assert_eq!(new.read_node(old_fh, a1).unwrap().bytes(), b"two!");
+        let fh = new.open(a1, false, ME).unwrap();
+        assert_ne!(fh, old_fh);
+        assert_eq!(new.read_node(fh, a1).unwrap().bytes(), b"two!");
+        let mut aliases = new.aliases();
+        aliases.sort();
+        assert!(aliases.contains(&(a1, ROOT_INO, "a".to_owned())));
+        assert!(aliases.iter().any(|(_, p, n)| *p == d && *n == leaf));
+        new.forget(a1, 7);
+        assert_eq!(new.getattr(a1), Err(FsError::NotFound));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub sock: PathBuf,
     pub metrics: String,
+    /// Whether dropping it cleans up (mounts, keeper); off for a process another one replaced.
+    cleanup: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -89,6 +91,7 @@ impl Daemon {
             dir: dir.to_owned(),
             sock,
             metrics,
+            cleanup: true,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.http("/readyz").starts_with("HTTP/1.1 200") {
@@ -133,6 +136,16 @@ impl Daemon {
             .unwrap()
     }
 
+    /// A process a newer one replaced (restart or handover): its exit is awaited, and
+    /// dropping it leaves the volumes (now the newer process's) alone.
+    pub fn replaced(mut self) -> std::process::ExitStatus {
+        self.cleanup = false;
+        match self.child.take() {
+            Some(mut c) => wait_timeout(&mut c, Duration::from_secs(30)),
+            None => std::process::ExitStatus::default(),
+        }
+    }
+
     pub fn kill9(&mut self) {
         let mut c = self.child.take().unwrap();
         c.kill().unwrap();
@@ -156,15 +169,26 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The fd keeper the node started for itself (`--fd-keeper auto`, in its state directory).
+    pub fn keeper(&self) -> keybroker::keeper::KeeperClient {
+        keybroker::keeper::KeeperClient::new(&self.dir.join("state/keeper.sock"))
+    }
+}
+
 impl Drop for Daemon {
     /// Kills the node and detaches every keybroker mount under the test's directory and the
-    /// tmpfs staging mounts behind them, so a failing test leaves no secret mounted.
+    /// tmpfs staging mounts behind them, so a failing test leaves no secret mounted; then
+    /// stops the fd keeper the node started (it outlives the node by design).
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        detach_mounts_under(&self.dir);
+        if self.cleanup {
+            detach_mounts_under(&self.dir);
+            let _ = self.keeper().quit();
+        }
     }
 }
 

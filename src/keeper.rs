@@ -1,0 +1,469 @@
+//! The fd keeper: a small process that holds a duplicate of every FUSE session descriptor of
+//! the node, so a FUSE connection outlives the daemon that serves it (a crash, an OOM kill, a
+//! container restart). While no server runs, the kernel queues the readers' requests; the next
+//! daemon takes the descriptors back and serves them without a new INIT.
+//!
+//! It knows nothing of FUSE or secrets: it keeps descriptors under a name (the volume id) and
+//! hands them back. The protocol is one `SOCK_SEQPACKET` message per request and reply on a
+//! unix socket only its own uid may use (checked with `SO_PEERCRED`):
+//!
+//! | request              | reply                                                      |
+//! |----------------------|------------------------------------------------------------|
+//! | `put NAME` + one fd  | `ok N` (replaces a descriptor kept under NAME)              |
+//! | `drop NAME`          | `ok N`                                                      |
+//! | `take`               | `fd NAME` + one fd, for each kept descriptor, then `end N`  |
+//! | `ping`               | `ok N`                                                      |
+//! | `quit`               | `ok 0`, then the keeper closes everything and exits        |
+//!
+//! `N` is how many descriptors the keeper holds after the request. A descriptor whose
+//! connection has ended (the volume was unmounted, or its connection aborted) polls as an
+//! error; the keeper closes those before each `take` and every few seconds.
+
+use std::collections::BTreeMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketType, sockopt,
+};
+
+/// The longest message either side sends (a volume id is at most 128 bytes).
+const MAX_MESSAGE: usize = 512;
+/// How long a client waits for the keeper's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the keeper looks for descriptors whose connection ended.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeeperError {
+    #[error("the fd keeper at {path} does not answer: {error}")]
+    Unreachable { path: PathBuf, error: String },
+    #[error("the fd keeper at {path} refused `{request}`: {reply}")]
+    Refused {
+        path: PathBuf,
+        request: String,
+        reply: String,
+    },
+}
+
+fn seqpacket() -> std::io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// Sends one message, with `fd` attached when given.
+pub(crate) fn send(
+    sock: BorrowedFd<'_>,
+    text: &str,
+    fd: Option<BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(text.as_bytes())],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    if n != text.len() {
+        return Err(std::io::Error::other("message cut short"));
+    }
+    Ok(())
+}
+
+/// Receives one message and the descriptor it carries, if any. `None` at end of stream.
+pub(crate) fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<(String, Option<OwnedFd>)>> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    // Every descriptor that came is owned here, so a surplus one is closed, never leaked.
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = m {
+            fds.extend(got);
+        }
+    }
+    if msg.bytes == 0 {
+        return Ok(None);
+    }
+    if msg.bytes > buf.len() || msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
+        return Err(std::io::Error::other("message too long"));
+    }
+    let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
+    Ok(Some((text, fds.into_iter().next())))
+}
+
+/// A name the keeper accepts: what a CSI volume id may be, no spaces or control characters.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether a kept descriptor's connection has ended (it polls as an error or hang-up).
+pub fn ended(fd: BorrowedFd<'_>) -> bool {
+    let mut p = [PollFd::from_borrowed_fd(fd, PollFlags::empty())];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut p, Some(&zero)) {
+        Ok(_) => p[0]
+            .revents()
+            .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL),
+        Err(_) => false,
+    }
+}
+
+/// A client of the keeper at one socket path: each call is one short connection.
+#[derive(Clone, Debug)]
+pub struct KeeperClient {
+    path: PathBuf,
+}
+
+impl KeeperClient {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> KeeperError {
+        KeeperError::Unreachable {
+            path: self.path.clone(),
+            error: e.to_string(),
+        }
+    }
+
+    fn connect(&self) -> Result<OwnedFd, KeeperError> {
+        let sock = seqpacket().map_err(|e| self.unreachable(e))?;
+        let addr = SocketAddrUnix::new(&self.path).map_err(|e| self.unreachable(e))?;
+        rustix::net::connect(&sock, &addr).map_err(|e| self.unreachable(e))?;
+        for t in [sockopt::Timeout::Recv, sockopt::Timeout::Send] {
+            sockopt::set_socket_timeout(&sock, t, Some(CLIENT_TIMEOUT))
+                .map_err(|e| self.unreachable(e))?;
+        }
+        Ok(sock)
+    }
+
+    /// One request, one `ok N` reply: returns N.
+    fn call(&self, text: &str, fd: Option<BorrowedFd<'_>>) -> Result<usize, KeeperError> {
+        let sock = self.connect()?;
+        send(sock.as_fd(), text, fd).map_err(|e| self.unreachable(e))?;
+        let reply = recv(sock.as_fd())
+            .map_err(|e| self.unreachable(e))?
+            .map(|(t, _)| t)
+            .unwrap_or_default();
+        match reply.strip_prefix("ok ").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(n),
+            None => Err(KeeperError::Refused {
+                path: self.path.clone(),
+                request: text.split(' ').next().unwrap_or_default().to_owned(),
+                reply,
+            }),
+        }
+    }
+
+    /// How many descriptors the keeper holds (and whether it answers at all).
+    pub fn ping(&self) -> Result<usize, KeeperError> {
+        self.call("ping", None)
+    }
+
+    /// Keeps a duplicate of `fd` under `name` (replacing one kept under it).
+    pub fn put(&self, name: &str, fd: BorrowedFd<'_>) -> Result<usize, KeeperError> {
+        self.call(&format!("put {name}"), Some(fd))
+    }
+
+    pub fn drop_fd(&self, name: &str) -> Result<usize, KeeperError> {
+        self.call(&format!("drop {name}"), None)
+    }
+
+    pub fn quit(&self) -> Result<usize, KeeperError> {
+        self.call("quit", None)
+    }
+
+    /// Duplicates of every descriptor the keeper holds, by name (it keeps its own).
+    pub fn take(&self) -> Result<BTreeMap<String, OwnedFd>, KeeperError> {
+        let sock = self.connect()?;
+        send(sock.as_fd(), "take", None).map_err(|e| self.unreachable(e))?;
+        let mut out = BTreeMap::new();
+        loop {
+            let Some((text, fd)) = recv(sock.as_fd()).map_err(|e| self.unreachable(e))? else {
+                return Err(self.unreachable("the connection ended in the middle of `take`"));
+            };
+            if let Some(name) = text.strip_prefix("fd ")
+                && let Some(fd) = fd
+            {
+                out.insert(name.to_owned(), fd);
+            } else if text.starts_with("end ") {
+                return Ok(out);
+            } else {
+                return Err(KeeperError::Refused {
+                    path: self.path.clone(),
+                    request: "take".into(),
+                    reply: text,
+                });
+            }
+        }
+    }
+}
+
+/// Sends every descriptor of `fds` on `sock` as `fd NAME` messages, then `end N`.
+pub fn send_all<'a>(
+    sock: BorrowedFd<'_>,
+    fds: impl IntoIterator<Item = (&'a str, BorrowedFd<'a>)>,
+) -> std::io::Result<()> {
+    let mut n = 0;
+    for (name, fd) in fds {
+        send(sock, &format!("fd {name}"), Some(fd))?;
+        n += 1;
+    }
+    send(sock, &format!("end {n}"), None)
+}
+
+/// Receives what [`send_all`] sent.
+pub fn recv_all(sock: BorrowedFd<'_>) -> std::io::Result<BTreeMap<String, OwnedFd>> {
+    let mut out = BTreeMap::new();
+    loop {
+        match recv(sock)? {
+            Some((text, Some(fd))) if text.starts_with("fd ") => {
+                out.insert(text[3..].to_owned(), fd);
+            }
+            Some((text, None)) if text.starts_with("end ") => return Ok(out),
+            Some((text, _)) => {
+                return Err(std::io::Error::other(format!(
+                    "unexpected message {text:?}"
+                )));
+            }
+            None => return Err(std::io::Error::other("the sender went away")),
+        }
+    }
+}
+
+/// A listening `SOCK_SEQPACKET` socket at `path` (mode 0600, the stale file of a dead owner
+/// replaced). Fails when something still answers there.
+pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let addr = SocketAddrUnix::new(path)?;
+    if path.exists() {
+        let probe = seqpacket()?;
+        if rustix::net::connect(&probe, &addr).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by a running process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let sock = seqpacket()?;
+    rustix::net::bind(&sock, &addr)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    rustix::net::listen(&sock, 16)?;
+    Ok(sock)
+}
+
+/// Whether the peer on `sock` runs as this process's uid (root, in the DaemonSet).
+pub fn same_uid(sock: BorrowedFd<'_>) -> bool {
+    sockopt::socket_peercred(sock)
+        .is_ok_and(|c| c.uid.as_raw() == rustix::process::geteuid().as_raw())
+}
+
+/// How the keeper runs.
+#[derive(Clone, Debug)]
+pub struct KeeperOptions {
+    pub socket: PathBuf,
+    /// Exit once it has held nothing and heard from nobody for this long (a keeper a
+    /// `keybroker node` started by itself; the DaemonSet's keeper container runs without).
+    pub exit_when_idle: Option<Duration>,
+}
+
+/// Runs the keeper until `quit` (or idle, when asked to).
+pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
+    let listener = listen(&opts.socket)?;
+    tracing::info!(socket = %opts.socket.display(), "fd keeper listening");
+    let mut kept: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    let mut last_heard = Instant::now();
+    let mut last_prune = Instant::now();
+    let res = loop {
+        let mut p = [PollFd::new(&listener, PollFlags::IN)];
+        let wait = rustix::event::Timespec {
+            tv_sec: PRUNE_EVERY.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        match poll(&mut p, Some(&wait)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => break Err(e.into()),
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            prune(&mut kept);
+            last_prune = Instant::now();
+        }
+        if !p[0].revents().contains(PollFlags::IN) {
+            if let Some(idle) = opts.exit_when_idle
+                && kept.is_empty()
+                && last_heard.elapsed() >= idle
+            {
+                tracing::info!("fd keeper idle and empty; exiting");
+                break Ok(());
+            }
+            continue;
+        }
+        let Ok(conn) = rustix::net::accept_with(&listener, rustix::net::SocketFlags::CLOEXEC)
+        else {
+            continue;
+        };
+        last_heard = Instant::now();
+        if !same_uid(conn.as_fd()) {
+            tracing::warn!("fd keeper: refused a client of another uid");
+            let _ = send(
+                conn.as_fd(),
+                "err only the keeper's own uid may connect",
+                None,
+            );
+            continue;
+        }
+        let _ = sockopt::set_socket_timeout(&conn, sockopt::Timeout::Recv, Some(CLIENT_TIMEOUT));
+        let _ = sockopt::set_socket_timeout(&conn, sockopt::Timeout::Send, Some(CLIENT_TIMEOUT));
+        if handle(conn.as_fd(), &mut kept) {
+            break Ok(());
+        }
+    };
+    let _ = std::fs::remove_file(&opts.socket);
+    res
+}
+
+/// Closes descriptors whose connection has ended.
+fn prune(kept: &mut BTreeMap<String, OwnedFd>) {
+    kept.retain(|name, fd| {
+        let gone = ended(fd.as_fd());
+        if gone {
+            tracing::info!(volume_id = %name, "fd keeper: connection ended; descriptor closed");
+        }
+        !gone
+    });
+}
+
+/// Answers one request. Returns true on `quit`.
+fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> bool {
+    let (text, fd) = match recv(conn) {
+        Ok(Some(m)) => m,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(error = %e, "fd keeper: unreadable request");
+            return false;
+        }
+    };
+    let (verb, arg) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+    let reply = match (verb, fd) {
+        ("put", Some(fd)) if valid_name(arg) => {
+            kept.insert(arg.to_owned(), fd);
+            tracing::debug!(volume_id = %arg, "fd keeper: descriptor kept");
+            format!("ok {}", kept.len())
+        }
+        ("drop", None) if valid_name(arg) => {
+            kept.remove(arg);
+            format!("ok {}", kept.len())
+        }
+        ("ping", None) => format!("ok {}", kept.len()),
+        ("take", None) => {
+            prune(kept);
+            if let Err(e) = send_all(conn, kept.iter().map(|(n, f)| (n.as_str(), f.as_fd()))) {
+                tracing::warn!(error = %e, "fd keeper: cannot hand the descriptors back");
+            }
+            return false;
+        }
+        ("quit", None) => {
+            let _ = send(conn, "ok 0", None);
+            tracing::info!(descriptors = kept.len(), "fd keeper: asked to quit");
+            return true;
+        }
+        _ => "err expected `put NAME` with one descriptor, `drop NAME`, `take`, `ping` or `quit`"
+            .to_owned(),
+    };
+    if let Err(e) = send(conn, &reply, None) {
+        tracing::warn!(error = %e, "fd keeper: cannot answer");
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe_reader() -> (OwnedFd, OwnedFd) {
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        (r, w)
+    }
+
+    #[test]
+    fn keeps_hands_back_drops_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("keeper.sock");
+        let opts = KeeperOptions {
+            socket: sock.clone(),
+            exit_when_idle: None,
+        };
+        let keeper = std::thread::spawn(move || run(&opts));
+        let c = KeeperClient::new(&sock);
+        let started = Instant::now();
+        while c.ping().is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "keeper did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A second keeper on the same socket refuses to start.
+        assert!(listen(&sock).is_err());
+        let (r1, w1) = pipe_reader();
+        let (r2, w2) = pipe_reader();
+        assert_eq!(c.put("vol-a", r1.as_fd()).unwrap(), 1);
+        assert_eq!(c.put("vol-b", r2.as_fd()).unwrap(), 2);
+        assert_eq!(c.put("vol-b", r2.as_fd()).unwrap(), 2, "put replaces");
+        assert!(matches!(
+            c.call("put has space", Some(r1.as_fd())),
+            Err(KeeperError::Refused { .. })
+        ));
+        // What comes back is the same pipe: a byte written at our end is read from it.
+        let back = c.take().unwrap();
+        assert_eq!(back.keys().collect::<Vec<_>>(), ["vol-a", "vol-b"]);
+        rustix::io::write(&w1, b"x").unwrap();
+        let mut b = [0u8; 1];
+        rustix::io::read(&back["vol-a"], &mut b).unwrap();
+        assert_eq!(&b, b"x");
+        assert_eq!(c.drop_fd("vol-a").unwrap(), 1);
+        // A pipe whose writer is gone polls as hang-up: pruned at the next take.
+        drop((w2, r2, back));
+        assert!(c.take().unwrap().is_empty());
+        assert_eq!(c.ping().unwrap(), 0);
+        c.quit().unwrap();
+        keeper.join().unwrap().unwrap();
+        assert!(!sock.exists(), "the socket goes with the keeper");
+        drop((r1, w1));
+    }
+}

@@ -1,0 +1,284 @@
+//! Volumes survive the node process: a reader in its own mount namespace (a container's view,
+//! through a bind mount of the target) opens, reads and closes a file every millisecond while
+//! `keybroker node` is killed (-9) and restarted, stopped (SIGTERM) and restarted, and handed
+//! over to a second process (the DaemonSet upgrade), 20 times each, on a FUSE and a tmpfs
+//! volume. Not one read may fail; the longest pause is reported (BENCHMARKS.md, "Restarts").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::node::{Daemon, Pod, client, local_setup};
+use common::{read_file, wait_for, write_atomic};
+
+const DB: &str = "db-password-v1";
+const REPEAT: usize = 20;
+const OBJECTS: &str = "- objectName: db\n";
+
+/// The reader: one open+read+close per millisecond until the stop file appears; prints its
+/// counts, the longest single open+read+close, and the distinct contents it saw.
+const READER: &str = r#"
+import json, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+reads = errors = 0
+worst = 0.0
+first = []
+seen = set()
+while not os.path.exists(stop):
+    t = time.monotonic()
+    try:
+        with open(path, "rb") as f:
+            seen.add(f.read().decode())
+        reads += 1
+    except OSError as e:
+        errors += 1
+        if len(first) < 5:
+            first.append(repr(e))
+    worst = max(worst, time.monotonic() - t)
+    time.sleep(0.001)
+print(json.dumps({"reads": reads, "errors": errors, "worst_ms": worst * 1000, "first": first, "seen": sorted(seen)}))
+"#;
+
+struct Reader {
+    child: Option<Child>,
+    stop: PathBuf,
+}
+
+impl Reader {
+    /// Starts the reader in a new mount namespace where `target` is bind-mounted at `view`.
+    fn start(target: &Path, view: &Path, stop: PathBuf) -> Self {
+        std::fs::create_dir_all(view).unwrap();
+        let _ = std::fs::remove_file(&stop);
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$1" "$2" || exit 9; exec python3 -c "$3" "$2/db" "$4""#)
+            .arg("sh")
+            .arg(target)
+            .arg(view)
+            .arg(READER)
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            stop,
+        }
+    }
+
+    fn finish(mut self) -> serde_json::Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "reader failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::fs::write(&self.stop, "");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    /// No restart: the same time, for the baseline pause.
+    None,
+    Kill9,
+    Sigterm,
+    Handover,
+}
+
+fn start(root: &Path) -> Daemon {
+    Daemon::start_opts(root, "1s", &root.join("audit.jsonl"), &[])
+}
+
+/// Replaces the node process the way `how` says; returns the new one.
+fn restart(mut d: Daemon, root: &Path, how: Restart) -> Daemon {
+    match how {
+        Restart::None => {
+            std::thread::sleep(Duration::from_millis(150));
+            d
+        }
+        Restart::Kill9 => {
+            d.kill9();
+            d.replaced();
+            start(root)
+        }
+        Restart::Sigterm => {
+            d.stop();
+            d.replaced();
+            start(root)
+        }
+        Restart::Handover => {
+            // The new process starts beside the old one and asks it for the volumes; the old
+            // one exits once it has handed them over.
+            let new = start(root);
+            let status = d.replaced();
+            assert!(
+                status.success(),
+                "the old process after handover: {status}\n{}",
+                new.logs()
+            );
+            new
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_no_error_across_kill_9_sigterm_and_handover() {
+    let (_tmp, root) = local_setup(DB, "[db]");
+    let mut d = start(&root);
+    let fuse = Pod::new("team-a", "api", 51);
+    let tmpfs = Pod::new("team-a", "api", 52);
+    {
+        // kubelet's connection goes before any restart (else SIGTERM waits out its grace).
+        let mut node = client(&d).await;
+        node.node_publish_volume(fuse.request(&root, OBJECTS, "fuse", None))
+            .await
+            .unwrap();
+        node.node_publish_volume(tmpfs.request(&root, OBJECTS, "tmpfs", None))
+            .await
+            .unwrap();
+    }
+    let mut report = Vec::new();
+    for how in [
+        Restart::None,
+        Restart::Kill9,
+        Restart::Sigterm,
+        Restart::Handover,
+    ] {
+        let readers: Vec<(&str, Reader)> = [("fuse", &fuse), ("tmpfs", &tmpfs)]
+            .into_iter()
+            .map(|(kind, p)| {
+                let view = root.join(format!("view-{kind}-{how:?}"));
+                let stop = root.join(format!("stop-{kind}-{how:?}"));
+                (kind, Reader::start(&p.target(&root), &view, stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..REPEAT {
+            d = restart(d, &root, how);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for (kind, r) in readers {
+            let v = r.finish();
+            let line = format!(
+                "{kind:5} {how:?}: {} reads, {} errors, longest open+read+close {:.1} ms",
+                v["reads"],
+                v["errors"],
+                v["worst_ms"].as_f64().unwrap()
+            );
+            println!("restart_e2e: {line}");
+            assert_eq!(v["errors"], 0, "{line}: {}\n{}", v["first"], d.logs());
+            assert!(
+                v["reads"].as_u64().unwrap() >= 200,
+                "{line}: the reader hardly ran"
+            );
+            assert_eq!(v["seen"], serde_json::json!([DB]), "{line}");
+            report.push(line);
+        }
+    }
+    // Every restart took the FUSE session over (none remounted it), and every handover was
+    // a clean exit of the old process.
+    let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
+    let taken = audit
+        .matches("FUSE session taken over after a keybroker restart")
+        .count();
+    assert_eq!(taken, 3 * REPEAT, "{}", d.logs());
+    assert!(!d.logs().contains("Containers that already had it mounted"));
+
+    // Rotation keeps working in the last process, on both volumes.
+    write_atomic(&root.join("secrets/db"), "db-password-v2");
+    for p in [&fuse, &tmpfs] {
+        let target = p.target(&root).join("db");
+        wait_for(
+            "rotation after the restarts",
+            Duration::from_secs(10),
+            || read_file(&target).is_ok_and(|v| v == "db-password-v2"),
+        );
+    }
+    let mut node = client(&d).await;
+    for p in [&fuse, &tmpfs] {
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+    }
+    println!("restart_e2e summary:\n{}", report.join("\n"));
+}
+
+/// The record's name for a target (and the keeper's name for its session).
+fn record_key(target: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(target.as_os_str().as_encoded_bytes())[..12])
+}
+
+/// After a crash, the records, the keeper's descriptors and the kernel's mounts can disagree
+/// (a crash in the middle of an unpublish, a keeper that lost a descriptor, a record half
+/// written). The next process reconciles them, and audits what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_reconciles_records_keeper_and_mounts() {
+    let (_tmp, root) = local_setup(DB, "[db]");
+    let mut d = start(&root);
+    let pods: Vec<Pod> = (61..64).map(|i| Pod::new("team-a", "api", i)).collect();
+    {
+        let mut node = client(&d).await;
+        for p in &pods {
+            node.node_publish_volume(p.request(&root, OBJECTS, "fuse", None))
+                .await
+                .unwrap();
+        }
+    }
+    let [kept, unpublished, lost] = [&pods[0], &pods[1], &pods[2]];
+    let keeper = d.keeper();
+    assert_eq!(keeper.ping().unwrap(), 3);
+    d.kill9();
+    let records = root.join("state/volumes");
+    // Crash points: an unpublish that had removed its record; a keeper that lost a session;
+    // a record write cut short.
+    std::fs::remove_file(records.join(format!("{}.json", record_key(&unpublished.target(&root)))))
+        .unwrap();
+    keeper.drop_fd(&record_key(&lost.target(&root))).unwrap();
+    std::fs::write(records.join("0123.json.tmp"), "{\"volume_id\": \"cut").unwrap();
+    let d = start(&root);
+    let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
+    // Taken over: served without a break.
+    assert_eq!(read_file(&kept.target(&root).join("db")).unwrap(), DB);
+    assert!(audit.contains("FUSE session taken over after a keybroker restart"));
+    // Unpublished during the crash: its session is closed (kubelet's retried unpublish then
+    // removes the dead mount).
+    assert!(
+        audit.contains("FUSE session of no recorded volume (unpublished during a restart) closed"),
+        "{audit}"
+    );
+    // Lost by the keeper: remounted, and the break for running containers is said.
+    assert!(audit.contains("no fd keeper kept its session"), "{audit}");
+    assert_eq!(read_file(&lost.target(&root).join("db")).unwrap(), DB);
+    assert_eq!(d.metric("keybroker_repairs_total"), 1);
+    assert!(
+        !records.join("0123.json.tmp").exists(),
+        "half-written record left"
+    );
+    assert_eq!(keeper.ping().unwrap(), 2, "the keeper holds what is served");
+    let mut node = client(&d).await;
+    for p in &pods {
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+        assert!(!common::is_mount_point(&p.target(&root)), "{}", p.name);
+    }
+    assert_eq!(keeper.ping().unwrap(), 0);
+}
