@@ -7,6 +7,9 @@
 //! With `KB_BASELINE_BIN=/path/to/older/keybroker` the same rows run for that binary too (the
 //! FUSE server before sessions were multiplexed: a thread pool per volume).
 //!
+//! The node starts its fd keeper (`--fd-keeper auto`): its resident memory with every FUSE
+//! session held is the last column (a baseline binary without one shows `-`).
+//!
 //! Run (root): `cargo bench --bench node_scale` (`KB_SCALE=100,1000` by default).
 
 #[path = "../tests/common/mod.rs"]
@@ -26,6 +29,19 @@ struct Row {
     after: (f64, f64),
     p50: f64,
     p99: f64,
+    /// The fd keeper's RSS (MiB) with the volumes published.
+    keeper: Option<f64>,
+}
+
+/// The pid of the keeper serving `socket` (found by its command line).
+fn keeper_pid(socket: &Path) -> Option<u32> {
+    let want = socket.to_str()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("fd-keeper") && cmd.contains(want)).then_some(pid)
+    })
 }
 
 fn mem(pid: u32) -> (f64, f64) {
@@ -100,6 +116,8 @@ async fn row(bin: &str, root: &Path, kind: &str, n: usize) -> Row {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let published = mem(child.id());
+    let keeper_sock = root.join("state/keeper.sock");
+    let keeper = keeper_pid(&keeper_sock).map(|p| mem(p).0);
     for chunk in reqs.chunks(16) {
         let mut tasks = Vec::new();
         for r in chunk {
@@ -118,12 +136,14 @@ async fn row(bin: &str, root: &Path, kind: &str, n: usize) -> Row {
     let _ = child.kill();
     let _ = child.wait();
     common::node::detach_mounts_under(root);
+    let _ = keybroker::keeper::KeeperClient::new(&keeper_sock).quit();
     Row {
         idle,
         published,
         after,
         p50: pct(&mut lat, 0.5) * 1e3,
         p99: pct(&mut lat, 0.99) * 1e3,
+        keeper,
     }
 }
 
@@ -144,15 +164,15 @@ async fn main() {
         bins.push(("baseline", b));
     }
     println!(
-        "| binary | type | volumes | publish p50 | p99 | RSS idle | RSS published | RSS after unpublish | threads idle | published | after |"
+        "| binary | type | volumes | publish p50 | p99 | RSS idle | RSS published | RSS after unpublish | threads idle | published | after | fd keeper RSS |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in &sizes {
         for kind in ["tmpfs", "fuse"] {
             for (name, bin) in &bins {
                 let r = row(bin, &tmp.path().join("row"), kind, *n).await;
                 println!(
-                    "| {name} | {kind} | {n} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {} | {} |",
+                    "| {name} | {kind} | {n} | {:.2} ms | {:.2} ms | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {} | {} | {} |",
                     r.p50,
                     r.p99,
                     r.idle.0,
@@ -160,7 +180,8 @@ async fn main() {
                     r.after.0,
                     r.idle.1,
                     r.published.1,
-                    r.after.1
+                    r.after.1,
+                    r.keeper.map_or("-".into(), |k| format!("{k:.1} MiB"))
                 );
             }
         }

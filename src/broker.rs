@@ -10,13 +10,15 @@
 //! Every refusal and every `Get` is audited (never the value).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use keybroker_csi::broker::{BrokerBackend, BrokerError, Caller, Value};
 
 use crate::audit::{AuditLog, Event, EventKind, Outcome, PodRef};
+use crate::procinfo::ProcCache;
 use crate::secret::SecretBytes;
 use crate::volume::content::RenderedFile;
+use crate::volume::opens::OpenWindows;
 use crate::volume::{Volume, VolumeError, VolumeKind};
 
 /// The socket's name inside a node tmpfs volume (`..` names are the atomic writer's own: no
@@ -39,6 +41,18 @@ pub struct Broker {
     audit: AuditLog,
     volume: String,
     pod: Option<PodRef>,
+    /// `Get`s coalesced like opens: (pid, uid, name, version).
+    gets: Mutex<OpenWindows<(u32, u32, String, String)>>,
+    procs: Mutex<ProcCache>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.gets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(&self.audit, true);
+    }
 }
 
 impl Broker {
@@ -50,7 +64,17 @@ impl Broker {
             audit,
             volume,
             pod,
+            gets: Default::default(),
+            procs: Default::default(),
         }
+    }
+
+    /// Records the counts of `Get` windows that have closed (about once a second).
+    pub fn flush_gets(&self) {
+        self.gets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(&self.audit, false);
     }
 
     /// Makes `files` what the API serves; `changed` wakes the Watch streams.
@@ -129,17 +153,33 @@ impl BrokerBackend for Broker {
         Err(BrokerError::PermissionDenied(why))
     }
 
-    fn get(&self, name: &str) -> Result<Value, BrokerError> {
+    fn get(&self, caller: Caller, name: &str) -> Result<Value, BrokerError> {
         let map = self.files.read().unwrap_or_else(|p| p.into_inner());
         let (bytes, version) = map
             .get(name)
             .ok_or_else(|| BrokerError::NotFound(format!("no file {name:?} in this volume")))?;
-        self.audit.record(
-            self.event(EventKind::Read)
-                .file(name.to_owned())
-                .version(version.clone())
-                .detail("broker Get"),
+        // Coalesced as opens are (`volume::opens`): a caller in a tight loop costs the audit
+        // log one record a second per name and version, each counted.
+        let pid = caller.pid.unwrap_or(0).max(0) as u32;
+        let mut gets = self.gets.lock().unwrap_or_else(|p| p.into_inner());
+        gets.flush(&self.audit, false);
+        gets.note(
+            &self.audit,
+            (pid, caller.uid, name.to_owned(), version.clone()),
+            || {
+                let process = self
+                    .procs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .resolve(pid, caller.uid, caller.gid);
+                self.event(EventKind::Read)
+                    .file(name.to_owned())
+                    .version(version.clone())
+                    .process(process)
+                    .detail("broker Get")
+            },
         );
+        drop(gets);
         Ok(Value {
             bytes: zeroize::Zeroizing::new(bytes.expose().to_vec()),
             version: version.clone(),
@@ -185,7 +225,8 @@ impl Volume for Serving {
     }
 
     fn tick(&self) {
-        self.inner.tick()
+        self.inner.tick();
+        self.broker.flush_gets();
     }
 
     fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
@@ -239,5 +280,36 @@ mod tests {
         b.audit.flush();
         let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
         assert_eq!(audit.matches("\"deny\"").count(), 2, "{audit}");
+    }
+
+    #[test]
+    fn gets_in_a_loop_are_coalesced_and_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(Admission::Uids(vec![0]), &dir);
+        b.update(&[RenderedFile::for_test("db", "s3cret", 0o400)], true);
+        let me = Caller {
+            pid: Some(std::process::id() as i32),
+            uid: 0,
+            gid: 0,
+        };
+        for _ in 0..500 {
+            assert_eq!(&*b.get(me, "db").unwrap().bytes, b"s3cret");
+        }
+        b.gets.lock().unwrap().flush(&b.audit, true);
+        b.audit.flush();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|r: &serde_json::Value| r["event"] == "read")
+            .collect();
+        assert_eq!(
+            recs.len(),
+            2,
+            "first Get at once, the rest in one counted record"
+        );
+        let total: u64 = recs.iter().map(|r| r["count"].as_u64().unwrap_or(1)).sum();
+        assert_eq!(total, 500);
+        assert_eq!(recs[0]["process"]["pid"], std::process::id());
     }
 }

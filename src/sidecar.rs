@@ -42,6 +42,10 @@ impl Volume for Shared {
         Ok(changed)
     }
 
+    fn tick(&self) {
+        self.1.flush_gets();
+    }
+
     fn unmount(self: Box<Self>) -> Result<(), VolumeError> {
         Ok(())
     }

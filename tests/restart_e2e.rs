@@ -282,3 +282,49 @@ async fn recovery_reconciles_records_keeper_and_mounts() {
     }
     assert_eq!(keeper.ping().unwrap(), 0);
 }
+
+/// In a pod (`--after-handover wait`), the old process does not exit after the handover (kubelet
+/// would restart it, and it would ask the new one for the volumes back): it serves nothing and
+/// waits for its pod's deletion (SIGTERM), then exits cleanly, leaving the volumes with the new
+/// process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_pod_the_old_process_waits_for_its_deletion_after_a_handover() {
+    let (_tmp, root) = local_setup(DB, "[db]");
+    let in_pod = ["--after-handover", "wait"];
+    let audit = root.join("audit.jsonl");
+    let mut old = Daemon::start_opts(&root, "1s", &audit, &in_pod);
+    let p = Pod::new("team-a", "api", 71);
+    {
+        let mut node = client(&old).await;
+        node.node_publish_volume(p.request(&root, OBJECTS, "fuse", None))
+            .await
+            .unwrap();
+    }
+    let new = Daemon::start_opts(&root, "1s", &audit, &in_pod);
+    assert_eq!(read_file(&p.target(&root).join("db")).unwrap(), DB);
+    std::thread::sleep(Duration::from_millis(500));
+    let c = old.child.as_mut().unwrap();
+    assert!(
+        c.try_wait().unwrap().is_none(),
+        "the old process exited after the handover"
+    );
+    assert!(
+        old.http("/readyz").is_empty(),
+        "the old process still answers /readyz after handing over"
+    );
+    old.stop();
+    old.replaced();
+    // The new process serves the volume, and rotation reaches it.
+    write_atomic(&root.join("secrets/db"), "db-password-v3");
+    let target = p.target(&root).join("db");
+    wait_for(
+        "rotation in the new process",
+        Duration::from_secs(10),
+        || read_file(&target).is_ok_and(|v| v == "db-password-v3"),
+    );
+    let mut node = client(&new).await;
+    node.node_unpublish_volume(p.unpublish(&root))
+        .await
+        .unwrap();
+    assert!(!common::is_mount_point(&p.target(&root)));
+}

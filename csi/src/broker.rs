@@ -47,7 +47,9 @@ pub enum BrokerError {
 pub trait BrokerBackend: Send + Sync + 'static {
     /// Whether `caller` may use the API (refusals are audited by the implementation).
     fn admit(&self, caller: Caller, rpc: &str) -> Result<(), BrokerError>;
-    fn get(&self, name: &str) -> Result<Value, BrokerError>;
+    /// The value of `name`, for `caller` (already admitted; reads are audited by the
+    /// implementation).
+    fn get(&self, caller: Caller, name: &str) -> Result<Value, BrokerError>;
     fn list(&self) -> Vec<(String, String)>;
     /// Ticks after every write that changed something.
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
@@ -87,14 +89,15 @@ impl<B: BrokerBackend> pb::broker_server::Broker for Svc<B> {
         &self,
         req: tonic::Request<pb::GetRequest>,
     ) -> Result<tonic::Response<pb::GetResponse>, tonic::Status> {
-        self.backend.admit(caller(&req)?, "Get").map_err(status)?;
+        let who = caller(&req)?;
+        self.backend.admit(who, "Get").map_err(status)?;
         let name = req.into_inner().name;
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(tonic::Status::invalid_argument(
                 "name must be 1 to 512 bytes",
             ));
         }
-        let v = self.backend.get(&name).map_err(status)?;
+        let v = self.backend.get(who, &name).map_err(status)?;
         Ok(tonic::Response::new(pb::GetResponse {
             value: v.bytes.to_vec(),
             version: v.version,

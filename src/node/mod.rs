@@ -920,8 +920,7 @@ impl NodeService {
                         let fs = Arc::new(MemFs::new(vid, owner, audit));
                         fs.apply(&rendered.files);
                         MuxVolume::mount(target, fs, &opts).inspect(|v| {
-                            let conn = crate::volume::fuse::connection_id(target).unwrap_or(0);
-                            record_table(v.fs(), conn, v.minor());
+                            record_table(v.fs(), v.connection(), v.minor());
                         })
                     }
                 };
@@ -1509,6 +1508,13 @@ impl NodeService {
                 drop(volume);
             }
         }
+        if let Some(o) = &self.opens {
+            // Open windows are recorded; tmpfs volumes stay mounted, unaudited until the next
+            // process takes them over (it records the gap). Before FUSE stops: the listener
+            // may take a moment to stop, and FUSE readers are still served meanwhile.
+            o.stop();
+        }
+        // From here FUSE readers wait for the next process.
         let left = crate::volume::fuse_mux::stop_serving(Duration::from_secs(2));
         if left > 0 {
             tracing::error!(
@@ -1518,11 +1524,6 @@ impl NodeService {
         }
         for s in lock(&self.sessions).values() {
             s.fs.flush_reads(true);
-        }
-        if let Some(o) = &self.opens {
-            // Open windows are recorded; tmpfs volumes stay mounted, unaudited until the next
-            // process takes them over (it records the gap).
-            o.stop();
         }
         if lock(&self.handover).is_some() {
             self.audit

@@ -221,6 +221,16 @@ impl MuxVolume {
         Ok(v)
     }
 
+    /// The connection number (/sys/fs/fuse/connections/N): the device minor of the mount,
+    /// from a `stat` of it (answered by this session; /proc/self/mountinfo grows with the
+    /// node's mounts). 0 when unknown.
+    pub fn connection(&self) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.dir)
+            .map(|m| nix::sys::stat::minor(m.dev()) as u32)
+            .unwrap_or(0)
+    }
+
     /// The protocol minor agreed at INIT (0 before).
     pub fn minor(&self) -> u32 {
         self.conn.minor.load(Ordering::Relaxed)
