@@ -106,6 +106,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The fd keeper the node started outlives it by design.
+        let _ =
+            keybroker::keeper::KeeperClient::new(&state_dir(&self.root).join("keeper.sock")).quit();
         let _ = std::fs::remove_dir_all(state_dir(&self.root));
         // Unmount whatever the node left (it was killed), and the tmpfs staging mounts behind.
         if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {

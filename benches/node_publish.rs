@@ -227,4 +227,6 @@ async fn main() {
     )
     .unwrap();
     child.wait().unwrap();
+    // The fd keeper the node started outlives it by design.
+    let _ = keybroker::keeper::KeeperClient::new(&root.join("state/keeper.sock")).quit();
 }

@@ -870,12 +870,20 @@ fn keeper(mode: KeeperMode, socket: &std::path::Path) -> Option<keybroker::keepe
                     .spawn()
             });
             match started {
-                Ok(child) if answers_within(Duration::from_secs(5)) => {
-                    tracing::info!(socket = %socket.display(), pid = child.id(), "started an fd keeper");
-                    Some(client)
-                }
-                Ok(_) => {
-                    tracing::error!(socket = %socket.display(), "the fd keeper started but does not answer; FUSE volumes will not survive a restart");
+                Ok(mut child) => {
+                    let pid = child.id();
+                    // Reaped when it exits (it is this process's child until this one exits).
+                    let _ = std::thread::Builder::new()
+                        .name("kb-keeper-wait".into())
+                        .stack_size(64 * 1024)
+                        .spawn(move || {
+                            let _ = child.wait();
+                        });
+                    if answers_within(Duration::from_secs(5)) {
+                        tracing::info!(socket = %socket.display(), pid, "started an fd keeper");
+                    } else {
+                        tracing::error!(socket = %socket.display(), pid, "the fd keeper started but does not answer; FUSE volumes will not survive a restart until it does");
+                    }
                     Some(client)
                 }
                 Err(e) => {

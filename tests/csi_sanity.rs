@@ -64,6 +64,9 @@ fn csi_sanity_passes_against_keybroker_node() {
             "--danger-test-controller",
             "--node-id",
             "sanity-node",
+            // Restarts are not csi-sanity's subject: no fd keeper to leave behind.
+            "--fd-keeper",
+            "off",
         ])
         .arg(format!("--endpoint=unix://{}", sock.display()))
         .arg(format!("--bindings={}", d.join("bindings.yaml").display()))

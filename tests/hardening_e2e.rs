@@ -751,6 +751,8 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
     let log = root.join("port0.log");
     let mut child = Command::new(BIN)
         .args(["node", "--node-id", "n", "--metrics-addr", "127.0.0.1:0"])
+        // No FUSE volume here: no fd keeper to leave behind.
+        .args(["--fd-keeper", "off"])
         .arg("--endpoint")
         .arg(format!("unix://{}", root.join("csi0/csi.sock").display()))
         .arg("--bindings")

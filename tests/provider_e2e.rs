@@ -568,19 +568,30 @@ async fn a_hundred_pods_rotating_through_the_driver_cost_ten_fetches_per_cycle()
     );
     let fetches = || d.metric("keybroker_provider_fetches_total");
     let mut per_cycle = Vec::new();
+    // An object is fetched at most once per poll interval (2 s) however many pods ask: a
+    // cycle of 100 Mounts that takes longer than that (a loaded CI machine) may fetch it again.
+    let mut allowed = Vec::new();
     for cycle in 0..4 {
         let before = fetches();
+        let started = std::time::Instant::now();
         let results = driver_mounts(&root.join("csi"), requests.clone());
         assert!(results.iter().all(|r| r["errorCode"] == ""), "{results:?}");
         per_cycle.push(fetches() - before);
+        allowed.push(10 * (1 + started.elapsed().as_millis() as u64 / 2000));
         if cycle == 0 {
-            assert_eq!(per_cycle[0], 10, "the first cycle fetches each object once");
+            assert!(
+                (10..=allowed[0]).contains(&per_cycle[0]),
+                "the first cycle fetches each object once per poll interval: {per_cycle:?}, at most {allowed:?}"
+            );
         }
         // The next poll (2 s, +0-10% jitter): every object is due again.
         std::thread::sleep(std::time::Duration::from_millis(2300));
     }
-    assert!(per_cycle.iter().all(|n| *n <= 10), "{per_cycle:?}");
-    assert!(per_cycle[1..].contains(&10), "{per_cycle:?}");
+    assert!(
+        per_cycle.iter().zip(&allowed).all(|(n, a)| n <= a),
+        "{per_cycle:?}, at most {allowed:?}"
+    );
+    assert!(per_cycle[1..].iter().any(|n| *n >= 10), "{per_cycle:?}");
     let t = root.join(format!("driver/{}/mount", pods[99].uid));
     assert_eq!(std::fs::read_to_string(t.join("obj9")).unwrap(), "value-9");
 }

@@ -328,3 +328,68 @@ async fn in_a_pod_the_old_process_waits_for_its_deletion_after_a_handover() {
         .unwrap();
     assert!(!common::is_mount_point(&p.target(&root)));
 }
+
+/// A server killed between reading a request and answering it: the kernel holds that request
+/// as "being processed" by a server that no longer exists. The next process asks the kernel to
+/// queue it again (`FUSE_NOTIFY_RESEND`), answers it, and the reader's `open` completes; the
+/// open is audited by the process that answered it. (The first node reads an OPEN and never
+/// answers it: a test-only switch of builds with the `test-controller` feature, as CI's.)
+#[cfg(feature = "test-controller")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_killed_server_had_read_is_answered_by_the_next() {
+    let (_tmp, root) = local_setup(DB, "[db]");
+    let audit = root.join("audit.jsonl");
+    let mut d = Daemon::start_env(
+        &root,
+        "1h",
+        &audit,
+        &[],
+        &[("KEYBROKER_TEST_UNANSWERED_OPENS", "1")],
+    );
+    let p = Pod::new("team-a", "api", 81);
+    {
+        let mut node = client(&d).await;
+        node.node_publish_volume(p.request(&root, OBJECTS, "fuse", None))
+            .await
+            .unwrap();
+    }
+    let mut cat = Command::new("cat")
+        .arg(p.target(&root).join("db"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the unanswered OPEN", Duration::from_secs(10), || {
+        d.logs().contains("an OPEN read and left unanswered")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(cat.try_wait().unwrap().is_none(), "the open was answered");
+    d.kill9();
+    d.replaced();
+    let d = start(&root);
+    let started = std::time::Instant::now();
+    while cat.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the reader still waits for the request the dead server had read:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = cat.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), DB);
+    let mut node = client(&d).await;
+    node.node_unpublish_volume(p.unpublish(&root))
+        .await
+        .unwrap();
+    drop(node);
+    let mut d = d;
+    d.stop();
+    let records = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        records
+            .lines()
+            .any(|l| l.contains("\"event\":\"read\"") && l.contains("\"comm\":\"cat\"")),
+        "the resent open is audited by the process that answered it:\n{records}"
+    );
+}

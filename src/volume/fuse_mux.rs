@@ -410,6 +410,14 @@ fn handle(conn: &Conn, bytes: &[u8], r: &mut Reply) {
             Ok(a) => r.attr_out(h.unique, &wire_attr(a), s.ttl),
             Err(e) => r.error(h.unique, errno(e).code()),
         },
+        #[cfg(feature = "test-controller")]
+        op::OPEN if test_unanswered_open() => {
+            // TEST ONLY: a server that read this request and died before answering it.
+            tracing::warn!(
+                "TEST: an OPEN read and left unanswered (KEYBROKER_TEST_UNANSWERED_OPENS)"
+            );
+            return;
+        }
         op::OPEN => {
             let flags = wire::parse_open(body).unwrap_or(0) as i32;
             let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -465,6 +473,24 @@ fn handle(conn: &Conn, bytes: &[u8], r: &mut Reply) {
         _ => r.error(h.unique, libc::ENOSYS),
     };
     send(conn, out);
+}
+
+/// TEST ONLY (builds with the `test-controller` feature): the first N OPEN requests, N from
+/// `KEYBROKER_TEST_UNANSWERED_OPENS`, are read and never answered, as by a server killed in
+/// the middle of one (what `FUSE_NOTIFY_RESEND` recovers).
+#[cfg(feature = "test-controller")]
+fn test_unanswered_open() -> bool {
+    static LEFT: std::sync::OnceLock<AtomicU32> = std::sync::OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicU32::new(
+            std::env::var("KEYBROKER_TEST_UNANSWERED_OPENS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 fn caller(h: &InHeader) -> Caller {
