@@ -245,11 +245,18 @@ pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
     };
     let mut prepared = Prepared::default();
     let staging = staging_dir(target);
-    // One read of the mount table in the common case (nothing at the target or its staging
-    // directory); the table is read again only when orphans had to be detached.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
-        .unwrap_or_default();
+    // A path that does not exist has nothing mounted on it (a mount point cannot be removed
+    // while mounted): a fresh publish, the common case, needs no look at the mount table, whose
+    // size grows with every volume on the node. Otherwise one read; again only when orphans
+    // had to be detached.
+    let absent = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let mounts = if absent(target) && absent(&staging) {
+        Vec::new()
+    } else {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| parse_mountinfo(&t))
+            .unwrap_or_default()
+    };
     let top = |dir: &Path| mounts.iter().rev().find(|m| m.mount_point == dir).cloned();
     let mut at_target = top(target);
     if at_target.as_ref().is_some_and(is_keybroker_mount)
