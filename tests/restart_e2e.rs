@@ -393,3 +393,42 @@ async fn a_request_the_killed_server_had_read_is_answered_by_the_next() {
         "the resent open is audited by the process that answered it:\n{records}"
     );
 }
+
+/// A volume that did not name its type keeps the type it was mounted with across a restart in
+/// which the node's default changed (an upgrade from a FUSE default to the tmpfs one): its
+/// FUSE session is taken over, not replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_another_default_type_keeps_each_volume_its_type() {
+    let (_tmp, root) = local_setup(DB, "[db]");
+    let audit = root.join("audit.jsonl");
+    let mut d = Daemon::start_opts(&root, "1h", &audit, &["--default-volume-type", "fuse"]);
+    let p = Pod::new("team-a", "api", 91);
+    {
+        let mut node = client(&d).await;
+        let req = p.request_with(&root, &[("provider", "local"), ("objects", OBJECTS)], None);
+        assert!(!req.volume_context.contains_key("volumeType"));
+        node.node_publish_volume(req).await.unwrap();
+    }
+    d.kill9();
+    d.replaced();
+    let d = start(&root);
+    assert!(
+        d.logs().contains("FUSE session taken over after restart"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(d.metric("keybroker_repairs_total"), 0);
+    assert_eq!(read_file(&p.target(&root).join("db")).unwrap(), DB);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let target = p.target(&root);
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(target.to_str().unwrap()) && l.contains(" - fuse.keybroker ")),
+        "still a FUSE volume:\n{mounts}"
+    );
+    let mut node = client(&d).await;
+    node.node_unpublish_volume(p.unpublish(&root))
+        .await
+        .unwrap();
+}

@@ -1398,13 +1398,16 @@ impl NodeService {
         rec: &VolumeRecord,
         session: Option<std::os::fd::OwnedFd>,
     ) -> Result<&'static str, NodeError> {
-        let vr = request::parse(
+        let mut vr = request::parse(
             &rec.attributes,
             &Default::default(),
             self.cfg.default_kind,
             self.cfg.limits,
         )
         .map_err(|e| NodeError::InvalidArgument(e.0))?;
+        // The type the volume was mounted with, whatever this process's default (a volume
+        // without `volumeType` published before the default changed stays what it is).
+        vr.kind = rec.kind;
         let grant = self
             .bindings
             .load()
