@@ -109,20 +109,19 @@ impl Drop for Node {
         // The fd keeper the node started outlives it by design.
         let _ =
             keybroker::keeper::KeeperClient::new(&state_dir(&self.root).join("keeper.sock")).quit();
-        let _ = std::fs::remove_dir_all(state_dir(&self.root));
-        // Unmount whatever the node left (it was killed), and the tmpfs staging mounts behind.
+        // Unmount whatever the node left (it was killed), the tmpfs staging mounts (under its
+        // state directory) included, then remove the state.
         if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
             for l in mi.lines() {
                 if let Some(mp) = l.split(' ').nth(4)
-                    && Path::new(mp).starts_with(&self.root)
+                    && (Path::new(mp).starts_with(&self.root)
+                        || Path::new(mp).starts_with(state_dir(&self.root)))
                 {
                     let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
-                    let staging = keybroker::volume::mountpoint::staging_dir(Path::new(mp));
-                    let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
-                    let _ = std::fs::remove_dir(&staging);
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(state_dir(&self.root));
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -390,7 +389,7 @@ fn render_row() {
                 value: keybroker::secret::SecretBytes::new(value.into_bytes()),
                 version: "1".into(),
                 content_type: None,
-                expires_at: None,
+                expiry: None,
                 lease: None,
             };
             (o, Arc::new(obj))

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::provider::{ObjectRequest, ProviderError};
 use crate::rotation::{self, Validity};
-use crate::secret::{Lease, SecretObject};
+use crate::secret::{Expiry, Lease, SecretObject};
 
 /// What the cache asks its caller to do for a due value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -384,13 +384,24 @@ impl Drop for InflightGuard<'_> {
 
 /// How long a fetched value stays good, as the rotation rules see it.
 pub fn validity_of(obj: &SecretObject) -> Validity {
-    // A hard expiry (a certificate) wins over a lease: reissue at 90% of its lifetime.
-    if let Some(exp) = obj.expires_at {
-        let remaining = exp.duration_since(SystemTime::now()).unwrap_or_default();
-        return Validity::Expires {
-            lifetime: remaining,
-            remaining,
-        };
+    let left = |t: SystemTime| t.duration_since(SystemTime::now()).unwrap_or_default();
+    match obj.expiry {
+        // A value issued for us (a PKI certificate) wins over a lease: reissue at 90% of its
+        // lifetime.
+        Some(Expiry::Issued(end)) => {
+            let remaining = left(end);
+            return Validity::Expires {
+                lifetime: remaining,
+                remaining,
+            };
+        }
+        // A stored object (Key Vault) is polled; its expiry can only bring the poll forward.
+        Some(Expiry::Stored(end)) if obj.lease.is_none() => {
+            return Validity::PolledUntil {
+                remaining: left(end),
+            };
+        }
+        _ => {}
     }
     match &obj.lease {
         Some(lease) if lease.renewable => Validity::RenewableLease {
@@ -428,7 +439,7 @@ mod tests {
             value: SecretBytes::new(v.as_bytes().to_vec()),
             version: v.into(),
             content_type: None,
-            expires_at: None,
+            expiry: None,
             lease: None,
         }
     }

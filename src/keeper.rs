@@ -13,6 +13,7 @@
 //! | `drop NAME`          | `ok N`                                                      |
 //! | `take`               | `fd NAME` + one fd, for each kept descriptor, then `end N`  |
 //! | `ping`               | `ok N`                                                      |
+//! | `node`               | `ok N`; the caller (by `SO_PEERCRED` pid) is now its node   |
 //! | `quit`               | `ok 0`, then the keeper closes everything and exits        |
 //!
 //! `N` is how many descriptors the keeper holds after the request. A descriptor whose
@@ -191,6 +192,13 @@ impl KeeperClient {
         self.call("ping", None)
     }
 
+    /// Like [`KeeperClient::ping`], and tells the keeper that this process is now its node
+    /// (a keeper started with `--exit-with-node` exits once its node has gone and it holds
+    /// nothing).
+    pub fn announce(&self) -> Result<usize, KeeperError> {
+        self.call("node", None)
+    }
+
     /// Keeps a duplicate of `fd` under `name` (replacing one kept under it).
     pub fn put(&self, name: &str, fd: BorrowedFd<'_>) -> Result<usize, KeeperError> {
         self.call(&format!("put {name}"), Some(fd))
@@ -300,6 +308,28 @@ pub struct KeeperOptions {
     /// Exit once it has held nothing and heard from nobody for this long (a keeper a
     /// `keybroker node` started by itself; the DaemonSet's keeper container runs without).
     pub exit_when_idle: Option<Duration>,
+    /// Exit as soon as its node has exited and nothing is held any more: a node run by hand,
+    /// by a test harness or by systemd leaves no keeper behind once its volumes are gone.
+    /// Its node is the process that started it until another announces itself (`node`, which
+    /// every `keybroker node` sends when it checks on its keeper); a node that restarts thus
+    /// keeps the keeper it found. While it holds sessions it stays (that is what it is for)
+    /// until they end or `exit_when_idle` passes.
+    pub exit_with_node: bool,
+}
+
+/// A descriptor that becomes readable when process `pid` exits (`None` when it has gone
+/// already, or pidfds are not supported).
+fn pidfd(pid: Option<rustix::process::Pid>) -> Option<OwnedFd> {
+    let pid = pid.filter(|p| !p.is_init())?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// What one request asks of the keeper's loop.
+enum Handled {
+    Done,
+    Quit,
+    /// A node announced itself (its pid, from `SO_PEERCRED`).
+    Node(Option<rustix::process::Pid>),
 }
 
 /// Runs the keeper until `quit` (or idle, when asked to).
@@ -309,8 +339,26 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
     let mut kept: BTreeMap<String, OwnedFd> = BTreeMap::new();
     let mut last_heard = Instant::now();
     let mut last_prune = Instant::now();
+    // Its node, watched while it lives; `None` once it has exited (or when not asked to).
+    let mut node = if opts.exit_with_node {
+        let fd = pidfd(rustix::process::getppid());
+        if fd.is_none() {
+            tracing::info!("fd keeper: the node that started it has exited already");
+        }
+        fd
+    } else {
+        None
+    };
+    let mut node_gone = opts.exit_with_node && node.is_none();
     let res = loop {
-        let mut p = [PollFd::new(&listener, PollFlags::IN)];
+        if node_gone && kept.is_empty() {
+            tracing::info!("fd keeper: its node has exited and nothing is held; exiting");
+            break Ok(());
+        }
+        let mut p = vec![PollFd::new(&listener, PollFlags::IN)];
+        if let Some(fd) = &node {
+            p.push(PollFd::new(fd, PollFlags::IN));
+        }
         let wait = rustix::event::Timespec {
             tv_sec: PRUNE_EVERY.as_secs() as i64,
             tv_nsec: 0,
@@ -319,11 +367,20 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => break Err(e.into()),
         }
+        let listener_ready = p[0].revents().contains(PollFlags::IN);
+        if p.get(1).is_some_and(|p| !p.revents().is_empty()) {
+            drop(p);
+            node = None;
+            node_gone = true;
+            prune(&mut kept);
+            tracing::info!(descriptors = kept.len(), "fd keeper: its node has exited");
+            continue;
+        }
         if last_prune.elapsed() >= PRUNE_EVERY {
             prune(&mut kept);
             last_prune = Instant::now();
         }
-        if !p[0].revents().contains(PollFlags::IN) {
+        if !listener_ready {
             if let Some(idle) = opts.exit_when_idle
                 && kept.is_empty()
                 && last_heard.elapsed() >= idle
@@ -349,8 +406,16 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
         }
         let _ = sockopt::set_socket_timeout(&conn, sockopt::Timeout::Recv, Some(CLIENT_TIMEOUT));
         let _ = sockopt::set_socket_timeout(&conn, sockopt::Timeout::Send, Some(CLIENT_TIMEOUT));
-        if handle(conn.as_fd(), &mut kept) {
-            break Ok(());
+        match handle(conn.as_fd(), &mut kept) {
+            Handled::Done => {}
+            Handled::Quit => break Ok(()),
+            Handled::Node(pid) if opts.exit_with_node => {
+                if let Some(fd) = pidfd(pid) {
+                    node = Some(fd);
+                    node_gone = false;
+                }
+            }
+            Handled::Node(_) => {}
         }
     };
     let _ = std::fs::remove_file(&opts.socket);
@@ -368,16 +433,17 @@ fn prune(kept: &mut BTreeMap<String, OwnedFd>) {
     });
 }
 
-/// Answers one request. Returns true on `quit`.
-fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> bool {
+/// Answers one request.
+fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> Handled {
     let (text, fd) = match recv(conn) {
         Ok(Some(m)) => m,
-        Ok(None) => return false,
+        Ok(None) => return Handled::Done,
         Err(e) => {
             tracing::warn!(error = %e, "fd keeper: unreadable request");
-            return false;
+            return Handled::Done;
         }
     };
+    let mut handled = Handled::Done;
     let (verb, arg) = text.split_once(' ').unwrap_or((text.as_str(), ""));
     let reply = match (verb, fd) {
         ("put", Some(fd)) if valid_name(arg) => {
@@ -390,25 +456,29 @@ fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> bool {
             format!("ok {}", kept.len())
         }
         ("ping", None) => format!("ok {}", kept.len()),
+        ("node", None) => {
+            handled = Handled::Node(sockopt::socket_peercred(conn).ok().map(|c| c.pid));
+            format!("ok {}", kept.len())
+        }
         ("take", None) => {
             prune(kept);
             if let Err(e) = send_all(conn, kept.iter().map(|(n, f)| (n.as_str(), f.as_fd()))) {
                 tracing::warn!(error = %e, "fd keeper: cannot hand the descriptors back");
             }
-            return false;
+            return Handled::Done;
         }
         ("quit", None) => {
             let _ = send(conn, "ok 0", None);
             tracing::info!(descriptors = kept.len(), "fd keeper: asked to quit");
-            return true;
+            return Handled::Quit;
         }
-        _ => "err expected `put NAME` with one descriptor, `drop NAME`, `take`, `ping` or `quit`"
+        _ => "err expected `put NAME` with one descriptor, `drop NAME`, `take`, `ping`, `node` or `quit`"
             .to_owned(),
     };
     if let Err(e) = send(conn, &reply, None) {
         tracing::warn!(error = %e, "fd keeper: cannot answer");
     }
-    false
+    handled
 }
 
 #[cfg(test)]
@@ -427,6 +497,7 @@ mod tests {
         let opts = KeeperOptions {
             socket: sock.clone(),
             exit_when_idle: None,
+            exit_with_node: false,
         };
         let keeper = std::thread::spawn(move || run(&opts));
         let c = KeeperClient::new(&sock);

@@ -147,7 +147,9 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         fuse_linger: std::time::Duration,
         /// Who keeps the FUSE sessions' descriptors across restarts: `auto` connects to the
-        /// keeper at --fd-keeper-socket or starts one (a `keybroker node` run by hand);
+        /// keeper at --fd-keeper-socket or starts one (a `keybroker node` run by hand; that
+        /// keeper stays while it holds sessions, so the next node takes them over, and exits
+        /// with the node once it holds none);
         /// `external` only connects (the DaemonSet's keeper container); `off` keeps none, and
         /// a restart breaks every FUSE volume's running containers (ENOTCONN).
         #[arg(long, value_enum, default_value_t = KeeperMode::Auto)]
@@ -172,11 +174,22 @@ enum Command {
     /// It only keeps descriptors and hands them back (SCM_RIGHTS on a unix socket only its own
     /// uid may use); it reads no FUSE request and holds no secret.
     FdKeeper {
+        /// The unix socket the node talks to (`keybroker node --fd-keeper-socket`, by default
+        /// `<state-dir>/keeper.sock`). Created 0600; only this process's uid may connect. A
+        /// second keeper on a socket that answers refuses to start.
         #[arg(long, default_value = "/run/keybroker/keeper.sock")]
         socket: PathBuf,
-        /// Exit once it has held nothing and heard from nobody for this long.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Exit once it has held nothing and heard from nobody for this long: a duration such
+        /// as `60s`, `5m` or `1h 30m`. Without it the keeper runs until asked to quit (the
+        /// DaemonSet's keeper container).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         exit_when_idle: Option<std::time::Duration>,
+        /// Exit as soon as its node has exited and nothing is held (what `keybroker node
+        /// --fd-keeper auto` asks of the keeper it starts). Its node is the process that
+        /// started it, or the `keybroker node` that last checked on it. While it holds FUSE
+        /// sessions it stays, which is what it is for.
+        #[arg(long)]
+        exit_with_node: bool,
     },
     /// Serve the Secrets Store CSI driver's provider API (behind an existing driver).
     ///
@@ -438,6 +451,15 @@ fn main() -> ExitCode {
     keybroker::tls::init();
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
+    // Every request keybroker sends names it and its mode (User-Agent).
+    keybroker::tls::set_mode(match &cli.command {
+        Command::Node { .. } => "node",
+        Command::Provider { .. } => "provider",
+        Command::Init { .. } => "init",
+        Command::Sidecar { .. } => "sidecar",
+        Command::Mount { .. } => "mount",
+        _ => "cli",
+    });
     for w in &hardening.warnings {
         tracing::warn!("{w}");
     }
@@ -527,11 +549,13 @@ fn main() -> ExitCode {
         Command::FdKeeper {
             socket,
             exit_when_idle,
+            exit_with_node,
         } => {
             raise_fd_limit();
             let opts = keybroker::keeper::KeeperOptions {
                 socket,
                 exit_when_idle,
+                exit_with_node,
             };
             match keybroker::keeper::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -863,7 +887,7 @@ fn keeper(mode: KeeperMode, socket: &std::path::Path) -> Option<keybroker::keepe
                     .arg("fd-keeper")
                     .arg("--socket")
                     .arg(socket)
-                    .args(["--exit-when-idle", "60s"])
+                    .args(["--exit-when-idle", "60s", "--exit-with-node"])
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .process_group(0)

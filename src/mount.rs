@@ -104,7 +104,12 @@ pub async fn run(
         VolumeKind::Tmpfs => {
             // Room for two snapshots (old and new) during a rotation, plus slack.
             let size = cfg.content.limits.max_volume_bytes * 3;
-            let v = TmpfsVolume::mount(&target, &mountpoint::staging_dir(&target), size, owner)?;
+            let v = TmpfsVolume::mount(
+                &target,
+                &mountpoint::staging_dir(&mountpoint::default_staging_root(), &target),
+                size,
+                owner,
+            )?;
             v.apply(&first.files)?;
             Box::new(v)
         }

@@ -8,7 +8,12 @@
 //! - renewable lease: renew at about 2/3 of the remaining lease minus a 10–20% random grace;
 //!   when a renewal no longer extends the lease and what is left is below 4× the grace,
 //!   fetch a new secret instead;
-//! - a value with a hard expiry (a certificate): reissue at 90% of its lifetime;
+//! - a value issued for us with a hard expiry (a PKI certificate): reissue at 90% of its
+//!   lifetime;
+//! - a stored object with an expiry attribute (Key Vault `exp`, a Key Vault certificate): poll
+//!   like any other object, since the source may get a new version at any moment; the expiry
+//!   only makes it due sooner (at 90% of what is left, never sooner than a tenth of the poll,
+//!   and an expiry already past changes nothing);
 //! - after a failure: exponential backoff 1-2-4-8-16 s with ±20% jitter, never sooner than the
 //!   provider's `Retry-After`.
 //!
@@ -49,11 +54,15 @@ pub enum Validity {
     /// A renewable lease. `extended` is false when the last renewal did not move the end of the
     /// lease (max TTL reached).
     RenewableLease { remaining: Duration, extended: bool },
-    /// A value with a hard end of life (certificate), `lifetime` in total and `remaining` now.
+    /// A value issued for us with a hard end of life (a PKI certificate), `lifetime` in total
+    /// and `remaining` now.
     Expires {
         lifetime: Duration,
         remaining: Duration,
     },
+    /// A stored object that says when it expires, `remaining` from now (zero when past): it
+    /// can change at the source at any time.
+    PolledUntil { remaining: Duration },
 }
 
 fn clamp(d: Duration) -> Duration {
@@ -65,6 +74,17 @@ pub fn next(validity: Validity, poll: Duration, jitter: f64) -> Next {
     let j = jitter.clamp(0.0, 1.0);
     match validity {
         Validity::Unleased => Next::Refetch(clamp(poll.mul_f64(1.0 + 0.1 * j))),
+        Validity::PolledUntil { remaining } => {
+            let polled = poll.mul_f64(1.0 + 0.1 * j);
+            if remaining.is_zero() {
+                // Past its expiry: a source that keeps serving it gets no extra requests.
+                return Next::Refetch(clamp(polled));
+            }
+            // Come back before it ends, but never more often than a tenth of the poll: a value
+            // near its end is not refetched in a tight loop.
+            let before_end = remaining.mul_f64(0.9).max(poll / 10);
+            Next::Refetch(clamp(polled.min(before_end)))
+        }
         Validity::Lease { remaining } => Next::Refetch(clamp(remaining.mul_f64(0.85 + 0.1 * j))),
         Validity::RenewableLease {
             remaining,
@@ -199,6 +219,38 @@ mod tests {
     }
 
     #[test]
+    fn stored_objects_with_an_expiry_are_polled_and_only_come_sooner() {
+        // A Key Vault secret with a one-year expiry: polled like any other (the defect was a
+        // refresh at 90% of a year).
+        let year = S(365 * 86_400);
+        assert_eq!(
+            next(Validity::PolledUntil { remaining: year }, S(5), 0.0),
+            Next::Refetch(S(5))
+        );
+        // An expiry inside the poll interval brings the fetch before it.
+        assert_eq!(
+            next(Validity::PolledUntil { remaining: S(60) }, S(120), 0.0),
+            Next::Refetch(S(54))
+        );
+        // Close to the end: no tighter than a tenth of the poll.
+        assert_eq!(
+            next(Validity::PolledUntil { remaining: S(2) }, S(120), 0.0),
+            Next::Refetch(S(12))
+        );
+        // Already past: the plain poll.
+        assert_eq!(
+            next(
+                Validity::PolledUntil {
+                    remaining: Duration::ZERO
+                },
+                S(120),
+                0.0
+            ),
+            Next::Refetch(S(120))
+        );
+    }
+
+    #[test]
     fn backoff_doubles_to_a_ceiling_and_honours_retry_after() {
         let mid: Vec<u64> = (1..=7).map(|n| backoff(n, None, 0.5).as_secs()).collect();
         assert_eq!(mid, [1, 2, 4, 8, 16, 16, 16]);
@@ -241,6 +293,11 @@ mod props {
             ] {
                 let d = next(v, poll, jitter).delay();
                 prop_assert!(d >= MIN_DELAY, "{:?}: {:?}", v, d);
+                let polled = next(Validity::PolledUntil { remaining }, poll, jitter).delay();
+                // A stored object with an expiry is never due later than a plain poll, and
+                // never sooner than a tenth of it.
+                prop_assert!(polled <= next(Validity::Unleased, poll, jitter).delay());
+                prop_assert!(polled >= (poll / 10).max(MIN_DELAY));
                 match v {
                     Validity::Unleased => {
                         prop_assert!(d <= poll.mul_f64(1.1).max(MIN_DELAY), "{:?}", d)

@@ -112,6 +112,18 @@ pub struct Lease {
     pub renewable: bool,
 }
 
+/// The stated end of a value's life, and what it means for refreshing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// A value issued for this caller (a Vault PKI certificate): the source will never show a
+    /// newer one by itself, so it is reissued at 90% of its lifetime.
+    Issued(SystemTime),
+    /// A stored object's expiry attribute (Key Vault `attributes.exp`, a certificate's
+    /// notAfter): the source may get a new version at any moment, so the object is polled
+    /// like any other; the expiry can only make it due sooner.
+    Stored(SystemTime),
+}
+
 /// One object as a provider returned it.
 #[derive(Clone, Debug)]
 pub struct SecretObject {
@@ -119,8 +131,8 @@ pub struct SecretObject {
     /// Provider version (Key Vault version id, KV v2 version, or a content fingerprint).
     pub version: String,
     pub content_type: Option<String>,
-    /// Hard expiry of the value itself, when the provider knows one (certificate notAfter).
-    pub expires_at: Option<SystemTime>,
+    /// When the value ends, when the provider knows it.
+    pub expiry: Option<Expiry>,
     pub lease: Option<Lease>,
 }
 
@@ -138,7 +150,7 @@ mod tests {
             value: s,
             version: "v1".into(),
             content_type: None,
-            expires_at: None,
+            expiry: None,
             lease: None,
         };
         assert!(!format!("{obj:?}").contains("hunter2"));

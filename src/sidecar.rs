@@ -180,13 +180,8 @@ pub fn build_provider(
             ..
         } => {
             let ca = read_ca(ca_file)?;
-            let http = crate::tls::client_builder(ca.as_deref(), "Azure")
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .dns_resolver(crate::tls::LoopbackNames)
-                .timeout(Duration::from_secs(15))
-                .connect_timeout(Duration::from_secs(5))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?;
+            let http =
+                crate::tls::azure_client(ca.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
             let source = match managed_identity {
                 Some(mi) => azure::Source::Managed {
                     client_id: mi.clone(),

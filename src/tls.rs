@@ -3,7 +3,8 @@
 //! container image without a system trust store still works). Nothing here can turn
 //! verification off.
 
-use std::sync::Once;
+use std::collections::HashMap;
+use std::sync::{Mutex, Once, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 
@@ -14,6 +15,90 @@ pub fn init() {
         // Fails only if a provider was installed already, which is as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// The mode this process runs in (`node`, `provider`, `sidecar`, `init`, `mount`), for the
+/// User-Agent of every request it sends.
+static MODE: OnceLock<&'static str> = OnceLock::new();
+
+/// Names the process's mode in its User-Agent; set once, at start-up, before any client.
+pub fn set_mode(mode: &'static str) {
+    let _ = MODE.set(mode);
+}
+
+/// `keybroker/<version> (<mode>)`: what Vault's and Key Vault's request logs show, so an
+/// operator can tell keybroker's requests from others' (as Vault Agent and the Azure SDKs
+/// name themselves).
+pub fn user_agent() -> String {
+    format!(
+        "keybroker/{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        MODE.get().copied().unwrap_or("library")
+    )
+}
+
+/// The same for the Azure SDK's `application_id`, which prefixes the SDK's own User-Agent
+/// and must be one RFC 9110 token of at most 24 characters: `keybroker-<mode>-<version>`,
+/// without the version where it would not fit.
+pub fn azure_application_id() -> String {
+    let mode = MODE.get().copied().unwrap_or("library");
+    let full = format!("keybroker-{mode}-{}", env!("CARGO_PKG_VERSION"));
+    let ok = |s: &str| {
+        s.len() <= 24
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    };
+    if ok(&full) {
+        return full;
+    }
+    let short = format!("keybroker-{mode}");
+    if ok(&short) {
+        short
+    } else {
+        "keybroker".into()
+    }
+}
+
+/// HTTP clients (connection pools, TLS session caches) for the whole process, by a key that
+/// names everything they were built from (endpoint, CA bundle, server name, timeouts). Every
+/// identity that talks to the same server with the same trust shares one: a cold publish for a
+/// new identity reuses the connections other identities opened (bearer tokens travel per
+/// request, never with the connection).
+pub fn pooled<T: Clone>(
+    pools: &Mutex<HashMap<String, T>>,
+    key: String,
+    build: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    if let Some(c) = pools.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
+    let c = build()?;
+    Ok(pools
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(c)
+        .clone())
+}
+
+/// The HTTPS client for Entra ID and Key Vault with the trust `ca_pem` gives (the public roots
+/// without it), shared by every Azure identity of the process (see [`pooled`]).
+pub fn azure_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    static POOLS: OnceLock<Mutex<HashMap<String, reqwest::Client>>> = OnceLock::new();
+    let key = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(ca_pem.unwrap_or_default()))
+    };
+    pooled(POOLS.get_or_init(Default::default), key, || {
+        client_builder(ca_pem, "Azure")?
+            .dns_resolver(LoopbackNames)
+            .timeout(std::time::Duration::from_secs(15))
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot set up the Azure HTTP client: {e}"))
+    })
 }
 
 /// The public roots keybroker trusts when no CA bundle is configured.
@@ -55,7 +140,9 @@ pub fn client_builder(ca_pem: Option<&[u8]>, what: &str) -> Result<reqwest::Clie
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(reqwest::Client::builder().use_preconfigured_tls(config))
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .user_agent(user_agent()))
 }
 
 /// Name resolution that answers `localhost` and every `*.localhost` name with the loopback

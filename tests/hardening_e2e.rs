@@ -322,7 +322,10 @@ async fn kill_9_during_a_publish_storm_leaves_nothing_broken_or_behind() {
         assert!(left.is_empty(), "round {round}: mounts left: {left:?}");
         for p in &pods {
             assert!(!p.target(&root).exists(), "target left: {}", p.name);
-            let staging = keybroker::volume::mountpoint::staging_dir(&p.target(&root));
+            let staging = keybroker::volume::mountpoint::staging_dir(
+                &root.join("state/staging"),
+                &p.target(&root),
+            );
             assert!(!is_mount_point(&staging), "staging tmpfs left: {}", p.name);
         }
         assert!(

@@ -425,6 +425,48 @@ async fn a_restart_keeps_tmpfs_and_fuse_volumes_serving() {
     );
 }
 
+/// A keeper a node started by itself (`--fd-keeper auto`) outlives a crash while it holds
+/// sessions, serves the next node, and exits with that node once it holds none: a node run by
+/// hand or by a test harness leaves no keeper process behind (it used to linger 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_the_node_started_exits_with_its_node_once_it_holds_nothing() {
+    let (_tmp, root) = setup();
+    let mut d = Daemon::start(&root);
+    let f = Pod::new("team-a", "api", 9);
+    let mut node = client(&d).await;
+    node.node_publish_volume(f.request(&root, A_OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    drop(node);
+    let keeper = d.keeper();
+    assert_eq!(keeper.ping().unwrap(), 1);
+    d.kill9();
+    // The node is gone but a session is held: the keeper stays, for the next node.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(keeper.ping().unwrap(), 1, "the keeper left with a session");
+    let mut d = Daemon::start(&root);
+    let mut node = client(&d).await;
+    node.node_unpublish_volume(f.unpublish(&root))
+        .await
+        .unwrap();
+    drop(node);
+    // Empty, but its (new) node lives: it stays.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(keeper.ping().unwrap(), 0, "the keeper left its live node");
+    d.stop();
+    // Its node has exited and it holds nothing: it goes, well before its 60 s idle exit.
+    let took = wait_for(
+        "the keeper to exit with its node",
+        Duration::from_secs(45),
+        || keeper.ping().is_err(),
+    );
+    println!("keeper exited {took:?} after its node");
+    assert!(
+        !root.join("state/keeper.sock").exists(),
+        "the keeper's socket is removed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_fd_keeper_a_restart_remounts_fuse_and_says_what_it_means() {
     let (_tmp, root) = setup();

@@ -292,9 +292,10 @@ async fn the_upstream_drivers_own_client_mounts_through_keybroker() {
             &tokens,
         ))
         .unwrap();
+        // A class without nodePublishSecretRef: the driver marshals a nil map, `null`.
         json!({
             "attributes": attrs,
-            "secrets": {},
+            "secrets": null,
             "targetPath": root.join(format!("driver/{}/mount", p.uid)),
             "permission": "420",
         })
@@ -497,9 +498,11 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
             .map(|p| {
                 let attrs: serde_json::Value =
                     serde_json::from_str(&attributes(p, params, &token_for(p, audience))).unwrap();
+                // Tokens in the attributes and `secrets` the JSON `null`: what driver v1.6.0
+                // sends for these classes (no nodePublishSecretRef, tokens in volume_context).
                 json!({
                     "attributes": attrs,
-                    "secrets": {},
+                    "secrets": null,
                     "targetPath": root.join(format!("driver/{}/mount", p.uid)),
                     "permission": "292",
                 })
@@ -712,8 +715,13 @@ async fn the_drivers_own_node_server_publishes_through_keybroker() {
     );
     let mut kubelet = NodeClient::new(keybroker_csi::connect_unix(&driver.sock).await.unwrap());
     let spc = [("secretProviderClass", "store")];
+    // As kubelet publishes for the driver's own CSIDriver (no serviceAccountTokenInSecrets):
+    // the tokens in volume_context and no secrets, so the driver sends keybroker `null`.
+    let mut req = pod.request_with(&root, &spc, None);
+    let tokens = req.secrets.drain().collect::<Vec<_>>();
+    req.volume_context.extend(tokens);
     kubelet
-        .node_publish_volume(pod.request_with(&root, &spc, None))
+        .node_publish_volume(req)
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}\n{}", driver.logs(), d.logs()));
     let target = pod.target(&root);
@@ -748,5 +756,66 @@ async fn the_drivers_own_node_server_publishes_through_keybroker() {
         .await
         .unwrap();
     assert!(!is_mount_point(&target), "the driver unmounted its tmpfs");
+
+    // With serviceAccountTokenInSecrets (Kubernetes ≥ 1.35) the tokens come in `secrets`, and
+    // the driver hands keybroker that map.
+    let again = Pod::new("team-a", "api", 33);
+    kubelet
+        .node_publish_volume(again.request_with(&root, &spc, None))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}\n{}", driver.logs(), d.logs()));
+    assert_eq!(
+        std::fs::read_to_string(again.target(&root).join("password")).unwrap(),
+        "S3cret-provider-db-8841"
+    );
+    kubelet
+        .node_unpublish_volume(again.unpublish(&root))
+        .await
+        .unwrap();
     drop(driver);
+}
+
+/// A Mount the provider edge cannot parse is refused with the reason, and that refusal is in
+/// keybroker's log and audit log like every other (not only in the driver's event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_mount_is_refused_logged_and_audited() {
+    let (_tmp, root) = setup();
+    let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
+    let mut c = provider_client(&d).await;
+    let pod = Pod::new("team-a", "api", 41);
+    let attrs = attributes(
+        &pod,
+        &[("provider", "local"), ("objects", PASSWORD_AND_JSON)],
+        "",
+    );
+    let mut req = mount_request(&root, &pod, attrs);
+    req.secrets = "[\"not-a-map-S3cret\"]".into();
+    let e = c.mount(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("secrets is not a JSON map"), "{e:?}");
+    assert!(!e.message().contains("S3cret"));
+    let log = root.join("audit.jsonl");
+    let refusal = || {
+        audit_records(&log)
+            .into_iter()
+            .find(|r| r.to_string().contains("the driver's Mount request"))
+    };
+    wait_for(
+        "the refusal's audit record",
+        std::time::Duration::from_secs(60),
+        || refusal().is_some(),
+    );
+    let rec = refusal().unwrap();
+    let audit = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(rec["event"], "error", "{rec}");
+    assert!(
+        rec["volume"].as_str().unwrap().contains(&pod.uid),
+        "names the driver's target: {rec}"
+    );
+    assert!(!audit.contains("S3cret"));
+    assert!(
+        d.logs().contains("secrets is not a JSON map"),
+        "{}",
+        d.logs()
+    );
 }

@@ -243,14 +243,33 @@ async fn recovery_reconciles_records_keeper_and_mounts() {
         }
     }
     let [kept, unpublished, lost] = [&pods[0], &pods[1], &pods[2]];
+    // A tmpfs volume unpublished during the crash too, and another node process's tmpfs volume
+    // (its own state directory) beside this one's: recovery must tell its own from the other's.
+    let tmpfs_gone = Pod::new("team-a", "api", 64);
+    let (_tmp2, root2) = local_setup(DB, "[db]");
+    let other = start(&root2);
+    let neighbour = Pod::new("team-a", "api", 65);
+    {
+        let mut node = client(&d).await;
+        node.node_publish_volume(tmpfs_gone.request(&root, OBJECTS, "tmpfs", None))
+            .await
+            .unwrap();
+        let mut node2 = client(&other).await;
+        node2
+            .node_publish_volume(neighbour.request(&root2, OBJECTS, "tmpfs", None))
+            .await
+            .unwrap();
+    }
     let keeper = d.keeper();
     assert_eq!(keeper.ping().unwrap(), 3);
     d.kill9();
     let records = root.join("state/volumes");
     // Crash points: an unpublish that had removed its record; a keeper that lost a session;
     // a record write cut short.
-    std::fs::remove_file(records.join(format!("{}.json", record_key(&unpublished.target(&root)))))
-        .unwrap();
+    for gone in [unpublished, &tmpfs_gone] {
+        std::fs::remove_file(records.join(format!("{}.json", record_key(&gone.target(&root)))))
+            .unwrap();
+    }
     keeper.drop_fd(&record_key(&lost.target(&root))).unwrap();
     std::fs::write(records.join("0123.json.tmp"), "{\"volume_id\": \"cut").unwrap();
     let d = start(&root);
@@ -273,8 +292,32 @@ async fn recovery_reconciles_records_keeper_and_mounts() {
         "half-written record left"
     );
     assert_eq!(keeper.ping().unwrap(), 2, "the keeper holds what is served");
+    // The tmpfs volume of no record: its staging mount (this node's own) and its target bind
+    // are detached, and that is audited; the other node's volume is untouched.
+    assert!(!common::is_mount_point(&tmpfs_gone.target(&root)));
+    let staging_left = std::fs::read_dir(root.join("state/staging"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(
+        staging_left.iter().all(|p| !common::is_mount_point(p)),
+        "staging mounts left: {staging_left:?}"
+    );
+    assert!(
+        audit
+            .contains("tmpfs volume of no recorded volume (unpublished during a restart) detached"),
+        "{audit}"
+    );
+    assert_eq!(read_file(&neighbour.target(&root2).join("db")).unwrap(), DB);
+    {
+        let mut node2 = client(&other).await;
+        node2
+            .node_unpublish_volume(neighbour.unpublish(&root2))
+            .await
+            .unwrap();
+    }
+    drop(other);
     let mut node = client(&d).await;
-    for p in &pods {
+    for p in pods.iter().chain([&tmpfs_gone]) {
         node.node_unpublish_volume(p.unpublish(&root))
             .await
             .unwrap();

@@ -118,7 +118,10 @@ async fn opens_from_other_mount_namespaces_are_all_recorded_with_their_process()
     assert!(line.contains(" - tmpfs keybroker "), "{line}");
     let staging = mi
         .lines()
-        .find(|l| l.contains(" - tmpfs keybroker ") && l.contains("/run/keybroker/staging/"))
+        .find(|l| {
+            l.contains(" - tmpfs keybroker ")
+                && l.contains(&format!("{}/state/staging/", root.display()))
+        })
         .expect("the staging mount");
     assert!(staging.contains("noswap"), "mounted noswap: {staging}");
 

@@ -210,6 +210,12 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
     assert_eq!(cat(&t.join("old-password")), "S3cret-kv-v1-old");
     assert_eq!(cat(&t.join("legacy")), "S3cret-kv1-legacy");
     assert_eq!(s.bao.requests(is_login), 1);
+    // Vault's audit log names keybroker and its mode on every request it sent.
+    assert_eq!(
+        s.bao.user_agents(),
+        [format!("keybroker/{} (node)", env!("CARGO_PKG_VERSION"))].into(),
+        "User-Agent of keybroker's requests in OpenBao's audit log"
+    );
 
     // An unbound pod is refused by keybroker: Vault never sees it.
     let before = s.bao.requests(|_, _| true);

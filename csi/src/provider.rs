@@ -4,7 +4,8 @@
 //!
 //! Facts of the driver this edge follows: `attributes` is a JSON map of strings (the
 //! SecretProviderClass parameters overwritten by the pod's volume attributes, plus the pod info
-//! keys); `secrets` a JSON map of the nodePublishSecretRef; `permission` the default file mode
+//! keys); `secrets` a JSON map of the nodePublishSecretRef (the JSON `null` when the class has
+//! none: the driver marshals a nil Go map); `permission` the default file mode
 //! as a decimal JSON number in a string; the response must list an object version for every
 //! object, and `error.code` is what the driver shows in the pod's events.
 
@@ -80,13 +81,20 @@ pub trait SecretsProvider: Send + Sync + 'static {
         &self,
         req: MountRequest,
     ) -> impl Future<Output = Result<Mounted, MountRefused>> + Send;
+
+    /// A Mount this edge refused before [`SecretsProvider::mount`] (its JSON or target path
+    /// did not parse): the implementation logs and audits it like any other refusal.
+    /// `target_path` is the driver's, cut to a bounded length; `reason` never holds request
+    /// text.
+    fn refused(&self, target_path: &str, reason: &str);
 }
 
 fn json_map(what: &str, text: &str) -> Result<BTreeMap<String, String>, String> {
     if text.len() > MAX_JSON_BYTES {
         return Err(format!("{what} is larger than {MAX_JSON_BYTES} bytes"));
     }
-    if text.trim().is_empty() {
+    // `null` is the driver's "none" (Go's json.Marshal of a nil map), as is an empty text.
+    if matches!(text.trim(), "" | "null") {
         return Ok(BTreeMap::new());
     }
     let map: BTreeMap<String, String> =
@@ -175,7 +183,15 @@ impl<P: SecretsProvider> pb::csi_driver_provider_server::CsiDriverProvider for S
         &self,
         req: tonic::Request<pb::MountRequest>,
     ) -> Result<tonic::Response<pb::MountResponse>, tonic::Status> {
-        let req = parse(req.into_inner()).map_err(tonic::Status::invalid_argument)?;
+        let req = req.into_inner();
+        let target: String = req.target_path.chars().take(crate::MAX_ID_BYTES).collect();
+        let req = match parse(req) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.provider.refused(&target, &reason);
+                return Err(tonic::Status::invalid_argument(reason));
+            }
+        };
         let resp = match self.provider.mount(req).await {
             Err(MountRefused { code }) => pb::MountResponse {
                 object_version: vec![],
@@ -246,6 +262,13 @@ mod tests {
     #[test]
     fn maps_are_bounded_and_typed() {
         assert!(json_map("attributes", r#"{"a":"b"}"#).is_ok());
+        // What driver v1.6.0 sends for a class without nodePublishSecretRef.
+        for none in ["null", " null\n", "{}", ""] {
+            assert!(json_map("secrets", none).unwrap().is_empty(), "{none:?}");
+        }
+        for bad in ["[]", "nul", "\"x\"", "{\"a\":null}"] {
+            assert!(json_map("secrets", bad).is_err(), "{bad:?}");
+        }
         assert!(json_map("attributes", r#"{"a":1}"#).is_err());
         assert!(json_map("attributes", &"x".repeat(MAX_JSON_BYTES + 1)).is_err());
         let many: BTreeMap<String, String> =

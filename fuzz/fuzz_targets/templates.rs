@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             value: SecretBytes::new(value.as_bytes().to_vec()),
             version: "1".into(),
             content_type: None,
-            expires_at: None,
+            expiry: None,
             lease: None,
         }),
     );

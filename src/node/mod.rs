@@ -26,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use keybroker_csi::{NodeError, NodePlugin, PublishRequest, UnpublishRequest};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -201,8 +200,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The name of a target's record (and of its session at the keeper).
+/// A volume's name in the state directory: its record's file name and its staging directory's.
 fn record_key(target: &Path) -> String {
-    hex::encode(&Sha256::digest(target.as_os_str().as_encoded_bytes())[..12])
+    mountpoint::staging_name(target)
 }
 
 fn record_path(state_dir: &Path, target: &Path) -> PathBuf {
@@ -217,10 +217,10 @@ fn target_alive(target: &Path) -> bool {
         && mountpoint::mount_at(target).is_some_and(|m| mountpoint::is_keybroker_mount(&m))
 }
 
-/// Detaches every keybroker mount at `target` and at its tmpfs staging directory, however
-/// many are stacked. Returns how many there were.
-fn detach_all(target: &Path) -> usize {
-    let staging = mountpoint::staging_dir(target);
+/// Detaches every keybroker mount at `target` and at its tmpfs staging directory (under
+/// `staging_root`), however many are stacked. Returns how many there were.
+fn detach_all(staging_root: &Path, target: &Path) -> usize {
+    let staging = mountpoint::staging_dir(staging_root, target);
     let n =
         mountpoint::detach_keybroker_mounts(target) + mountpoint::detach_keybroker_mounts(&staging);
     let _ = std::fs::remove_dir(&staging);
@@ -543,14 +543,7 @@ impl NodeService {
                             ))
                         })?),
                     };
-                    let http = crate::tls::client_builder(ca.as_deref(), "Azure")
-                        .map_err(refuse)?
-                        .dns_resolver(crate::tls::LoopbackNames)
-                        .timeout(Duration::from_secs(15))
-                        .connect_timeout(Duration::from_secs(5))
-                        .redirect(reqwest::redirect::Policy::none())
-                        .build()
-                        .map_err(|e| refuse(format!("cannot set up the Azure HTTP client: {e}")))?;
+                    let http = crate::tls::azure_client(ca.as_deref()).map_err(refuse)?;
                     let tokens = match &a.managed_identity {
                         None => azure::TokenSource::new(
                             azure::Source::Federated {
@@ -640,6 +633,13 @@ impl NodeService {
                     "{n} keybroker mounts left at the target by an interrupted publish were cleaned"
                 )),
         );
+    }
+
+    /// Where this node mounts its tmpfs volumes read-write (each target is a read-only bind of
+    /// one): under its own state directory, so another node process's (a test beside it, the
+    /// other side of a handover with another state directory) are never taken for its own.
+    fn staging_root(&self) -> PathBuf {
+        self.cfg.state_dir.join("staging")
     }
 
     fn fail(&self, pod: Option<&PodInfo>, volume_id: &str, e: NodeError) -> NodeError {
@@ -771,7 +771,7 @@ impl NodeService {
             if let Some(p) = lock(&self.volumes).remove(&target) {
                 p.cancel.cancel();
             }
-            detach_all(&target);
+            detach_all(&self.staging_root(), &target);
         }
 
         let grant = self
@@ -825,9 +825,10 @@ impl NodeService {
         if adopt.is_none() {
             // Whatever a crashed process left here is cleaned first; the target must then
             // be an empty directory of its own (not a symlink).
-            let prepared = mountpoint::prepare_target(target).map_err(|e| {
-                self.fail(Some(&pod), vid, NodeError::InvalidArgument(e.to_string()))
-            })?;
+            let prepared =
+                mountpoint::prepare_target(target, &self.staging_root()).map_err(|e| {
+                    self.fail(Some(&pod), vid, NodeError::InvalidArgument(e.to_string()))
+                })?;
             created = prepared.created;
             if prepared.orphans_cleaned > 0 {
                 self.orphans_cleaned(vid, &pod, target, prepared.orphans_cleaned);
@@ -951,7 +952,7 @@ impl NodeService {
             (None, VolumeKind::Tmpfs) => {
                 let v = TmpfsVolume::mount(
                     target,
-                    &mountpoint::staging_dir(target),
+                    &mountpoint::staging_dir(&self.staging_root(), target),
                     self.cfg.limits.max_volume_bytes * 3,
                     owner,
                 )
@@ -965,7 +966,7 @@ impl NodeService {
         // A mounted volume that cannot be completed is taken down again, and nothing is left.
         let abandon = |volume: Box<dyn Volume>, why: String| {
             let _ = volume.unmount();
-            detach_all(target);
+            detach_all(&self.staging_root(), target);
             forget(created);
             self.fail(Some(&pod), vid, NodeError::Internal(why))
         };
@@ -973,7 +974,7 @@ impl NodeService {
         // before the pod can see it.
         let volume: Box<dyn Volume> = match (&self.opens, volume.kind()) {
             (Some(o), VolumeKind::Tmpfs) => {
-                let root = mountpoint::staging_dir(target);
+                let root = mountpoint::staging_dir(&self.staging_root(), target);
                 if let Err(e) = o.watch(vid, &root) {
                     return Err(abandon(
                         volume,
@@ -1006,7 +1007,8 @@ impl NodeService {
         let bound = match broker {
             None => None,
             Some(b) => {
-                let sock = mountpoint::staging_dir(target).join(crate::broker::NODE_SOCKET);
+                let sock = mountpoint::staging_dir(&self.staging_root(), target)
+                    .join(crate::broker::NODE_SOCKET);
                 match keybroker_csi::broker::bind(&sock, 0o666).await {
                     Ok(bound) => Some((bound, b)),
                     Err(e) => {
@@ -1137,7 +1139,7 @@ impl NodeService {
                     }
                 }
                 // Anything stacked under or over it by a crashed process goes too.
-                let extra = detach_all(&target);
+                let extra = detach_all(&self.staging_root(), &target);
                 if extra > 0 {
                     tracing::warn!(target = %target.display(), mounts = extra, "detached keybroker mounts stacked at the target");
                 }
@@ -1147,7 +1149,7 @@ impl NodeService {
             }
             None => {
                 // Unknown to this process: a leftover of a previous one, or nothing at all.
-                detach_all(&target);
+                detach_all(&self.staging_root(), &target);
                 ev.detail = Some("no volume of this process was published there".into());
             }
         }
@@ -1271,7 +1273,9 @@ impl NodeService {
     pub fn sync_keeper(&self, all: bool) -> usize {
         let Some(k) = &self.cfg.keeper else { return 0 };
         let sessions = lock(&self.sessions);
-        let held = match k.ping() {
+        // `announce`: this process is the keeper's node from now on (a keeper a previous node
+        // started stays as long as this one lives).
+        let held = match k.announce() {
             Ok(n) => n,
             Err(e) => {
                 if !sessions.is_empty() {
@@ -1328,6 +1332,8 @@ impl NodeService {
         let dir = self.cfg.state_dir.join("volumes");
         let mut taken_over = Vec::new();
         let mut records = Vec::new();
+        // Every volume with a record file, readable or not: its staging mount is not an orphan.
+        let mut recorded = std::collections::BTreeSet::new();
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let path = e.path();
@@ -1335,6 +1341,9 @@ impl NodeService {
                     // A record half written when a process died: the complete one is beside it.
                     let _ = std::fs::remove_file(&path);
                     continue;
+                }
+                if let Some(stem) = path.file_stem() {
+                    recorded.insert(stem.to_string_lossy().into_owned());
                 }
                 let Ok(bytes) = std::fs::read(&path) else {
                     continue;
@@ -1346,6 +1355,18 @@ impl NodeService {
                     }
                 }
             }
+        }
+        // A staging tmpfs no record names: a crash inside an unpublish (the record goes first).
+        // It is this node's own (its state directory), so it is detached with its target binds.
+        let (orphans, detached) =
+            mountpoint::detach_orphan_staging(&self.staging_root(), &recorded);
+        for dir in orphans {
+            tracing::warn!(staging = %dir.display(), mounts = detached, "tmpfs volume of no recorded volume (unpublished during a restart) detached");
+            self.audit.record(
+                Event::new(EventKind::Unmount)
+                    .volume(format!("staging:{}", dir.display()))
+                    .detail("tmpfs volume of no recorded volume (unpublished during a restart) detached with its target"),
+            );
         }
         for rec in records {
             let session = sessions.remove(&record_key(&rec.target));
@@ -1414,7 +1435,7 @@ impl NodeService {
             .authorize(&vr)
             .map_err(|why| self.deny(Some(&vr.pod), &rec.volume_id, why))?;
         let provider = self.provider_for(&grant, &vr, &rec.target)?;
-        let staging = mountpoint::staging_dir(&rec.target);
+        let staging = mountpoint::staging_dir(&self.staging_root(), &rec.target);
         let pod = vr.pod.clone();
         let adopt = match (rec.kind, &rec.fuse, session) {
             (VolumeKind::Tmpfs, _, _)
@@ -1439,7 +1460,7 @@ impl NodeService {
                 })
             }
             _ => {
-                detach_all(&rec.target);
+                detach_all(&self.staging_root(), &rec.target);
                 None
             }
         };
@@ -1464,7 +1485,7 @@ impl NodeService {
         if let Err(e) = res {
             if rec.kind == VolumeKind::Fuse {
                 // A session nobody serves would make its readers wait forever: end it.
-                detach_all(&rec.target);
+                detach_all(&self.staging_root(), &rec.target);
             }
             return Err(e);
         }

@@ -121,6 +121,15 @@ impl SecretsProvider for NodeService {
         );
         Ok(Mounted { versions, files })
     }
+
+    fn refused(&self, target_path: &str, reason: &str) {
+        let vid = format!("secrets-store:{target_path}");
+        self.fail(
+            None,
+            &vid,
+            NodeError::InvalidArgument(format!("the driver's Mount request: {reason}")),
+        );
+    }
 }
 
 /// Serves the provider API for `node` (its bindings, cache and audit) until `shutdown`.

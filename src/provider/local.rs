@@ -202,7 +202,7 @@ impl LocalProvider {
             value,
             version,
             content_type: None,
-            expires_at: None,
+            expiry: None,
             lease: None,
         })
     }

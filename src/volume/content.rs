@@ -587,7 +587,7 @@ mod tests {
             value: SecretBytes::new(v.as_bytes().to_vec()),
             version: "1".into(),
             content_type: None,
-            expires_at: None,
+            expiry: None,
             lease: None,
         })
     }

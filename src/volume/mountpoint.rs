@@ -19,6 +19,8 @@ use super::VolumeError;
 /// One line of /proc/self/mountinfo, the fields keybroker needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The filesystem's device (`major:minor`): every bind mount of one tmpfs shares it.
+    pub dev: String,
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -49,11 +51,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
+            let dev = pre.split(' ').nth(2)?;
             let mount_point = pre.split(' ').nth(4)?;
             let mut post = post.split(' ');
             let fs_type = post.next()?;
             let source = post.next().unwrap_or("");
             Some(MountEntry {
+                dev: dev.to_owned(),
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fs_type: fs_type.to_owned(),
                 source: unescape(source),
@@ -106,12 +110,66 @@ fn target_key(canonical: &Path) -> String {
     hex::encode(&Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..12])
 }
 
-/// Where the tmpfs behind a target is mounted read-write; the target itself is a read-only
-/// bind of it. Derived from the target so a restarted keybroker finds it again.
-pub fn staging_dir(canonical_target: &Path) -> PathBuf {
-    runtime_dir()
-        .join("staging")
-        .join(target_key(canonical_target))
+/// Where `keybroker mount` keeps its tmpfs staging mounts (the node keeps its own under its
+/// state directory, so two node processes never share one).
+pub fn default_staging_root() -> PathBuf {
+    runtime_dir().join("staging")
+}
+
+/// Where the tmpfs behind a target is mounted read-write, under `root`; the target itself is a
+/// read-only bind of it. Derived from the target so a restarted keybroker finds it again.
+pub fn staging_dir(root: &Path, canonical_target: &Path) -> PathBuf {
+    root.join(target_key(canonical_target))
+}
+
+/// The name [`staging_dir`] gives a target's staging directory under its root.
+pub fn staging_name(canonical_target: &Path) -> String {
+    target_key(canonical_target)
+}
+
+/// Staging mounts under `root` that belong to none of `keep` (staging names): a crash inside
+/// an unpublish (the record went first) leaves one behind, bound at a target kubelet may still
+/// see. Each is detached together with every other keybroker mount of the same tmpfs (its
+/// target binds in this mount namespace), and its directory removed. Returns the staging
+/// directories cleaned and how many mounts were detached.
+pub fn detach_orphan_staging(
+    root: &Path,
+    keep: &std::collections::BTreeSet<String>,
+) -> (Vec<PathBuf>, usize) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return (Vec::new(), 0);
+    };
+    let mut cleaned = Vec::new();
+    let mut detached = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if keep.contains(&name) {
+            continue;
+        }
+        let dir = e.path();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| parse_mountinfo(&t))
+            .unwrap_or_default();
+        if let Some(m) = mounts
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == dir && is_keybroker_mount(m))
+        {
+            // Its binds first (deepest last mounted first), then the staging mount itself.
+            for b in mounts
+                .iter()
+                .rev()
+                .filter(|b| b.dev == m.dev && b.mount_point != dir && is_keybroker_mount(b))
+            {
+                detached += detach_keybroker_mounts(&b.mount_point);
+            }
+            detached += detach_keybroker_mounts(&dir);
+        }
+        if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+            cleaned.push(dir);
+        }
+    }
+    (cleaned, detached)
 }
 
 /// Claims `dir` for this process, and if a keybroker that is no longer running left a mount
@@ -172,7 +230,7 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
             .map_err(|e| target_err(format!("cannot unmount the stale mount: {e}")))?;
         cleaned = true;
     }
-    let staging = staging_dir(&canonical);
+    let staging = staging_dir(&default_staging_root(), &canonical);
     while mount_at(&staging).is_some_and(|m| is_keybroker_mount(&m)) {
         nix::mount::umount2(&staging, MntFlags::MNT_DETACH).map_err(|e| {
             target_err(format!(
@@ -236,7 +294,7 @@ pub struct Prepared {
 /// crash are detached (with the tmpfs staging mount behind them), and the target must then be
 /// an empty directory that is not a symlink and not a mount point. A missing target is created
 /// beneath a parent opened without following a symlink.
-pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
+pub fn prepare_target(target: &Path, staging_root: &Path) -> Result<Prepared, TargetRefused> {
     use nix::fcntl::{AtFlags, OFlag, open, openat};
     use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
     let refuse = |rule: String| TargetRefused {
@@ -244,7 +302,7 @@ pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
         rule,
     };
     let mut prepared = Prepared::default();
-    let staging = staging_dir(target);
+    let staging = staging_dir(staging_root, target);
     // A path that does not exist has nothing mounted on it (a mount point cannot be removed
     // while mounted): a fresh publish, the common case, needs no look at the mount table, whose
     // size grows with every volume on the node. Otherwise one read; again only when orphans
@@ -326,35 +384,49 @@ pub fn prepare_target(target: &Path) -> Result<Prepared, TargetRefused> {
 mod tests {
     use super::*;
 
+    fn tmp_staging() -> PathBuf {
+        std::env::temp_dir().join("keybroker-test-staging-unused")
+    }
+
     #[test]
     fn targets_must_be_empty_real_directories() {
         let d = tempfile::tempdir().unwrap();
         let fresh = d.path().join("pods/uid/mount");
         assert_eq!(
-            prepare_target(&fresh).unwrap(),
+            prepare_target(&fresh, &tmp_staging()).unwrap(),
             Prepared {
                 orphans_cleaned: 0,
                 created: true
             }
         );
-        assert!(!prepare_target(&fresh).unwrap().created);
+        assert!(!prepare_target(&fresh, &tmp_staging()).unwrap().created);
         std::fs::write(fresh.join("f"), "x").unwrap();
         assert!(
-            prepare_target(&fresh)
+            prepare_target(&fresh, &tmp_staging())
                 .unwrap_err()
                 .rule
                 .contains("not an empty directory")
         );
         let link = d.path().join("link");
         std::os::unix::fs::symlink(d.path().join("pods"), &link).unwrap();
-        assert!(prepare_target(&link).unwrap_err().rule.contains("symlink"));
+        assert!(
+            prepare_target(&link, &tmp_staging())
+                .unwrap_err()
+                .rule
+                .contains("symlink")
+        );
         // A parent that is a symlink is not followed either.
         let under = link.join("uid2");
-        assert!(prepare_target(&under).unwrap_err().rule.contains("symlink"));
+        assert!(
+            prepare_target(&under, &tmp_staging())
+                .unwrap_err()
+                .rule
+                .contains("symlink")
+        );
         let file = d.path().join("file");
         std::fs::write(&file, "x").unwrap();
         assert!(
-            prepare_target(&file)
+            prepare_target(&file, &tmp_staging())
                 .unwrap_err()
                 .rule
                 .contains("not a directory")
@@ -368,6 +440,7 @@ mod tests {
         let m = parse_mountinfo(text);
         assert_eq!(m[0].mount_point, Path::new("/mnt/my dir"));
         assert_eq!(m[0].fs_type, "fuse.keybroker");
+        assert_eq!((m[0].dev.as_str(), m[1].dev.as_str()), ("98:0", "0:40"));
         assert!(is_keybroker_mount(&m[0]));
         assert_eq!(m[1].source, "keybroker");
         assert!(is_keybroker_mount(&m[1]));

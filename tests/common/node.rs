@@ -192,9 +192,9 @@ impl Drop for Daemon {
     }
 }
 
-/// Detaches every keybroker mount at or below `root`, and the staging tmpfs of each.
+/// Detaches every keybroker mount at or below `root` (the node's staging tmpfs mounts are
+/// under its state directory there too).
 pub fn detach_mounts_under(root: &Path) {
-    use sha2::Digest;
     let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -213,14 +213,6 @@ pub fn detach_mounts_under(root: &Path) {
                 break;
             }
         }
-        let key = hex::encode(&sha2::Sha256::digest(t.as_os_str().as_encoded_bytes())[..12]);
-        let staging = Path::new("/run/keybroker/staging").join(key);
-        while super::is_mount_point(&staging) {
-            if nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
-        let _ = std::fs::remove_dir(&staging);
     }
 }
 

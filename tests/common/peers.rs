@@ -86,6 +86,12 @@ impl Bao {
                         .output()
                         .is_ok_and(|o| o.status.success());
                 if ok {
+                    // Who sent each request: the audit log records User-Agent from now on.
+                    bao.cli(&[
+                        "write",
+                        "sys/config/auditing/request-headers/user-agent",
+                        "hmac=false",
+                    ]);
                     return bao;
                 }
                 let exited = bao.child.try_wait().ok().flatten().is_some();
@@ -175,6 +181,19 @@ impl Bao {
 
     /// Requests in the audit log (not the root token's test setup) whose path matches `pred`.
     pub fn requests(&self, pred: impl Fn(&str, &str) -> bool) -> usize {
+        self.request_records()
+            .iter()
+            .filter(|v| {
+                pred(
+                    v["request"]["operation"].as_str().unwrap_or_default(),
+                    v["request"]["path"].as_str().unwrap_or_default(),
+                )
+            })
+            .count()
+    }
+
+    /// The audit log's request records, without the root token's test setup.
+    pub fn request_records(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -184,13 +203,26 @@ impl Bao {
                     .as_array()
                     .is_some_and(|p| p.iter().any(|x| x == "root"))
             })
-            .filter(|v| {
-                pred(
-                    v["request"]["operation"].as_str().unwrap_or_default(),
-                    v["request"]["path"].as_str().unwrap_or_default(),
-                )
+            .collect()
+    }
+
+    /// The User-Agent of every client request in the audit log that did not come from the root
+    /// token (OpenBao's own check of a new audit device, `sys/audit/test`, has none).
+    pub fn user_agents(&self) -> std::collections::BTreeSet<String> {
+        self.request_records()
+            .iter()
+            .filter(|v| v["request"]["path"] != "sys/audit/test")
+            .map(|v| {
+                let ua = &v["request"]["headers"]["user-agent"];
+                // Vault records a header as a list of its values.
+                ua.as_array()
+                    .and_then(|a| a.first())
+                    .unwrap_or(ua)
+                    .as_str()
+                    .unwrap_or("<none>")
+                    .to_owned()
             })
-            .count()
+            .collect()
     }
 }
 

@@ -227,6 +227,11 @@ def main():
     check("SecretClient sets a secret (two versions)", first.properties.version != second.properties.version)
     check("SecretClient gets the latest", secrets.get_secret("db-password").value == second.value)
     check("SecretClient gets a version", secrets.get_secret("db-password", first.properties.version).value == first.value)
+    year = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) + datetime.timedelta(days=365)
+    expiring = secrets.set_secret("expiring", "v-" + uuid.uuid4().hex, expires_on=year)
+    check("SecretClient sets an expiry (attributes.exp) and reads it back",
+          expiring.properties.expires_on == year and secrets.get_secret("expiring").properties.expires_on == year,
+          (expiring.properties.expires_on, year))
     for i in range(28):
         secrets.set_secret("many", f"value-{i}")
     versions = list(secrets.list_properties_of_secret_versions("many"))
@@ -260,6 +265,10 @@ def main():
     check("CertificateClient imports a PFX", imported.cer == cert.public_bytes(serialization.Encoding.DER))
     got = certs.get_certificate("tls-pfx")
     check("CertificateClient gets it (cer, sid, kid)", got.cer == imported.cer and got.secret_id and got.key_id, got)
+    check("a certificate's attributes carry its validity (nbf, exp)",
+          got.properties.not_before == datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+          and got.properties.expires_on == datetime.datetime(2036, 1, 1, tzinfo=datetime.timezone.utc),
+          (got.properties.not_before, got.properties.expires_on))
     backing = secrets.get_secret("tls-pfx")
     p12 = pkcs12.load_key_and_certificates(base64.b64decode(backing.value), None)
     check("its backing secret is the PFX (application/x-pkcs12)",

@@ -257,6 +257,7 @@ class State:
         self.log = []
         self.oidc_cache = {}  # issuer -> (fetched_at, jwks)
         self.identity_header = uuid.uuid4().hex
+        self.connections = 0  # connections accepted (TLS handshakes on the HTTPS listener)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -266,6 +267,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # the request log is kept in memory, not on stderr
         pass
+
+    def setup(self):
+        super().setup()
+        with self.state.lock:
+            self.state.connections += 1
+            self.conn_id = self.state.connections
+        self.conn_requests = 0
 
     # ---- plumbing -------------------------------------------------------------------------
     def _body(self):
@@ -288,8 +296,14 @@ class Handler(BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         body = self._body()
+        self.conn_requests += 1
+        # Which connection carried the request, whether it was the connection's first (a new
+        # TCP + TLS setup), whether TLS resumed a session, and who the client said it was.
+        resumed = getattr(self.connection, "session_reused", None)
         entry = {"t": time.time(), "method": method, "path": url.path, "host": host,
-                 "kind": None, "caller": None, "status": None}
+                 "kind": None, "caller": None, "status": None, "conn": self.conn_id,
+                 "newConn": self.conn_requests == 1, "tlsResumed": resumed,
+                 "userAgent": self.headers.get("User-Agent")}
         try:
             status, resp, headers = self._route(method, url.path, query, host, body, entry)
         except Refusal as r:
@@ -298,10 +312,14 @@ class Handler(BaseHTTPRequestHandler):
             status, resp, headers = 500, {"error": {"code": "StandinBug", "message": repr(e)}}, {}
             print(f"stand-in bug on {method} {self.path}: {e!r}", file=sys.stderr, flush=True)
         entry["status"] = status
+        # Logged before the answer goes out, so a client that has its answer finds it logged.
+        entry["answered"] = None
         if entry["kind"] != "admin":
             with self.state.lock:
                 self.state.log.append(entry)
         self._send(status, resp, headers)
+        # When the answer left: a client cannot act on it sooner.
+        entry["answered"] = time.time()
 
     def do_GET(self):
         self._handle("GET")
@@ -624,8 +642,14 @@ class Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _attributes(v):
-        return {"enabled": True, "created": v["created"], "updated": v["created"],
-                "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90}
+        a = {"enabled": True, "created": v["created"], "updated": v["created"],
+             "recoveryLevel": "Recoverable+Purgeable", "recoverableDays": 90}
+        # Activation and expiry (NumericDate): set on a secret by its writer, and on a
+        # certificate (and its managed secret and key) from the certificate's validity.
+        for k in ("nbf", "exp"):
+            if v.get(k) is not None:
+                a[k] = v[k]
+        return a
 
     def _props(self, coll, v, base):
         p = {"id": f"{base}/{coll}/{v['name']}/{v['version']}", "attributes": self._attributes(v), "tags": {}}
@@ -656,8 +680,10 @@ class Handler(BaseHTTPRequestHandler):
     def _add_secret(self, vault, name, req, base, managed=False, version=None):
         if not isinstance(req, dict) or not isinstance(req.get("value"), str):
             raise kv_error(400, "BadParameter", "Property 'value' is required.")
+        attrs = req.get("attributes") or {}
         v = {"name": name, "version": version or uuid.uuid4().hex, "value": req["value"],
-             "contentType": req.get("contentType"), "created": now(), "managed": managed}
+             "contentType": req.get("contentType"), "created": now(), "managed": managed,
+             "nbf": attrs.get("nbf"), "exp": attrs.get("exp")}
         vault.secrets.setdefault(name, []).append(v)
         return self._bundle("secrets", v, base)
 
@@ -680,18 +706,21 @@ class Handler(BaseHTTPRequestHandler):
     def _store_certificate(self, vault, name, key, chain, ctype, base):
         version = uuid.uuid4().hex
         der = chain[0].public_bytes(serialization.Encoding.DER)
+        validity = {"nbf": int(chain[0].not_valid_before_utc.timestamp()),
+                    "exp": int(chain[0].not_valid_after_utc.timestamp())}
         secret_value = pem_bundle(key, chain) if ctype == "application/x-pem-file" else pfx_bundle(key, chain)
-        self._add_secret(vault, name, {"value": secret_value, "contentType": ctype}, base, managed=True, version=version)
+        self._add_secret(vault, name, {"value": secret_value, "contentType": ctype, "attributes": validity},
+                         base, managed=True, version=version)
         policy = {"id": f"{base}/certificates/{name}/policy",
                   "key_props": {"exportable": True, "kty": "RSA" if isinstance(key, rsa.RSAPrivateKey) else "EC", "reuse_key": False},
                   "secret_props": {"contentType": ctype},
                   "x509_props": {"subject": chain[0].subject.rfc4514_string(), "validity_months": 12},
                   "issuer": {"name": "Unknown"}, "attributes": {"enabled": True}}
         v = {"name": name, "version": version, "created": now(), "cer": base64.b64encode(der).decode(),
-             "x5t": b64url(hashlib.sha1(der).digest()), "policy": policy}
+             "x5t": b64url(hashlib.sha1(der).digest()), "policy": policy, **validity}
         vault.certificates.setdefault(name, []).append(v)
         vault.keys.setdefault(name, []).append({"name": name, "version": version, "created": now(),
-                                                 "jwk": jwk_of(key.public_key())})
+                                                 "jwk": jwk_of(key.public_key()), **validity})
         return self._bundle("certificates", v, base)
 
     def _create_key(self, vault, name, req, base):
@@ -748,7 +777,7 @@ class Handler(BaseHTTPRequestHandler):
                 st.faults.clear()
                 return 200, {}, {}
             if parts == ["requests"] and method == "GET":
-                return 200, {"requests": list(st.log)}, {}
+                return 200, {"requests": [dict(e) for e in st.log], "connections": st.connections}, {}
             if parts == ["requests"] and method == "DELETE":
                 st.log.clear()
                 return 200, {}, {}

@@ -30,7 +30,7 @@ use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 
 use crate::provider::{BoxFuture, ObjectRequest, Provider, ProviderError};
-use crate::secret::{SecretBytes, SecretObject};
+use crate::secret::{Expiry, SecretBytes, SecretObject};
 
 pub use token::{ManagedEndpoint, PodJwt, Source, TokenSource};
 
@@ -40,6 +40,8 @@ pub const KIND: &str = "azure";
 /// 10 s per vault; keybroker stays at half of that, whatever the number of volumes).
 const VAULT_BUDGET: u32 = 2_000;
 const VAULT_WINDOW: Duration = Duration::from_secs(10);
+/// How long a vault stays closed after a 429 that names no `Retry-After`.
+const THROTTLE_DEFAULT: Duration = Duration::from_secs(1);
 
 /// The Key Vault resource (token audience) of the public cloud.
 pub const KEYVAULT_RESOURCE: &str = "https://vault.azure.net";
@@ -64,6 +66,10 @@ struct VaultClients {
     keys: KeyClient,
     certs: CertificateClient,
     budget: Mutex<(std::time::Instant, u32)>,
+    /// Until when Key Vault asked this identity to stay away from this vault (a 429's
+    /// `Retry-After`). Key Vault throttles per vault, not per object: no request for any
+    /// object of the vault goes out before then.
+    throttled_until: Mutex<Option<std::time::Instant>>,
     /// Whether a request has gone through the bearer challenge (the SDK then knows the vault's
     /// tenant and resource). Until then requests go one at a time, so a volume's ten parallel
     /// first GETs cost one challenge, not ten.
@@ -143,6 +149,11 @@ impl AzureProvider {
         let options = || ClientOptions {
             retry: RetryOptions::none(),
             transport: Some(Transport::new(Arc::new(self.http.clone()))),
+            // Key Vault's logs then name keybroker before the SDK (`keybroker-node-0.1.0
+            // azsdk-rust-...`).
+            user_agent: azure_core::http::UserAgentOptions {
+                application_id: Some(crate::tls::azure_application_id()),
+            },
             ..Default::default()
         };
         let cred: Arc<dyn TokenCredential> = Arc::new(Credential(self.tokens.clone()));
@@ -184,6 +195,7 @@ impl AzureProvider {
             )
             .map_err(setup)?,
             budget: Mutex::new((std::time::Instant::now(), 0)),
+            throttled_until: Mutex::new(None),
             primed: Default::default(),
             first: tokio::sync::Mutex::new(()),
         });
@@ -191,8 +203,21 @@ impl AzureProvider {
         Ok(clients)
     }
 
-    /// Waits for room in the vault's request budget.
-    async fn spend(&self, clients: &VaultClients) {
+    /// Waits for room in the vault's request budget; refuses at once while the vault has
+    /// asked this identity to wait (the caller's backoff then comes back after that).
+    async fn spend(&self, clients: &VaultClients) -> Result<(), ProviderError> {
+        let now = std::time::Instant::now();
+        if let Some(until) = *clients
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            && until > now
+        {
+            return Err(ProviderError::Throttled {
+                provider: KIND,
+                retry_after: Some(until - now),
+            });
+        }
         loop {
             let wait = {
                 let mut b = clients.budget.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,7 +226,7 @@ impl AzureProvider {
                 }
                 if b.1 < VAULT_BUDGET {
                     b.1 += 1;
-                    return;
+                    return Ok(());
                 }
                 VAULT_WINDOW.saturating_sub(b.0.elapsed())
             };
@@ -209,8 +234,34 @@ impl AzureProvider {
         }
     }
 
-    /// What a failed Key Vault call means, naming the vault and object.
-    fn kv_error(&self, vault: &str, object: &str, e: azure_core::Error) -> ProviderError {
+    /// What a failed Key Vault call means, naming the vault and object. A 429 closes the
+    /// vault to this identity until its `Retry-After` (1 s when it names none).
+    fn kv_error(
+        &self,
+        clients: &VaultClients,
+        vault: &str,
+        object: &str,
+        e: azure_core::Error,
+    ) -> ProviderError {
+        let err = self.kv_error_kind(vault, object, e);
+        if let ProviderError::Throttled { retry_after, .. } = &err {
+            let until = std::time::Instant::now() + retry_after.unwrap_or(THROTTLE_DEFAULT);
+            let mut t = clients
+                .throttled_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *t = Some(t.map_or(until, |old| old.max(until)));
+            tracing::warn!(
+                vault,
+                identity = %self.tokens.identity,
+                retry_after_ms = retry_after.unwrap_or(THROTTLE_DEFAULT).as_millis() as u64,
+                "Key Vault is throttling: no request to this vault until Retry-After"
+            );
+        }
+        err
+    }
+
+    fn kv_error_kind(&self, vault: &str, object: &str, e: azure_core::Error) -> ProviderError {
         use azure_core::error::ErrorKind;
         let named = format!("{vault}/{object}");
         match e.kind() {
@@ -332,17 +383,17 @@ impl AzureProvider {
         req: &ObjectRequest,
     ) -> Result<SecretObject, ProviderError> {
         use futures::TryStreamExt;
-        self.spend(clients).await;
+        self.spend(clients).await?;
         self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
         let mut pager = clients
             .secrets
             .list_secret_properties_versions(name, None)
-            .map_err(|e| self.kv_error(vault, &req.name, e))?;
+            .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
         let mut versions = Vec::new();
         while let Some(p) = pager
             .try_next()
             .await
-            .map_err(|e| self.kv_error(vault, &req.name, e))?
+            .map_err(|e| self.kv_error(clients, vault, &req.name, e))?
         {
             let attrs = p.attributes.as_ref();
             if attrs.and_then(|a| a.enabled) == Some(false) {
@@ -393,7 +444,7 @@ impl AzureProvider {
             value: SecretBytes::new(json),
             version: versions[0].2.clone(),
             content_type: Some("application/json".into()),
-            expires_at: None,
+            expiry: None,
             lease: None,
         })
     }
@@ -412,7 +463,7 @@ impl AzureProvider {
             object: req.name.clone(),
             detail: detail.to_owned(),
         };
-        self.spend(clients).await;
+        self.spend(clients).await?;
         self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
         let version_of = |id: Option<&String>| {
             id.and_then(|i| i.rsplit('/').next())
@@ -431,7 +482,7 @@ impl AzureProvider {
                     .get_secret(name, Some(options.clone()))
                     .await
                     .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
                 // A certificate's backing secret stored as PKCS#12: Key Vault converts it to
                 // PEM (key and chain) when asked, so no PKCS#12 code runs here.
                 let pkcs12 = first.content_type.as_deref() == Some("application/x-pkcs12");
@@ -439,22 +490,24 @@ impl AzureProvider {
                     options.out_content_type =
                         Some(azure_security_keyvault_secrets::models::ContentType::Pem);
                     options.secret_version = Some(version_of(first.id.as_ref()));
-                    self.spend(clients).await;
+                    self.spend(clients).await?;
                     self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
                     clients
                         .secrets
                         .get_secret(name, Some(options))
                         .await
                         .and_then(|r| r.into_model())
-                        .map_err(|e| self.kv_error(vault, &req.name, e))?
+                        .map_err(|e| self.kv_error(clients, vault, &req.name, e))?
                 } else {
                     first
                 };
-                let expires_at = secret
+                // Key Vault's `exp` is an attribute of the stored object: a new version may
+                // come before it, so it only makes the object due sooner than the poll.
+                let expiry = secret
                     .attributes
                     .as_ref()
                     .and_then(|a| a.expires)
-                    .map(to_system_time);
+                    .map(|t| Expiry::Stored(to_system_time(t)));
                 let value = secret
                     .value
                     .ok_or_else(|| invalid("Key Vault returned the secret without a value"))?;
@@ -462,7 +515,7 @@ impl AzureProvider {
                     value: SecretBytes::new(value.into_bytes()),
                     version: version_of(secret.id.as_ref()),
                     content_type: secret.content_type,
-                    expires_at,
+                    expiry,
                     lease: None,
                 })
             }
@@ -477,7 +530,7 @@ impl AzureProvider {
                     .get_certificate(name, Some(options))
                     .await
                     .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
                 let der = cert
                     .cer
                     .ok_or_else(|| invalid("Key Vault returned the certificate without cer"))?;
@@ -485,11 +538,11 @@ impl AzureProvider {
                     value: SecretBytes::new(pem::pem("CERTIFICATE", &der).into_bytes()),
                     version: version_of(cert.id.as_ref()),
                     content_type: Some("application/x-pem-file".into()),
-                    expires_at: cert
+                    expiry: cert
                         .attributes
                         .as_ref()
                         .and_then(|a| a.expires)
-                        .map(to_system_time),
+                        .map(|t| Expiry::Stored(to_system_time(t))),
                     lease: None,
                 })
             }
@@ -504,7 +557,7 @@ impl AzureProvider {
                     .get_key(name, Some(options))
                     .await
                     .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(vault, &req.name, e))?;
+                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
                 let jwk = key
                     .key
                     .ok_or_else(|| invalid("Key Vault returned the key without its JWK"))?;
@@ -534,7 +587,7 @@ impl AzureProvider {
                     value: SecretBytes::new(pem.into_bytes()),
                     version: version_of(jwk.kid.as_ref()),
                     content_type: Some("application/x-pem-file".into()),
-                    expires_at: None,
+                    expiry: None,
                     lease: None,
                 })
             }

@@ -121,18 +121,25 @@ impl Client {
             hex::encode(h.finalize())
         };
         let namespace = ep.namespace.clone().filter(|n| !n.is_empty());
-        if let Some((http, base)) = pools()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&pool_key)
-        {
-            return Ok(Self {
-                http: http.clone(),
-                base: base.clone(),
-                namespace,
-                requests: AtomicU64::new(0),
-            });
-        }
+        let (http, base) = crate::tls::pooled(pools(), pool_key, || {
+            Self::build(ep, scheme, host, port, address)
+        })?;
+        Ok(Self {
+            http,
+            base,
+            namespace,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// A new HTTP client for the endpoint, and the base URL its requests go to.
+    fn build(
+        ep: &Endpoint,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        address: &str,
+    ) -> Result<(reqwest::Client, String), String> {
         let mut b = crate::tls::client_builder(ep.ca_pem.as_deref(), "Vault")?
             .https_only(scheme == "https")
             .timeout(if ep.timeout.is_zero() {
@@ -160,16 +167,7 @@ impl Client {
         let http = b
             .build()
             .map_err(|e| format!("cannot set up the Vault HTTP client: {e}"))?;
-        pools()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pool_key, (http.clone(), base.clone()));
-        Ok(Self {
-            http,
-            base,
-            namespace,
-            requests: AtomicU64::new(0),
-        })
+        Ok((http, base))
     }
 
     /// Sends one request to `/v1/<path>` with the token and JSON body given.

@@ -35,7 +35,7 @@ pub use client::Endpoint;
 use client::{Client, Reply, error_text, status_error};
 
 use super::{BoxFuture, ObjectRequest, Provider, ProviderError};
-use crate::secret::{Lease, SecretBytes, SecretJson, SecretObject, json_bytes};
+use crate::secret::{Expiry, Lease, SecretBytes, SecretJson, SecretObject, json_bytes};
 
 const KIND: &str = "vault";
 /// A Vault token is not used when less than this is left of it: log in again.
@@ -305,11 +305,13 @@ fn object_from_reply(
         }),
         _ => None,
     };
-    // A PKI certificate says when it ends; that is its rotation deadline.
-    let expires_at = data
+    // A PKI certificate was issued for this volume and says when it ends: that is its
+    // rotation deadline (nothing newer appears at the source by itself).
+    let expiry = data
         .and_then(|d| d.get("expiration"))
         .and_then(Value::as_u64)
-        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)));
+        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .map(Expiry::Issued);
     let version = match (&lease, data.and_then(|d| d.get("serial_number"))) {
         (_, Some(Value::String(serial))) => serial.clone(),
         (Some(l), _) => format!("lease-{}", short_hash(&l.id)),
@@ -319,7 +321,7 @@ fn object_from_reply(
         value,
         version,
         content_type: Some("application/json".into()),
-        expires_at,
+        expiry,
         lease,
     })
 }
@@ -842,7 +844,7 @@ mod tests {
     fn an_expiration_past_what_the_clock_holds_is_no_expiry() {
         let body = br#"{"data":{"n":1920000000,"sri":["a","b"],"expiration":10000000001263207793,"er":"2a:2b"}}"#;
         let obj = object_from_reply(&Engine::Other, body, "pki/issue/x", None).unwrap();
-        assert_eq!(obj.expires_at, None);
+        assert_eq!(obj.expiry, None);
         let body = br#"{"data":{"expiration":18446744073709551615}}"#;
         assert!(object_from_reply(&Engine::Other, body, "pki/issue/x", None).is_ok());
     }
