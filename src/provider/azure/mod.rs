@@ -203,6 +203,23 @@ impl AzureProvider {
         Ok(clients)
     }
 
+    /// Starts the token exchange while the first request to a vault goes out unauthorized for
+    /// its bearer challenge, so the two round trips overlap (the SDK's request for the token
+    /// then joins this one: the token source is single-flight). Only where the challenge's
+    /// resource is known beforehand: a public or sovereign cloud's vault suffix, whose
+    /// resource is `https://<suffix>`.
+    fn prefetch_token(&self) {
+        if !self.access.verify_challenge_resource {
+            return;
+        }
+        let resource = format!("https://{}", self.access.dns_suffix);
+        let tokens = self.tokens.clone();
+        tokio::spawn(async move {
+            // Its error, if any, is the token source's last error, which the read reports.
+            let _ = tokens.token(&resource).await;
+        });
+    }
+
     /// Waits for room in the vault's request budget; refuses at once while the vault has
     /// asked this identity to wait (the caller's backoff then comes back after that).
     async fn spend(&self, clients: &VaultClients) -> Result<(), ProviderError> {
@@ -359,7 +376,11 @@ impl AzureProvider {
         } else {
             let guard = clients.first.lock().await;
             // Whoever held it has been through the challenge: go on in parallel.
-            (!clients.primed.load(Ordering::Acquire)).then_some(guard)
+            let first = (!clients.primed.load(Ordering::Acquire)).then_some(guard);
+            if first.is_some() {
+                self.prefetch_token();
+            }
+            first
         };
         let res = match history {
             Some(n) if kind == "secret" => self.read_history(&clients, vault, name, n, req).await,
