@@ -116,7 +116,13 @@ enum Command {
         api_uid: Vec<u32>,
     },
     /// Exit 0 when DIR holds a complete write (a startup or readiness probe command).
+    ///
+    /// A complete write is what `keybroker init` or `sidecar` makes once every file of the
+    /// config was fetched and rendered: the files in a `..<timestamp>` directory and the
+    /// `..data` link to it (kubelet's atomic-writer layout). Until then, including on an empty
+    /// or missing directory, it exits 1 and says so on stderr.
     Probe {
+        /// The directory `keybroker init` or `sidecar` writes (its --dir).
         #[arg(long)]
         dir: PathBuf,
     },
@@ -253,6 +259,12 @@ enum AuditCommand {
     ///
     /// Without --key, anyone who can rewrite the whole log and its anchor can forge a
     /// consistent one; with the key the log was written with, that needs the key.
+    ///
+    /// On a log that is being written, the anchor trails the last record by up to 200 ms: a
+    /// keyed log still verifies (the records after the anchor carry MACs), an unkeyed one
+    /// reports them as records after the anchor, and a record being written at that moment
+    /// shows as a cut-off last line. Verify a log whose writer has stopped (or a copy of the
+    /// log taken after its anchor), or key the log.
     Verify {
         /// The audit log (JSON lines); its `.head` anchor next to it is checked too.
         file: PathBuf,
