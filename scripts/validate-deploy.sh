@@ -24,9 +24,17 @@ if ! diff -u deploy/keybroker.yaml "$render"; then
 fi
 "$kv" --strict --kubernetes-version 1.35.0 "$render" deploy/examples/pod.yaml deploy/examples/pod-vault.yaml deploy/examples/pod-azure.yaml \
   deploy/examples/pod-sidecar-vault.yaml deploy/examples/pod-init-azure.yaml
+# The chart's options for users' own volumes and annotations render valid manifests.
+dev_render=$(mktemp)
+trap 'rm -f "$render" "$dev_render"' EXIT
+"$helm" template keybroker deploy/helm/keybroker --namespace kube-system -f deploy/examples/values-dev.yaml \
+  --kube-version 1.35.0 --set-file bindings=deploy/examples/bindings.yaml > "$dev_render"
+grep -q "keybroker.io/rollout" "$dev_render" || { echo "podAnnotations are not rendered" >&2; exit 1; }
+grep -q "mountPath: /var/lib/keybroker-dev-secrets" "$dev_render" || { echo "extraVolumeMounts are not rendered" >&2; exit 1; }
+"$kv" --strict --kubernetes-version 1.35.0 "$dev_render"
 # The provider mode (behind an installed Secrets Store CSI driver) renders and validates too.
 provider_render=$(mktemp)
-trap 'rm -f "$render" "$provider_render"' EXIT
+trap 'rm -f "$render" "$dev_render" "$provider_render"' EXIT
 "$helm" lint --strict --kube-version 1.35.0 deploy/helm/keybroker --set mode=provider --set-file bindings=deploy/examples/bindings.yaml >/dev/null
 "$helm" template keybroker deploy/helm/keybroker --namespace kube-system --set mode=provider \
   --kube-version 1.35.0 --set-file bindings=deploy/examples/bindings.yaml > "$provider_render"

@@ -168,6 +168,17 @@ enum Command {
         /// restarted by kubelet; the DaemonSet deletes the old pod once the new one is ready).
         #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
         after_handover: AfterHandover,
+        /// kubelet's plugin registration directory (`<kubelet root>/plugins_registry`): keybroker
+        /// serves kubelet's registration API on `csi.keybroker.io-reg.sock` there, so no
+        /// node-driver-registrar sidecar is needed. kubelet's verdict is logged, and a refusal
+        /// turns /readyz to 503 with its reason. Unset: no registration (a registrar does it).
+        #[arg(long, value_name = "DIR")]
+        kubelet_registration_dir: Option<PathBuf>,
+        /// The CSI socket's path as kubelet sees it, told to kubelet at registration
+        /// (default: the --endpoint path, right when keybroker mounts kubelet's directory at
+        /// the same path).
+        #[arg(long, value_name = "PATH")]
+        kubelet_csi_socket: Option<PathBuf>,
         /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
         /// Exists only in builds with the `test-controller` feature.
         #[arg(long, hide = true)]
@@ -513,6 +524,8 @@ fn main() -> ExitCode {
             fd_keeper,
             fd_keeper_socket,
             after_handover,
+            kubelet_registration_dir,
+            kubelet_csi_socket,
             danger_test_controller,
         } => {
             let azure_managed = match serve.azure_managed() {
@@ -549,6 +562,12 @@ fn main() -> ExitCode {
             let res = rt.block_on(run_node(
                 cfg,
                 Serving::Csi {
+                    registration: kubelet_registration_dir.map(|dir| Registration {
+                        socket: keybroker_csi::registration::socket_in(&dir),
+                        csi_socket: kubelet_csi_socket.unwrap_or_else(|| {
+                            PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(&endpoint))
+                        }),
+                    }),
                     endpoint,
                     test_controller: danger_test_controller,
                     wait_after_handover: after_handover == AfterHandover::Wait,
@@ -932,9 +951,18 @@ fn keeper(mode: KeeperMode, socket: &std::path::Path) -> Option<keybroker::keepe
 }
 
 /// Which API a daemon serves its node service on.
+/// kubelet's plugin registration, served by keybroker itself.
+struct Registration {
+    /// The registration socket in kubelet's plugins_registry.
+    socket: PathBuf,
+    /// The CSI socket as kubelet sees it.
+    csi_socket: PathBuf,
+}
+
 enum Serving {
     Csi {
         endpoint: String,
+        registration: Option<Registration>,
         test_controller: bool,
         wait_after_handover: bool,
     },
@@ -1042,9 +1070,31 @@ async fn run_node(
         Serving::Csi {
             endpoint,
             test_controller,
+            registration,
             ..
         } => {
             tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
+            if let Some(reg) = registration {
+                // kubelet calls the CSI socket as soon as it registers the plugin: register
+                // once that socket accepts calls.
+                let node = node.clone();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    node.wait_serving().await;
+                    tracing::info!(socket = %reg.socket.display(), csi = %reg.csi_socket.display(), "serving kubelet's plugin registration");
+                    let stopped = async move { stop.cancelled().await };
+                    if let Err(e) = keybroker_csi::registration::serve(
+                        &reg.socket,
+                        &reg.csi_socket,
+                        node,
+                        stopped,
+                    )
+                    .await
+                    {
+                        tracing::error!(socket = %reg.socket.display(), error = %e, "cannot serve kubelet's plugin registration: kubelet will not know this driver");
+                    }
+                });
+            }
             let e = endpoint.clone();
             let node = node.clone();
             (

@@ -361,7 +361,7 @@ async fn a_bound_pod_reads_key_vault_objects_through_workload_identity() {
             json!({"value": "S3cret-azure-v3-1177"}),
         )
         .await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while read(&t.join("db-history/0")) != "S3cret-azure-v3-1177" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -739,7 +739,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
             json!({"value": "S3cret-shared-3-v2"}),
         )
         .await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let all = pods
             .iter()
@@ -749,7 +749,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "rotation did not arrive in 8 s"
+            "rotation did not arrive"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
@@ -809,7 +809,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
         d.metric("keybroker_stale_served_total") > 0,
         "staleness shows in the metrics"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while read(&pods[0].target(&w.root).join("shared-5")) != "S3cret-shared-5-v2" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -961,20 +961,25 @@ async fn tokens_refresh_in_the_background_and_the_last_good_one_rides_out_an_ent
     tokio::time::sleep(std::time::Duration::from_secs(9)).await;
     let ex = exchanges().await;
     assert!((2..=3).contains(&ex.len()), "{ex:?}");
-    // Entra down for 3 s right after a refresh: Key Vault reads go on with the token in hand.
+    // Entra down (for longer than this test waits) right after a refresh: Key Vault reads go
+    // on with the token in hand.
     w.standin
         .post(
             "faults",
-            json!({"kind": "entra", "status": 503, "seconds": 3}),
+            json!({"kind": "entra", "status": 503, "seconds": 600}),
         )
         .await;
+    let outage_from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     w.standin
         .post(
             "vaults/kv1/secrets/db-password",
             json!({"value": "S3cret-azure-v3-during-outage"}),
         )
         .await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while read(&pods[0].target(&w.root).join("db-password")) != "S3cret-azure-v3-during-outage" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -983,6 +988,16 @@ async fn tokens_refresh_in_the_background_and_the_last_good_one_rides_out_an_ent
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    assert!(
+        w.standin
+            .requests()
+            .await
+            .iter()
+            .filter(|r| r["kind"] == "entra")
+            .all(|r| r["status"] != 200 || r["t"].as_f64().unwrap() < outage_from),
+        "Entra answered during the outage: the rotation did not ride on the token in hand"
+    );
+    w.standin.admin(Method::DELETE, "faults", json!(null)).await;
     for p in &pods {
         node.node_unpublish_volume(p.unpublish(&w.root))
             .await

@@ -76,7 +76,7 @@ fn csi_sanity_passes_against_keybroker_node() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !sock.exists() {
         assert!(
             Instant::now() < deadline,

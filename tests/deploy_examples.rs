@@ -87,6 +87,33 @@ fn the_daemonset_keeps_fuse_sessions_across_restarts_and_upgrades() {
             .to_owned()
     };
     let (keeper_args, node_args) = (args(keeper), args(node));
+    // keybroker registers itself with kubelet and answers its own probes: no sidecars that
+    // cannot be built here (node-driver-registrar, livenessprobe).
+    let names: Vec<&str> = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keybroker"], "only keybroker: {names:?}");
+    let reg_dir = socket_of(&node_args, "--kubelet-registration-dir=");
+    assert!(
+        node["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == reg_dir.as_str()),
+        "kubelet's plugins_registry is mounted at {reg_dir}"
+    );
+    assert!(
+        socket_of(&node_args, "--kubelet-csi-socket=")
+            .ends_with("/plugins/csi.keybroker.io/csi.sock")
+    );
+    // The node and its keeper run as root, the same uid (the image's default is 65532, which
+    // can neither mount nor write the audit log on the host).
+    assert_eq!(node["securityContext"]["runAsUser"], 0);
+    assert_eq!(keeper["securityContext"]["runAsUser"], 0);
+    assert_eq!(node["livenessProbe"]["httpGet"]["path"], "/healthz");
     let socket = socket_of(&keeper_args, "--socket=");
     assert_eq!(socket_of(&node_args, "--fd-keeper-socket="), socket);
     assert!(node_args.contains(&"--fd-keeper=external".to_owned()));

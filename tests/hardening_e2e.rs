@@ -389,12 +389,14 @@ async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_afte
 
     fs.fill();
     // The next audited open is the write that fails; after it, opens get EIO.
-    wait_for("fail-closed opens to fail", Duration::from_secs(10), || {
-        read_file(&file).is_err_and(|e| e.raw_os_error() == Some(libc::EIO))
-    });
+    wait_for(
+        "fail-closed opens to fail",
+        Duration::from_secs(120),
+        || read_file(&file).is_err_and(|e| e.raw_os_error() == Some(libc::EIO)),
+    );
     let _ = read_file(&b.target(&open_dir).join("password")).unwrap();
     for d in [&closed, &open] {
-        wait_for("not ready", Duration::from_secs(10), || {
+        wait_for("not ready", Duration::from_secs(120), || {
             d.http("/readyz").starts_with("HTTP/1.1 503")
         });
         assert_eq!(d.metric("keybroker_audit_healthy"), 0);
@@ -419,11 +421,11 @@ async fn fail_closed_stops_serving_while_the_audit_log_is_full_and_recovers_afte
     );
 
     fs.unfill();
-    wait_for("opens served again", Duration::from_secs(10), || {
+    wait_for("opens served again", Duration::from_secs(120), || {
         read_file(&file).is_ok()
     });
     for d in [&closed, &open] {
-        wait_for("ready again", Duration::from_secs(10), || {
+        wait_for("ready again", Duration::from_secs(120), || {
             d.http("/readyz").starts_with("HTTP/1.1 200")
         });
         assert_eq!(d.metric("keybroker_audit_healthy"), 1);
@@ -601,7 +603,7 @@ fn no_keybroker_process_can_dump_core() {
     );
     // Unblock and end it.
     let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
-    wait_timeout(&mut child.0, Duration::from_secs(10));
+    wait_timeout(&mut child.0, Duration::from_secs(120));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,7 +687,7 @@ async fn unpublish_returns_while_another_mount_namespace_holds_the_volume() {
     );
     let _ = h1.kill();
     let _ = h1.wait();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while d.metric("keybroker_fuse_sessions_lingering") != 0 {
         assert!(
             Instant::now() < deadline,
@@ -767,7 +769,7 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for("serving", Duration::from_secs(20), || {
+    wait_for("serving", Duration::from_secs(120), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("serving CSI"))
     });
     let text = std::fs::read_to_string(&log).unwrap();

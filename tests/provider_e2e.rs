@@ -635,7 +635,7 @@ impl Driver {
             root: root.to_owned(),
             sock,
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while !d.sock.exists() {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -658,7 +658,7 @@ impl Drop for Driver {
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = wait_timeout(&mut self.child, std::time::Duration::from_secs(5));
+        let _ = wait_timeout(&mut self.child, std::time::Duration::from_secs(120));
         let _ = self.child.kill();
         let _ = self.child.wait();
         // The driver's tmpfs mounts (source "tmpfs"), deepest first.

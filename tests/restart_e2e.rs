@@ -401,7 +401,7 @@ async fn a_request_the_killed_server_had_read_is_answered_by_the_next() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the unanswered OPEN", Duration::from_secs(10), || {
+    wait_for("the unanswered OPEN", Duration::from_secs(120), || {
         d.logs().contains("an OPEN read and left unanswered")
     });
     std::thread::sleep(Duration::from_millis(200));

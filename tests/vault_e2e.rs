@@ -261,7 +261,7 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
     assert_eq!(d.metric("keybroker_denials_total"), 2, "{}", d.logs());
     assert_eq!(d.metric("keybroker_publish_errors_total"), 0);
     let deny = {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let found = audit_records(&s.root.join("audit.jsonl"))
                 .into_iter()
@@ -326,7 +326,7 @@ async fn kv_reads_as_the_pod_with_one_login_and_deduplicated_reads() {
         "user=app",
         "password=S3cret-kv-v3-rotated",
     ]);
-    let took = wait_for("the rotated password", Duration::from_secs(8), || {
+    let took = wait_for("the rotated password", Duration::from_secs(120), || {
         cat(&t.join("password")) == "S3cret-kv-v3-rotated"
     });
     println!("KV change visible after {took:?} (poll 2 s)");
@@ -653,7 +653,7 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
         "one issue for three files"
     );
     // A 10 s certificate is reissued at 90% of its life: after 9 s, before 10 s.
-    let took = wait_for("a reissued certificate", Duration::from_secs(15), || {
+    let took = wait_for("a reissued certificate", Duration::from_secs(120), || {
         check(&t) != first
     });
     println!("certificate reissued after {took:?} (lifetime 10 s)");
@@ -718,7 +718,7 @@ async fn vault_tokens_are_renewed_replaced_and_errors_are_clear() {
     s.bao.cli(&["lease", "revoke", "-prefix", "auth/jwt/login"]);
     s.bao
         .cli(&["kv", "put", "secret/app/cfg", "v=S3cret-upkeep-3"]);
-    wait_for("a read after re-login", Duration::from_secs(8), || {
+    wait_for("a read after re-login", Duration::from_secs(120), || {
         cat(&t.join("v")) == "S3cret-upkeep-3"
     });
     assert!(s.bao.requests(is_login) > logins);

@@ -163,7 +163,7 @@ impl<B: BrokerBackend> pb::broker_server::Broker for Svc<B> {
 
 /// A bound broker socket, not yet served.
 pub struct Bound {
-    path: std::path::PathBuf,
+    socket: crate::server::BoundSocket,
     listener: tokio::net::UnixListener,
 }
 
@@ -173,13 +173,13 @@ pub async fn bind(
     path: &std::path::Path,
     mode: u32,
 ) -> Result<Bound, Box<dyn std::error::Error + Send + Sync>> {
-    let (path, listener) =
+    let (socket, listener) =
         crate::server::bind_socket(&format!("unix://{}", path.display())).await?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o777))?;
+        std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(mode & 0o777))?;
     }
-    Ok(Bound { path, listener })
+    Ok(Bound { socket, listener })
 }
 
 /// Serves the broker API on the unix socket at `path` until `shutdown` ([`bind`], then
@@ -199,7 +199,7 @@ pub async fn serve_bound<B: BrokerBackend>(
     backend: Arc<B>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let Bound { path, listener } = bound;
+    let Bound { socket, listener } = bound;
     tonic::transport::Server::builder()
         .max_frame_size(Some(64 * 1024))
         .add_service(
@@ -212,6 +212,6 @@ pub async fn serve_bound<B: BrokerBackend>(
             shutdown,
         )
         .await?;
-    let _ = std::fs::remove_file(&path);
+    socket.remove_if_ours();
     Ok(())
 }

@@ -24,9 +24,16 @@ pub mod provider_pb {
     tonic::include_proto!("v1alpha1");
 }
 
+/// kubelet's plugin registration API (`pluginregistration.Registration`).
+pub mod registration_pb {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("pluginregistration");
+}
+
 pub mod authority;
 pub mod broker;
 pub mod provider;
+pub mod registration;
 mod server;
 
 use std::collections::BTreeMap;
@@ -150,8 +157,10 @@ pub fn status(e: NodeError) -> tonic::Status {
 /// What keybroker implements behind the CSI socket.
 pub trait NodePlugin: Send + Sync + 'static {
     fn node_id(&self) -> String;
-    /// Ready to serve (bindings loaded, state recovered).
+    /// Ready to serve (bindings loaded, state recovered, the socket accepting calls).
     fn ready(&self) -> bool;
+    /// Called once the socket is bound and accepting calls.
+    fn serving(&self) {}
     fn publish(&self, req: PublishRequest) -> impl Future<Output = Result<(), NodeError>> + Send;
     fn unpublish(
         &self,

@@ -87,6 +87,9 @@ pub trait SecretsProvider: Send + Sync + 'static {
     /// `target_path` is the driver's, cut to a bounded length; `reason` never holds request
     /// text.
     fn refused(&self, target_path: &str, reason: &str);
+
+    /// Called once the socket is bound and accepting calls.
+    fn serving(&self) {}
 }
 
 fn json_map(what: &str, text: &str) -> Result<BTreeMap<String, String>, String> {
@@ -235,6 +238,7 @@ pub async fn serve<P: SecretsProvider>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (path, listener) = crate::server::bind_socket(endpoint).await?;
+    provider.serving();
     tonic::transport::Server::builder()
         .add_service(pb::csi_driver_provider_server::CsiDriverProviderServer::new(Svc { provider }))
         .serve_with_incoming_shutdown(
@@ -242,7 +246,7 @@ pub async fn serve<P: SecretsProvider>(
             shutdown,
         )
         .await?;
-    let _ = std::fs::remove_file(&path);
+    path.remove_if_ours();
     Ok(())
 }
 

@@ -213,11 +213,44 @@ fn bind_long(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(short)
 }
 
+/// A socket file this process bound, known by its inode: removed at the end only while the
+/// path still names it. In a surge upgrade the incoming process binds the same path before the
+/// outgoing one stops, and the outgoing one must not remove the incoming one's socket.
+pub(crate) struct BoundSocket {
+    pub path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl BoundSocket {
+    fn of(path: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        BoundSocket {
+            path: path.to_owned(),
+            id: std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// Removes the socket file if it is still the one this process bound.
+    pub fn remove_if_ours(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        } else if now.is_some() {
+            tracing::info!(socket = %self.path.display(), "the socket path was bound again by another process; left to it");
+        }
+    }
+}
+
 /// Binds the unix socket of `endpoint`: its directory created, a stale socket file replaced,
 /// the socket owner-only (its clients, kubelet or the Secrets Store driver, run as root).
 pub(crate) async fn bind_socket(
     endpoint: &str,
-) -> Result<(PathBuf, UnixListener), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(BoundSocket, UnixListener), Box<dyn std::error::Error + Send + Sync>> {
     let path = socket_path(endpoint)?;
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
@@ -232,7 +265,7 @@ pub(crate) async fn bind_socket(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok((path, listener))
+    Ok((BoundSocket::of(&path), listener))
 }
 
 /// Serves Identity and Node (and, in test builds asked for it, the controller stub) on the unix
@@ -249,6 +282,8 @@ pub async fn serve<P: NodePlugin>(
     if test_controller {
         return Err("this build has no test controller (cargo feature test-controller)".into());
     }
+    // The listener queues connections from here on: calls are answered once serving starts.
+    plugin.serving();
     let router = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(IdentitySvc {
             plugin: plugin.clone(),
@@ -266,7 +301,7 @@ pub async fn serve<P: NodePlugin>(
             shutdown,
         )
         .await?;
-    let _ = std::fs::remove_file(&path);
+    path.remove_if_ours();
     Ok(())
 }
 

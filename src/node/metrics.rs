@@ -11,8 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use keybroker_csi::NodePlugin;
-
 use super::NodeService;
 
 /// Latency buckets of NodePublishVolume, seconds.
@@ -145,6 +143,11 @@ pub fn render(node: &NodeService) -> String {
         "# HELP keybroker_max_staleness_seconds Seconds since the least recently refreshed volume refreshed cleanly.\n# TYPE keybroker_max_staleness_seconds gauge\nkeybroker_max_staleness_seconds {}",
         node.max_staleness()
     );
+    let _ = writeln!(
+        out,
+        "# HELP keybroker_kubelet_registered 1 once kubelet has registered the plugin (--kubelet-registration-dir), else 0.\n# TYPE keybroker_kubelet_registered gauge\nkeybroker_kubelet_registered {}",
+        u8::from(node.kubelet_registered())
+    );
     let rss = crate::procinfo::resident_bytes(std::process::id()).unwrap_or(0);
     let _ = writeln!(
         out,
@@ -207,8 +210,10 @@ pub async fn serve(listener: TcpListener, node: Arc<NodeService>, shutdown: Canc
             let (status, body) = match (head.starts_with("GET "), path) {
                 (true, "/metrics") => ("200 OK", render(&node)),
                 (true, "/healthz") => ("200 OK", "ok\n".to_string()),
-                (true, "/readyz") if node.ready() => ("200 OK", "ready\n".to_string()),
-                (true, "/readyz") => ("503 Service Unavailable", "not ready\n".to_string()),
+                (true, "/readyz") => match node.not_ready_reason() {
+                    None => ("200 OK", "ready\n".to_string()),
+                    Some(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+                },
                 (true, _) => ("404 Not Found", "not found\n".to_string()),
                 (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
             };

@@ -151,6 +151,13 @@ pub struct NodeService {
     /// Attribute parses in flight (on the blocking pool).
     parse_slots: tokio::sync::Semaphore,
     ready: AtomicBool,
+    /// Its socket (CSI, or the provider API) is bound and accepting: until then kubelet or
+    /// the driver could not reach it, so it is not ready.
+    serving: AtomicBool,
+    serving_now: tokio::sync::Notify,
+    /// kubelet's last word on the plugin registration (`None` until kubelet calls, and without
+    /// `--kubelet-registration-dir`): `Err` holds its reason for refusing.
+    kubelet: Mutex<Option<Result<(), String>>>,
     /// Audits every open of every tmpfs volume (fanotify), when `cfg.audit_opens`.
     opens: Option<Arc<OpenAudit>>,
     /// Unpublishes so far, to run `cfg.release_memory` once they have been quiet for a second.
@@ -329,6 +336,9 @@ impl NodeService {
             target_locks: Mutex::new(HashMap::new()),
             parse_slots: tokio::sync::Semaphore::new(PARSE_SLOTS),
             ready: AtomicBool::new(false),
+            serving: AtomicBool::new(false),
+            serving_now: tokio::sync::Notify::new(),
+            kubelet: Mutex::new(None),
             cfg,
         }))
     }
@@ -339,6 +349,42 @@ impl NodeService {
 
     pub fn cache(&self) -> &FetchCache {
         &self.cache
+    }
+
+    /// Why `/readyz` says not ready, or `None` when ready.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("recovering the volumes of a previous process".into());
+        }
+        if !self.serving.load(Ordering::Relaxed) {
+            return Some("the socket is not accepting calls yet".into());
+        }
+        if !self.audit.healthy() {
+            return Some(format!(
+                "the audit log cannot be written: {}",
+                self.audit.last_error()
+            ));
+        }
+        if let Some(Err(e)) = &*lock(&self.kubelet) {
+            return Some(format!("kubelet refused the plugin registration: {e}"));
+        }
+        None
+    }
+
+    /// Whether kubelet has said it registered the plugin.
+    pub fn kubelet_registered(&self) -> bool {
+        matches!(*lock(&self.kubelet), Some(Ok(())))
+    }
+
+    /// Returns once the socket accepts calls.
+    pub async fn wait_serving(&self) {
+        loop {
+            let notified = self.serving_now.notified();
+            if self.serving.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn volume_count(&self) -> usize {
@@ -1589,10 +1635,16 @@ impl NodePlugin for NodeService {
         self.cfg.node_id.clone()
     }
 
-    /// Ready once recovered, and only while the audit log can be written (a node that cannot
+    /// Ready once recovered and its socket accepts calls, and only while the audit log can be
+    /// written (a node that cannot
     /// account for what it serves should not take new pods).
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.audit.healthy()
+        self.not_ready_reason().is_none()
+    }
+
+    fn serving(&self) {
+        self.serving.store(true, Ordering::Relaxed);
+        self.serving_now.notify_waiters();
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<(), NodeError> {
@@ -1604,5 +1656,24 @@ impl NodePlugin for NodeService {
 
     async fn unpublish(&self, req: UnpublishRequest) -> Result<(), NodeError> {
         self.do_unpublish(req).await
+    }
+}
+
+impl keybroker_csi::registration::RegistrationStatus for NodeService {
+    fn registration(&self, registered: bool, error: &str) {
+        if registered {
+            tracing::info!(
+                driver = keybroker_csi::DRIVER_NAME,
+                "kubelet registered the plugin"
+            );
+            *lock(&self.kubelet) = Some(Ok(()));
+        } else {
+            tracing::error!(
+                driver = keybroker_csi::DRIVER_NAME,
+                error,
+                "kubelet refused the plugin registration: no pod on this node can mount keybroker volumes until it is fixed"
+            );
+            *lock(&self.kubelet) = Some(Err(error.to_owned()));
+        }
     }
 }

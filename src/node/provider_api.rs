@@ -122,6 +122,10 @@ impl SecretsProvider for NodeService {
         Ok(Mounted { versions, files })
     }
 
+    fn serving(&self) {
+        keybroker_csi::NodePlugin::serving(self);
+    }
+
     fn refused(&self, target_path: &str, reason: &str) {
         let vid = format!("secrets-store:{target_path}");
         self.fail(

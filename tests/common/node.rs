@@ -93,7 +93,7 @@ impl Daemon {
             metrics,
             cleanup: true,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !d.http("/readyz").starts_with("HTTP/1.1 200") {
             if let Some(Ok(Some(s))) = d.child.as_mut().map(|c| c.try_wait()) {
                 panic!("keybroker node exited: {s}\n{}", d.logs());
@@ -101,7 +101,9 @@ impl Daemon {
             assert!(Instant::now() < deadline, "node not ready:\n{}", d.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
-        while !d.sock.exists() {
+        // The socket answers (a killed predecessor's socket file may still be there until
+        // this process binds its own).
+        while std::os::unix::net::UnixStream::connect(&d.sock).is_err() {
             assert!(Instant::now() < deadline, "no socket:\n{}", d.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -159,7 +161,7 @@ impl Daemon {
                 nix::sys::signal::Signal::SIGTERM,
             )
             .unwrap();
-            let s = wait_timeout(&mut c, Duration::from_secs(20));
+            let s = wait_timeout(&mut c, Duration::from_secs(120));
             assert!(
                 s.success(),
                 "node did not stop cleanly: {s}\n{}",
