@@ -863,18 +863,24 @@ async fn objects_with_an_expiry_still_rotate_at_the_poll_interval() {
             .as_secs()
             + 365 * 86_400
     };
-    w.standin
-        .post(
-            "vaults/kv1/secrets/expiring",
-            json!({"value": "S3cret-expiring-v1", "attributes": {"exp": year()}}),
-        )
-        .await;
-    w.standin
-        .post(
-            "vaults/kv1/certificates/rotating",
-            json!({"key": "rsa", "subject": "rotating.example"}),
-        )
-        .await;
+    // A version of the secret (with a one-year expiry) and a new certificate.
+    let new_versions = |value: &'static str| {
+        let s = &w.standin;
+        let exp = year();
+        async move {
+            s.post(
+                "vaults/kv1/secrets/expiring",
+                json!({"value": value, "attributes": {"exp": exp}}),
+            )
+            .await;
+            s.post(
+                "vaults/kv1/certificates/rotating",
+                json!({"key": "rsa", "subject": "rotating.example"}),
+            )
+            .await;
+        }
+    };
+    new_versions("S3cret-expiring-v1").await;
     let objs = objects(&[
         "objectName: expiring",
         "objectName: rotating\nobjectType: cert",
@@ -895,18 +901,7 @@ async fn objects_with_an_expiry_still_rotate_at_the_poll_interval() {
     let cert_v1 = read(&t.join("rotating"));
     assert!(cert_v1.starts_with("-----BEGIN CERTIFICATE-----"));
     // New versions of both, the secret with an expiry again.
-    w.standin
-        .post(
-            "vaults/kv1/secrets/expiring",
-            json!({"value": "S3cret-expiring-v2", "attributes": {"exp": year()}}),
-        )
-        .await;
-    w.standin
-        .post(
-            "vaults/kv1/certificates/rotating",
-            json!({"key": "rsa", "subject": "rotating.example"}),
-        )
-        .await;
+    new_versions("S3cret-expiring-v2").await;
     // The poll is 2 s; the bound only keeps a broken build from hanging the suite.
     let took = wait_for(
         "new versions of the expiring secret and the certificate in the volume",

@@ -438,15 +438,21 @@ async fn the_node_registers_itself_with_kubelet_and_keeps_it_across_an_upgrade()
     let reg = ["--kubelet-registration-dir", registry.to_str().unwrap()];
     let old = Daemon::start_opts(&root, "1s", &root.join("audit.jsonl"), &reg);
     let sock = registry.join("csi.keybroker.io-reg.sock");
-    wait_for("the registration socket", Duration::from_secs(120), || {
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
-    });
-    let mut kubelet = RegistrationClient::new(keybroker_csi::connect_unix(&sock).await.unwrap());
-    let info = kubelet
-        .get_info(rp::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    // kubelet's plugin watcher: the socket appears and answers GetInfo.
+    let watcher = || async {
+        wait_for("the registration socket", Duration::from_secs(120), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        let mut kubelet =
+            RegistrationClient::new(keybroker_csi::connect_unix(&sock).await.unwrap());
+        let info = kubelet
+            .get_info(rp::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        (kubelet, info)
+    };
+    let (mut kubelet, info) = watcher().await;
     assert_eq!(
         (info.r#type.as_str(), info.name.as_str()),
         ("CSIPlugin", "csi.keybroker.io")
@@ -500,17 +506,7 @@ async fn the_node_registers_itself_with_kubelet_and_keeps_it_across_an_upgrade()
     // An upgrade: the new process takes over through the handover, the old one exits.
     let new = Daemon::start_opts(&root, "1s", &root.join("audit.jsonl"), &reg);
     old.replaced();
-    wait_for(
-        "the new process's registration socket",
-        Duration::from_secs(120),
-        || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
-    );
-    let mut kubelet = RegistrationClient::new(keybroker_csi::connect_unix(&sock).await.unwrap());
-    let info = kubelet
-        .get_info(rp::InfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, info) = watcher().await;
     assert_eq!(Path::new(&info.endpoint), new.sock);
     drop(new);
 }
