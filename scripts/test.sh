@@ -32,12 +32,19 @@ fi
 grep -q "no test controller" /tmp/keybroker-release-check.err || { cat /tmp/keybroker-release-check.err >&2; exit 1; }
 echo "== container image: build offline, run --version and an init inside it (scripts/build-image.sh)"
 scripts/build-image.sh
+echo "== a real Kubernetes cluster's components, pinned (scripts/cluster.sh build; cached by version)"
+scripts/cluster.sh build
 echo "== fuzz every parser of untrusted input, 30 s each (scripts/fuzz.sh)"
 scripts/fuzz.sh 30
 echo "== cargo test (csi-sanity needs the test-only controller: --features test-controller)"
 status=0
 cargo test --locked --no-fail-fast --workspace --features test-controller || status=$?
-echo "== no keybroker mount may be left on this machine (they can hold secrets)"
+echo "== no keybroker mount may be left on this machine (they can hold secrets), nor a cluster"
+if [ -d /run/keybroker-cluster ] || ip netns list 2>/dev/null | grep -q '^kb-cluster'; then
+  echo "a test cluster was left running: scripts/cluster.sh down" >&2
+  scripts/cluster.sh down || true
+  status=1
+fi
 left=$(awk '$0 ~ / - (tmpfs|fuse[^ ]*) keybroker / {print $5}' /proc/self/mountinfo)
 if [ -n "$left" ]; then
   echo "keybroker mounts left behind by the tests:" >&2

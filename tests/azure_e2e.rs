@@ -849,6 +849,80 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
     }
 }
 
+/// A cold publish (the identity's provider was released with its last volume, so no token and
+/// nothing cached) reuses the node's HTTPS connections to Entra and the vault: 12 requests (an
+/// exchange, a bearer challenge, 10 GETs), the exchange over a connection the node already
+/// has, and fewer new connections to the vault once its pool holds some. Each identity used to open connections of its own for every request that
+/// went out together. (Over HTTP/1.1, as this stand-in speaks, the ten parallel GETs still need
+/// as many connections as the pool lacks; over HTTP/2, as Key Vault speaks, one carries all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_publish_reuses_the_nodes_connections() {
+    let w = world().await;
+    for i in 0..10 {
+        w.standin
+            .post(
+                &format!("vaults/kv1/secrets/conn-{i}"),
+                json!({"value": format!("S3cret-conn-{i}")}),
+            )
+            .await;
+    }
+    let docs: Vec<String> = (0..10).map(|i| format!("objectName: conn-{i}")).collect();
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let objs = objects(&docs);
+    let attrs = [
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        ("objects", objs.as_str()),
+    ];
+    let d = w.daemon();
+    let mut node = client(&d).await;
+    let mut counts = Vec::new();
+    for i in 0..3 {
+        let pod = Pod::new("team-a", "api", 400 + i);
+        w.standin
+            .admin(Method::DELETE, "requests", json!(null))
+            .await;
+        node.node_publish_volume(w.request(&pod, &attrs, &[WI_AUDIENCE], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+        let reqs = w.standin.requests().await;
+        let fresh = reqs.iter().filter(|r| r["newConn"] == true).count();
+        // The exchange, and the vault's first request (the challenge): each goes alone, so
+        // each takes an idle connection when the node has one.
+        let first_new = |kind: &str| {
+            reqs.iter()
+                .find(|r| r["kind"] == kind)
+                .is_some_and(|r| r["newConn"] == true)
+        };
+        counts.push((reqs.len(), fresh, first_new("entra"), first_new("keyvault")));
+        // The last volume of the identity: its token, clients and values are released.
+        node.node_unpublish_volume(pod.unpublish(&w.root))
+            .await
+            .unwrap();
+    }
+    println!(
+        "(requests, new connections, exchange on a new one, challenge on a new one) per cold publish: {counts:?}"
+    );
+    for (i, (reqs, _, exchange_new, _)) in counts.iter().enumerate() {
+        assert_eq!(
+            *reqs, 12,
+            "cold publish {i}: exchange + challenge + 10 GETs"
+        );
+        if i > 0 {
+            // Before, each identity had its own client, dropped with it: every cold publish
+            // opened new connections (TCP + TLS) to Entra and to the vault.
+            assert!(
+                !exchange_new,
+                "cold publish {i} opened a new connection to Entra: {counts:?}"
+            );
+        }
+    }
+    assert!(
+        counts[2].1 < counts[0].1,
+        "the node's pool serves later cold publishes: {counts:?}"
+    );
+}
+
 /// Key Vault may give any object a new version at any moment, whatever its expiry: a secret
 /// with a one-year `exp` (as Azure Policy often requires) and a certificate (whose attributes
 /// always carry its notAfter) are polled like every other object, so a new version reaches the
