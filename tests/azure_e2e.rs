@@ -214,6 +214,24 @@ impl World {
     }
 }
 
+/// Ten secrets `PREFIX-0` .. `PREFIX-9` in kv1 (values `S3cret-PREFIX-N-v1`), and the
+/// `objects` attribute that asks for all of them.
+async fn ten_secrets(w: &World, prefix: &str) -> String {
+    for i in 0..10 {
+        w.standin
+            .post(
+                &format!("vaults/kv1/secrets/{prefix}-{i}"),
+                json!({"value": format!("S3cret-{prefix}-{i}-v1")}),
+            )
+            .await;
+    }
+    let docs: Vec<String> = (0..10)
+        .map(|i| format!("objectName: {prefix}-{i}"))
+        .collect();
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    objects(&docs)
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -679,17 +697,7 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
     let w = world().await;
-    for i in 0..10 {
-        w.standin
-            .post(
-                &format!("vaults/kv1/secrets/shared-{i}"),
-                json!({"value": format!("S3cret-shared-{i}-v1")}),
-            )
-            .await;
-    }
-    let docs: Vec<String> = (0..10).map(|i| format!("objectName: shared-{i}")).collect();
-    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
-    let objs = objects(&docs);
+    let objs = ten_secrets(&w, "shared").await;
     let attrs = [
         ("keyvaultName", "kv1"),
         ("clientID", APP),
@@ -858,17 +866,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_publish_reuses_the_nodes_connections() {
     let w = world().await;
-    for i in 0..10 {
-        w.standin
-            .post(
-                &format!("vaults/kv1/secrets/conn-{i}"),
-                json!({"value": format!("S3cret-conn-{i}")}),
-            )
-            .await;
-    }
-    let docs: Vec<String> = (0..10).map(|i| format!("objectName: conn-{i}")).collect();
-    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
-    let objs = objects(&docs);
+    let objs = ten_secrets(&w, "conn").await;
     let attrs = [
         ("keyvaultName", "kv1"),
         ("clientID", APP),

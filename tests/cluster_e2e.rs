@@ -123,6 +123,11 @@ spec:
     )
 }
 
+/// What `cat PATH` prints in the pod's app container (and whether it succeeded).
+fn read_in(ns: &str, pod: &str, path: &str) -> (bool, String) {
+    kubectl(&["exec", "-n", ns, pod, "--", "cat", path])
+}
+
 fn phase(ns: &str, name: &str) -> String {
     kubectl(&[
         "get",
@@ -254,15 +259,7 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
             phase("team-a", name) == "Running"
         });
         println!("{name} Running after {:.1} s", took.as_secs_f64());
-        let (ok, got) = kubectl(&[
-            "exec",
-            "-n",
-            "team-a",
-            name,
-            "--",
-            "cat",
-            "/secrets/password",
-        ]);
+        let (ok, got) = read_in("team-a", name, "/secrets/password");
         assert!(ok, "{got}");
         assert_eq!(got, SECRET, "{name} reads its secret");
         // Read-only, the mode asked for.
@@ -305,16 +302,7 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
     std::fs::write(secrets.join("db"), "S3cret-cluster-db-v2").unwrap();
     for name in ["reader-tmpfs", "reader-fuse"] {
         let took = eventually(&format!("{name} sees the new value"), || {
-            kubectl(&[
-                "exec",
-                "-n",
-                "team-a",
-                name,
-                "--",
-                "cat",
-                "/secrets/password",
-            ])
-            .1 == "S3cret-cluster-db-v2"
+            read_in("team-a", name, "/secrets/password").1 == "S3cret-cluster-db-v2"
         });
         println!("{name}: new value after {:.1} s", took.as_secs_f64());
     }
@@ -376,15 +364,7 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
         "the driver is registered after the upgrade: {drivers:?}"
     );
     for name in ["reader-tmpfs", "reader-fuse"] {
-        let (ok, got) = kubectl(&[
-            "exec",
-            "-n",
-            "team-a",
-            name,
-            "--",
-            "cat",
-            "/secrets/password",
-        ]);
+        let (ok, got) = read_in("team-a", name, "/secrets/password");
         assert!(
             ok && got == "S3cret-cluster-db-v2",
             "{name} after the upgrade: {got}"
