@@ -354,6 +354,13 @@ stop_group() {
 
 down() {
   [ "$(id -u)" = 0 ] || { log "run as root"; exit 1; }
+  # Only what `up` made: without its state directory there is nothing of ours to stop (and
+  # the kubepods cgroups, mounts or kubelet directory on this machine are someone else's).
+  if [ ! -d "$run" ]; then
+    ip netns del "$NETNS" 2>/dev/null || true
+    log "down: no cluster of scripts/cluster.sh is up ($run is absent)"
+    return 0
+  fi
   local i n m
   # kubelet first (it would restart what the rest stops), then every pod process.
   stop_group kubelet
