@@ -295,10 +295,20 @@ pub fn listen(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// The peer's uid and, when it runs in a pid namespace this process sees, its pid.
+///
+/// The kernel reports pid 0 for a peer outside this process's pid namespace (the DaemonSet's
+/// node runs with the host's pids, its keeper without): that is no pid, not an error, so the
+/// credentials are read with nix, whose pid may be 0 (rustix's may not, and fails).
+fn peer(sock: BorrowedFd<'_>) -> Option<(u32, Option<rustix::process::Pid>)> {
+    let cred =
+        nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some((cred.uid(), rustix::process::Pid::from_raw(cred.pid())))
+}
+
 /// Whether the peer on `sock` runs as this process's uid (root, in the DaemonSet).
 pub fn same_uid(sock: BorrowedFd<'_>) -> bool {
-    sockopt::socket_peercred(sock)
-        .is_ok_and(|c| c.uid.as_raw() == rustix::process::geteuid().as_raw())
+    peer(sock).is_some_and(|(uid, _)| uid == rustix::process::geteuid().as_raw())
 }
 
 /// How the keeper runs.
@@ -457,7 +467,7 @@ fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> Handled
         }
         ("ping", None) => format!("ok {}", kept.len()),
         ("node", None) => {
-            handled = Handled::Node(sockopt::socket_peercred(conn).ok().map(|c| c.pid));
+            handled = Handled::Node(peer(conn).and_then(|(_, pid)| pid));
             format!("ok {}", kept.len())
         }
         ("take", None) => {

@@ -38,7 +38,7 @@ enum KindArg {
     Tmpfs,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum KeeperMode {
     Auto,
     External,
@@ -571,6 +571,7 @@ fn main() -> ExitCode {
                     endpoint,
                     test_controller: danger_test_controller,
                     wait_after_handover: after_handover == AfterHandover::Wait,
+                    keep_listeners: fd_keeper == KeeperMode::External,
                 },
                 serve.audit(),
                 serve.metrics_addr,
@@ -965,10 +966,59 @@ enum Serving {
         registration: Option<Registration>,
         test_controller: bool,
         wait_after_handover: bool,
+        /// The external fd keeper also keeps the CSI and registration sockets listening for
+        /// the next process (kubelet then never sees the driver go).
+        keep_listeners: bool,
     },
     Provider {
         endpoint: String,
     },
+}
+
+/// The fd keeper's names for the listening sockets it keeps (`listen:csi`, ...).
+const LISTEN_PREFIX: &str = "listen:";
+
+/// The listening socket at `path`: the one the fd keeper kept for this node (its file never
+/// changed, so kubelet noticed nothing, and calls made while no keybroker ran waited in its
+/// queue) or a new one. With `keep` (an external keeper) the socket is given to the keeper and
+/// its file stays when this process ends; otherwise the file is removed then, as before.
+/// Returns the listener, the file to remove at the end, and whether it was kept.
+async fn listen(
+    node: &keybroker::node::NodeService,
+    keep: bool,
+    kept: &mut std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+    name: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<(
+    tokio::net::UnixListener,
+    Option<keybroker_csi::BoundSocket>,
+    bool,
+)> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(fd) = kept.remove(name) {
+        let l = std::os::unix::net::UnixListener::from(fd);
+        let same = l
+            .local_addr()
+            .ok()
+            .is_some_and(|a| a.as_pathname() == Some(path))
+            && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+        if same {
+            l.set_nonblocking(true)?;
+            node.keep_listener(name, std::os::fd::OwnedFd::from(l.try_clone()?));
+            tracing::info!(socket = %path.display(), "serving on the socket the fd keeper kept");
+            return Ok((tokio::net::UnixListener::from_std(l)?, None, true));
+        }
+        tracing::warn!(socket = %path.display(), "the socket the fd keeper kept is no longer the file at its path; listening anew");
+    }
+    let (bound, l) = keybroker_csi::bind_socket(&path.display().to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    if keep {
+        use std::os::fd::AsFd;
+        node.keep_listener(name, l.as_fd().try_clone_to_owned()?);
+        return Ok((l, None, false));
+    }
+    Ok((l, Some(bound), false))
 }
 
 async fn run_node(
@@ -1041,14 +1091,34 @@ async fn run_node(
         node.clone(),
         shutdown.clone(),
     ));
-    let sessions = match (handed, &keeper) {
-        (Some(s), _) => s,
-        (None, Some(k)) => k.take().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot take the FUSE sessions back from the fd keeper; FUSE volumes are remounted");
+    let keep_listeners = matches!(
+        serving,
+        Serving::Csi {
+            keep_listeners: true,
+            ..
+        }
+    );
+    // What the fd keeper holds: the FUSE sessions (unless they were handed over) and the
+    // listening sockets it keeps.
+    let mut kept = match &keeper {
+        Some(k) if handed.is_none() || keep_listeners => k.take().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot take the FUSE sessions and sockets back from the fd keeper; FUSE volumes are remounted");
             Default::default()
         }),
-        (None, None) => Default::default(),
+        _ => Default::default(),
     };
+    let mut listeners = std::collections::BTreeMap::new();
+    let names: Vec<String> = kept
+        .keys()
+        .filter(|n| n.starts_with(LISTEN_PREFIX))
+        .cloned()
+        .collect();
+    for n in names {
+        if let Some(fd) = kept.remove(&n) {
+            listeners.insert(n, fd);
+        }
+    }
+    let sessions = handed.unwrap_or(kept);
     node.recover(sessions).await;
     if csi {
         keybroker::node::handover::listen(node.clone(), &state_dir, shutdown.clone()).map_err(
@@ -1074,7 +1144,28 @@ async fn run_node(
             ..
         } => {
             tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
+            let csi_path = keybroker_csi::socket_path(&endpoint)
+                .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+            let (csi_listener, csi_bound, _) = listen(
+                &node,
+                keep_listeners,
+                &mut listeners,
+                "listen:csi",
+                &csi_path,
+            )
+            .await?;
             if let Some(reg) = registration {
+                let (reg_listener, reg_bound, inherited) = listen(
+                    &node,
+                    keep_listeners,
+                    &mut listeners,
+                    "listen:registration",
+                    &reg.socket,
+                )
+                .await?;
+                if inherited {
+                    node.registration_continues();
+                }
                 // kubelet calls the CSI socket as soon as it registers the plugin: register
                 // once that socket accepts calls.
                 let node = node.clone();
@@ -1083,8 +1174,9 @@ async fn run_node(
                     node.wait_serving().await;
                     tracing::info!(socket = %reg.socket.display(), csi = %reg.csi_socket.display(), "serving kubelet's plugin registration");
                     let stopped = async move { stop.cancelled().await };
-                    if let Err(e) = keybroker_csi::registration::serve(
-                        &reg.socket,
+                    if let Err(e) = keybroker_csi::registration::serve_on(
+                        reg_listener,
+                        reg_bound,
                         &reg.csi_socket,
                         node,
                         stopped,
@@ -1095,13 +1187,13 @@ async fn run_node(
                     }
                 });
             }
-            let e = endpoint.clone();
             let node = node.clone();
             (
                 endpoint,
-                Box::pin(
-                    async move { keybroker_csi::serve(&e, node, test_controller, stopped).await },
-                ),
+                Box::pin(async move {
+                    keybroker_csi::serve_on(csi_listener, csi_bound, node, test_controller, stopped)
+                        .await
+                }),
             )
         }
         Serving::Provider { endpoint } => {

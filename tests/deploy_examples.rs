@@ -44,28 +44,36 @@ fn example_pod_configs_are_valid() {
 }
 
 /// The rendered DaemonSet upgrades by surge (the new pod takes the volumes over from the old
-/// one), runs the fd keeper as a native sidecar sharing its socket's volume with keybroker, and
-/// every keybroker container's arguments are accepted by the binary built here.
+/// one), the fd keeper is a DaemonSet of its own (a pod deletion ends every container of the
+/// pod: a keeper inside it would close the sessions with it) sharing its socket's host
+/// directory with keybroker, and every container's arguments are accepted by the binary built
+/// here.
 #[test]
 fn the_daemonset_keeps_fuse_sessions_across_restarts_and_upgrades() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keybroker.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let ds: serde_json::Value = text
-        .split("\n---\n")
-        .filter_map(|d| serde_norway::from_str::<serde_json::Value>(d).ok())
-        .find(|v| v["kind"] == "DaemonSet" && v["metadata"]["name"] == "keybroker-node")
-        .expect("the node DaemonSet");
+    let daemonset = |name: &str| -> serde_json::Value {
+        text.split("\n---\n")
+            .filter_map(|d| serde_norway::from_str::<serde_json::Value>(d).ok())
+            .find(|v| v["kind"] == "DaemonSet" && v["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("the {name} DaemonSet"))
+    };
+    let ds = daemonset("keybroker-node");
+    let keeper_ds = daemonset("keybroker-fd-keeper");
     let strategy = &ds["spec"]["updateStrategy"]["rollingUpdate"];
     assert_eq!(strategy["maxSurge"], 1);
     assert_eq!(strategy["maxUnavailable"], 0);
     let spec = &ds["spec"]["template"]["spec"];
-    let keeper = spec["initContainers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "fd-keeper")
-        .expect("an fd-keeper container");
-    assert_eq!(keeper["restartPolicy"], "Always", "a native sidecar");
+    assert!(
+        spec["initContainers"].is_null(),
+        "no keeper in the node pod"
+    );
+    // Upgrades do not restart the keeper (it would leave the sessions with keybroker alone).
+    assert_eq!(keeper_ds["spec"]["updateStrategy"]["type"], "OnDelete");
+    let keeper_spec = &keeper_ds["spec"]["template"]["spec"];
+    let keeper = &keeper_spec["containers"][0];
+    assert_eq!(keeper["name"], "fd-keeper");
+    assert_eq!(keeper["securityContext"]["capabilities"]["drop"][0], "ALL");
     let node = spec["containers"]
         .as_array()
         .unwrap()
@@ -117,23 +125,32 @@ fn the_daemonset_keeps_fuse_sessions_across_restarts_and_upgrades() {
     let socket = socket_of(&keeper_args, "--socket=");
     assert_eq!(socket_of(&node_args, "--fd-keeper-socket="), socket);
     assert!(node_args.contains(&"--fd-keeper=external".to_owned()));
-    // The socket's directory is the same volume in both containers.
+    // The socket's directory is the same host directory in both pods.
     let dir = Path::new(&socket)
         .parent()
         .unwrap()
         .to_str()
         .unwrap()
         .to_owned();
-    let volume_at = |c: &serde_json::Value| {
-        c["volumeMounts"]
+    let host_dir_at = |pod: &serde_json::Value, c: &serde_json::Value| {
+        let name = c["volumeMounts"]
             .as_array()
             .unwrap()
             .iter()
             .find(|m| m["mountPath"] == dir.as_str())
             .map(|m| m["name"].clone())
+            .expect("the keeper's socket directory is mounted");
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["hostPath"]["path"].clone())
+            .expect("a volume of that name")
     };
-    assert!(volume_at(keeper).is_some());
-    assert_eq!(volume_at(keeper), volume_at(node));
+    let host_dir = host_dir_at(keeper_spec, keeper);
+    assert!(host_dir.is_string(), "a host directory: {host_dir}");
+    assert_eq!(host_dir, host_dir_at(spec, node));
     for a in [keeper_args, node_args] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_keybroker"))
             .args(&a)

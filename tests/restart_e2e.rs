@@ -475,3 +475,108 @@ async fn a_restart_with_another_default_type_keeps_each_volume_its_type() {
         .await
         .unwrap();
 }
+
+/// A process killed when dropped (a test's fd keeper, however the test ends).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The DaemonSet's layout without a cluster: the fd keeper a process of its own in a pid
+/// namespace of its own (its pod's), keybroker with `--fd-keeper external` in the host's (its
+/// pod has `hostPID`), so the keeper cannot see keybroker's pid. kill -9 of keybroker and a new
+/// process: the FUSE volume keeps its connection, and the CSI socket is the same file,
+/// listening throughout (the keeper keeps it): a call made while no keybroker runs waits in
+/// the socket's queue and the next process answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_keeper_in_its_own_pid_namespace_keeps_sessions_and_sockets() {
+    use std::os::unix::fs::MetadataExt;
+    let (_tmp, root) = local_setup(DB, "[db]");
+    std::fs::create_dir_all(root.join("keeper")).unwrap();
+    let keeper_sock = root.join("keeper/keeper.sock");
+    let _keeper = Killed(
+        Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                common::BIN,
+                "fd-keeper",
+                "--socket",
+            ])
+            .arg(&keeper_sock)
+            .stderr(std::fs::File::create(root.join("keeper.log")).unwrap())
+            .spawn()
+            .expect("unshare (util-linux)"),
+    );
+    // The test's own pid is as invisible to the keeper as keybroker's: `ping` is answered.
+    let keeper = keybroker::keeper::KeeperClient::new(&keeper_sock);
+    wait_for("the keeper answers", Duration::from_secs(60), || {
+        keeper.ping().is_ok()
+    });
+    let socket = keeper_sock.to_str().unwrap();
+    let external = ["--fd-keeper", "external", "--fd-keeper-socket", socket];
+    let audit = root.join("audit.jsonl");
+    let d = Daemon::start_opts(&root, "1s", &audit, &external);
+    let p = Pod::new("team-a", "api", 81);
+    client(&d)
+        .await
+        .node_publish_volume(p.request(&root, OBJECTS, "fuse", None))
+        .await
+        .unwrap();
+    let target = p.target(&root).join("db");
+    assert_eq!(read_file(&target).unwrap(), DB);
+    // The session and the CSI socket (1 + 1; no registration socket outside a cluster).
+    assert_eq!(keeper.ping().unwrap(), 2, "{}", d.logs());
+    let inode = std::fs::metadata(&d.sock).unwrap().ino();
+
+    let mut d = d;
+    d.kill9();
+    d.replaced();
+    // No keybroker runs: a call now waits in the kept socket's queue.
+    let sock = root.join("csi/csi.sock");
+    let waiting = tokio::spawn(async move {
+        let channel = keybroker_csi::connect_unix(&sock).await?;
+        keybroker_csi::pb::node_client::NodeClient::new(channel)
+            .node_get_info(keybroker_csi::pb::NodeGetInfoRequest {})
+            .await
+            .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "answered while no keybroker ran");
+    let d = Daemon::start_opts(&root, "1s", &audit, &external);
+    let info = tokio::time::timeout(Duration::from_secs(120), waiting)
+        .await
+        .expect("the queued call is answered")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the queued call: {e}\n{}", d.logs()));
+    assert_eq!(info.into_inner().node_id, "test-node");
+    assert_eq!(
+        std::fs::metadata(&d.sock).unwrap().ino(),
+        inode,
+        "the same socket file"
+    );
+    // The FUSE volume was never disconnected.
+    assert_eq!(read_file(&target).unwrap(), DB);
+    assert!(
+        d.logs()
+            .contains("serving on the socket the fd keeper kept"),
+        "{}",
+        d.logs()
+    );
+    client(&d)
+        .await
+        .node_unpublish_volume(p.unpublish(&root))
+        .await
+        .unwrap();
+    assert!(!common::is_mount_point(&p.target(&root)));
+    let mut d = d;
+    d.stop();
+    // The socket file stays for the next process (the keeper keeps it listening).
+    assert_eq!(std::fs::metadata(&d.sock).unwrap().ino(), inode);
+    let _ = keeper.quit();
+}

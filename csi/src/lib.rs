@@ -40,7 +40,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 
-pub use server::{connect_unix, serve};
+pub use server::{BoundSocket, bind_socket, connect_unix, serve, serve_on, socket_path};
 
 /// The driver name kubelet knows this plugin by (CSIDriver metadata.name).
 pub const DRIVER_NAME: &str = "csi.keybroker.io";

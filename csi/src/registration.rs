@@ -76,6 +76,19 @@ pub async fn serve<S: RegistrationStatus>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (bound, listener) = crate::server::bind_socket(&socket.display().to_string()).await?;
+    serve_on(listener, Some(bound), csi_socket, status, shutdown).await
+}
+
+/// Like [`serve`], on a socket already listening. Its file is removed at the end only if
+/// `bound` is given: a socket kept for the next process stays, and kubelet, which watches the
+/// file, keeps the driver registered.
+pub async fn serve_on<S: RegistrationStatus>(
+    listener: tokio::net::UnixListener,
+    bound: Option<crate::server::BoundSocket>,
+    csi_socket: &Path,
+    status: Arc<S>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let svc = Svc {
         csi_endpoint: csi_socket.display().to_string(),
         status,
@@ -87,7 +100,9 @@ pub async fn serve<S: RegistrationStatus>(
             shutdown,
         )
         .await;
-    bound.remove_if_ours();
+    if let Some(bound) = bound {
+        bound.remove_if_ours();
+    }
     res?;
     Ok(())
 }

@@ -216,7 +216,7 @@ fn bind_long(path: &Path) -> std::io::Result<UnixListener> {
 /// A socket file this process bound, known by its inode: removed at the end only while the
 /// path still names it. In a surge upgrade the incoming process binds the same path before the
 /// outgoing one stops, and the outgoing one must not remove the incoming one's socket.
-pub(crate) struct BoundSocket {
+pub struct BoundSocket {
     pub path: PathBuf,
     id: Option<(u64, u64)>,
 }
@@ -248,7 +248,7 @@ impl BoundSocket {
 
 /// Binds the unix socket of `endpoint`: its directory created, a stale socket file replaced,
 /// the socket owner-only (its clients, kubelet or the Secrets Store driver, run as root).
-pub(crate) async fn bind_socket(
+pub async fn bind_socket(
     endpoint: &str,
 ) -> Result<(BoundSocket, UnixListener), Box<dyn std::error::Error + Send + Sync>> {
     let path = socket_path(endpoint)?;
@@ -278,6 +278,19 @@ pub async fn serve<P: NodePlugin>(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (path, listener) = bind_socket(endpoint).await?;
+    serve_on(listener, Some(path), plugin, test_controller, shutdown).await
+}
+
+/// Like [`serve`], on a socket already listening (bound by [`bind_socket`] or kept from a
+/// previous process). Its file is removed at the end only if `bound` is given (and still names
+/// it): a socket kept for the next process stays.
+pub async fn serve_on<P: NodePlugin>(
+    listener: UnixListener,
+    bound: Option<BoundSocket>,
+    plugin: Arc<P>,
+    test_controller: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     #[cfg(not(feature = "test-controller"))]
     if test_controller {
         return Err("this build has no test controller (cargo feature test-controller)".into());
@@ -301,7 +314,9 @@ pub async fn serve<P: NodePlugin>(
             shutdown,
         )
         .await?;
-    path.remove_if_ours();
+    if let Some(path) = bound {
+        path.remove_if_ours();
+    }
     Ok(())
 }
 

@@ -164,6 +164,9 @@ pub struct NodeService {
     unpublished: Arc<AtomicU64>,
     /// FUSE sessions by target (their descriptors go to the keeper and to a handover).
     sessions: Mutex<HashMap<PathBuf, Session>>,
+    /// Listening sockets the fd keeper keeps for the next process, by keeper name
+    /// (`listen:csi`, `listen:registration`): given to a restarted keeper like the sessions.
+    listeners: Mutex<Vec<(String, std::os::fd::OwnedFd)>>,
     /// A newer process asked for this one's volumes: it gets the sessions at shutdown.
     handover: Mutex<Option<std::os::fd::OwnedFd>>,
 }
@@ -322,6 +325,7 @@ impl NodeService {
             opens,
             unpublished: Arc::new(AtomicU64::new(0)),
             sessions: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
             handover: Mutex::new(None),
             cache: Arc::new(FetchCache::new(cfg.poll)),
             bindings: ArcSwap::from_pointee(bindings),
@@ -1330,8 +1334,14 @@ impl NodeService {
                 return 0;
             }
         };
-        if !all && held >= sessions.len() {
+        let listeners = lock(&self.listeners);
+        if !all && held >= sessions.len() + listeners.len() {
             return 0;
+        }
+        for (name, fd) in listeners.iter() {
+            if let Err(e) = k.put(name, fd.as_fd()) {
+                tracing::warn!(socket = %name, error = %e, "cannot give the fd keeper a listening socket");
+            }
         }
         let mut given = 0;
         for (target, s) in sessions.iter() {
@@ -1349,6 +1359,28 @@ impl NodeService {
             );
         }
         given
+    }
+
+    /// Gives the fd keeper a listening socket to keep for the next process (and again to a
+    /// restarted keeper, or to one that answers only later).
+    pub fn keep_listener(&self, name: &str, fd: std::os::fd::OwnedFd) {
+        let Some(k) = &self.cfg.keeper else {
+            return;
+        };
+        if let Err(e) = k.put(name, fd.as_fd()) {
+            tracing::warn!(socket = name, error = %e, "the fd keeper does not keep this listening socket yet; given once it answers");
+        }
+        lock(&self.listeners).push((name.to_owned(), fd));
+    }
+
+    /// kubelet registered the plugin with a previous process, whose registration socket this
+    /// one serves now (kept by the fd keeper): the registration stands.
+    pub fn registration_continues(&self) {
+        tracing::info!(
+            driver = keybroker_csi::DRIVER_NAME,
+            "kubelet's registration of the plugin continues (its socket was kept)"
+        );
+        *lock(&self.kubelet) = Some(Ok(()));
     }
 
     /// Keeps the fd keeper in step every few seconds, until `shutdown`.

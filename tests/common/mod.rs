@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod azure;
 pub mod bench;
+pub mod cluster;
 pub mod node;
 pub mod peers;
 

@@ -1,0 +1,336 @@
+//! A real single-node Kubernetes cluster (`scripts/cluster.sh`) for tests and benches: the
+//! cluster itself (torn down on drop), kubectl and helm through the script, and the pods and
+//! keybroker volumes they create.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn script(args: &[&str]) -> Output {
+    Command::new(repo().join("scripts/cluster.sh"))
+        .args(args)
+        .output()
+        .expect("scripts/cluster.sh")
+}
+
+pub fn kubectl(args: &[&str]) -> (bool, String) {
+    let mut all = vec!["kubectl"];
+    all.extend_from_slice(args);
+    let out = script(&all);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub fn must(args: &[&str]) -> String {
+    let (ok, out) = kubectl(args);
+    assert!(ok, "kubectl {args:?}: {out}");
+    out
+}
+
+pub fn apply(yaml: &str) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), yaml).unwrap();
+    must(&["apply", "-f", f.path().to_str().unwrap()]);
+}
+
+/// Polls `f` every second until it holds (the bound only keeps a broken build from hanging CI).
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    start.elapsed()
+}
+
+/// The cluster, torn down on drop (every process, mount, cgroup, sysctl, the namespace).
+pub struct Cluster;
+
+impl Cluster {
+    pub fn up() -> Self {
+        let out = script(&["up"]);
+        let c = Cluster;
+        assert!(
+            out.status.success(),
+            "scripts/cluster.sh up: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What an operator would look at first.
+            for args in [
+                &["get", "pods", "-A", "-o", "wide"][..],
+                &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+                &[
+                    "logs",
+                    "-n",
+                    "kube-system",
+                    "-l",
+                    "app.kubernetes.io/name=keybroker",
+                    "--all-containers",
+                    "--tail=40",
+                ],
+                &[
+                    "logs",
+                    "-n",
+                    "kube-system",
+                    "-l",
+                    "app.kubernetes.io/name=keybroker-fd-keeper",
+                    "--tail=40",
+                ],
+            ] {
+                println!("--- kubectl {}\n{}", args.join(" "), kubectl(args).1);
+            }
+        }
+        let out = script(&["down"]);
+        println!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
+    }
+}
+
+pub fn csi_volume(name: &str, volume_type: &str, objects: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "csi": {
+            "driver": "csi.keybroker.io",
+            "readOnly": true,
+            "volumeAttributes": {
+                "provider": "local",
+                "volumeType": volume_type,
+                "objects": objects,
+            }
+        }
+    })
+}
+
+/// A busybox pod of `sa` in `ns` running `script`, with the given keybroker volumes mounted at
+/// `/<name>`.
+pub fn pod(name: &str, ns: &str, sa: &str, script: &str, volumes: &[serde_json::Value]) -> String {
+    let mounts: Vec<serde_json::Value> = volumes
+        .iter()
+        .map(|v| serde_json::json!({"name": v["name"], "mountPath": format!("/{}", v["name"].as_str().unwrap()), "readOnly": true}))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "serviceAccountName": sa,
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": "localhost/busybox:kb",
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", script],
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        }
+    })
+    .to_string()
+}
+
+/// A field of an object (`ns` empty: a cluster-scoped one).
+pub fn get(ns: &str, kind: &str, name: &str, jsonpath: &str) -> String {
+    let jsonpath = format!("jsonpath={jsonpath}");
+    let mut args = vec!["get", kind, name, "-o", &jsonpath];
+    if !ns.is_empty() {
+        args.extend(["-n", ns]);
+    }
+    kubectl(&args).1
+}
+
+pub fn phase(ns: &str, name: &str) -> String {
+    get(ns, "pod", name, "{.status.phase}")
+}
+
+pub fn events(ns: &str, name: &str, reason: &str) -> String {
+    kubectl(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        &format!("involvedObject.name={name},reason={reason}"),
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])
+    .1
+}
+
+pub fn keybroker_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - tmpfs keybroker ") || l.contains(" - fuse.keybroker "))
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .collect()
+}
+
+/// The keybroker node pods: (name, keybroker container ready, its restart count).
+pub fn node_pods() -> Vec<(String, bool, u32)> {
+    kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        "kube-system",
+        "-l",
+        "app.kubernetes.io/name=keybroker",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[?(@.name==\"keybroker\")].ready} {.status.containerStatuses[?(@.name==\"keybroker\")].restartCount}{\"\\n\"}{end}",
+    ])
+    .1
+    .lines()
+    .filter_map(|l| {
+        let mut f = l.split_whitespace();
+        Some((
+            f.next()?.to_owned(),
+            f.next() == Some("true"),
+            f.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+        ))
+    })
+    .collect()
+}
+
+/// Waits until exactly one node pod runs, ready, and `pred` holds for it.
+pub fn one_ready_node_pod(what: &str, pred: impl Fn(&str, u32) -> bool) -> (String, Duration) {
+    let mut found = String::new();
+    let took = eventually(what, || match node_pods().as_slice() {
+        [(name, true, restarts)] if pred(name, *restarts) => {
+            found = name.clone();
+            true
+        }
+        _ => false,
+    });
+    (found, took)
+}
+
+pub fn micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The process of a container (by its id) whose command line starts with `args`.
+pub fn container_process(container: &str, args: &[&str]) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !cgroup.contains(container) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if argv.len() > args.len() && argv[0].ends_with(args[0]) && argv[1..args.len()] == args[1..]
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+pub fn container_id(ns: &str, pod: &str, container: &str) -> String {
+    get(
+        ns,
+        "pod",
+        pod,
+        &format!("{{.status.containerStatuses[?(@.name==\"{container}\")].containerID}}"),
+    )
+    .trim_start_matches("containerd://")
+    .to_owned()
+}
+
+/// The image `scripts/build-image.sh` exported (`target/image/keybroker.oci.tar`), by the
+/// repository and tag it carries (`scripts/cluster.sh up` imports it as such).
+pub fn image_reference() -> (String, String) {
+    let image = repo().join("target/image/keybroker.oci.tar");
+    assert!(
+        image.exists(),
+        "{} is missing: scripts/build-image.sh builds it (scripts/test.sh does)",
+        image.display()
+    );
+    let index = Command::new("tar")
+        .arg("-xOf")
+        .arg(&image)
+        .arg("index.json")
+        .output()
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+    let reference = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .expect("the image archive names its image");
+    let (repository, tag) = reference.rsplit_once(':').unwrap();
+    (repository.to_owned(), tag.to_owned())
+}
+
+/// `helm VERB keybroker deploy/helm/keybroker -n kube-system -f VALUES EXTRA...`; panics with
+/// helm's error.
+pub fn helm(verb: &str, values: &Path, extra: &[&str]) {
+    let chart = repo().join("deploy/helm/keybroker");
+    let mut args = vec![
+        "helm",
+        verb,
+        "keybroker",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "kube-system",
+        "-f",
+        values.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = script(&args);
+    assert!(
+        out.status.success(),
+        "helm {verb}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `helm uninstall keybroker`, then waits until no keybroker pod is left.
+pub fn uninstall() {
+    let out = script(&[
+        "helm",
+        "uninstall",
+        "keybroker",
+        "--namespace",
+        "kube-system",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("no keybroker pod left", || {
+        kubectl(&["get", "pods", "-n", "kube-system", "-o", "name"])
+            .1
+            .lines()
+            .all(|l| !l.contains("keybroker"))
+    });
+}
