@@ -128,30 +128,17 @@ impl Drop for Node {
 
 fn request(root: &Path, i: usize, objects: &str) -> pb::NodePublishVolumeRequest {
     let uid = format!("00000000-0000-0000-0000-{i:012}");
-    let ctx: HashMap<String, String> = [
-        ("csi.storage.k8s.io/pod.name", format!("p-{i}")),
-        ("csi.storage.k8s.io/pod.namespace", "bench".into()),
-        ("csi.storage.k8s.io/pod.uid", uid.clone()),
-        ("csi.storage.k8s.io/serviceAccount.name", "app".into()),
-        ("csi.storage.k8s.io/ephemeral", "true".into()),
-        ("provider", "local".into()),
-        ("volumeType", "tmpfs".into()),
-        ("objects", objects.into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    pb::NodePublishVolumeRequest {
-        volume_id: format!("csi-{uid}"),
-        target_path: root.join(format!("pods/{uid}/mount")).display().to_string(),
-        volume_capability: Some(pb::VolumeCapability {
-            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-        }),
-        readonly: true,
-        volume_context: ctx,
-        ..Default::default()
-    }
+    common::bench::publish_request(
+        root,
+        &format!("p-{i}"),
+        &uid,
+        &[
+            ("provider", "local".into()),
+            ("volumeType", "tmpfs".into()),
+            ("objects", objects.into()),
+        ],
+        HashMap::new(),
+    )
 }
 
 fn hostile() -> Vec<(&'static str, String)> {

@@ -12,10 +12,9 @@ use common::bench::{local_volume as request, pct, rss_mib, unpublish};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
-use keybroker_csi::pb::node_client::NodeClient;
 use nix::mount::{MntFlags, MsFlags};
 
 /// Sequential publishes per row (KB_BENCH_N overrides, for quick runs).
@@ -57,55 +56,14 @@ async fn main() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    std::fs::create_dir_all(root.join("secrets")).unwrap();
-    for o in 0..10 {
-        std::fs::write(
-            root.join(format!("secrets/obj{o}")),
-            format!("value-{o}-{}", "x".repeat(100)),
-        )
-        .unwrap();
-    }
-    let objects: Vec<String> = (0..10).map(|o| format!("obj{o}")).collect();
-    std::fs::write(
-        root.join("bindings.yaml"),
-        format!(
-            "bindings:\n  - name: bench\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects:?}\n",
-            root.join("secrets").display()
-        ),
-    )
-    .unwrap();
-    let sock = root.join("csi.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let bin = env!("CARGO_BIN_EXE_keybroker");
-    let mut child = Command::new(bin)
-        .args(["node", "--node-id", "bench", "--log", "warn"])
-        .arg(format!("--endpoint=unix://{}", sock.display()))
-        .arg(format!(
-            "--bindings={}",
-            root.join("bindings.yaml").display()
-        ))
-        .arg(format!("--state-dir={}", root.join("state").display()))
-        .arg(format!(
-            "--audit-log={}",
-            root.join("audit.jsonl").display()
-        ))
-        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let channel = loop {
-        if let Ok(c) = keybroker_csi::connect_unix(&sock).await {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "node not up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut node = NodeClient::new(channel);
+    let (mut child, mut node) =
+        common::bench::start_local_node(bin, root, &format!("127.0.0.1:{port}")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_mib(child.id());
 

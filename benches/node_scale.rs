@@ -18,10 +18,8 @@ mod common;
 use common::bench::{local_volume as request, pct, status_kib, unpublish};
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use keybroker_csi::pb::node_client::NodeClient;
+use std::time::{Duration, Instant};
 
 struct Row {
     idle: (f64, f64),
@@ -53,49 +51,7 @@ fn mem(pid: u32) -> (f64, f64) {
 
 async fn row(bin: &str, root: &Path, kind: &str, n: usize) -> Row {
     let _ = std::fs::remove_dir_all(root);
-    std::fs::create_dir_all(root.join("secrets")).unwrap();
-    for o in 0..10 {
-        std::fs::write(
-            root.join(format!("secrets/obj{o}")),
-            format!("value-{o}-{}", "x".repeat(100)),
-        )
-        .unwrap();
-    }
-    let objects: Vec<String> = (0..10).map(|o| format!("obj{o}")).collect();
-    std::fs::write(
-        root.join("bindings.yaml"),
-        format!(
-            "bindings:\n  - name: bench\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects:?}\n",
-            root.join("secrets").display()
-        ),
-    )
-    .unwrap();
-    let sock = root.join("csi.sock");
-    let mut child = Command::new(bin)
-        .args(["node", "--node-id", "bench", "--log", "warn"])
-        .arg(format!("--endpoint=unix://{}", sock.display()))
-        .arg(format!(
-            "--bindings={}",
-            root.join("bindings.yaml").display()
-        ))
-        .arg(format!("--state-dir={}", root.join("state").display()))
-        .arg(format!(
-            "--audit-log={}",
-            root.join("audit.jsonl").display()
-        ))
-        .arg("--metrics-addr=127.0.0.1:0")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let channel = loop {
-        if let Ok(c) = keybroker_csi::connect_unix(&sock).await {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "node not up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let node = NodeClient::new(channel);
+    let (mut child, node) = common::bench::start_local_node(bin, root, "127.0.0.1:0").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = mem(child.id());
     let reqs: Vec<_> = (0..n).map(|i| request(root, i, kind)).collect();

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::node::{Daemon, Pod};
-use common::peers::{Bao, Issuer, TokenSpec};
+use common::peers::{Bao, TokenSpec};
 use keybroker_csi::provider_pb::{self as pb, csi_driver_provider_client::CsiDriverProviderClient};
 
 const POLL_S: u64 = 2;
@@ -58,40 +58,25 @@ async fn main() {
     common::require_root_and_fuse();
     let tmp = common::open_tempdir();
     let root = tmp.path().to_owned();
-    let bao = Bao::start(&root);
-    let issuer = Issuer::new(&root);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "bench:app", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
-    );
+    let (bao, issuer) = Bao::for_bench(&root);
     std::fs::create_dir_all(root.join("secrets")).unwrap();
+    bao.put_bench_objects(10);
     for o in 0..10 {
-        bao.cli(&[
-            "kv",
-            "put",
-            &format!("secret/app/k{o}"),
-            &format!("value=bench-value-{o}"),
-        ]);
         std::fs::write(
             root.join(format!("secrets/k{o}")),
             format!("bench-value-{o}"),
         )
         .unwrap();
     }
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
+    common::write_bindings(
+        &root,
+        &format!(
             "bindings:\n  - name: vault\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, caFile: \"{}\"}}}}\n    objects: [\"secret/data/app/*\"]\n  - name: local\n    namespace: bench-local\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: [\"k*\"]\n",
             bao.addr,
             bao.ca.display(),
             root.join("secrets").display()
         ),
-    )
-    .unwrap();
+    );
     let d = Daemon::start_opts(
         &root,
         &format!("{POLL_S}s"),

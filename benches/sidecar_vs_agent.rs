@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::peers::{Bao, Issuer, TokenSpec, peers_bin};
+use common::peers::{Bao, TokenSpec, peers_bin};
 
 const OBJECTS: usize = 10;
 const POLL_S: u64 = 2;
@@ -85,23 +85,8 @@ fn main() {
     common::require_root_and_fuse();
     let tmp = common::open_tempdir();
     let root = tmp.path().to_owned();
-    let bao = Bao::start(&root);
-    let issuer = Issuer::new(&root);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "bench:app", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
-    );
-    for o in 0..OBJECTS {
-        bao.cli(&[
-            "kv",
-            "put",
-            &format!("secret/app/k{o}"),
-            &format!("value=bench-value-{o}"),
-        ]);
-    }
+    let (bao, issuer) = Bao::for_bench(&root);
+    bao.put_bench_objects(OBJECTS);
     let token_file = root.join("token");
     std::fs::write(
         &token_file,

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::bench::unpublish;
 use common::node::{Daemon, client};
 use common::peers::{Bao, Issuer, TokenSpec};
 use keybroker_csi::pb;
@@ -42,39 +43,18 @@ fn request(root: &Path, bao: &Bao, issuer: &Issuer, i: usize) -> pb::NodePublish
         audience: "vault",
         expires_in: 3600,
     }]);
-    let ctx: HashMap<String, String> = [
-        ("csi.storage.k8s.io/pod.name", name.clone()),
-        ("csi.storage.k8s.io/pod.namespace", "bench".into()),
-        ("csi.storage.k8s.io/pod.uid", uid.clone()),
-        ("csi.storage.k8s.io/serviceAccount.name", "app".into()),
-        ("csi.storage.k8s.io/ephemeral", "true".into()),
-        ("roleName", "app".into()),
-        ("vaultAddress", bao.addr.clone()),
-        ("volumeType", "tmpfs".into()),
-        ("objects", objects),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    pb::NodePublishVolumeRequest {
-        volume_id: format!("csi-{uid}"),
-        target_path: root.join(format!("pods/{uid}/mount")).display().to_string(),
-        volume_capability: Some(pb::VolumeCapability {
-            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-        }),
-        readonly: true,
-        volume_context: ctx,
-        secrets: HashMap::from([("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens)]),
-        ..Default::default()
-    }
-}
-
-fn unpublish(req: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeRequest {
-    pb::NodeUnpublishVolumeRequest {
-        volume_id: req.volume_id.clone(),
-        target_path: req.target_path.clone(),
-    }
+    common::bench::publish_request(
+        root,
+        &name,
+        &uid,
+        &[
+            ("roleName", "app".into()),
+            ("vaultAddress", bao.addr.clone()),
+            ("volumeType", "tmpfs".into()),
+            ("objects", objects),
+        ],
+        HashMap::from([("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens)]),
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -82,33 +62,16 @@ async fn main() {
     common::require_root_and_fuse();
     let tmp = common::open_tempdir();
     let root = tmp.path().to_owned();
-    let bao = Bao::start(&root);
-    let issuer = Issuer::new(&root);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "bench:app", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
-    );
-    for o in 0..10 {
-        bao.cli(&[
-            "kv",
-            "put",
-            &format!("secret/app/k{o}"),
-            &format!("value=bench-value-{o}"),
-        ]);
-    }
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
+    let (bao, issuer) = Bao::for_bench(&root);
+    bao.put_bench_objects(10);
+    common::write_bindings(
+        &root,
+        &format!(
             "bindings:\n  - name: bench\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, caFile: \"{}\"}}}}\n    objects: [\"secret/app/*\"]\n",
             bao.addr,
             bao.ca.display()
         ),
-    )
-    .unwrap();
+    );
     let d = Daemon::start_with(&root, &format!("{POLL_S}s"));
     let mut node = client(&d).await;
     let http = keybroker::tls::client_builder(Some(&std::fs::read(&bao.ca).unwrap()), "OpenBao")

@@ -10,6 +10,9 @@
 //!
 //! Run: `cargo bench --bench volume_read` (as root: it mounts filesystems).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -75,15 +78,10 @@ fn reader(path: &Path) {
 }
 
 fn in_child(path: &Path) -> (f64, f64) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .arg("--reader")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::output_ok(
+        Command::new(std::env::current_exe().unwrap())
+            .arg("--reader")
+            .arg(path),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut v = text.split_whitespace().map(|n| n.parse::<f64>().unwrap());

@@ -37,6 +37,8 @@ SYSCTLS=(kernel.panic kernel.panic_on_oops vm.overcommit_memory vm.panic_on_oom 
 
 cache="${KEYBROKER_CLUSTER_CACHE:-/var/cache/keybroker-cluster}/$KUBE_VERSION"
 log() { printf '[cluster] %s\n' "$*"; }
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
 build() {
   mkdir -p "$cache/bin"
@@ -72,17 +74,8 @@ build() {
       mv "$cache/bin/$c.tmp" "$cache/bin/$c"
     done
   fi
-  local need=()
-  for p in "etcd-server=$ETCD_VERSION" "containerd=$CONTAINERD_VERSION" "runc=$RUNC_VERSION" "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION"; do
-    if ! dpkg-query -W -f='${Status} ${Version}' "${p%%=*}" 2>/dev/null | grep -q "install ok installed ${p#*=}"; then
-      need+=("$p")
-    fi
-  done
-  if [ ${#need[@]} -gt 0 ]; then
-    log "apt-get install ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if apt_install_pinned "etcd-server=$ETCD_VERSION" "containerd=$CONTAINERD_VERSION" "runc=$RUNC_VERSION" \
+       "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION"; then
     # The packages start their services; the cluster runs its own, in its own namespace.
     systemctl disable --now etcd containerd >/dev/null 2>&1 || true
     pkill -x etcd 2>/dev/null || true

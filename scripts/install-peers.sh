@@ -25,20 +25,11 @@ PEERS="$root/.peers"
 mkdir -p "$PEERS/bin"
 
 log() { printf '[install-peers] %s\n' "$*"; }
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
-need_apt=()
-if ! dpkg-query -W -f='${Status} ${Version}' fuse3 2>/dev/null | grep -q "install ok installed ${FUSE3_VERSION}"; then
-  need_apt+=("fuse3=${FUSE3_VERSION}")
-fi
-if ! dpkg-query -W -f='${Status} ${Version}' postgresql-15 2>/dev/null | grep -q "install ok installed ${POSTGRESQL_VERSION}"; then
-  need_apt+=("postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}")
-fi
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "apt-get install ${need_apt[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+apt_install_pinned "fuse3=${FUSE3_VERSION}" \
+  "postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}" || true
 if [ ! -e /dev/fuse ]; then
   log "/dev/fuse is missing: this machine cannot run FUSE tests"; exit 1
 fi
@@ -126,18 +117,7 @@ done
 
 # With --image: what scripts/build-image.sh needs.
 if $want_image; then
-  need=()
-  for p in "buildah=$BUILDAH_VERSION" "podman=$PODMAN_VERSION" "runc=$RUNC_VERSION"; do
-    if ! dpkg-query -W -f='${Status} ${Version}' "${p%%=*}" 2>/dev/null | grep "install ok installed ${p#*=}" >/dev/null; then
-      need+=("$p")
-    fi
-  done
-  if [ ${#need[@]} -gt 0 ]; then
-    log "apt-get install ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  fi
+  apt_install_pinned "buildah=$BUILDAH_VERSION" "podman=$PODMAN_VERSION" "runc=$RUNC_VERSION" || true
   log "buildah $BUILDAH_VERSION, podman $PODMAN_VERSION, runc $RUNC_VERSION ready (image)"
 fi
 

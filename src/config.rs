@@ -310,103 +310,7 @@ impl MountConfig {
             field,
             error,
         };
-        let provider = match (raw.provider.local, raw.provider.vault, raw.provider.azure) {
-            (Some(l), None, None) => ProviderConfig::Local {
-                path: base.join(l.path),
-            },
-            (None, Some(v), None) => {
-                if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
-                    return Err(invalid(
-                        "provider.vault.address".into(),
-                        "must be an https:// URL (http only on loopback)".into(),
-                    ));
-                }
-                if v.role.is_empty() {
-                    return Err(invalid("provider.vault.role".into(), "is required".into()));
-                }
-                ProviderConfig::Vault {
-                    address: v.address,
-                    auth_mount: v.auth_mount.unwrap_or_else(|| "jwt".into()),
-                    role: v.role,
-                    namespace: v.namespace,
-                    ca_file: v.ca_file.map(|f| base.join(f)),
-                    tls_server_name: v.tls_server_name,
-                    token_file: v
-                        .token_file
-                        .map(|f| base.join(f))
-                        .unwrap_or_else(|| PathBuf::from(DEFAULT_VAULT_TOKEN_FILE)),
-                }
-            }
-            (None, None, Some(a)) => {
-                let field = |f: &str| format!("provider.azure.{f}");
-                let tenant_id =
-                    a.tenant_id
-                        .or_else(|| env("AZURE_TENANT_ID"))
-                        .ok_or_else(|| {
-                            invalid(field("tenantID"), "is required (or AZURE_TENANT_ID)".into())
-                        })?;
-                let managed_identity = a.managed_identity.map(|m| m.client_id);
-                let (client_id, token_file) = if managed_identity.is_some() {
-                    (None, None)
-                } else {
-                    let c = a.client_id.or_else(|| env("AZURE_CLIENT_ID")).ok_or_else(|| {
-                        invalid(
-                            field("clientID"),
-                            "is required for workload identity (or AZURE_CLIENT_ID); or name a managedIdentity".into(),
-                        )
-                    })?;
-                    let t = a
-                        .token_file
-                        .map(|f| base.join(f))
-                        .or_else(|| env("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
-                        .ok_or_else(|| {
-                            invalid(
-                                field("tokenFile"),
-                                "is required for workload identity (or AZURE_FEDERATED_TOKEN_FILE)"
-                                    .into(),
-                            )
-                        })?;
-                    (Some(c), Some(t))
-                };
-                let authority_host = a
-                    .authority_host
-                    .or_else(|| env("AZURE_AUTHORITY_HOST"))
-                    .unwrap_or_else(|| "https://login.microsoftonline.com".into())
-                    .trim_end_matches('/')
-                    .to_owned();
-                if !authority_host.starts_with("https://") {
-                    return Err(invalid(
-                        field("authorityHost"),
-                        "must be an https:// URL".into(),
-                    ));
-                }
-                ProviderConfig::Azure {
-                    keyvault: a.keyvault_name,
-                    tenant_id,
-                    client_id,
-                    token_file,
-                    managed_identity,
-                    authority_host,
-                    keyvault_dns_suffix: a
-                        .keyvault_dns_suffix
-                        .unwrap_or_else(|| "vault.azure.net".into()),
-                    ca_file: a.ca_file.map(|f| base.join(f)),
-                }
-            }
-            (None, None, None) => {
-                return Err(invalid(
-                    "provider".into(),
-                    "name a provider: `local: {path: ...}`, `vault: {...}` or `azure: {...}`"
-                        .into(),
-                ));
-            }
-            _ => {
-                return Err(invalid(
-                    "provider".into(),
-                    "name exactly one provider (local, vault or azure)".into(),
-                ));
-            }
-        };
+        let provider = parse_provider(raw.provider, base, env, &invalid)?;
         let mut on_change = Vec::new();
         for (i, a) in raw.on_change.into_iter().enumerate() {
             on_change.push(parse_action(a, &format!("onChange[{i}]"), &invalid)?);
@@ -442,96 +346,12 @@ impl MountConfig {
         }
         let mut files = Vec::with_capacity(raw.files.len());
         let mut file_on_change = Vec::new();
-        for (i, mut f) in raw.files.into_iter().enumerate() {
-            let field = |sub: &str| format!("files[{i}].{sub}");
-            let actions = std::mem::take(&mut f.on_change)
-                .into_iter()
-                .enumerate()
-                .map(|(k, a)| parse_action(a, &format!("files[{i}].onChange[{k}]"), &invalid))
-                .collect::<Result<Vec<_>, _>>()?;
+        for (i, f) in raw.files.into_iter().enumerate() {
+            let (spec, actions) = parse_file(i, f, &provider, &invalid)?;
             if !actions.is_empty() {
-                file_on_change.push((f.name.clone(), actions));
+                file_on_change.push((spec.name.as_str().to_owned(), actions));
             }
-            let ctx = |sub: &str, e: ContentError| invalid(field(sub), e.to_string());
-            let name = FileName::parse(&f.name).map_err(|e| ctx("name", e))?;
-            if f.object.is_empty() || f.object.chars().any(char::is_control) {
-                return Err(invalid(
-                    field("object"),
-                    "must be a non-empty object name".into(),
-                ));
-            }
-            let mode = match &f.mode {
-                None => DEFAULT_MODE,
-                Some(v) => parse_mode(v).map_err(|e| invalid(field("mode"), e))?,
-            };
-            let source = match (f.template, f.key, f.encoding) {
-                (Some(_), Some(_), _) => {
-                    return Err(invalid(
-                        field("template"),
-                        "use either `template` or `key`, not both".into(),
-                    ));
-                }
-                (Some(_), _, Some(_)) => {
-                    return Err(invalid(
-                        field("template"),
-                        "`encoding` does not apply to a template".into(),
-                    ));
-                }
-                (Some(t), None, None) => {
-                    FileSource::Template(Template::parse(&t).map_err(|e| ctx("template", e))?)
-                }
-                (None, key, enc) => FileSource::Object {
-                    key,
-                    encoding: match enc {
-                        None => Encoding::Utf8,
-                        Some(e) => Encoding::parse(&e).map_err(|e| ctx("encoding", e))?,
-                    },
-                },
-            };
-            if !matches!(provider, ProviderConfig::Vault { .. })
-                && (f.method.is_some() || f.secret_args.is_some())
-            {
-                return Err(invalid(
-                    field("method"),
-                    "method and secretArgs are for the vault provider".into(),
-                ));
-            }
-            let params = match &provider {
-                ProviderConfig::Vault { .. } => {
-                    let args = match &f.secret_args {
-                        None => None,
-                        Some(a) => Some(serde_json::to_value(a).map_err(|_| {
-                            invalid(field("secretArgs"), "must be a map of values".into())
-                        })?),
-                    };
-                    crate::provider::vault::encode_params(
-                        f.method.as_deref().unwrap_or("GET"),
-                        args.as_ref(),
-                    )
-                    .map_err(|e| invalid(field("method"), e.to_string()))?
-                }
-                ProviderConfig::Azure { keyvault, .. } => {
-                    if !["secret/", "cert/", "key/"]
-                        .iter()
-                        .any(|p| f.object.starts_with(p))
-                    {
-                        return Err(invalid(
-                            field("object"),
-                            "Key Vault objects are secret/NAME, cert/NAME or key/NAME".into(),
-                        ));
-                    }
-                    Some(format!("vault={keyvault}&format=pem"))
-                }
-                _ => None,
-            };
-            files.push(FileSpec {
-                name,
-                object: f.object,
-                version: f.version,
-                params,
-                mode,
-                source,
-            });
+            files.push(spec);
         }
         let content = VolumeContent::new(files, limits)
             .map_err(|e| invalid("files".into(), e.to_string()))?;
@@ -553,6 +373,212 @@ impl MountConfig {
             file_on_change,
         })
     }
+}
+
+/// The `provider:` section: exactly one of local, vault, azure; Azure's missing fields from the
+/// workload identity webhook's environment.
+fn parse_provider(
+    raw: RawProvider,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<ProviderConfig, ConfigError> {
+    Ok(match (raw.local, raw.vault, raw.azure) {
+        (Some(l), None, None) => ProviderConfig::Local {
+            path: base.join(l.path),
+        },
+        (None, Some(v), None) => {
+            if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
+                return Err(invalid(
+                    "provider.vault.address".into(),
+                    "must be an https:// URL (http only on loopback)".into(),
+                ));
+            }
+            if v.role.is_empty() {
+                return Err(invalid("provider.vault.role".into(), "is required".into()));
+            }
+            ProviderConfig::Vault {
+                address: v.address,
+                auth_mount: v.auth_mount.unwrap_or_else(|| "jwt".into()),
+                role: v.role,
+                namespace: v.namespace,
+                ca_file: v.ca_file.map(|f| base.join(f)),
+                tls_server_name: v.tls_server_name,
+                token_file: v
+                    .token_file
+                    .map(|f| base.join(f))
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_VAULT_TOKEN_FILE)),
+            }
+        }
+        (None, None, Some(a)) => {
+            let field = |f: &str| format!("provider.azure.{f}");
+            let tenant_id = a
+                .tenant_id
+                .or_else(|| env("AZURE_TENANT_ID"))
+                .ok_or_else(|| {
+                    invalid(field("tenantID"), "is required (or AZURE_TENANT_ID)".into())
+                })?;
+            let managed_identity = a.managed_identity.map(|m| m.client_id);
+            let (client_id, token_file) = if managed_identity.is_some() {
+                (None, None)
+            } else {
+                let c = a.client_id.or_else(|| env("AZURE_CLIENT_ID")).ok_or_else(|| {
+                    invalid(
+                        field("clientID"),
+                        "is required for workload identity (or AZURE_CLIENT_ID); or name a managedIdentity".into(),
+                    )
+                })?;
+                let t = a
+                    .token_file
+                    .map(|f| base.join(f))
+                    .or_else(|| env("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
+                    .ok_or_else(|| {
+                        invalid(
+                            field("tokenFile"),
+                            "is required for workload identity (or AZURE_FEDERATED_TOKEN_FILE)"
+                                .into(),
+                        )
+                    })?;
+                (Some(c), Some(t))
+            };
+            let authority_host = a
+                .authority_host
+                .or_else(|| env("AZURE_AUTHORITY_HOST"))
+                .unwrap_or_else(|| "https://login.microsoftonline.com".into())
+                .trim_end_matches('/')
+                .to_owned();
+            if !authority_host.starts_with("https://") {
+                return Err(invalid(
+                    field("authorityHost"),
+                    "must be an https:// URL".into(),
+                ));
+            }
+            ProviderConfig::Azure {
+                keyvault: a.keyvault_name,
+                tenant_id,
+                client_id,
+                token_file,
+                managed_identity,
+                authority_host,
+                keyvault_dns_suffix: a
+                    .keyvault_dns_suffix
+                    .unwrap_or_else(|| "vault.azure.net".into()),
+                ca_file: a.ca_file.map(|f| base.join(f)),
+            }
+        }
+        (None, None, None) => {
+            return Err(invalid(
+                "provider".into(),
+                "name a provider: `local: {path: ...}`, `vault: {...}` or `azure: {...}`".into(),
+            ));
+        }
+        _ => {
+            return Err(invalid(
+                "provider".into(),
+                "name exactly one provider (local, vault or azure)".into(),
+            ));
+        }
+    })
+}
+
+/// `files[i]`: its name, object, mode and source checked (and what its provider needs of it),
+/// with its own `onChange` actions.
+fn parse_file(
+    i: usize,
+    mut f: RawFile,
+    provider: &ProviderConfig,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<(FileSpec, Vec<ChangeAction>), ConfigError> {
+    let field = |sub: &str| format!("files[{i}].{sub}");
+    let actions = std::mem::take(&mut f.on_change)
+        .into_iter()
+        .enumerate()
+        .map(|(k, a)| parse_action(a, &format!("files[{i}].onChange[{k}]"), &invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ctx = |sub: &str, e: ContentError| invalid(field(sub), e.to_string());
+    let name = FileName::parse(&f.name).map_err(|e| ctx("name", e))?;
+    if f.object.is_empty() || f.object.chars().any(char::is_control) {
+        return Err(invalid(
+            field("object"),
+            "must be a non-empty object name".into(),
+        ));
+    }
+    let mode = match &f.mode {
+        None => DEFAULT_MODE,
+        Some(v) => parse_mode(v).map_err(|e| invalid(field("mode"), e))?,
+    };
+    let source = match (f.template, f.key, f.encoding) {
+        (Some(_), Some(_), _) => {
+            return Err(invalid(
+                field("template"),
+                "use either `template` or `key`, not both".into(),
+            ));
+        }
+        (Some(_), _, Some(_)) => {
+            return Err(invalid(
+                field("template"),
+                "`encoding` does not apply to a template".into(),
+            ));
+        }
+        (Some(t), None, None) => {
+            FileSource::Template(Template::parse(&t).map_err(|e| ctx("template", e))?)
+        }
+        (None, key, enc) => FileSource::Object {
+            key,
+            encoding: match enc {
+                None => Encoding::Utf8,
+                Some(e) => Encoding::parse(&e).map_err(|e| ctx("encoding", e))?,
+            },
+        },
+    };
+    if !matches!(provider, ProviderConfig::Vault { .. })
+        && (f.method.is_some() || f.secret_args.is_some())
+    {
+        return Err(invalid(
+            field("method"),
+            "method and secretArgs are for the vault provider".into(),
+        ));
+    }
+    let params = match &provider {
+        ProviderConfig::Vault { .. } => {
+            let args =
+                match &f.secret_args {
+                    None => None,
+                    Some(a) => Some(serde_json::to_value(a).map_err(|_| {
+                        invalid(field("secretArgs"), "must be a map of values".into())
+                    })?),
+                };
+            crate::provider::vault::encode_params(
+                f.method.as_deref().unwrap_or("GET"),
+                args.as_ref(),
+            )
+            .map_err(|e| invalid(field("method"), e.to_string()))?
+        }
+        ProviderConfig::Azure { keyvault, .. } => {
+            if !["secret/", "cert/", "key/"]
+                .iter()
+                .any(|p| f.object.starts_with(p))
+            {
+                return Err(invalid(
+                    field("object"),
+                    "Key Vault objects are secret/NAME, cert/NAME or key/NAME".into(),
+                ));
+            }
+            Some(format!("vault={keyvault}&format=pem"))
+        }
+        _ => None,
+    };
+    Ok((
+        FileSpec {
+            name,
+            object: f.object,
+            version: f.version,
+            params,
+            mode,
+            source,
+        },
+        actions,
+    ))
 }
 
 /// One `onChange` action, validated; `at` names it in errors (`onChange[0]`).

@@ -292,8 +292,8 @@ pub struct Options {
 /// Runs `init` or `sidecar` until done or `shutdown`.
 pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut cfg = MountConfig::load(&opts.config)?;
-    if let Some(a) = opts.audit_path {
-        cfg.audit_path = a;
+    if let Some(a) = &opts.audit_path {
+        cfg.audit_path = a.clone();
     }
     std::fs::create_dir_all(&opts.dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", opts.dir.display()))?;
@@ -348,37 +348,17 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
             let _ = tx.send(changed);
         },
     );
-    // The first complete write: until it succeeds nothing is ready (sidecar retries with the
-    // provider's backoff; init gives up at once, naming the object).
-    let mut failures = 0u32;
-    loop {
-        match refresher.render().await {
-            Ok(r) => {
-                writer.apply(&r.files)?;
-                broker.update(&r.files, true);
-                break;
-            }
-            Err(e) if opts.once => {
-                let mut ev = Event::new(EventKind::Mount)
-                    .volume(volume_id.clone())
-                    .provider(provider.kind())
-                    .error(&e);
-                ev.pod = pod.clone();
-                audit.record(ev);
-                audit.flush();
-                anyhow::bail!("no files were written to {}: {e}", opts.dir.display());
-            }
-            Err(e) => {
-                failures += 1;
-                let wait = crate::rotation::backoff(failures, None, fastrand::f64());
-                tracing::warn!(error = %e, retry_in = ?wait, "first write failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => anyhow::bail!("stopped before the first write: {e}"),
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
-    }
+    first_write(
+        &refresher,
+        &writer,
+        &broker,
+        &opts,
+        &audit,
+        provider.kind(),
+        &pod,
+        &shutdown,
+    )
+    .await?;
     refresher.refresh(&volume).await.ok();
     while rx.try_recv().is_ok() {}
     let mut ev = Event::new(EventKind::Mount)
@@ -399,44 +379,104 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         return Ok(());
     }
     if let Some(sock) = &opts.api_socket {
-        let (b, stop) = (broker.clone(), stop.clone());
-        let path = sock.clone();
-        tokio::spawn(async move {
-            let sock = path;
-            // 0666: any local user may connect; the uid check decides who is served.
-            if let Err(e) =
-                keybroker_csi::broker::serve(&sock, 0o666, b, async move { stop.cancelled().await })
-                    .await
-            {
-                tracing::error!(socket = %sock.display(), error = %e, "the broker API stopped");
-            }
-        });
-        tracing::info!(socket = %sock.display(), "serving the broker API");
+        serve_api(sock, broker.clone(), stop.clone());
     }
-    let actions = cfg.on_change.clone();
-    let file_actions = cfg.file_on_change.clone();
-    let notices = {
-        let audit = audit.clone();
-        let volume_id = volume_id.clone();
-        tokio::spawn(async move {
-            while let Some(changed) = rx.recv().await {
-                notify(&actions, &changed, &audit, &volume_id).await;
-                // A file's own actions, when that file (or a version under it) changed.
-                for (file, acts) in &file_actions {
-                    let prefix = format!("{file}/");
-                    if changed.iter().any(|c| c == file || c.starts_with(&prefix)) {
-                        notify(acts, std::slice::from_ref(file), &audit, &volume_id).await;
-                    }
-                }
-            }
-        })
-    };
+    let notices = spawn_notices(&cfg, rx, audit.clone(), volume_id.clone());
     refresher.run(&volume, shutdown, cfg.poll).await;
     stop.cancel();
     drop(volume);
     let _ = notices.await;
     audit.flush();
     Ok(())
+}
+
+/// The first complete write: until it succeeds nothing is ready (sidecar retries with the
+/// provider's backoff; init gives up at once, naming the object).
+#[allow(clippy::too_many_arguments)]
+async fn first_write(
+    refresher: &Refresher,
+    writer: &TmpfsVolume,
+    broker: &Broker,
+    opts: &Options,
+    audit: &AuditLog,
+    provider: &'static str,
+    pod: &Option<crate::audit::PodRef>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let volume_id = opts.dir.display().to_string();
+    let mut failures = 0u32;
+    loop {
+        match refresher.render().await {
+            Ok(r) => {
+                writer.apply(&r.files)?;
+                broker.update(&r.files, true);
+                return Ok(());
+            }
+            Err(e) if opts.once => {
+                let mut ev = Event::new(EventKind::Mount)
+                    .volume(volume_id.clone())
+                    .provider(provider)
+                    .error(&e);
+                ev.pod = pod.clone();
+                audit.record(ev);
+                audit.flush();
+                anyhow::bail!("no files were written to {}: {e}", opts.dir.display());
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = crate::rotation::backoff(failures, None, fastrand::f64());
+                tracing::warn!(error = %e, retry_in = ?wait, "first write failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("stopped before the first write: {e}"),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Serves the broker API on `sock` until `stop`.
+fn serve_api(sock: &Path, broker: Arc<Broker>, stop: CancellationToken) {
+    let path = sock.to_owned();
+    tokio::spawn(async move {
+        let sock = path;
+        // 0666: any local user may connect; the uid check decides who is served.
+        if let Err(e) =
+            keybroker_csi::broker::serve(
+                &sock,
+                0o666,
+                broker,
+                async move { stop.cancelled().await },
+            )
+            .await
+        {
+            tracing::error!(socket = %sock.display(), error = %e, "the broker API stopped");
+        }
+    });
+    tracing::info!(socket = %sock.display(), "serving the broker API");
+}
+
+/// Runs the `onChange` actions (the volume's, and each file's own) as changes arrive.
+fn spawn_notices(
+    cfg: &MountConfig,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
+    audit: AuditLog,
+    volume_id: String,
+) -> tokio::task::JoinHandle<()> {
+    let actions = cfg.on_change.clone();
+    let file_actions = cfg.file_on_change.clone();
+    tokio::spawn(async move {
+        while let Some(changed) = rx.recv().await {
+            notify(&actions, &changed, &audit, &volume_id).await;
+            // A file's own actions, when that file (or a version under it) changed.
+            for (file, acts) in &file_actions {
+                let prefix = format!("{file}/");
+                if changed.iter().any(|c| c == file || c.starts_with(&prefix)) {
+                    notify(acts, std::slice::from_ref(file), &audit, &volume_id).await;
+                }
+            }
+        }
+    })
 }
 
 async fn health(

@@ -140,17 +140,15 @@ async fn world_with(standin_args: &[&str]) -> World {
             s.ca().display()
         )
     };
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
+    common::write_bindings(
+        &root,
+        &format!(
             "bindings:\n  - name: team-a-wi\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {}\n    objects: [\"secret/*\", \"cert/*\", \"key/*\"]\n  - name: team-b-mi\n    namespace: team-b\n    serviceAccounts: [batch]\n    identity: {}\n    objects: [\"secret/db-*\"]\n  - name: team-a-nofic\n    namespace: team-a\n    serviceAccounts: [worker]\n    identity: {}\n    objects: [\"secret/*\"]\n",
             azure(&format!("clientID: {APP}")),
             azure(&format!("managedIdentity: {{clientID: {MANAGED}}}")),
             azure(&format!("clientID: {NOFIC_APP}"))
         ),
-    )
-    .unwrap();
+    );
     World {
         _tmp: tmp,
         root,
@@ -216,6 +214,58 @@ impl World {
 
 /// Ten secrets `PREFIX-0` .. `PREFIX-9` in kv1 (values `S3cret-PREFIX-N-v1`), and the
 /// `objects` attribute that asks for all of them.
+/// The attributes of a workload identity volume of vault `kv1` (the test's app) reading `objs`.
+fn wi_attrs(objs: &str) -> [(&'static str, &str); 3] {
+    [
+        ("keyvaultName", "kv1"),
+        ("clientID", APP),
+        ("objects", objs),
+    ]
+}
+
+impl World {
+    /// A node of its own publishes a volume with `attrs` (no tokens: a managed identity) for
+    /// `pod`, which reads the current `db-password`; then unpublishes it.
+    async fn reads_db_password(&self, pod: &Pod, attrs: &[(&str, &str)]) {
+        let d = self.daemon();
+        let mut node = client(&d).await;
+        node.node_publish_volume(self.request(pod, attrs, &[], 3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+        assert_eq!(read(&pod.target(&self.root).join("db-password")), DB_V2);
+        node.node_unpublish_volume(pod.unpublish(&self.root))
+            .await
+            .unwrap();
+    }
+
+    /// Publishes a workload identity volume with `attrs` for each pod (1-h tokens).
+    async fn publish_all(
+        &self,
+        node: &mut keybroker_csi::pb::node_client::NodeClient<tonic::transport::Channel>,
+        d: &Daemon,
+        pods: &[Pod],
+        attrs: &[(&str, &str)],
+    ) {
+        for p in pods {
+            node.node_publish_volume(self.request(p, attrs, &[WI_AUDIENCE], 3600))
+                .await
+                .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
+        }
+    }
+
+    async fn unpublish_all(
+        &self,
+        node: &mut keybroker_csi::pb::node_client::NodeClient<tonic::transport::Channel>,
+        pods: &[Pod],
+    ) {
+        for p in pods {
+            node.node_unpublish_volume(p.unpublish(&self.root))
+                .await
+                .unwrap();
+        }
+    }
+}
+
 async fn ten_secrets(w: &World, prefix: &str) -> String {
     for i in 0..10 {
         w.standin
@@ -589,25 +639,9 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
         ("userAssignedIdentityID", MANAGED),
         ("objects", objs.as_str()),
     ];
-    let pod = Pod::new("team-b", "batch", 20);
-    {
-        let d = w.daemon();
-        let mut node = client(&d).await;
-        node.node_publish_volume(w.request(&pod, &attrs, &[], 3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
-        assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
-        node.node_unpublish_volume(pod.unpublish(&w.root))
-            .await
-            .unwrap();
-    }
-    let imds: Vec<_> = w
-        .standin
-        .requests()
-        .await
-        .into_iter()
-        .filter(|r| r["kind"] == "managed-identity")
-        .collect();
+    w.reads_db_password(&Pod::new("team-b", "batch", 20), &attrs)
+        .await;
+    let imds = w.standin.requests_of("managed-identity").await;
     assert!(!imds.is_empty());
     // IMDS still starting (410) and throttling (429): retried, the volume is published.
     {
@@ -623,22 +657,13 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
                 json!({"kind": "managed-identity", "status": 429, "retryAfter": 1, "count": 1}),
             )
             .await;
-        let d = w.daemon();
-        let mut node = client(&d).await;
-        let pod = Pod::new("team-b", "batch", 22);
-        node.node_publish_volume(w.request(&pod, &attrs, &[], 3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
-        assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
-        node.node_unpublish_volume(pod.unpublish(&w.root))
-            .await
-            .unwrap();
+        w.reads_db_password(&Pod::new("team-b", "batch", 22), &attrs)
+            .await;
         let statuses: Vec<u64> = w
             .standin
-            .requests()
+            .requests_of("managed-identity")
             .await
             .into_iter()
-            .filter(|r| r["kind"] == "managed-identity")
             .map(|r| r["status"].as_u64().unwrap())
             .collect();
         assert!(statuses.ends_with(&[410, 410, 429, 200]), "{statuses:?}");
@@ -667,13 +692,7 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
     assert_eq!(read(&pod.target(&w.root).join("db-password")), DB_V2);
-    let app_service: Vec<_> = w
-        .standin
-        .requests()
-        .await
-        .into_iter()
-        .filter(|r| r["kind"] == "managed-identity")
-        .collect();
+    let app_service = w.standin.requests_of("managed-identity").await;
     assert!(
         !app_service.is_empty()
             && app_service
@@ -698,21 +717,13 @@ async fn a_granted_managed_identity_reads_through_imds_and_app_service() {
 async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
     let w = world().await;
     let objs = ten_secrets(&w, "shared").await;
-    let attrs = [
-        ("keyvaultName", "kv1"),
-        ("clientID", APP),
-        ("objects", objs.as_str()),
-    ];
+    let attrs = wi_attrs(&objs);
     let d = w.daemon();
     let mut node = client(&d).await;
     let pods: Vec<Pod> = (0..20)
         .map(|i| Pod::new("team-a", "api", 100 + i))
         .collect();
-    for p in &pods {
-        node.node_publish_volume(w.request(p, &attrs, &[WI_AUDIENCE], 3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
-    }
+    w.publish_all(&mut node, &d, &pods, &attrs).await;
     let reqs = w.standin.requests().await;
     let gets = |reqs: &[serde_json::Value]| {
         reqs.iter()
@@ -850,11 +861,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
             );
         }
     }
-    for p in &pods {
-        node.node_unpublish_volume(p.unpublish(&w.root))
-            .await
-            .unwrap();
-    }
+    w.unpublish_all(&mut node, &pods).await;
 }
 
 /// A cold publish (the identity's provider was released with its last volume, so no token and
@@ -867,11 +874,7 @@ async fn shared_fetches_rotation_and_throttling_counted_at_the_standin() {
 async fn a_cold_publish_reuses_the_nodes_connections() {
     let w = world().await;
     let objs = ten_secrets(&w, "conn").await;
-    let attrs = [
-        ("keyvaultName", "kv1"),
-        ("clientID", APP),
-        ("objects", objs.as_str()),
-    ];
+    let attrs = wi_attrs(&objs);
     let d = w.daemon();
     let mut node = client(&d).await;
     let mut counts = Vec::new();
@@ -957,11 +960,7 @@ async fn objects_with_an_expiry_still_rotate_at_the_poll_interval() {
         "objectName: expiring",
         "objectName: rotating\nobjectType: cert",
     ]);
-    let attrs = [
-        ("keyvaultName", "kv1"),
-        ("clientID", APP),
-        ("objects", objs.as_str()),
-    ];
+    let attrs = wi_attrs(&objs);
     let d = w.daemon();
     let mut node = client(&d).await;
     let pod = Pod::new("team-a", "api", 300);
@@ -1001,19 +1000,11 @@ async fn objects_with_an_expiry_still_rotate_at_the_poll_interval() {
 async fn tokens_refresh_in_the_background_and_the_last_good_one_rides_out_an_entra_outage() {
     let w = world_with(&["--token-lifetime", "8"]).await;
     let objs = objects(&["objectName: db-password"]);
-    let attrs = [
-        ("keyvaultName", "kv1"),
-        ("clientID", APP),
-        ("objects", objs.as_str()),
-    ];
+    let attrs = wi_attrs(&objs);
     let d = w.daemon();
     let mut node = client(&d).await;
     let pods: Vec<Pod> = (0..5).map(|i| Pod::new("team-a", "api", 300 + i)).collect();
-    for p in &pods {
-        node.node_publish_volume(w.request(p, &attrs, &[WI_AUDIENCE], 3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
-    }
+    w.publish_all(&mut node, &d, &pods, &attrs).await;
     let exchanges = || async {
         w.standin
             .requests()
@@ -1065,9 +1056,5 @@ async fn tokens_refresh_in_the_background_and_the_last_good_one_rides_out_an_ent
         "Entra answered during the outage: the rotation did not ride on the token in hand"
     );
     w.standin.admin(Method::DELETE, "faults", json!(null)).await;
-    for p in &pods {
-        node.node_unpublish_volume(p.unpublish(&w.root))
-            .await
-            .unwrap();
-    }
+    w.unpublish_all(&mut node, &pods).await;
 }

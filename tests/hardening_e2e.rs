@@ -729,19 +729,10 @@ async fn ioctl_is_answered_quietly_and_port_0_logs_the_bound_port() {
         .await
         .unwrap();
     // Python's text-mode open asks TCGETS (ioctl 21505) on every open.
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            "print(open('{}/password').read())",
-            p.target(&root).display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::output_ok(Command::new("python3").arg("-c").arg(format!(
+        "print(open('{}/password').read())",
+        p.target(&root).display()
+    )));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "S3cret-hardening-db-41"

@@ -314,12 +314,7 @@ fn invalid_configs_and_hostile_names_mount_nothing() {
     for (i, (extra, want)) in cases.iter().enumerate() {
         let cfg = config(tmp.path(), "fuse", extra);
         let mnt = tmp.path().join(format!("mnt{i}"));
-        let out = Command::new(BIN)
-            .args(["mount", "--config"])
-            .arg(&cfg)
-            .arg(&mnt)
-            .output()
-            .unwrap();
+        let out = mount_output(&cfg, &mnt);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "case {i} mounted: {extra}");
         assert!(
@@ -333,12 +328,7 @@ fn invalid_configs_and_hostile_names_mount_nothing() {
     let cfg = tmp.path().join("small.yaml");
     std::fs::write(&cfg, "provider: {local: {path: secrets}}\nvolume: {limits: {maxObjectBytes: 8}}\nfiles:\n  - {name: a, object: api-key}\n").unwrap();
     let mnt = tmp.path().join("mnt-small");
-    let out = Command::new(BIN)
-        .args(["mount", "--config"])
-        .arg(&cfg)
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = mount_output(&cfg, &mnt);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("maxObjectBytes"));
     assert!(!is_mount_point(&mnt));
@@ -468,12 +458,7 @@ fn kill_9_then_mount_again_recovers_fuse_and_tmpfs() {
         let mnt = tmp.path().join("mnt");
         let m = Mounted::start(&cfg, &mnt, &[], "api-key");
         // A second keybroker on a live target is refused, naming the owner.
-        let out = Command::new(BIN)
-            .args(["mount", "--config"])
-            .arg(&cfg)
-            .arg(&mnt)
-            .output()
-            .unwrap();
+        let out = mount_output(&cfg, &mnt);
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("already served by a running keybroker"),
@@ -502,4 +487,14 @@ fn kill_9_then_mount_again_recovers_fuse_and_tmpfs() {
             "{kind}: mounts pile up at the target"
         );
     }
+}
+
+/// `keybroker mount --config CFG MNT` run to its end (for the runs that are refused).
+fn mount_output(cfg: &Path, mnt: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["mount", "--config"])
+        .arg(cfg)
+        .arg(mnt)
+        .output()
+        .unwrap()
 }

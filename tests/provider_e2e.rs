@@ -176,22 +176,15 @@ async fn an_azure_secret_provider_class_is_served_from_the_cache() {
     let (tenant, app) = (TENANT, APP);
     standin.workload_identity(&issuer.iss, "team-a:api").await;
     standin
-        .post(
-            "vaults/kv1/secrets/db-password",
-            json!({"value": "S3cret-provider-azure-2201"}),
-        )
+        .secret("kv1", "db-password", "S3cret-provider-azure-2201")
         .await;
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
-            "bindings:\n  - name: wi\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{azure: {{tenantID: {tenant}, clientID: {app}, authorityHost: \"{}\", keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}}}\n    objects: [\"secret/*\"]\n",
-            standin.authority(),
-            standin.https_port,
-            standin.ca().display()
+    common::write_bindings(
+        &root,
+        &format!(
+            "bindings:\n  - name: wi\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {}\n    objects: [\"secret/*\"]\n",
+            standin.binding_identity()
         ),
-    )
-    .unwrap();
+    );
     let d = Daemon::start_opts(&root, "1h", &root.join("audit.jsonl"), &["provider"]);
     let mut c = provider_client(&d).await;
     let objects = "array:\n  - |\n    objectName: db-password\n    objectType: secret\n";
@@ -355,15 +348,13 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
     let tmp = open_tempdir();
     let root = tmp.path().to_owned();
     // OpenBao: JWT auth trusting the issuer, role "app" for team-a/vaultapp, a KV v2 secret.
-    let bao = Bao::start(&root);
     let mut issuer = Issuer::new(&root);
     issuer.serve_discovery(&root);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "team-a:vaultapp", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
+    let bao = Bao::with_jwt_role(
+        &root,
+        &issuer,
+        "team-a:vaultapp",
+        common::peers::READ_APP_SECRETS,
     );
     bao.cli(&[
         "kv",
@@ -379,24 +370,17 @@ async fn vault_and_azure_classes_give_the_files_of_node_volumes() {
         .workload_identity(&issuer.iss, "team-a:azureapp")
         .await;
     standin
-        .post(
-            "vaults/kv1/secrets/api-key",
-            json!({"value": "S3cret-provider-azure-7070"}),
-        )
+        .secret("kv1", "api-key", "S3cret-provider-azure-7070")
         .await;
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
-            "bindings:\n  - name: vault\n    namespace: team-a\n    serviceAccounts: [vaultapp]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, caFile: \"{}\"}}}}\n    objects: [\"secret/data/app/*\"]\n  - name: azure\n    namespace: team-a\n    serviceAccounts: [azureapp]\n    identity: {{azure: {{tenantID: {tenant}, clientID: {app}, authorityHost: \"{}\", keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}}}\n    objects: [\"secret/*\"]\n",
+    common::write_bindings(
+        &root,
+        &format!(
+            "bindings:\n  - name: vault\n    namespace: team-a\n    serviceAccounts: [vaultapp]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, caFile: \"{}\"}}}}\n    objects: [\"secret/data/app/*\"]\n  - name: azure\n    namespace: team-a\n    serviceAccounts: [azureapp]\n    identity: {}\n    objects: [\"secret/*\"]\n",
             bao.addr,
             bao.ca.display(),
-            standin.authority(),
-            standin.https_port,
-            standin.ca().display()
+            standin.binding_identity()
         ),
-    )
-    .unwrap();
+    );
     // The same parameters for both ways in.
     let vault_params = [
         ("roleName", "app"),

@@ -28,6 +28,19 @@ fn nobody_dir() -> tempfile::TempDir {
     tmp
 }
 
+/// `keybroker init --config CONFIG --dir DIR EXTRA...`, unprivileged.
+fn unprivileged_init(config: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut args = vec![
+        "init",
+        "--config",
+        config.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    unprivileged(&args, env)
+}
+
 /// `keybroker <args>` as uid/gid 65534 with no capabilities at all (ambient, bounding and
 /// inheritable sets cleared), as a restricted pod runs it.
 fn unprivileged(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -71,6 +84,77 @@ fn spawn(mut c: Command, log: &Path) -> Running {
         .spawn()
         .unwrap();
     Running(child, log.to_owned())
+}
+
+/// An unprivileged Vault sidecar (as `nobody`) with the config `vault` provider section
+/// pointing at `bao` and `token_file`, polling every `poll`, writing `files` (YAML list items)
+/// to `shared/secrets`; waits until it is ready. Returns it, with its output directory.
+fn vault_sidecar(
+    d: &Path,
+    bao: &Bao,
+    token_file: &Path,
+    poll: &str,
+    files: &str,
+    env: &[(&str, &str)],
+) -> (Running, PathBuf) {
+    let config = d.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "provider:\n  vault: {{address: \"{}\", role: app, caFile: {}, tokenFile: {}}}\nvolume: {{pollInterval: {poll}}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n{files}",
+            bao.addr,
+            bao.ca.display(),
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(d.join("shared"))
+        .arg(&config)
+        .status()
+        .unwrap();
+    let out_dir = d.join("shared/secrets");
+    let health = format!("127.0.0.1:{}", common::node::free_port());
+    let s = spawn(
+        unprivileged(
+            &[
+                "sidecar",
+                "--config",
+                config.to_str().unwrap(),
+                "--dir",
+                out_dir.to_str().unwrap(),
+                "--health-addr",
+                &health,
+            ],
+            env,
+        ),
+        &d.join("sidecar.log"),
+    );
+    wait_for("ready", Duration::from_secs(30), || {
+        http_status(&health, "/readyz").contains("200")
+    });
+    (s, out_dir)
+}
+
+/// `keybroker sidecar` as the test's own user (root).
+fn sidecar_command(config: &Path, dir: &Path, health: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["sidecar", "--config"])
+        .arg(config)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--health-addr", health]);
+    c
+}
+
+/// The broker API's `Get` of `name`.
+async fn broker_get(
+    c: &mut keybroker_csi::broker_pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    name: &str,
+) -> Result<tonic::Response<keybroker_csi::broker_pb::GetResponse>, tonic::Status> {
+    c.get(keybroker_csi::broker_pb::GetRequest { name: name.into() })
+        .await
 }
 
 fn http_status(addr: &str, path: &str) -> String {
@@ -163,23 +247,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     let out_dir = d.join("shared/secrets");
 
     // init: once, then exit 0.
-    let out = unprivileged(
-        &[
-            "init",
-            "--config",
-            config.to_str().unwrap(),
-            "--dir",
-            out_dir.to_str().unwrap(),
-        ],
-        &[],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::output_ok(&mut unprivileged_init(&config, &out_dir, &[], &[]));
     assert_eq!(
         std::fs::read_to_string(out_dir.join("password")).unwrap(),
         "S3cret-sidecar-v1"
@@ -187,25 +255,12 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     assert!(out_dir.join("..data").is_symlink());
     // The audit records on stdout, for the log pipeline: a chain `audit verify` accepts.
     let stdout_dir = d.join("shared/stdout");
-    let out = unprivileged(
-        &[
-            "init",
-            "--config",
-            config.to_str().unwrap(),
-            "--dir",
-            stdout_dir.to_str().unwrap(),
-            "--audit-log",
-            "-",
-        ],
+    let out = common::output_ok(&mut unprivileged_init(
+        &config,
+        &stdout_dir,
+        &["--audit-log", "-"],
         &[],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let lines = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         lines.lines().count() >= 2 && lines.lines().all(|l| l.starts_with('{')),
@@ -242,15 +297,7 @@ fn init_and_sidecar_with_a_local_provider_write_rotate_and_notify() {
     let port = common::node::free_port();
     let health = format!("127.0.0.1:{port}");
     let s = spawn(
-        {
-            let mut c = Command::new(BIN);
-            c.args(["sidecar", "--config"])
-                .arg(&config)
-                .arg("--dir")
-                .arg(&out_dir)
-                .args(["--health-addr", &health]);
-            c
-        },
+        sidecar_command(&config, &out_dir, &health),
         &d.join("sidecar.log"),
     );
     wait_for("ready", Duration::from_secs(120), || {
@@ -315,15 +362,8 @@ fn vault_as_an_unprivileged_sidecar_follows_kubelets_token_rotation() {
     require_root_and_fuse();
     let tmp = nobody_dir();
     let d = tmp.path();
-    let bao = Bao::start(d);
     let issuer = Issuer::new(d);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "team-a:app", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
-    );
+    let bao = Bao::with_jwt_role(d, &issuer, "team-a:app", common::peers::READ_APP_SECRETS);
     bao.cli(&[
         "kv",
         "put",
@@ -342,48 +382,18 @@ fn vault_as_an_unprivileged_sidecar_follows_kubelets_token_rotation() {
     };
     let token_file = d.join("shared/token");
     std::fs::write(&token_file, token(1)).unwrap();
-    let config = d.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "provider:\n  vault: {{address: \"{}\", role: app, caFile: {}, tokenFile: {}}}\nvolume: {{pollInterval: 1s}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: password, object: secret/data/app/db, key: password}}\n",
-            bao.addr,
-            bao.ca.display(),
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    Command::new("chown")
-        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
-        .arg(d.join("shared"))
-        .arg(&config)
-        .status()
-        .unwrap();
-    let out_dir = d.join("shared/secrets");
-    let port = common::node::free_port();
-    let health = format!("127.0.0.1:{port}");
-    let s = spawn(
-        unprivileged(
-            &[
-                "sidecar",
-                "--config",
-                config.to_str().unwrap(),
-                "--dir",
-                out_dir.to_str().unwrap(),
-                "--health-addr",
-                &health,
-            ],
-            &[
-                ("POD_NAMESPACE", "team-a"),
-                ("POD_NAME", "app-0"),
-                ("POD_SERVICE_ACCOUNT", "app"),
-            ],
-        ),
-        &d.join("sidecar.log"),
+    let (s, out_dir) = vault_sidecar(
+        d,
+        &bao,
+        &token_file,
+        "1s",
+        "  - {name: password, object: secret/data/app/db, key: password}\n",
+        &[
+            ("POD_NAMESPACE", "team-a"),
+            ("POD_NAME", "app-0"),
+            ("POD_SERVICE_ACCOUNT", "app"),
+        ],
     );
-    wait_for("ready", Duration::from_secs(30), || {
-        http_status(&health, "/readyz").contains("200")
-    });
     // The process has no capabilities and is not root.
     let pid = s.0.id();
     let status = wait_status(pid);
@@ -485,23 +495,7 @@ async fn init_with_the_workload_identity_environment_reads_key_vault() {
         ("AZURE_FEDERATED_TOKEN_FILE", token_file.to_str().unwrap()),
         ("AZURE_AUTHORITY_HOST", &standin.authority()),
     ];
-    let out = unprivileged(
-        &[
-            "init",
-            "--config",
-            config.to_str().unwrap(),
-            "--dir",
-            out_dir.to_str().unwrap(),
-        ],
-        &env,
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::output_ok(&mut unprivileged_init(&config, &out_dir, &[], &env));
     assert_eq!(
         std::fs::read_to_string(out_dir.join("api-key")).unwrap(),
         "S3cret-azure-init-3131"
@@ -516,18 +510,9 @@ async fn init_with_the_workload_identity_environment_reads_key_vault() {
         ),
     )
     .unwrap();
-    let out = unprivileged(
-        &[
-            "init",
-            "--config",
-            config.to_str().unwrap(),
-            "--dir",
-            d.join("shared/other").to_str().unwrap(),
-        ],
-        &env,
-    )
-    .output()
-    .unwrap();
+    let out = unprivileged_init(&config, &d.join("shared/other"), &[], &env)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-secret"), "{err}");
@@ -542,37 +527,15 @@ fn the_sidecar_renews_database_credentials_and_reissues_certificates() {
     require_root_and_fuse();
     let tmp = nobody_dir();
     let d = tmp.path();
-    let bao = Bao::start(d);
     let issuer = Issuer::new(d);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", "team-a:app", &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
+    let bao = Bao::with_jwt_role(
+        d,
+        &issuer,
+        "team-a:app",
         "path \"database/creds/app\" { capabilities = [\"read\"] }\npath \"pki/issue/web\" { capabilities = [\"update\"] }\npath \"sys/leases/renew\" { capabilities = [\"update\"] }\n",
     );
     let pg = Postgres::start(d);
-    bao.cli(&["secrets", "enable", "database"]);
-    bao.cli(&[
-        "write",
-        "database/config/pg",
-        "plugin_name=postgresql-database-plugin",
-        &format!(
-            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
-            pg.port
-        ),
-        "username=postgres",
-        &format!("password={}", pg.password),
-        "allowed_roles=app",
-    ]);
-    bao.cli(&[
-        "write",
-        "database/roles/app",
-        "db_name=pg",
-        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
-        "default_ttl=6s",
-        "max_ttl=1h",
-    ]);
+    bao.enable_database(&pg, "6s", "1h");
     bao.cli(&["secrets", "enable", "pki"]);
     bao.cli(&["secrets", "tune", "-max-lease-ttl=24h", "pki"]);
     bao.cli(&[
@@ -601,44 +564,14 @@ fn the_sidecar_renews_database_credentials_and_reissues_certificates() {
         }),
     )
     .unwrap();
-    let config = d.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "provider:\n  vault: {{address: \"{}\", role: app, caFile: {}, tokenFile: {}}}\nvolume: {{pollInterval: 1h}}\naudit: {{path: shared/audit.jsonl}}\nfiles:\n  - {{name: username, object: database/creds/app, key: username}}\n  - {{name: password, object: database/creds/app, key: password}}\n  - {{name: tls.crt, object: pki/issue/web, key: certificate, method: POST, secretArgs: {{common_name: api.example.test, ttl: 10s}}}}\n",
-            bao.addr,
-            bao.ca.display(),
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    Command::new("chown")
-        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
-        .arg(d.join("shared"))
-        .arg(&config)
-        .status()
-        .unwrap();
-    let out_dir = d.join("shared/secrets");
-    let port = common::node::free_port();
-    let health = format!("127.0.0.1:{port}");
-    let s = spawn(
-        unprivileged(
-            &[
-                "sidecar",
-                "--config",
-                config.to_str().unwrap(),
-                "--dir",
-                out_dir.to_str().unwrap(),
-                "--health-addr",
-                &health,
-            ],
-            &[],
-        ),
-        &d.join("sidecar.log"),
+    let (s, out_dir) = vault_sidecar(
+        d,
+        &bao,
+        &token_file,
+        "1h",
+        "  - {name: username, object: database/creds/app, key: username}\n  - {name: password, object: database/creds/app, key: password}\n  - {name: tls.crt, object: pki/issue/web, key: certificate, method: POST, secretArgs: {common_name: api.example.test, ttl: 10s}}\n",
+        &[],
     );
-    wait_for("ready", Duration::from_secs(30), || {
-        http_status(&health, "/readyz").contains("200")
-    });
     let read = |f: &str| std::fs::read_to_string(out_dir.join(f)).unwrap_or_default();
     let (user, cert) = (read("username"), read("tls.crt"));
     assert!(
@@ -688,13 +621,8 @@ async fn the_broker_api_serves_the_allowed_uid_and_refuses_others() {
     let health = format!("127.0.0.1:{port}");
     let s = spawn(
         {
-            let mut c = Command::new(BIN);
-            c.args(["sidecar", "--config"])
-                .arg(&config)
-                .arg("--dir")
-                .arg(d.join("shared/secrets"))
-                .args(["--health-addr", &health, "--api-uid", "0", "--api-socket"])
-                .arg(&sock);
+            let mut c = sidecar_command(&config, &d.join("shared/secrets"), &health);
+            c.args(["--api-uid", "0", "--api-socket"]).arg(&sock);
             c
         },
         &d.join("sidecar.log"),
@@ -703,23 +631,12 @@ async fn the_broker_api_serves_the_allowed_uid_and_refuses_others() {
         http_status(&health, "/readyz").contains("200") && sock.exists()
     });
     let mut c = BrokerClient::new(keybroker_csi::connect_unix(&sock).await.unwrap());
-    let got = c
-        .get(pb::GetRequest {
-            name: "password".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = broker_get(&mut c, "password").await.unwrap().into_inner();
     assert_eq!(got.value, b"S3cret-broker-v1");
     let list = c.list(pb::ListRequest {}).await.unwrap().into_inner();
     assert_eq!(list.entries.len(), 1);
     assert_eq!(list.entries[0].name, "password");
-    let missing = c
-        .get(pb::GetRequest {
-            name: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let missing = broker_get(&mut c, "nope").await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     let mut watch = c
         .watch(pb::WatchRequest {
@@ -738,13 +655,7 @@ async fn the_broker_api_serves_the_allowed_uid_and_refuses_others() {
         .unwrap();
     assert_eq!(next.name, "password");
     assert_ne!(next.version, first.version);
-    let got = c
-        .get(pb::GetRequest {
-            name: "password".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = broker_get(&mut c, "password").await.unwrap().into_inner();
     assert_eq!(got.value, b"S3cret-broker-v2");
     assert_eq!(got.version, next.version);
 

@@ -31,13 +31,11 @@ fn setup(extra_policy: &str, extra_objects: &[&str]) -> Setup {
     require_root_and_fuse();
     let tmp = open_tempdir();
     let root = tmp.path().to_owned();
-    let bao = Bao::start(&root);
     let issuer = Issuer::new(&root);
-    bao.trust_issuer(None, &issuer);
-    bao.jwt_role(None, "app", &format!("{NS}:app"), &["token_ttl=1h"]);
-    bao.policy(
-        None,
-        "app",
+    let bao = Bao::with_jwt_role(
+        &root,
+        &issuer,
+        &format!("{NS}:app"),
         &format!(
             "path \"secret/data/app/*\" {{ capabilities = [\"read\"] }}\npath \"kv1/app/*\" {{ capabilities = [\"read\"] }}\npath \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}\n{extra_policy}"
         ),
@@ -65,8 +63,7 @@ fn setup(extra_policy: &str, extra_objects: &[&str]) -> Setup {
     );
     // Verifies it for a name it does carry while connecting to 127.0.0.1.
     yaml += &binding("team-v-sni", "sni", ", tlsServerName: localhost");
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(root.join("etc/bindings.yaml"), yaml).unwrap();
+    common::write_bindings(&root, &yaml);
     Setup {
         _tmp: tmp,
         root,
@@ -443,27 +440,7 @@ async fn database_credentials_are_renewed_replaced_and_revoked() {
         &["database/creds/app"],
     );
     let pg = Postgres::start(&s.root);
-    s.bao.cli(&["secrets", "enable", "database"]);
-    s.bao.cli(&[
-        "write",
-        "database/config/pg",
-        "plugin_name=postgresql-database-plugin",
-        &format!(
-            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
-            pg.port
-        ),
-        "username=postgres",
-        &format!("password={}", pg.password),
-        "allowed_roles=app",
-    ]);
-    s.bao.cli(&[
-        "write",
-        "database/roles/app",
-        "db_name=pg",
-        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
-        "default_ttl=4s",
-        "max_ttl=14s",
-    ]);
+    s.bao.enable_database(&pg, "4s", "14s");
     let d = Daemon::start_with(&s.root, "30s");
     let mut node = client(&d).await;
 
@@ -612,16 +589,11 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
         let snapshot = std::fs::canonicalize(t.join("..data")).unwrap();
         let t = snapshot.as_path();
         // The certificate is for the name asked, chains to the CA file, and matches the key.
-        let out = std::process::Command::new("openssl")
-            .args(["verify", "-CAfile"])
-            .arg(t.join("ca.crt"))
-            .arg(t.join("tls.crt"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        common::output_ok(
+            std::process::Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(t.join("ca.crt"))
+                .arg(t.join("tls.crt")),
         );
         let pubkey = |args: &[&str], f: &Path| {
             let o = std::process::Command::new("openssl")

@@ -50,109 +50,115 @@ impl Metrics {
 pub fn render(node: &NodeService) -> String {
     let m = &node.metrics;
     let c = &node.cache().stats;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
-    };
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    counter(
-        "keybroker_publishes_total",
-        "Volumes published (first publish).",
-        get(&m.publishes),
-    );
-    counter(
-        "keybroker_republishes_total",
-        "Republishes of healthy volumes (cheap path).",
-        get(&m.republishes),
-    );
-    counter(
-        "keybroker_publish_errors_total",
-        "NodePublishVolume calls that failed (not denials).",
-        get(&m.publish_errors),
-    );
-    counter(
-        "keybroker_unpublishes_total",
-        "NodeUnpublishVolume calls.",
-        get(&m.unpublishes),
-    );
-    counter(
-        "keybroker_denials_total",
-        "Requests denied by bindings or token checks.",
-        get(&m.denials),
-    );
-    counter(
-        "keybroker_repairs_total",
-        "Dead volume mounts replaced.",
-        get(&m.repairs),
-    );
-    counter(
-        "keybroker_bindings_reload_errors_total",
-        "Bindings reloads that failed (previous bindings kept).",
-        get(&m.bindings_reload_errors),
-    );
-    counter(
-        "keybroker_rotations_total",
-        "Refreshes that changed a volume's files.",
-        node.rotations(),
-    );
-    counter(
-        "keybroker_provider_fetches_total",
-        "Fetches that reached a provider.",
-        get(&c.provider_fetches),
-    );
-    counter(
-        "keybroker_cache_hits_total",
-        "Object requests served from the node cache.",
-        get(&c.hits),
-    );
-    counter(
-        "keybroker_stale_served_total",
-        "Times the last good value was served because a refresh failed.",
-        get(&c.stale_served),
-    );
-    counter(
-        "keybroker_fetch_failures_total",
-        "Provider fetches that failed.",
-        get(&c.failures),
-    );
-    counter(
-        "keybroker_audit_write_errors_total",
-        "Failed attempts to write the audit log (retries included).",
-        node.audit().write_errors(),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_audit_healthy 1 while the audit log can be written, 0 while writes fail.\n# TYPE keybroker_audit_healthy gauge\nkeybroker_audit_healthy {}",
-        u8::from(node.audit().healthy())
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_fuse_sessions_lingering Unpublished FUSE volumes still served because another mount namespace holds them.\n# TYPE keybroker_fuse_sessions_lingering gauge\nkeybroker_fuse_sessions_lingering {}",
-        crate::volume::fuse::lingering_sessions()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_volumes Volumes published on this node.\n# TYPE keybroker_volumes gauge\nkeybroker_volumes {}",
-        node.volume_count()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_max_staleness_seconds Seconds since the least recently refreshed volume refreshed cleanly.\n# TYPE keybroker_max_staleness_seconds gauge\nkeybroker_max_staleness_seconds {}",
-        node.max_staleness()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_kubelet_registered 1 once kubelet has registered the plugin (--kubelet-registration-dir), else 0.\n# TYPE keybroker_kubelet_registered gauge\nkeybroker_kubelet_registered {}",
-        u8::from(node.kubelet_registered())
-    );
-    let rss = crate::procinfo::resident_bytes(std::process::id()).unwrap_or(0);
-    let _ = writeln!(
-        out,
-        "# HELP keybroker_resident_memory_bytes Resident memory of the daemon.\n# TYPE keybroker_resident_memory_bytes gauge\nkeybroker_resident_memory_bytes {rss}"
-    );
+    let counters: [(&str, &str, u64); 13] = [
+        (
+            "keybroker_publishes_total",
+            "Volumes published (first publish).",
+            get(&m.publishes),
+        ),
+        (
+            "keybroker_republishes_total",
+            "Republishes of healthy volumes (cheap path).",
+            get(&m.republishes),
+        ),
+        (
+            "keybroker_publish_errors_total",
+            "NodePublishVolume calls that failed (not denials).",
+            get(&m.publish_errors),
+        ),
+        (
+            "keybroker_unpublishes_total",
+            "NodeUnpublishVolume calls.",
+            get(&m.unpublishes),
+        ),
+        (
+            "keybroker_denials_total",
+            "Requests denied by bindings or token checks.",
+            get(&m.denials),
+        ),
+        (
+            "keybroker_repairs_total",
+            "Dead volume mounts replaced.",
+            get(&m.repairs),
+        ),
+        (
+            "keybroker_bindings_reload_errors_total",
+            "Bindings reloads that failed (previous bindings kept).",
+            get(&m.bindings_reload_errors),
+        ),
+        (
+            "keybroker_rotations_total",
+            "Refreshes that changed a volume's files.",
+            node.rotations(),
+        ),
+        (
+            "keybroker_provider_fetches_total",
+            "Fetches that reached a provider.",
+            get(&c.provider_fetches),
+        ),
+        (
+            "keybroker_cache_hits_total",
+            "Object requests served from the node cache.",
+            get(&c.hits),
+        ),
+        (
+            "keybroker_stale_served_total",
+            "Times the last good value was served because a refresh failed.",
+            get(&c.stale_served),
+        ),
+        (
+            "keybroker_fetch_failures_total",
+            "Provider fetches that failed.",
+            get(&c.failures),
+        ),
+        (
+            "keybroker_audit_write_errors_total",
+            "Failed attempts to write the audit log (retries included).",
+            node.audit().write_errors(),
+        ),
+    ];
+    let gauges: [(&str, &str, u64); 6] = [
+        (
+            "keybroker_audit_healthy",
+            "1 while the audit log can be written, 0 while writes fail.",
+            u64::from(node.audit().healthy()),
+        ),
+        (
+            "keybroker_fuse_sessions_lingering",
+            "Unpublished FUSE volumes still served because another mount namespace holds them.",
+            crate::volume::fuse::lingering_sessions(),
+        ),
+        (
+            "keybroker_volumes",
+            "Volumes published on this node.",
+            node.volume_count() as u64,
+        ),
+        (
+            "keybroker_max_staleness_seconds",
+            "Seconds since the least recently refreshed volume refreshed cleanly.",
+            node.max_staleness(),
+        ),
+        (
+            "keybroker_kubelet_registered",
+            "1 once kubelet has registered the plugin (--kubelet-registration-dir), else 0.",
+            u64::from(node.kubelet_registered()),
+        ),
+        (
+            "keybroker_resident_memory_bytes",
+            "Resident memory of the daemon.",
+            crate::procinfo::resident_bytes(std::process::id()).unwrap_or(0),
+        ),
+    ];
+    let mut out = String::new();
+    for (kind, rows) in [("counter", &counters[..]), ("gauge", &gauges[..])] {
+        for (name, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP keybroker_publish_duration_seconds NodePublishVolume latency.\n# TYPE keybroker_publish_duration_seconds histogram"

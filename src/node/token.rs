@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::request::PodInfo;
+use super::pod::PodInfo;
 
 /// Longest token accepted (projected tokens are ~1 KiB).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;

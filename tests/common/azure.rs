@@ -89,6 +89,17 @@ impl AzureStandin {
         self.dir.join("ca.pem")
     }
 
+    /// The identity of a keybroker binding for [`APP`] of [`TENANT`] through this stand-in
+    /// (Entra and Key Vault endpoints, its CA), as YAML flow.
+    pub fn binding_identity(&self) -> String {
+        format!(
+            "{{azure: {{tenantID: {TENANT}, clientID: {APP}, authorityHost: \"{}\", keyvaultDNSSuffix: \"vault.localhost:{}\", caFile: {}}}}}",
+            self.authority(),
+            self.https_port,
+            self.ca().display()
+        )
+    }
+
     /// The Entra authority host (`https://localhost:PORT`).
     pub fn authority(&self) -> String {
         format!("https://localhost:{}", self.https_port)
@@ -151,6 +162,24 @@ impl AzureStandin {
             .admin(reqwest::Method::GET, "requests", serde_json::Value::Null)
             .await;
         v["requests"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A version of secret `name` in vault `vault` with `value`.
+    pub async fn secret(&self, vault: &str, name: &str, value: &str) {
+        self.post(
+            &format!("vaults/{vault}/secrets/{name}"),
+            serde_json::json!({ "value": value }),
+        )
+        .await;
+    }
+
+    /// The requests the stand-in answered of one `kind` (`managed-identity`, ...).
+    pub async fn requests_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.requests()
+            .await
+            .into_iter()
+            .filter(|r| r["kind"] == kind)
+            .collect()
     }
 
     pub fn logs(&self) -> String {

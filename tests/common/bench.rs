@@ -33,30 +33,35 @@ pub fn local_volume(root: &Path, i: usize, kind: &str) -> pb::NodePublishVolumeR
         .map(|o| format!("- objectName: file{o}\n  object: obj{o}\n"))
         .collect();
     let uid = format!("00000000-0000-0000-0000-{i:012}");
-    let ctx: HashMap<String, String> = [
-        ("csi.storage.k8s.io/pod.name", format!("web-{i}")),
-        ("csi.storage.k8s.io/pod.namespace", "bench".into()),
-        ("csi.storage.k8s.io/pod.uid", uid.clone()),
-        ("csi.storage.k8s.io/serviceAccount.name", "app".into()),
-        ("csi.storage.k8s.io/ephemeral", "true".into()),
-        ("provider", "local".into()),
-        ("volumeType", kind.into()),
-        ("objects", objects),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    pb::NodePublishVolumeRequest {
-        volume_id: format!("csi-{uid}"),
-        target_path: root.join(format!("pods/{uid}/mount")).display().to_string(),
-        volume_capability: Some(pb::VolumeCapability {
-            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-        }),
-        readonly: true,
-        volume_context: ctx,
-        ..Default::default()
-    }
+    publish_request(
+        root,
+        &format!("web-{i}"),
+        &uid,
+        &[
+            ("provider", "local".into()),
+            ("volumeType", kind.into()),
+            ("objects", objects),
+        ],
+        HashMap::new(),
+    )
+}
+
+/// NodePublishVolume as kubelet sends it for pod `name` (uid `uid`) of namespace `bench`,
+/// service account `app`: an ephemeral read-only volume at `root/pods/<uid>/mount` with the
+/// pod's `attributes` and `secrets`.
+pub fn publish_request(
+    root: &Path,
+    name: &str,
+    uid: &str,
+    attributes: &[(&str, String)],
+    secrets: HashMap<String, String>,
+) -> pb::NodePublishVolumeRequest {
+    super::node::kubelet_publish(
+        ("bench", "app", name, uid),
+        &root.join(format!("pods/{uid}/mount")),
+        attributes.iter().map(|(k, v)| (k.to_string(), v.clone())),
+        secrets,
+    )
 }
 
 pub fn unpublish(r: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeRequest {
@@ -64,4 +69,61 @@ pub fn unpublish(r: &pb::NodePublishVolumeRequest) -> pb::NodeUnpublishVolumeReq
         volume_id: r.volume_id.clone(),
         target_path: r.target_path.clone(),
     }
+}
+
+/// A `keybroker node` (the binary `bin`) for the benches, in `root`: the local provider's
+/// objects `obj0`..`obj9` (110 bytes each) bound to `bench/app`, its CSI socket at
+/// `root/csi.sock`, metrics on `metrics`. Returns the process and a client once the socket
+/// answers.
+pub async fn start_local_node(
+    bin: &str,
+    root: &Path,
+    metrics: &str,
+) -> (
+    std::process::Child,
+    pb::node_client::NodeClient<tonic::transport::Channel>,
+) {
+    std::fs::create_dir_all(root.join("secrets")).unwrap();
+    for o in 0..10 {
+        std::fs::write(
+            root.join(format!("secrets/obj{o}")),
+            format!("value-{o}-{}", "x".repeat(100)),
+        )
+        .unwrap();
+    }
+    let objects: Vec<String> = (0..10).map(|o| format!("obj{o}")).collect();
+    std::fs::write(
+        root.join("bindings.yaml"),
+        format!(
+            "bindings:\n  - name: bench\n    namespace: bench\n    serviceAccounts: [app]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects:?}\n",
+            root.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    let sock = root.join("csi.sock");
+    let child = std::process::Command::new(bin)
+        .args(["node", "--node-id", "bench", "--log", "warn"])
+        .arg(format!("--endpoint=unix://{}", sock.display()))
+        .arg(format!(
+            "--bindings={}",
+            root.join("bindings.yaml").display()
+        ))
+        .arg(format!("--state-dir={}", root.join("state").display()))
+        .arg(format!(
+            "--audit-log={}",
+            root.join("audit.jsonl").display()
+        ))
+        .arg(format!("--metrics-addr={metrics}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let channel = loop {
+        if let Ok(c) = keybroker_csi::connect_unix(&sock).await {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "node not up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    (child, pb::node_client::NodeClient::new(channel))
 }

@@ -187,6 +187,23 @@ pub fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Writes keybroker's bindings where the tests' daemons read them (`root/etc/bindings.yaml`).
+pub fn write_bindings(root: &Path, yaml: &str) {
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/bindings.yaml"), yaml).unwrap();
+}
+
+/// Runs `cmd` to completion and asserts it succeeded (its stderr in the failure).
+pub fn output_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Reads a whole file with one open, as an application would.
 pub fn read_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;

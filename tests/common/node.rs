@@ -297,35 +297,17 @@ impl Pod {
         token_for: Option<&Pod>,
     ) -> pb::NodePublishVolumeRequest {
         let claims = token_for.unwrap_or(self);
-        let mut ctx: HashMap<String, String> = [
-            ("csi.storage.k8s.io/pod.name", self.name.as_str()),
-            ("csi.storage.k8s.io/pod.namespace", self.ns),
-            ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
-            ("csi.storage.k8s.io/serviceAccount.name", self.sa),
-            ("csi.storage.k8s.io/ephemeral", "true"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in attrs {
-            ctx.insert(k.to_string(), v.to_string());
-        }
         let secrets = HashMap::from([(
             "csi.storage.k8s.io/serviceAccount.tokens".to_string(),
             sa_token(claims.ns, claims.sa, &claims.name, &claims.uid),
         )]);
-        pb::NodePublishVolumeRequest {
-            volume_id: format!("csi-{}", self.uid),
-            target_path: self.target(root).display().to_string(),
-            volume_capability: Some(pb::VolumeCapability {
-                access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
-                access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
-            }),
-            readonly: true,
-            volume_context: ctx,
+        let attrs = attrs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        kubelet_publish(
+            (self.ns, self.sa, &self.name, &self.uid),
+            &self.target(root),
+            attrs,
             secrets,
-            ..Default::default()
-        }
+        )
     }
 
     pub fn unpublish(&self, root: &Path) -> pb::NodeUnpublishVolumeRequest {
@@ -333,6 +315,40 @@ impl Pod {
             volume_id: format!("csi-{}", self.uid),
             target_path: self.target(root).display().to_string(),
         }
+    }
+}
+
+/// NodePublishVolume as kubelet sends it for pod `(namespace, service account, name, uid)`:
+/// kubelet's pod info, an ephemeral read-only volume at `target` with the pod author's
+/// `attrs`, and `secrets` (the service-account tokens).
+pub fn kubelet_publish(
+    (ns, sa, name, uid): (&str, &str, &str, &str),
+    target: &Path,
+    attrs: impl IntoIterator<Item = (String, String)>,
+    secrets: HashMap<String, String>,
+) -> pb::NodePublishVolumeRequest {
+    let mut ctx: HashMap<String, String> = [
+        ("csi.storage.k8s.io/pod.name", name),
+        ("csi.storage.k8s.io/pod.namespace", ns),
+        ("csi.storage.k8s.io/pod.uid", uid),
+        ("csi.storage.k8s.io/serviceAccount.name", sa),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    ctx.extend(attrs);
+    pb::NodePublishVolumeRequest {
+        volume_id: format!("csi-{uid}"),
+        target_path: target.display().to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+        }),
+        readonly: true,
+        volume_context: ctx,
+        secrets,
+        ..Default::default()
     }
 }
 
@@ -344,14 +360,12 @@ pub fn local_setup(db: &str, objects: &str) -> (tempfile::TempDir, PathBuf) {
     let root = tmp.path().to_owned();
     std::fs::create_dir_all(root.join("secrets")).unwrap();
     std::fs::write(root.join("secrets/db"), db).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(
-        root.join("etc/bindings.yaml"),
-        format!(
+    super::write_bindings(
+        &root,
+        &format!(
             "bindings:\n  - name: apps\n    namespace: team-a\n    serviceAccounts: [api]\n    identity: {{local: {{path: {}}}}}\n    objects: {objects}\n",
             root.join("secrets").display()
         ),
-    )
-    .unwrap();
+    );
     (tmp, root)
 }

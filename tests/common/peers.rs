@@ -35,6 +35,9 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// An OpenBao dev server with TLS (its own CA) and an audit log that counts every request.
+/// The policy most tests and benches give role `app`: read `secret/data/app/*` (KV v2).
+pub const READ_APP_SECRETS: &str = "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n";
+
 pub struct Bao {
     child: Child,
     pub addr: String,
@@ -173,6 +176,62 @@ impl Bao {
     }
 
     /// Writes policy `name` (in `ns`).
+    /// OpenBao started in `dir`, trusting `issuer`'s tokens through JWT auth, with role `app`
+    /// for `ns_sa` (`namespace:serviceaccount`; tokens of 1 h) under policy `policy` (HCL).
+    pub fn with_jwt_role(dir: &Path, issuer: &Issuer, ns_sa: &str, policy: &str) -> Self {
+        let bao = Bao::start(dir);
+        bao.trust_issuer(None, issuer);
+        bao.jwt_role(None, "app", ns_sa, &["token_ttl=1h"]);
+        bao.policy(None, "app", policy);
+        bao
+    }
+
+    /// What the benches publish against: [`Bao::with_jwt_role`] for `bench:app` reading
+    /// `secret/data/app/*`, and its issuer.
+    pub fn for_bench(dir: &Path) -> (Self, Issuer) {
+        let issuer = Issuer::new(dir);
+        let bao = Bao::with_jwt_role(dir, &issuer, "bench:app", READ_APP_SECRETS);
+        (bao, issuer)
+    }
+
+    /// KV v2 secrets `secret/app/k0`.. `k{n-1}`, each `value=bench-value-<i>` (the benches').
+    pub fn put_bench_objects(&self, n: usize) {
+        for o in 0..n {
+            self.cli(&[
+                "kv",
+                "put",
+                &format!("secret/app/k{o}"),
+                &format!("value=bench-value-{o}"),
+            ]);
+        }
+    }
+
+    /// The database secrets engine on `pg`, with role `app` creating login roles that live
+    /// `default_ttl` (renewable up to `max_ttl`).
+    pub fn enable_database(&self, pg: &Postgres, default_ttl: &str, max_ttl: &str) {
+        self.cli(&["secrets", "enable", "database"]);
+        self.cli(&[
+            "write",
+            "database/config/pg",
+            "plugin_name=postgresql-database-plugin",
+            &format!(
+                "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+                pg.port
+            ),
+            "username=postgres",
+            &format!("password={}", pg.password),
+            "allowed_roles=app",
+        ]);
+        self.cli(&[
+            "write",
+            "database/roles/app",
+            "db_name=pg",
+            "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            &format!("default_ttl={default_ttl}"),
+            &format!("max_ttl={max_ttl}"),
+        ]);
+    }
+
     pub fn policy(&self, ns: Option<&str>, name: &str, hcl: &str) {
         let file = self.dir.join(format!("policy-{name}.hcl"));
         std::fs::write(&file, hcl).unwrap();

@@ -479,142 +479,175 @@ impl AzureProvider {
         format: &str,
         req: &ObjectRequest,
     ) -> Result<SecretObject, ProviderError> {
-        let invalid = |detail: &str| ProviderError::Invalid {
-            provider: KIND,
-            object: req.name.clone(),
-            detail: detail.to_owned(),
-        };
         self.spend(clients).await?;
         self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
-        let version_of = |id: Option<&String>| {
-            id.and_then(|i| i.rsplit('/').next())
-                .unwrap_or_default()
-                .to_owned()
-        };
         match kind {
-            "secret" => {
-                let mut options =
-                    azure_security_keyvault_secrets::models::SecretClientGetSecretOptions {
-                        secret_version: req.version.clone(),
-                        ..Default::default()
-                    };
-                let first = clients
-                    .secrets
-                    .get_secret(name, Some(options.clone()))
-                    .await
-                    .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
-                // A certificate's backing secret stored as PKCS#12: Key Vault converts it to
-                // PEM (key and chain) when asked, so no PKCS#12 code runs here.
-                let pkcs12 = first.content_type.as_deref() == Some("application/x-pkcs12");
-                let secret = if pkcs12 && format == "pem" {
-                    options.out_content_type =
-                        Some(azure_security_keyvault_secrets::models::ContentType::Pem);
-                    options.secret_version = Some(version_of(first.id.as_ref()));
-                    self.spend(clients).await?;
-                    self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
-                    clients
-                        .secrets
-                        .get_secret(name, Some(options))
-                        .await
-                        .and_then(|r| r.into_model())
-                        .map_err(|e| self.kv_error(clients, vault, &req.name, e))?
-                } else {
-                    first
-                };
-                // Key Vault's `exp` is an attribute of the stored object: a new version may
-                // come before it, so it only makes the object due sooner than the poll.
-                let expiry = secret
-                    .attributes
-                    .as_ref()
-                    .and_then(|a| a.expires)
-                    .map(|t| Expiry::Stored(to_system_time(t)));
-                let value = secret
-                    .value
-                    .ok_or_else(|| invalid("Key Vault returned the secret without a value"))?;
-                Ok(SecretObject {
-                    value: SecretBytes::new(value.into_bytes()),
-                    version: version_of(secret.id.as_ref()),
-                    content_type: secret.content_type,
-                    expiry,
-                    lease: None,
-                })
-            }
-            "cert" => {
-                let options =
-                    azure_security_keyvault_certificates::models::CertificateClientGetCertificateOptions {
-                        certificate_version: req.version.clone(),
-                        ..Default::default()
-                    };
-                let cert = clients
-                    .certs
-                    .get_certificate(name, Some(options))
-                    .await
-                    .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
-                let der = cert
-                    .cer
-                    .ok_or_else(|| invalid("Key Vault returned the certificate without cer"))?;
-                Ok(SecretObject {
-                    value: SecretBytes::new(pem::pem("CERTIFICATE", &der).into_bytes()),
-                    version: version_of(cert.id.as_ref()),
-                    content_type: Some("application/x-pem-file".into()),
-                    expiry: cert
-                        .attributes
-                        .as_ref()
-                        .and_then(|a| a.expires)
-                        .map(|t| Expiry::Stored(to_system_time(t))),
-                    lease: None,
-                })
-            }
-            "key" => {
-                use azure_security_keyvault_keys::models::{CurveName, KeyType};
-                let options = azure_security_keyvault_keys::models::KeyClientGetKeyOptions {
-                    key_version: req.version.clone(),
-                    ..Default::default()
-                };
-                let key = clients
-                    .keys
-                    .get_key(name, Some(options))
-                    .await
-                    .and_then(|r| r.into_model())
-                    .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
-                let jwk = key
-                    .key
-                    .ok_or_else(|| invalid("Key Vault returned the key without its JWK"))?;
-                let pem = match jwk.kty {
-                    Some(KeyType::Rsa | KeyType::RsaHsm) => {
-                        let (Some(n), Some(e)) = (&jwk.n, &jwk.e) else {
-                            return Err(invalid("the RSA key has no n or e"));
-                        };
-                        pem::rsa_public_key(n, e)
-                    }
-                    Some(KeyType::Ec | KeyType::EcHsm) => {
-                        let curve = match &jwk.crv {
-                            Some(CurveName::P256) => "P-256",
-                            Some(CurveName::P384) => "P-384",
-                            Some(CurveName::P521) => "P-521",
-                            Some(CurveName::P256K) => "P-256K",
-                            _ => return Err(invalid("the EC key's curve is not supported")),
-                        };
-                        let (Some(x), Some(y)) = (&jwk.x, &jwk.y) else {
-                            return Err(invalid("the EC key has no x or y"));
-                        };
-                        pem::ec_public_key(curve, x, y).map_err(|e| invalid(&e))?
-                    }
-                    _ => return Err(invalid("only RSA and EC keys have a public PEM form")),
-                };
-                Ok(SecretObject {
-                    value: SecretBytes::new(pem.into_bytes()),
-                    version: version_of(jwk.kid.as_ref()),
-                    content_type: Some("application/x-pem-file".into()),
-                    expiry: None,
-                    lease: None,
-                })
-            }
-            _ => Err(invalid("object types are secret, cert and key")),
+            "secret" => self.read_secret(clients, vault, name, format, req).await,
+            "cert" => self.read_cert(clients, vault, name, req).await,
+            "key" => self.read_key(clients, vault, name, req).await,
+            _ => Err(invalid(req, "object types are secret, cert and key")),
         }
     }
+
+    /// A secret (a certificate's backing secret stored as PKCS#12 is asked again as PEM).
+    async fn read_secret(
+        &self,
+        clients: &VaultClients,
+        vault: &str,
+        name: &str,
+        format: &str,
+        req: &ObjectRequest,
+    ) -> Result<SecretObject, ProviderError> {
+        let mut options = azure_security_keyvault_secrets::models::SecretClientGetSecretOptions {
+            secret_version: req.version.clone(),
+            ..Default::default()
+        };
+        let first = clients
+            .secrets
+            .get_secret(name, Some(options.clone()))
+            .await
+            .and_then(|r| r.into_model())
+            .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
+        // A certificate's backing secret stored as PKCS#12: Key Vault converts it to
+        // PEM (key and chain) when asked, so no PKCS#12 code runs here.
+        let pkcs12 = first.content_type.as_deref() == Some("application/x-pkcs12");
+        let secret = if pkcs12 && format == "pem" {
+            options.out_content_type =
+                Some(azure_security_keyvault_secrets::models::ContentType::Pem);
+            options.secret_version = Some(version_of(first.id.as_ref()));
+            self.spend(clients).await?;
+            self.stats.keyvault_gets.fetch_add(1, Ordering::Relaxed);
+            clients
+                .secrets
+                .get_secret(name, Some(options))
+                .await
+                .and_then(|r| r.into_model())
+                .map_err(|e| self.kv_error(clients, vault, &req.name, e))?
+        } else {
+            first
+        };
+        // Key Vault's `exp` is an attribute of the stored object: a new version may
+        // come before it, so it only makes the object due sooner than the poll.
+        let expiry = secret
+            .attributes
+            .as_ref()
+            .and_then(|a| a.expires)
+            .map(|t| Expiry::Stored(to_system_time(t)));
+        let value = secret
+            .value
+            .ok_or_else(|| invalid(req, "Key Vault returned the secret without a value"))?;
+        Ok(SecretObject {
+            value: SecretBytes::new(value.into_bytes()),
+            version: version_of(secret.id.as_ref()),
+            content_type: secret.content_type,
+            expiry,
+            lease: None,
+        })
+    }
+
+    /// A certificate: its public part (`cer`) as PEM.
+    async fn read_cert(
+        &self,
+        clients: &VaultClients,
+        vault: &str,
+        name: &str,
+        req: &ObjectRequest,
+    ) -> Result<SecretObject, ProviderError> {
+        let options =
+            azure_security_keyvault_certificates::models::CertificateClientGetCertificateOptions {
+                certificate_version: req.version.clone(),
+                ..Default::default()
+            };
+        let cert = clients
+            .certs
+            .get_certificate(name, Some(options))
+            .await
+            .and_then(|r| r.into_model())
+            .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
+        let der = cert
+            .cer
+            .ok_or_else(|| invalid(req, "Key Vault returned the certificate without cer"))?;
+        Ok(SecretObject {
+            value: SecretBytes::new(pem::pem("CERTIFICATE", &der).into_bytes()),
+            version: version_of(cert.id.as_ref()),
+            content_type: Some("application/x-pem-file".into()),
+            expiry: cert
+                .attributes
+                .as_ref()
+                .and_then(|a| a.expires)
+                .map(|t| Expiry::Stored(to_system_time(t))),
+            lease: None,
+        })
+    }
+
+    /// A key: its public part as PEM (RSA or EC).
+    async fn read_key(
+        &self,
+        clients: &VaultClients,
+        vault: &str,
+        name: &str,
+        req: &ObjectRequest,
+    ) -> Result<SecretObject, ProviderError> {
+        use azure_security_keyvault_keys::models::{CurveName, KeyType};
+        let options = azure_security_keyvault_keys::models::KeyClientGetKeyOptions {
+            key_version: req.version.clone(),
+            ..Default::default()
+        };
+        let key = clients
+            .keys
+            .get_key(name, Some(options))
+            .await
+            .and_then(|r| r.into_model())
+            .map_err(|e| self.kv_error(clients, vault, &req.name, e))?;
+        let jwk = key
+            .key
+            .ok_or_else(|| invalid(req, "Key Vault returned the key without its JWK"))?;
+        let pem = match jwk.kty {
+            Some(KeyType::Rsa | KeyType::RsaHsm) => {
+                let (Some(n), Some(e)) = (&jwk.n, &jwk.e) else {
+                    return Err(invalid(req, "the RSA key has no n or e"));
+                };
+                pem::rsa_public_key(n, e)
+            }
+            Some(KeyType::Ec | KeyType::EcHsm) => {
+                let curve = match &jwk.crv {
+                    Some(CurveName::P256) => "P-256",
+                    Some(CurveName::P384) => "P-384",
+                    Some(CurveName::P521) => "P-521",
+                    Some(CurveName::P256K) => "P-256K",
+                    _ => return Err(invalid(req, "the EC key's curve is not supported")),
+                };
+                let (Some(x), Some(y)) = (&jwk.x, &jwk.y) else {
+                    return Err(invalid(req, "the EC key has no x or y"));
+                };
+                pem::ec_public_key(curve, x, y).map_err(|e| invalid(req, &e))?
+            }
+            _ => return Err(invalid(req, "only RSA and EC keys have a public PEM form")),
+        };
+        Ok(SecretObject {
+            value: SecretBytes::new(pem.into_bytes()),
+            version: version_of(jwk.kid.as_ref()),
+            content_type: Some("application/x-pem-file".into()),
+            expiry: None,
+            lease: None,
+        })
+    }
+}
+
+/// A Key Vault reply the provider cannot use.
+fn invalid(req: &ObjectRequest, detail: &str) -> ProviderError {
+    ProviderError::Invalid {
+        provider: KIND,
+        object: req.name.clone(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// The version part of a Key Vault object id (`.../name/VERSION`).
+fn version_of(id: Option<&String>) -> String {
+    id.and_then(|i| i.rsplit('/').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Key Vault's `error.message` from an error body, cut to 300 characters (it names the vault,

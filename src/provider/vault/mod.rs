@@ -16,7 +16,14 @@
 //! Leases die with the token that created them, so a lease's duration is capped at what is left
 //! of the token: the cache then replaces the secret before the token goes.
 
+mod calls;
 mod client;
+mod replies;
+
+use calls::{Engine, parse_call};
+pub use calls::{check_path, encode_params};
+pub use replies::fuzzing;
+use replies::{AuthReply, LeaseReply, object_from_reply};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,97 +100,6 @@ impl VaultToken {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-enum Engine {
-    KvV1,
-    KvV2 { mount: String },
-    Other,
-}
-
-/// What a volume asks of Vault for one object, parsed from [`ObjectRequest`].
-#[derive(Debug, PartialEq)]
-struct Call {
-    path: String,
-    method: Method,
-    /// JSON body for PUT/POST (`secretArgs`).
-    args: Option<Value>,
-}
-
-/// How a pod's `method` and `secretArgs` travel in an [`ObjectRequest`]: canonical JSON, so two
-/// volumes asking the same thing share one cache entry.
-pub fn encode_params(method: &str, args: Option<&Value>) -> Result<Option<String>, String> {
-    let m = method.to_ascii_uppercase();
-    if !matches!(m.as_str(), "GET" | "PUT" | "POST") {
-        return Err("must be GET, PUT or POST".into());
-    }
-    match (m.as_str(), args) {
-        ("GET", None) => Ok(None),
-        ("GET", Some(_)) => Err("secretArgs need method PUT or POST".into()),
-        (_, Some(a)) if !a.is_object() => Err("secretArgs must be a map".into()),
-        (_, a) => {
-            let v = serde_json::json!({"method": m, "args": a.cloned().unwrap_or(Value::Null)});
-            Ok(Some(v.to_string()))
-        }
-    }
-}
-
-/// Checks a Vault path from a pod: relative, no `..`, no empty segments, no query or fragment,
-/// printable ASCII.
-pub fn check_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.len() > 512 {
-        return Err("must be a Vault path of 1 to 512 bytes".into());
-    }
-    if path.starts_with('/') || path.ends_with('/') {
-        return Err("must not start or end with '/'".into());
-    }
-    if let Some(c) = path
-        .chars()
-        .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#' | '%' | '\\'))
-    {
-        return Err(format!(
-            "must not contain {}",
-            if c.is_ascii_graphic() {
-                format!("'{c}'")
-            } else {
-                "spaces or control characters".into()
-            }
-        ));
-    }
-    if path
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return Err("must not contain empty, '.' or '..' segments".into());
-    }
-    Ok(())
-}
-
-fn parse_call(req: &ObjectRequest) -> Result<Call, ProviderError> {
-    let invalid = |detail: String| ProviderError::Invalid {
-        provider: KIND,
-        object: req.name.clone(),
-        detail,
-    };
-    check_path(&req.name).map_err(invalid)?;
-    let (method, args) = match &req.params {
-        None => (Method::GET, None),
-        Some(p) => {
-            let v: Value = serde_json::from_str(p).map_err(|_| invalid("bad parameters".into()))?;
-            let m = match v.get("method").and_then(Value::as_str) {
-                Some("PUT") => Method::PUT,
-                Some("POST") => Method::POST,
-                _ => Method::GET,
-            };
-            (m, v.get("args").filter(|a| !a.is_null()).cloned())
-        }
-    };
-    Ok(Call {
-        path: req.name.clone(),
-        method,
-        args,
-    })
-}
-
 pub struct VaultProvider {
     client: Client,
     login: LoginConfig,
@@ -209,142 +125,6 @@ impl std::fmt::Debug for VaultProvider {
 impl Drop for VaultProvider {
     fn drop(&mut self) {
         self.stop.cancel();
-    }
-}
-
-#[derive(Deserialize)]
-struct AuthReply {
-    auth: Option<Auth>,
-}
-
-#[derive(Deserialize)]
-struct Auth {
-    client_token: Zeroizing<String>,
-    #[serde(default)]
-    lease_duration: u64,
-    #[serde(default)]
-    renewable: bool,
-}
-
-/// The reply to `sys/leases/renew` (no secret in it).
-#[derive(Deserialize)]
-struct LeaseReply {
-    lease_duration: u64,
-    #[serde(default)]
-    renewable: bool,
-}
-
-/// What a Vault read reply means: the value (KV v2's `data.data`, otherwise `data`), its
-/// version, its lease (capped at what is left of the token) and a PKI expiry. Pure, so the
-/// fuzzer drives it with arbitrary replies: a reply never panics the node, whatever its shape.
-fn object_from_reply(
-    engine: &Engine,
-    body: &[u8],
-    name: &str,
-    token_left: Option<Duration>,
-) -> Result<SecretObject, ProviderError> {
-    let invalid = |detail: String| ProviderError::Invalid {
-        provider: KIND,
-        object: name.to_owned(),
-        detail,
-    };
-    let doc = SecretJson(
-        serde_json::from_slice::<Value>(body)
-            .map_err(|_| invalid("Vault's reply is not JSON".into()))?,
-    );
-    let data = doc.0.get("data").filter(|d| d.is_object());
-    let (value, version) = match (&engine, data) {
-        (Engine::KvV2 { .. }, Some(d)) => {
-            let inner =
-                d.get("data")
-                    .filter(|v| v.is_object())
-                    .ok_or_else(|| ProviderError::NotFound {
-                        provider: KIND,
-                        object: name.to_owned(),
-                    })?;
-            let version = d
-                .get("metadata")
-                .and_then(|m| m.get("version"))
-                .and_then(Value::as_u64)
-                .map(|v| v.to_string());
-            let value = json_bytes(inner);
-            let version = version.unwrap_or_else(|| value.fingerprint());
-            (value, version)
-        }
-        (_, Some(d)) => {
-            let value = json_bytes(d);
-            let version = value.fingerprint();
-            (value, version)
-        }
-        (_, None) => {
-            return Err(ProviderError::NotFound {
-                provider: KIND,
-                object: name.to_owned(),
-            });
-        }
-    };
-    // Read from the top-level fields only: the document also holds the secret data, which
-    // must not be copied out of the wiped document.
-    let lease = match doc.0.get("lease_id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() && *engine == Engine::Other => Some(Lease {
-            id: id.to_owned(),
-            duration: cap(
-                Duration::from_secs(
-                    doc.0
-                        .get("lease_duration")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                ),
-                token_left,
-            ),
-            renewable: doc
-                .0
-                .get("renewable")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        }),
-        _ => None,
-    };
-    // A PKI certificate was issued for this volume and says when it ends: that is its
-    // rotation deadline (nothing newer appears at the source by itself).
-    let expiry = data
-        .and_then(|d| d.get("expiration"))
-        .and_then(Value::as_u64)
-        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
-        .map(Expiry::Issued);
-    let version = match (&lease, data.and_then(|d| d.get("serial_number"))) {
-        (_, Some(Value::String(serial))) => serial.clone(),
-        (Some(l), _) => format!("lease-{}", short_hash(&l.id)),
-        (None, _) => version,
-    };
-    Ok(SecretObject {
-        value,
-        version,
-        content_type: Some("application/json".into()),
-        expiry,
-        lease,
-    })
-}
-
-/// Entry points for the fuzz targets (`fuzz/`): the parsers of Vault replies, whatever the
-/// reply's shape.
-#[doc(hidden)]
-pub mod fuzzing {
-    use super::*;
-
-    /// Interprets `body` as a read reply of a KV v1, KV v2 or other engine (by `engine % 3`).
-    pub fn read_reply(engine: u8, body: &[u8]) {
-        let engine = match engine % 3 {
-            0 => Engine::KvV1,
-            1 => Engine::KvV2 {
-                mount: "secret".into(),
-            },
-            _ => Engine::Other,
-        };
-        let _ = object_from_reply(&engine, body, "fuzz/object", Some(Duration::from_secs(60)));
-        let _ = serde_json::from_slice::<AuthReply>(body);
-        let _ = serde_json::from_slice::<LeaseReply>(body);
-        let _ = client::error_text(&SecretBytes::new(body.to_vec()), &[b"hide"]);
     }
 }
 

@@ -17,12 +17,19 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::token::{SaToken, parse_tokens};
+
+mod objects;
+
+pub use super::pod::PodInfo;
+
 use crate::config::parse_mode;
 use crate::untrusted;
 use crate::volume::VolumeKind;
 use crate::volume::content::{
     Encoding, FileName, FileSource, FileSpec, Limits, Template, VolumeContent,
 };
+pub use objects::MAX_VERSION_HISTORY;
+use objects::{content_of, valid_vault_name};
 
 pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
 pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
@@ -33,36 +40,6 @@ pub const SA_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 
 /// Default mode of files in node volumes (readable by the pod's non-root users).
 pub const NODE_DEFAULT_MODE: u32 = 0o444;
-
-/// The pod, as kubelet attests it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
-pub struct PodInfo {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub service_account: String,
-}
-
-impl PodInfo {
-    pub fn audit_ref(&self) -> crate::audit::PodRef {
-        crate::audit::PodRef {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            uid: self.uid.clone(),
-            service_account: self.service_account.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for PodInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "pod {}/{} (service account {})",
-            self.namespace, self.name, self.service_account
-        )
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -184,58 +161,6 @@ fn err(s: impl Into<String>) -> RequestError {
     RequestError(s.into())
 }
 
-/// One entry of `objects`, in any of the three accepted spellings.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawObject {
-    object_name: String,
-    // Azure
-    object_type: Option<String>,
-    object_alias: Option<String>,
-    object_version: Option<String>,
-    object_version_history: Option<serde_norway::Value>,
-    object_format: Option<String>,
-    object_encoding: Option<String>,
-    // Vault
-    secret_path: Option<String>,
-    secret_key: Option<String>,
-    method: Option<String>,
-    secret_args: Option<serde_norway::Value>,
-    encoding: Option<String>,
-    // local (keybroker)
-    object: Option<String>,
-    key: Option<String>,
-    template: Option<String>,
-    // all
-    file_permission: Option<serde_norway::Value>,
-}
-
-#[derive(Deserialize)]
-struct AzureObjects {
-    array: Vec<String>,
-}
-
-fn parse_objects(provider: ProviderKind, text: &str) -> Result<Vec<RawObject>, RequestError> {
-    match provider {
-        // The Azure provider's shape: `array:` of YAML documents, one per object.
-        ProviderKind::Azure => {
-            let outer: AzureObjects = untrusted::from_yaml(text, "objects").map_err(err)?;
-            outer
-                .array
-                .iter()
-                .enumerate()
-                .map(|(i, doc)| {
-                    untrusted::from_yaml::<RawObject>(doc, &format!("objects.array[{i}]"))
-                        .map_err(err)
-                })
-                .collect()
-        }
-        ProviderKind::Vault | ProviderKind::Local => {
-            untrusted::from_yaml(text, "objects").map_err(err)
-        }
-    }
-}
-
 fn attr<'a>(ctx: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
     keys.iter()
         .find_map(|k| ctx.get(*k))
@@ -246,241 +171,6 @@ fn attr<'a>(ctx: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str>
 fn owned(ctx: &BTreeMap<String, String>, keys: &[&str]) -> Option<String> {
     attr(ctx, keys).map(str::to_owned)
 }
-
-fn mode_of(
-    v: &Option<serde_norway::Value>,
-    i: usize,
-    default_mode: u32,
-) -> Result<u32, RequestError> {
-    match v {
-        None => Ok(default_mode),
-        Some(v) => parse_mode(v).map_err(|e| err(format!("objects[{i}].filePermission: {e}"))),
-    }
-}
-
-/// A Key Vault name as Azure allows it: 3-24 characters, letters, digits and dashes, starting
-/// with a letter.
-fn valid_vault_name(v: &str) -> bool {
-    (3..=24).contains(&v.len())
-        && v.starts_with(|c: char| c.is_ascii_alphabetic())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-/// A Key Vault object name: 1-127 letters, digits and dashes.
-fn valid_kv_object_name(v: &str) -> bool {
-    (1..=127).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-fn file_spec(
-    provider: ProviderKind,
-    keyvault: Option<&str>,
-    default_mode: u32,
-    i: usize,
-    o: RawObject,
-) -> Result<Vec<FileSpec>, RequestError> {
-    let at = |field: &str, e: &dyn std::fmt::Display| err(format!("objects[{i}].{field}: {e}"));
-    let mode = mode_of(&o.file_permission, i, default_mode)?;
-    let mut params = None;
-    let mut history = None;
-    let (file, object, version, key, encoding, template) = match provider {
-        ProviderKind::Azure => {
-            let kind = o.object_type.as_deref().unwrap_or("secret");
-            if !matches!(kind, "secret" | "key" | "cert") {
-                return Err(at("objectType", &"must be secret, key or cert"));
-            }
-            if let Some(f) = &o.object_format
-                && !matches!(f.as_str(), "pem" | "pfx")
-            {
-                return Err(at("objectFormat", &"must be pem or pfx"));
-            }
-            if let Some(h) = &o.object_version_history {
-                let n = match h {
-                    serde_norway::Value::Number(n) => n.as_u64(),
-                    serde_norway::Value::String(s) => s.trim().parse().ok(),
-                    _ => None,
-                };
-                match n {
-                    Some(n) if n >= 1 && n <= MAX_VERSION_HISTORY as u64 => {
-                        history = Some(n as usize)
-                    }
-                    _ => {
-                        return Err(at(
-                            "objectVersionHistory",
-                            &format!("must be a number from 1 to {MAX_VERSION_HISTORY}"),
-                        ));
-                    }
-                }
-                if kind != "secret" {
-                    return Err(at(
-                        "objectVersionHistory",
-                        &"is only for objectType: secret",
-                    ));
-                }
-                if o.object_version.is_some() || o.key.is_some() || o.template.is_some() {
-                    return Err(at(
-                        "objectVersionHistory",
-                        &"cannot be combined with objectVersion, key or template",
-                    ));
-                }
-            }
-            if !valid_kv_object_name(&o.object_name) {
-                return Err(at(
-                    "objectName",
-                    &"must be a Key Vault object name (1-127 letters, digits and dashes)",
-                ));
-            }
-            if let Some(v) = &o.object_version
-                && !(v.is_empty() || v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                return Err(at(
-                    "objectVersion",
-                    &"must be a Key Vault version id (32 hex digits)",
-                ));
-            }
-            let format = o.object_format.as_deref().unwrap_or("pem");
-            if format == "pfx" && kind != "secret" {
-                return Err(at("objectFormat", &"pfx is only for objectType: secret"));
-            }
-            if o.object_encoding.is_some() && kind != "secret" {
-                return Err(at("objectEncoding", &"is only for objectType: secret"));
-            }
-            let vault = keyvault.expect("checked before the objects");
-            params = Some(match history {
-                None => format!("vault={vault}&format={format}"),
-                Some(n) => format!("vault={vault}&format={format}&history={n}"),
-            });
-            let file = o
-                .object_alias
-                .clone()
-                .unwrap_or_else(|| o.object_name.clone());
-            let object = format!("{kind}/{}", o.object_name);
-            (
-                file,
-                object,
-                o.object_version,
-                o.key,
-                o.object_encoding,
-                o.template,
-            )
-        }
-        ProviderKind::Vault => {
-            let raw_path = o
-                .secret_path
-                .clone()
-                .ok_or_else(|| at("secretPath", &"is required"))?;
-            // The Vault CSI provider's way to pin a KV v2 version: `secretPath: kv/data/x?version=3`.
-            let (path, pinned) = match raw_path.split_once("?version=") {
-                Some((p, v)) => (p.to_owned(), Some(v.to_owned())),
-                None => (raw_path, None),
-            };
-            crate::provider::vault::check_path(&path).map_err(|e| at("secretPath", &e))?;
-            let version = match (pinned, o.object_version) {
-                (Some(a), Some(b)) if a != b => {
-                    return Err(at(
-                        "objectVersion",
-                        &"differs from the ?version= in secretPath",
-                    ));
-                }
-                (a, b) => a.or(b),
-            };
-            if let Some(v) = &version
-                && (v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()))
-            {
-                return Err(at("secretPath", &"a KV v2 version must be a number"));
-            }
-            let args = match o.secret_args {
-                None => None,
-                Some(a) => Some(
-                    serde_json::to_value(&a)
-                        .map_err(|_| at("secretArgs", &"must be a map of values"))?,
-                ),
-            };
-            params = crate::provider::vault::encode_params(
-                o.method.as_deref().unwrap_or("GET"),
-                args.as_ref(),
-            )
-            .map_err(|e| at("method", &e))?;
-            if params.as_ref().is_some_and(|p| p.len() > 4096) {
-                return Err(at("secretArgs", &"must be at most 4 KiB"));
-            }
-            (
-                o.object_name.clone(),
-                path,
-                version,
-                o.secret_key,
-                o.encoding,
-                o.template,
-            )
-        }
-        ProviderKind::Local => {
-            let object = o.object.clone().unwrap_or_else(|| o.object_name.clone());
-            let file = o
-                .object_alias
-                .clone()
-                .unwrap_or_else(|| o.object_name.clone());
-            (
-                file,
-                object,
-                o.object_version,
-                o.key,
-                o.encoding.or(o.object_encoding),
-                o.template,
-            )
-        }
-    };
-    let name = FileName::parse(&file).map_err(|e| at("objectName", &e.without_input()))?;
-    if object.is_empty() || object.len() > 1024 || object.chars().any(char::is_control) {
-        return Err(at(
-            "objectName",
-            &"must be a non-empty object name of at most 1024 bytes",
-        ));
-    }
-    let source = match template {
-        Some(t) => {
-            if key.is_some() {
-                return Err(at("template", &"use either template or key, not both"));
-            }
-            FileSource::Template(
-                Template::parse(&t).map_err(|e| at("template", &e.without_input()))?,
-            )
-        }
-        None => FileSource::Object {
-            key,
-            encoding: match encoding {
-                None => Encoding::Utf8,
-                Some(e) => Encoding::parse(&e).map_err(|e| at("encoding", &e.without_input()))?,
-            },
-        },
-    };
-    let spec = FileSpec {
-        name,
-        object,
-        version: version.filter(|v| !v.is_empty()),
-        params,
-        mode,
-        source,
-    };
-    Ok(match history {
-        None => vec![spec],
-        // Secrets Store's layout: a directory named for the file, `0` the newest version.
-        Some(n) => {
-            let encoding = match &spec.source {
-                FileSource::Object { encoding, .. } => *encoding,
-                _ => Encoding::Utf8,
-            };
-            (0..n)
-                .map(|index| FileSpec {
-                    name: FileName::in_dir(&spec.name, index),
-                    source: FileSource::VersionOf { index, encoding },
-                    ..spec.clone()
-                })
-                .collect()
-        }
-    })
-}
-
-/// Most versions one `objectVersionHistory` may ask for.
-pub const MAX_VERSION_HISTORY: usize = 16;
 
 /// The attributes that describe the request (everything but tokens), for the state file and
 /// the republish digest.
@@ -510,39 +200,13 @@ pub fn parse_with_mode(
     limits: Limits,
     default_mode: u32,
 ) -> Result<VolumeRequest, RequestError> {
-    let need = |k: &str| {
-        attr(ctx, &[k]).map(str::to_owned).ok_or_else(|| {
-            err(format!(
-                "volume_context has no {k}: set podInfoOnMount: true on the CSIDriver (keybroker serves ephemeral inline volumes only)"
-            ))
-        })
-    };
-    let pod = PodInfo {
-        namespace: need(POD_NAMESPACE)?,
-        name: need(POD_NAME)?,
-        uid: need(POD_UID)?,
-        service_account: need(POD_SA)?,
-    };
+    let pod = pod_of(ctx)?;
     if attr(ctx, &[EPHEMERAL]).is_some_and(|e| e != "true") {
         return Err(err(
             "only ephemeral inline volumes are supported (csi.storage.k8s.io/ephemeral is not true)",
         ));
     }
-    let provider = match attr(ctx, &["provider"]) {
-        Some("local") => ProviderKind::Local,
-        Some("azure") => ProviderKind::Azure,
-        Some("vault") => ProviderKind::Vault,
-        Some(_) => {
-            return Err(err("provider is not known: use local, azure or vault"));
-        }
-        None if attr(ctx, &["keyvaultName"]).is_some() => ProviderKind::Azure,
-        None if attr(ctx, &["roleName", "vaultAddress"]).is_some() => ProviderKind::Vault,
-        None => {
-            return Err(err(
-                "volume_context names no provider: set provider to local, azure or vault",
-            ));
-        }
-    };
+    let provider = provider_of(ctx)?;
     let kind = match attr(ctx, &["volumeType"]) {
         None => default_kind,
         Some("fuse") => VolumeKind::Fuse,
@@ -551,58 +215,14 @@ pub fn parse_with_mode(
             return Err(err("volumeType is not known: use fuse or tmpfs"));
         }
     };
-    let identity = IdentityRequest {
-        keyvault_name: owned(ctx, &["keyvaultName"]),
-        tenant_id: owned(ctx, &["tenantID", "tenantId"]),
-        client_id: owned(ctx, &["clientID"]),
-        use_vm_managed_identity: attr(ctx, &["useVMManagedIdentity"])
-            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
-        user_assigned_identity_id: owned(ctx, &["userAssignedIdentityID"]),
-        cloud_name: owned(ctx, &["cloudName"]),
-        role_name: owned(ctx, &["roleName"]),
-        vault_address: owned(ctx, &["vaultAddress"]),
-        vault_namespace: owned(ctx, &["vaultNamespace"]),
-        auth_mount: owned(ctx, &["vaultAuthMountPath", "vaultKubernetesMountPath"]),
-        audience: owned(ctx, &["audience"]),
-    };
-    if provider == ProviderKind::Azure {
-        match identity.keyvault_name.as_deref() {
-            None => return Err(err("keyvaultName is required for the azure provider")),
-            Some(v) if !valid_vault_name(v) => {
-                return Err(err(
-                    "keyvaultName is not a Key Vault name (3-24 letters, digits and dashes, starting with a letter)",
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    let objects_text =
-        attr(ctx, &["objects"]).ok_or_else(|| err("volume_context has no objects"))?;
-    let raw = parse_objects(provider, objects_text)?;
-    if raw.len() > limits.max_files {
-        return Err(err(format!(
-            "objects lists {} objects; at most {} are allowed",
-            raw.len(),
-            limits.max_files
-        )));
-    }
-    let files = raw
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| {
-            file_spec(
-                provider,
-                identity.keyvault_name.as_deref(),
-                default_mode,
-                i,
-                o,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    let content = VolumeContent::new(files, limits).map_err(|e| err(format!("objects: {e}")))?;
+    let identity = identity_of(ctx, provider)?;
+    let content = content_of(
+        ctx,
+        provider,
+        identity.keyvault_name.as_deref(),
+        default_mode,
+        limits,
+    )?;
     // kubelet puts tokens in `secrets` when serviceAccountTokenInSecrets is on; read that first.
     let tokens = match secrets.get(SA_TOKENS).or_else(|| attr(ctx, &[SA_TOKENS])) {
         None => Vec::new(),
@@ -632,13 +252,7 @@ pub fn parse_with_mode(
         Some(_) => return Err(err("api must be \"true\" or \"false\"")),
     };
     let attributes = request_attributes(ctx);
-    let mut h = Sha256::new();
-    for (k, v) in &attributes {
-        h.update(k.as_bytes());
-        h.update([0]);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
+    let digest = digest_of(&attributes);
     Ok(VolumeRequest {
         pod,
         provider,
@@ -647,11 +261,92 @@ pub fn parse_with_mode(
         content,
         tokens,
         attributes,
-        digest: hex::encode(&h.finalize()[..16]),
+        digest,
         own_values,
         on_change,
         api,
     })
+}
+
+/// The pod kubelet publishes for (podInfoOnMount).
+fn pod_of(ctx: &BTreeMap<String, String>) -> Result<PodInfo, RequestError> {
+    let need = |k: &str| {
+        attr(ctx, &[k]).map(str::to_owned).ok_or_else(|| {
+            err(format!(
+                "volume_context has no {k}: set podInfoOnMount: true on the CSIDriver (keybroker serves ephemeral inline volumes only)"
+            ))
+        })
+    };
+    Ok(PodInfo {
+        namespace: need(POD_NAMESPACE)?,
+        name: need(POD_NAME)?,
+        uid: need(POD_UID)?,
+        service_account: need(POD_SA)?,
+    })
+}
+
+/// The provider the volume names (or implies by its Secrets Store attributes).
+fn provider_of(ctx: &BTreeMap<String, String>) -> Result<ProviderKind, RequestError> {
+    Ok(match attr(ctx, &["provider"]) {
+        Some("local") => ProviderKind::Local,
+        Some("azure") => ProviderKind::Azure,
+        Some("vault") => ProviderKind::Vault,
+        Some(_) => {
+            return Err(err("provider is not known: use local, azure or vault"));
+        }
+        None if attr(ctx, &["keyvaultName"]).is_some() => ProviderKind::Azure,
+        None if attr(ctx, &["roleName", "vaultAddress"]).is_some() => ProviderKind::Vault,
+        None => {
+            return Err(err(
+                "volume_context names no provider: set provider to local, azure or vault",
+            ));
+        }
+    })
+}
+
+/// The identity the volume asks for (checked against the bindings later).
+fn identity_of(
+    ctx: &BTreeMap<String, String>,
+    provider: ProviderKind,
+) -> Result<IdentityRequest, RequestError> {
+    let identity = IdentityRequest {
+        keyvault_name: owned(ctx, &["keyvaultName"]),
+        tenant_id: owned(ctx, &["tenantID", "tenantId"]),
+        client_id: owned(ctx, &["clientID"]),
+        use_vm_managed_identity: attr(ctx, &["useVMManagedIdentity"])
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        user_assigned_identity_id: owned(ctx, &["userAssignedIdentityID"]),
+        cloud_name: owned(ctx, &["cloudName"]),
+        role_name: owned(ctx, &["roleName"]),
+        vault_address: owned(ctx, &["vaultAddress"]),
+        vault_namespace: owned(ctx, &["vaultNamespace"]),
+        auth_mount: owned(ctx, &["vaultAuthMountPath", "vaultKubernetesMountPath"]),
+        audience: owned(ctx, &["audience"]),
+    };
+    if provider == ProviderKind::Azure {
+        match identity.keyvault_name.as_deref() {
+            None => return Err(err("keyvaultName is required for the azure provider")),
+            Some(v) if !valid_vault_name(v) => {
+                return Err(err(
+                    "keyvaultName is not a Key Vault name (3-24 letters, digits and dashes, starting with a letter)",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(identity)
+}
+
+/// A digest of the request's attributes: a republish must ask for the same volume.
+fn digest_of(attributes: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in attributes {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
 }
 
 #[cfg(test)]

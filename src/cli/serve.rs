@@ -1,0 +1,397 @@
+//! What `node` and `provider` share: their common flags and the daemon's run (handover, audit
+//! log, metrics, recovery, serving CSI or the provider API, shutdown).
+
+use std::path::PathBuf;
+
+use super::shutdown_on_signals;
+
+/// How long in-flight CSI calls may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What `node` and `provider` share: bindings, audit, metrics, polling, Azure endpoints.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Identity bindings (YAML), reloaded when it changes; see `keybroker check --help`.
+    #[arg(long, default_value = "/etc/keybroker/bindings.yaml")]
+    pub bindings: PathBuf,
+    /// The audit log (JSON lines, hash-chained).
+    #[arg(long, default_value = "/var/log/keybroker/audit.jsonl")]
+    pub audit_log: PathBuf,
+    /// Key the audit chain with HMAC-SHA256 (a file of 64 hex digits or >= 32 bytes):
+    /// forging, truncating or re-chaining the log then needs the key.
+    #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// While the audit log cannot be written: refuse FUSE opens (EIO) and new publishes or
+    /// Mounts (Unavailable). Serving resumes once a write succeeds again. tmpfs volumes are
+    /// not audited per open, so this does not cover their reads (docs/SECURITY.md).
+    #[arg(long)]
+    pub audit_fail_closed: bool,
+    /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:9808")]
+    pub metrics_addr: String,
+    /// Refresh interval of values without a lease (e.g. 2m).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub poll_interval: std::time::Duration,
+    /// Azure Instance Metadata Service, where managed identities' tokens come from (only for
+    /// bindings that grant a managed identity).
+    #[arg(
+        long,
+        env = "KEYBROKER_AZURE_IMDS",
+        default_value = "http://169.254.169.254"
+    )]
+    pub azure_imds: String,
+    /// App Service style identity endpoint; used instead of IMDS when set, with the header
+    /// secret from IDENTITY_HEADER.
+    #[arg(long, env = "IDENTITY_ENDPOINT")]
+    pub azure_identity_endpoint: Option<String>,
+}
+
+impl ServeArgs {
+    /// What a daemon needs before it starts: its managed identity endpoint and a runtime (or
+    /// the exit status, the reason on stderr).
+    pub fn start(
+        &self,
+    ) -> Result<
+        (
+            keybroker::provider::azure::ManagedEndpoint,
+            tokio::runtime::Runtime,
+        ),
+        std::process::ExitCode,
+    > {
+        let managed = self.azure_managed().map_err(|e| {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        })?;
+        Ok((managed, super::runtime()?))
+    }
+
+    fn azure_managed(&self) -> Result<keybroker::provider::azure::ManagedEndpoint, String> {
+        use keybroker::provider::azure::ManagedEndpoint;
+        Ok(match &self.azure_identity_endpoint {
+            Some(endpoint) => {
+                let header = std::env::var("IDENTITY_HEADER").map_err(|_| {
+                    "IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not: the App Service identity endpoint needs both".to_string()
+                })?;
+                ManagedEndpoint::AppService {
+                    endpoint: endpoint.clone(),
+                    header: std::sync::Arc::new(zeroize::Zeroizing::new(header)),
+                }
+            }
+            None => ManagedEndpoint::Imds {
+                base: self.azure_imds.clone(),
+            },
+        })
+    }
+
+    pub fn audit(&self) -> AuditLogArgs {
+        AuditLogArgs {
+            path: self.audit_log.clone(),
+            fail_closed: self.audit_fail_closed,
+            key: self.audit_key.clone(),
+        }
+    }
+}
+
+pub struct AuditLogArgs {
+    pub path: PathBuf,
+    pub fail_closed: bool,
+    pub key: Option<PathBuf>,
+}
+
+/// Which API a daemon serves its node service on.
+/// kubelet's plugin registration, served by keybroker itself.
+pub struct Registration {
+    /// The registration socket in kubelet's plugins_registry.
+    pub socket: PathBuf,
+    /// The CSI socket as kubelet sees it.
+    pub csi_socket: PathBuf,
+}
+
+pub enum Serving {
+    Csi {
+        endpoint: String,
+        registration: Option<Registration>,
+        test_controller: bool,
+        wait_after_handover: bool,
+        /// The external fd keeper also keeps the CSI and registration sockets listening for
+        /// the next process (kubelet then never sees the driver go).
+        keep_listeners: bool,
+    },
+    Provider {
+        endpoint: String,
+    },
+}
+
+/// The fd keeper's names for the listening sockets it keeps (`listen:csi`, ...).
+const LISTEN_PREFIX: &str = "listen:";
+
+/// The listening socket at `path`: the one the fd keeper kept for this node (its file never
+/// changed, so kubelet noticed nothing, and calls made while no keybroker ran waited in its
+/// queue) or a new one. With `keep` (an external keeper) the socket is given to the keeper and
+/// its file stays when this process ends; otherwise the file is removed then, as before.
+/// Returns the listener, the file to remove at the end, and whether it was kept.
+async fn listen(
+    node: &keybroker::node::NodeService,
+    keep: bool,
+    kept: &mut std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+    name: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<(
+    tokio::net::UnixListener,
+    Option<keybroker_csi::BoundSocket>,
+    bool,
+)> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(fd) = kept.remove(name) {
+        let l = std::os::unix::net::UnixListener::from(fd);
+        let same = l
+            .local_addr()
+            .ok()
+            .is_some_and(|a| a.as_pathname() == Some(path))
+            && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+        if same {
+            l.set_nonblocking(true)?;
+            node.keep_listener(name, std::os::fd::OwnedFd::from(l.try_clone()?));
+            tracing::info!(socket = %path.display(), "serving on the socket the fd keeper kept");
+            return Ok((tokio::net::UnixListener::from_std(l)?, None, true));
+        }
+        tracing::warn!(socket = %path.display(), "the socket the fd keeper kept is no longer the file at its path; listening anew");
+    }
+    let (bound, l) = keybroker_csi::bind_socket(&path.display().to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    if keep {
+        use std::os::fd::AsFd;
+        node.keep_listener(name, l.as_fd().try_clone_to_owned()?);
+        return Ok((l, None, false));
+    }
+    Ok((l, Some(bound), false))
+}
+
+/// A server future: CSI or the provider API, until shutdown.
+type ServeFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+pub async fn run_node(
+    cfg: keybroker::node::NodeConfig,
+    serving: Serving,
+    audit_args: AuditLogArgs,
+    metrics_addr: String,
+) -> anyhow::Result<()> {
+    use keybroker::node::NodeService;
+    // A process still serving this node hands its volumes over first (before this one opens
+    // the audit log it writes).
+    let (csi, wait_after_handover, keep_listeners) = match &serving {
+        Serving::Csi {
+            wait_after_handover,
+            keep_listeners,
+            ..
+        } => (true, *wait_after_handover, *keep_listeners),
+        Serving::Provider { .. } => (false, false, false),
+    };
+    let handed = if csi {
+        keybroker::node::handover::request(&cfg.state_dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the handover from the running keybroker failed; taking the sessions from the fd keeper");
+            None
+        })
+    } else {
+        None
+    };
+    let state_dir = cfg.state_dir.clone();
+    let keeper = cfg.keeper.clone();
+    let key = audit_args
+        .key
+        .as_deref()
+        .map(keybroker::audit::AuditKey::load)
+        .transpose()?;
+    let audit =
+        keybroker::audit::AuditLog::open_keyed(&audit_args.path, audit_args.fail_closed, key)?;
+
+    let node = NodeService::new(cfg, audit.clone())?;
+    let shutdown = shutdown_on_signals();
+    node.watch_bindings(shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("cannot watch the bindings file: {e}"))?;
+    let listener = bind_metrics(&metrics_addr, handed.is_some()).await?;
+    // The address actually bound (port 0 picks one).
+    let metrics_addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or(metrics_addr);
+    tokio::spawn(keybroker::node::metrics::serve(
+        listener,
+        node.clone(),
+        shutdown.clone(),
+    ));
+    let (kept, mut listeners) = from_keeper(keeper.as_ref(), handed.is_none() || keep_listeners);
+    node.recover(handed.unwrap_or(kept)).await;
+    if csi {
+        keybroker::node::handover::listen(node.clone(), &state_dir, shutdown.clone()).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "cannot listen for a handover in {}: {e}",
+                    state_dir.display()
+                )
+            },
+        )?;
+        node.watch_keeper(shutdown.clone());
+    }
+    let (endpoint, serve): (String, ServeFuture) = match serving {
+        Serving::Csi {
+            endpoint,
+            test_controller,
+            registration,
+            ..
+        } => {
+            tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving CSI");
+            let serve = serve_csi(
+                &node,
+                &endpoint,
+                registration,
+                test_controller,
+                keep_listeners,
+                &mut listeners,
+                &shutdown,
+            )
+            .await?;
+            (endpoint, serve)
+        }
+        Serving::Provider { endpoint } => {
+            tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving the Secrets Store provider API");
+            let (e, node, stop) = (endpoint.clone(), node.clone(), shutdown.clone());
+            (
+                endpoint,
+                Box::pin(async move {
+                    keybroker::node::provider_api::serve(node, &e, stop.cancelled_owned()).await
+                }),
+            )
+        }
+    };
+    // kubelet keeps its connection open: after a signal, in-flight calls get a grace period,
+    // then the process stops regardless instead of waiting for clients to hang up.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?,
+        _ = grace => tracing::warn!(grace = ?SHUTDOWN_GRACE, "CSI clients still connected after the grace period; stopping anyway"),
+    }
+    node.shutdown().await;
+    audit.flush();
+    if node.complete_handover() {
+        if wait_after_handover {
+            tracing::info!(
+                "handed over to the newer process; waiting for SIGTERM (the pod's deletion)"
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            term.recv().await;
+        }
+        tracing::info!("stopped after handing over");
+    } else {
+        tracing::info!("stopped");
+    }
+    Ok(())
+}
+
+/// The metrics and health listener. After a handover the previous process may take a moment
+/// to let its port go.
+async fn bind_metrics(addr: &str, handed: bool) -> anyhow::Result<tokio::net::TcpListener> {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && handed
+                    && started.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot listen on {addr} for metrics: {e}")),
+        }
+    }
+}
+
+/// Descriptors by keeper name.
+type Kept = std::collections::BTreeMap<String, std::os::fd::OwnedFd>;
+
+/// What the fd keeper holds, when `take` (the FUSE sessions were not handed over, or the
+/// keeper keeps listening sockets): the sessions, and the listening sockets apart.
+fn from_keeper(keeper: Option<&keybroker::keeper::KeeperClient>, take: bool) -> (Kept, Kept) {
+    let all = match keeper {
+        Some(k) if take => k.take().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot take the FUSE sessions and sockets back from the fd keeper; FUSE volumes are remounted");
+            Default::default()
+        }),
+        _ => Default::default(),
+    };
+    let (listeners, sessions): (Kept, Kept) = all
+        .into_iter()
+        .partition(|(n, _)| n.starts_with(LISTEN_PREFIX));
+    (sessions, listeners)
+}
+
+/// Serves CSI on its socket (kept or new) and, with `registration`, kubelet's registration
+/// once the CSI socket accepts calls.
+async fn serve_csi(
+    node: &std::sync::Arc<keybroker::node::NodeService>,
+    endpoint: &str,
+    registration: Option<Registration>,
+    test_controller: bool,
+    keep_listeners: bool,
+    listeners: &mut Kept,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<ServeFuture> {
+    let csi_path =
+        keybroker_csi::socket_path(endpoint).map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+    let (csi_listener, csi_bound, _) =
+        listen(node, keep_listeners, listeners, "listen:csi", &csi_path).await?;
+    if let Some(reg) = registration {
+        let (reg_listener, reg_bound, inherited) = listen(
+            node,
+            keep_listeners,
+            listeners,
+            "listen:registration",
+            &reg.socket,
+        )
+        .await?;
+        if inherited {
+            node.registration_continues();
+        }
+        // kubelet calls the CSI socket as soon as it registers the plugin: register once
+        // that socket accepts calls.
+        let node = node.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            node.wait_serving().await;
+            tracing::info!(socket = %reg.socket.display(), csi = %reg.csi_socket.display(), "serving kubelet's plugin registration");
+            if let Err(e) = keybroker_csi::registration::serve_on(
+                reg_listener,
+                reg_bound,
+                &reg.csi_socket,
+                node,
+                stop.cancelled_owned(),
+            )
+            .await
+            {
+                tracing::error!(socket = %reg.socket.display(), error = %e, "cannot serve kubelet's plugin registration: kubelet will not know this driver");
+            }
+        });
+    }
+    let (node, stop) = (node.clone(), shutdown.clone());
+    Ok(Box::pin(async move {
+        keybroker_csi::serve_on(
+            csi_listener,
+            csi_bound,
+            node,
+            test_controller,
+            stop.cancelled_owned(),
+        )
+        .await
+    }))
+}
