@@ -15,7 +15,7 @@ pub struct FdKeeperArgs {
     pub socket: PathBuf,
     /// Exit once it has held nothing and heard from nobody for this long: a duration such
     /// as `60s`, `5m` or `1h 30m`. Without it the keeper runs until asked to quit (the
-    /// DaemonSet's keeper container).
+    /// chart's keeper DaemonSet).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub exit_when_idle: Option<std::time::Duration>,
     /// Exit as soon as its node has exited and nothing is held (what `keybroker node

@@ -47,8 +47,11 @@ pub struct NodeArgs {
     /// keeper at --fd-keeper-socket or starts one (a `keybroker node` run by hand; that
     /// keeper stays while it holds sessions, so the next node takes them over, and exits
     /// with the node once it holds none);
-    /// `external` only connects (the DaemonSet's keeper container); `off` keeps none, and
-    /// a restart breaks every FUSE volume's running containers (ENOTCONN).
+    /// `external` only connects (the chart's keeper DaemonSet, or a systemd unit of its own)
+    /// and also gives the keeper the CSI and registration sockets, listening, so the next
+    /// process serves on the same files (kubelet never sees the driver go; they stay when
+    /// keybroker stops); `off` keeps none, and a restart breaks every FUSE volume's running
+    /// containers (ENOTCONN).
     #[arg(long, value_enum, default_value_t = KeeperMode::Auto)]
     pub fd_keeper: KeeperMode,
     /// The fd keeper's socket (default: keeper.sock in --state-dir).
