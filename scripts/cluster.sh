@@ -320,6 +320,15 @@ failSwapOn: false
 resolvConf: ""
 registerNode: true
 serializeImagePulls: false
+# The machine's disk is shared with builds: kubelet's default disk-pressure thresholds (10% /
+# 15% free) would evict the test's pods whenever a build fills it. Evict only when truly full.
+evictionHard:
+  nodefs.available: "512Mi"
+  imagefs.available: "512Mi"
+  nodefs.inodesFree: "1%"
+  imagefs.inodesFree: "1%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 KLEOF
   start kubelet "$k8s/kubelet" --config="$run/kubelet.yaml" \
     --kubeconfig="$d/kubelet.kubeconfig" --hostname-override="$NODE" --node-ip="$NODE_IP" \

@@ -14,6 +14,8 @@
 //! | `take`               | `fd NAME` + one fd, for each kept descriptor, then `end N`  |
 //! | `ping`               | `ok N`                                                      |
 //! | `node`               | `ok N`; the caller (by `SO_PEERCRED` pid) is now its node   |
+//! | `watch`              | `ok N`; the connection then stays open, unused, until either |
+//! |                      | side ends: a node learns of the keeper's death at once       |
 //! | `quit`               | `ok 0`, then the keeper closes everything and exits        |
 //!
 //! `N` is how many descriptors the keeper holds after the request. A descriptor whose
@@ -37,6 +39,8 @@ use rustix::net::{
 const MAX_MESSAGE: usize = 512;
 /// How long a client waits for the keeper's answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most `watch` connections kept open at once (the oldest goes first).
+const MAX_WATCHERS: usize = 16;
 /// How often the keeper looks for descriptors whose connection ended.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
 
@@ -212,6 +216,27 @@ impl KeeperClient {
         self.call("quit", None)
     }
 
+    /// A connection the keeper keeps open and never writes to again: it polls as hung up
+    /// the moment the keeper exits (crash, kill, container restart), so its node can give
+    /// every session to the next keeper as soon as that one listens. Returns the connection
+    /// and how many descriptors the keeper held when it answered.
+    pub fn watch(&self) -> Result<(OwnedFd, usize), KeeperError> {
+        let sock = self.connect()?;
+        send(sock.as_fd(), "watch", None).map_err(|e| self.unreachable(e))?;
+        let reply = recv(sock.as_fd())
+            .map_err(|e| self.unreachable(e))?
+            .map(|(t, _)| t)
+            .unwrap_or_default();
+        match reply.strip_prefix("ok ").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok((sock, n)),
+            None => Err(KeeperError::Refused {
+                path: self.path.clone(),
+                request: "watch".into(),
+                reply,
+            }),
+        }
+    }
+
     /// Duplicates of every descriptor the keeper holds, by name (it keeps its own).
     pub fn take(&self) -> Result<BTreeMap<String, OwnedFd>, KeeperError> {
         let sock = self.connect()?;
@@ -337,6 +362,8 @@ fn pidfd(pid: Option<rustix::process::Pid>) -> Option<OwnedFd> {
 /// What one request asks of the keeper's loop.
 enum Handled {
     Done,
+    /// A node's `watch`: its connection stays open.
+    Watch,
     Quit,
     /// A node announced itself (its pid, from `SO_PEERCRED`).
     Node(Option<rustix::process::Pid>),
@@ -360,15 +387,19 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
         None
     };
     let mut node_gone = opts.exit_with_node && node.is_none();
+    // Nodes' `watch` connections: kept open so they see this process end.
+    let mut watchers: Vec<OwnedFd> = Vec::new();
     let res = loop {
         if node_gone && kept.is_empty() {
             tracing::info!("fd keeper: its node has exited and nothing is held; exiting");
             break Ok(());
         }
         let mut p = vec![PollFd::new(&listener, PollFlags::IN)];
+        let first_watcher = 1 + usize::from(node.is_some());
         if let Some(fd) = &node {
             p.push(PollFd::new(fd, PollFlags::IN));
         }
+        p.extend(watchers.iter().map(|w| PollFd::new(w, PollFlags::IN)));
         let wait = rustix::event::Timespec {
             tv_sec: PRUNE_EVERY.as_secs() as i64,
             tv_nsec: 0,
@@ -378,8 +409,19 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
             Err(e) => break Err(e.into()),
         }
         let listener_ready = p[0].revents().contains(PollFlags::IN);
-        if p.get(1).is_some_and(|p| !p.revents().is_empty()) {
-            drop(p);
+        // A watcher that hung up (its node exited) or wrote (it is never asked to): closed.
+        let ended: Vec<usize> = p[first_watcher..]
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.revents().is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        let node_ended = node.is_some() && !p[1].revents().is_empty();
+        drop(p);
+        for i in ended.into_iter().rev() {
+            watchers.swap_remove(i);
+        }
+        if node_ended {
             node = None;
             node_gone = true;
             prune(&mut kept);
@@ -418,6 +460,14 @@ pub fn run(opts: &KeeperOptions) -> std::io::Result<()> {
         let _ = sockopt::set_socket_timeout(&conn, sockopt::Timeout::Send, Some(CLIENT_TIMEOUT));
         match handle(conn.as_fd(), &mut kept) {
             Handled::Done => {}
+            Handled::Watch => {
+                // One or two nodes watch at a time (two during a handover); a client that
+                // leaks connections cannot grow the poll set without bound.
+                if watchers.len() >= MAX_WATCHERS {
+                    watchers.remove(0);
+                }
+                watchers.push(conn);
+            }
             Handled::Quit => break Ok(()),
             Handled::Node(pid) if opts.exit_with_node => {
                 if let Some(fd) = pidfd(pid) {
@@ -466,6 +516,10 @@ fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> Handled
             format!("ok {}", kept.len())
         }
         ("ping", None) => format!("ok {}", kept.len()),
+        ("watch", None) => {
+            handled = Handled::Watch;
+            format!("ok {}", kept.len())
+        }
         ("node", None) => {
             handled = Handled::Node(peer(conn).and_then(|(_, pid)| pid));
             format!("ok {}", kept.len())
@@ -482,7 +536,7 @@ fn handle(conn: BorrowedFd<'_>, kept: &mut BTreeMap<String, OwnedFd>) -> Handled
             tracing::info!(descriptors = kept.len(), "fd keeper: asked to quit");
             return Handled::Quit;
         }
-        _ => "err expected `put NAME` with one descriptor, `drop NAME`, `take`, `ping`, `node` or `quit`"
+        _ => "err expected `put NAME` with one descriptor, `drop NAME`, `take`, `ping`, `node`, `watch` or `quit`"
             .to_owned(),
     };
     if let Err(e) = send(conn, &reply, None) {

@@ -57,12 +57,16 @@ enum Command {
     /// authorized against the bindings file (default deny), filled from the bound identity's
     /// provider through a node-wide cache, kept fresh and audited.
     Node(node::NodeArgs),
-    /// Hold the node's FUSE session descriptors so FUSE volumes outlive a crash or restart of
-    /// `keybroker node` (the DaemonSet runs it as its own container; a node started by hand
-    /// starts one itself).
+    /// Hold the node's FUSE session descriptors so FUSE volumes outlive a crash, restart or
+    /// upgrade of `keybroker node` (the chart runs it as a DaemonSet of its own,
+    /// keybroker-fd-keeper, never replaced with the node pod; a node started by hand starts
+    /// one itself).
     ///
     /// It only keeps descriptors and hands them back (SCM_RIGHTS on a unix socket only its own
-    /// uid may use); it reads no FUSE request and holds no secret.
+    /// uid may use); it reads no FUSE request and holds no secret. Each node keeps a `watch`
+    /// connection to it: when the keeper ends, the node's /readyz turns 503 (its FUSE sessions
+    /// are held by nobody else), and a keeper that comes back on the same socket is given
+    /// every session at once.
     FdKeeper(keeper::FdKeeperArgs),
     /// Serve the Secrets Store CSI driver's provider API (behind an existing driver).
     ///

@@ -564,6 +564,15 @@ async fn without_an_fd_keeper_a_restart_remounts_fuse_and_says_what_it_means() {
         .await
         .unwrap();
     drop(node);
+    // A FUSE session no keeper holds: not ready, and /readyz says why.
+    let not_ready = |d: &Daemon| {
+        let page = d.http("/readyz");
+        page.starts_with("HTTP/1.1 503")
+            && page.contains("1 FUSE sessions are not held by an fd keeper")
+            && page.contains("--fd-keeper off")
+    };
+    assert!(not_ready(&d), "{}", d.http("/readyz"));
+    assert_eq!(d.metric("keybroker_fuse_sessions_unkept"), 1);
     d.kill9();
     assert_eq!(
         std::fs::read_dir(f.target(&root))
@@ -571,7 +580,19 @@ async fn without_an_fd_keeper_a_restart_remounts_fuse_and_says_what_it_means() {
             .raw_os_error(),
         Some(libc::ENOTCONN)
     );
-    let d = Daemon::start_opts(&root, "1s", &root.join("audit.jsonl"), &no_keeper);
+    let d = Daemon::spawn_env(
+        &root,
+        "1s",
+        &root.join("audit.jsonl"),
+        &no_keeper,
+        &[],
+        false,
+    );
+    wait_for(
+        "/readyz 503 naming the unkept session",
+        Duration::from_secs(120),
+        || not_ready(&d),
+    );
     assert!(
         d.logs().contains("Containers that already had it mounted"),
         "{}",

@@ -306,13 +306,15 @@ async fn opens_from_other_mount_namespaces_are_all_recorded_with_their_process()
     assert!(!is_mount_point(&target));
 }
 
-/// A burst that overflows the kernel's queue becomes a gap record naming the volume.
+/// A burst that overflows the kernel's queue becomes a gap record naming the volume, whose
+/// span covers the whole time opens could have been lost: the queue (4,000 events) is larger
+/// than one read of the listener, so the overflow is read several reads into the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_overflow_is_a_gap_record() {
     let _serial = SERIAL.lock().await;
     let (_tmp, root) = setup();
     let audit = root.join("audit.jsonl");
-    // A tiny queue for the groups created while it is set (this test's daemon only).
+    // A small queue for the groups created while it is set (this test's daemon only).
     struct QueueSize(String);
     impl Drop for QueueSize {
         fn drop(&mut self) {
@@ -321,36 +323,67 @@ async fn a_queue_overflow_is_a_gap_record() {
     }
     const SYSCTL: &str = "/proc/sys/fs/fanotify/max_queued_events";
     let saved = QueueSize(std::fs::read_to_string(SYSCTL).unwrap());
-    std::fs::write(SYSCTL, "8").unwrap();
+    std::fs::write(SYSCTL, "4000").unwrap();
     let d = Daemon::start_opts(&root, "1h", &audit, &[]);
     drop(saved);
     let mut node = client(&d).await;
     let pod = Pod::new("team-a", "api", 42);
-    publish(&mut node, &d, &pod, &root).await;
+    // 60 files: one process opening all of them queues 60 events that cannot merge.
+    let objects: String = (0..60)
+        .map(|i| format!("- objectName: p{i}\n  object: db\n  key: password\n"))
+        .collect();
+    node.node_publish_volume(pod.request_with(
+        &root,
+        &[("provider", "local"), ("objects", &objects)],
+        None,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", d.logs()));
     let target = pod.target(&root);
-    // The listener stalls (the daemon stopped) while 20 processes open the file: 20 events
-    // that cannot merge (one per process) for a queue of 8.
+    // The listener stalls (the daemon stopped) while 100 processes open the 60 files: 6,000
+    // events for a queue of 4,000.
     let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid() as i32), sig);
+    let stopped_at = std::time::SystemTime::now();
     stop(nix::sys::signal::Signal::SIGSTOP).unwrap();
     let burst = std::panic::catch_unwind(|| {
         in_container(
             &root,
             "burst",
             &target,
-            "for i in $(seq 20); do cat $V/password > /dev/null || exit 5; done",
+            "for i in $(seq 100); do cat $V/p* > /dev/null || exit 5; done",
         )
     });
+    let continued_at = std::time::SystemTime::now();
     stop(nix::sys::signal::Signal::SIGCONT).unwrap();
     burst.unwrap();
     let vid = format!("csi-{}", pod.uid);
+    let mut detail = String::new();
     wait_for("a gap record", Duration::from_secs(120), || {
         audit_records(&audit).iter().any(|r| {
             r["event"] == "gap"
-                && r["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.contains("fanotify queue overflowed") && d.contains(&vid))
+                && r["detail"].as_str().is_some_and(|d| {
+                    detail = d.to_owned();
+                    d.contains("fanotify queue overflowed") && d.contains(&vid)
+                })
         })
     });
+    // The span covers the whole time the opens could have been lost: from before the
+    // listener stalled to after it ran again (not the microseconds of reading the overflow).
+    let span: Vec<std::time::SystemTime> = detail
+        .split(" between ")
+        .nth(1)
+        .and_then(|t| t.split(" may be missing").next())
+        .map(|t| {
+            t.split(" and ")
+                .map(|x| humantime::parse_rfc3339(x).unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(span.len(), 2, "{detail}");
+    assert!(
+        span[0] <= stopped_at && span[1] >= continued_at,
+        "the gap must span the stall ({stopped_at:?} to {continued_at:?}): {detail}"
+    );
     node.node_unpublish_volume(pod.unpublish(&root))
         .await
         .unwrap();

@@ -228,6 +228,15 @@ impl AuditLog {
         }
     }
 
+    /// Writes everything queued, then nothing more: a newer process has taken the log over
+    /// (a handover). Records after this are logged as errors and not written.
+    pub fn seal(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Seal(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
     /// False while the log cannot be written (from a failed write until one succeeds again).
     pub fn healthy(&self) -> bool {
         !self.health.broken.load(Ordering::Relaxed)

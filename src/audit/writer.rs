@@ -5,6 +5,8 @@ use super::*;
 pub(super) enum Msg {
     Event(SystemTime, Box<Event>),
     Flush(mpsc::Sender<()>),
+    /// Write everything queued, then nothing more (a newer process writes the log now).
+    Seal(mpsc::Sender<()>),
 }
 
 /// How long the writer waits before trying a failed write again.
@@ -35,6 +37,8 @@ pub(super) struct Writer {
     pub(super) head_dirty: bool,
     pub(super) failing_since: Option<SystemTime>,
     pub(super) last_complaint: Option<Instant>,
+    /// Handed to a newer process: nothing more is written.
+    pub(super) sealed: bool,
 }
 
 impl Writer {
@@ -65,6 +69,7 @@ impl Writer {
             head_dirty: seq > 0,
             failing_since: None,
             last_complaint: None,
+            sealed: false,
         }
     }
 
@@ -95,8 +100,24 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg, waiters: &mut Vec<mpsc::Sender<()>>) {
         match msg {
+            Msg::Event(t, e) if self.sealed => {
+                tracing::error!(event = ?e.event, time = %humantime::format_rfc3339_micros(t), "audit record after the log was handed to a newer process; not written (that process writes the log now)");
+            }
             Msg::Event(t, e) => self.write(t, &e),
             Msg::Flush(w) => waiters.push(w),
+            Msg::Seal(w) => {
+                self.flush(true);
+                if self.pending_records > 0 {
+                    tracing::error!(
+                        records = self.pending_records,
+                        "audit records not written before the log was handed to a newer process (the log could not be written)"
+                    );
+                    self.pending.clear();
+                    self.pending_records = 0;
+                }
+                self.sealed = true;
+                let _ = w.send(());
+            }
         }
     }
 

@@ -194,10 +194,10 @@ pub async fn run_node(
         Serving::Provider { .. } => (false, false, false),
     };
     let handed = if csi {
-        keybroker::node::handover::request(&cfg.state_dir).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "the handover from the running keybroker failed; taking the sessions from the fd keeper");
-            None
-        })
+        // An error here means a process still serves this node and did not let go: serving
+        // beside it would answer its FUSE sessions twice.
+        keybroker::node::handover::request(&cfg.state_dir)
+            .map_err(|e| anyhow::anyhow!("handover: {e}"))?
     } else {
         None
     };
@@ -228,17 +228,18 @@ pub async fn run_node(
     ));
     let (kept, mut listeners) = from_keeper(keeper.as_ref(), handed.is_none() || keep_listeners);
     node.recover(handed.unwrap_or(kept)).await;
-    if csi {
-        keybroker::node::handover::listen(node.clone(), &state_dir, shutdown.clone()).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "cannot listen for a handover in {}: {e}",
-                    state_dir.display()
-                )
-            },
-        )?;
+    let handovers = if csi {
+        let l = keybroker::node::handover::listen(&state_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for a handover in {}: {e}",
+                state_dir.display()
+            )
+        })?;
         node.watch_keeper(shutdown.clone());
-    }
+        Some(l)
+    } else {
+        None
+    };
     let (endpoint, serve): (String, ServeFuture) = match serving {
         Serving::Csi {
             endpoint,
@@ -270,32 +271,76 @@ pub async fn run_node(
             )
         }
     };
-    // kubelet keeps its connection open: after a signal, in-flight calls get a grace period,
-    // then the process stops regardless instead of waiting for clients to hang up.
-    let grace = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        r = serve => r.map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?,
-        _ = grace => tracing::warn!(grace = ?SHUTDOWN_GRACE, "CSI clients still connected after the grace period; stopping anyway"),
-    }
-    node.shutdown().await;
-    audit.flush();
-    if node.complete_handover() {
-        if wait_after_handover {
-            tracing::info!(
-                "handed over to the newer process; waiting for SIGTERM (the pod's deletion)"
-            );
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            term.recv().await;
-        }
-        tracing::info!("stopped after handing over");
-    } else {
+    let handed_over = serve_until_stopped(&node, serve, handovers, &shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?;
+    if !handed_over {
+        node.shutdown(false).await;
+        audit.flush();
         tracing::info!("stopped");
+        return Ok(());
     }
+    // Everything else of this process (metrics, the bindings and keeper watchers) stops.
+    shutdown.cancel();
+    if wait_after_handover {
+        tracing::info!(
+            "handed over to the newer process; waiting for SIGTERM (the pod's deletion)"
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        term.recv().await;
+    }
+    tracing::info!("stopped after handing over");
     Ok(())
+}
+
+/// What the serving loop waits for next.
+enum Next {
+    Served(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    Signal,
+    Handover(std::os::fd::OwnedFd),
+}
+
+/// Serves until a signal (then in-flight calls get a grace period: kubelet keeps its
+/// connection open, so the server is not waited for beyond it) or a committed handover.
+/// Returns whether the volumes were handed over.
+async fn serve_until_stopped(
+    node: &std::sync::Arc<keybroker::node::NodeService>,
+    mut serve: ServeFuture,
+    mut handovers: Option<keybroker::node::handover::Listener>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    use keybroker::node::handover;
+    loop {
+        let request = async {
+            match handovers.as_mut() {
+                Some(l) => l.requests.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let next = tokio::select! {
+            r = &mut serve => Next::Served(r),
+            _ = shutdown.cancelled() => Next::Signal,
+            Some(conn) = request => Next::Handover(conn),
+        };
+        match next {
+            Next::Served(r) => return r.map(|()| false),
+            Next::Signal => {
+                tokio::select! {
+                    r = &mut serve => r?,
+                    _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!(grace = ?SHUTDOWN_GRACE, "CSI clients still connected after the grace period; stopping anyway"),
+                }
+                return Ok(false);
+            }
+            Next::Handover(conn) => {
+                let l = handovers
+                    .as_ref()
+                    .expect("a request came from the listener");
+                if handover::hand_over(node, l, conn).await == handover::Outcome::Committed {
+                    return Ok(true);
+                }
+            }
+        }
+    }
 }
 
 /// The metrics and health listener. After a handover the previous process may take a moment

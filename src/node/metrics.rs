@@ -27,6 +27,10 @@ pub struct Metrics {
     pub bindings_reload_errors: AtomicU64,
     /// Rotations of volumes that have since been unpublished (live volumes report their own).
     pub rotations_retired: AtomicU64,
+    /// Times every FUSE session was given to the fd keeper (start, a keeper that came back).
+    pub keeper_syncs: AtomicU64,
+    /// Handovers to a newer process that did not complete (this process serves on).
+    pub handovers_rolled_back: AtomicU64,
     publish_latency_buckets: [AtomicU64; BUCKETS.len()],
     publish_latency_count: AtomicU64,
     publish_latency_sum_us: AtomicU64,
@@ -46,12 +50,14 @@ impl Metrics {
     }
 }
 
-/// The metrics page.
-pub fn render(node: &NodeService) -> String {
+type Row = (&'static str, &'static str, u64);
+
+/// The counters: (name, help, value).
+fn counters(node: &NodeService) -> [Row; 15] {
     let m = &node.metrics;
     let c = &node.cache().stats;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 13] = [
+    [
         (
             "keybroker_publishes_total",
             "Volumes published (first publish).",
@@ -113,12 +119,26 @@ pub fn render(node: &NodeService) -> String {
             get(&c.failures),
         ),
         (
+            "keybroker_keeper_syncs_total",
+            "Times every FUSE session was given to the fd keeper (at start, and each time a keeper came back).",
+            get(&m.keeper_syncs),
+        ),
+        (
+            "keybroker_handovers_rolled_back_total",
+            "Handovers to a newer process that did not complete; this process served on.",
+            get(&m.handovers_rolled_back),
+        ),
+        (
             "keybroker_audit_write_errors_total",
             "Failed attempts to write the audit log (retries included).",
             node.audit().write_errors(),
         ),
-    ];
-    let gauges: [(&str, &str, u64); 6] = [
+    ]
+}
+
+/// The gauges: (name, help, value).
+fn gauges(node: &NodeService) -> [Row; 7] {
+    [
         (
             "keybroker_audit_healthy",
             "1 while the audit log can be written, 0 while writes fail.",
@@ -128,6 +148,11 @@ pub fn render(node: &NodeService) -> String {
             "keybroker_fuse_sessions_lingering",
             "Unpublished FUSE volumes still served because another mount namespace holds them.",
             crate::volume::fuse::lingering_sessions(),
+        ),
+        (
+            "keybroker_fuse_sessions_unkept",
+            "FUSE sessions no fd keeper holds: a restart of keybroker now would break them (also in /readyz).",
+            node.unkept_sessions() as u64,
         ),
         (
             "keybroker_volumes",
@@ -149,7 +174,14 @@ pub fn render(node: &NodeService) -> String {
             "Resident memory of the daemon.",
             crate::procinfo::resident_bytes(std::process::id()).unwrap_or(0),
         ),
-    ];
+    ]
+}
+
+/// The metrics page.
+pub fn render(node: &NodeService) -> String {
+    let m = &node.metrics;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (counters, gauges) = (counters(node), gauges(node));
     let mut out = String::new();
     for (kind, rows) in [("counter", &counters[..]), ("gauge", &gauges[..])] {
         for (name, help, v) in rows {

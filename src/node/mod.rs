@@ -59,7 +59,8 @@ use keeper_sync::Session;
 use providers::{identity_key, provider_error};
 use publish::PARSE_SLOTS;
 use records::{
-    FuseRecord, VolumeRecord, detach_all, record_key, record_path, target_alive, write_record,
+    FuseRecord, VolumeRecord, copy_path, detach_all, read_record, record_key, record_path,
+    remove_record, target_alive, write_record,
 };
 use recover::Adopt;
 
@@ -142,8 +143,15 @@ pub struct NodeService {
     /// Listening sockets the fd keeper keeps for the next process, by keeper name
     /// (`listen:csi`, `listen:registration`): given to a restarted keeper like the sessions.
     listeners: Mutex<Vec<(String, std::os::fd::OwnedFd)>>,
-    /// A newer process asked for this one's volumes: it gets the sessions at shutdown.
-    handover: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// FUSE sessions a previous process served whose record is damaged: kept (here and at
+    /// the keeper) until kubelet republishes their target (served again) or unpublishes it.
+    /// By record key.
+    unclaimed: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
+    /// What the fd keeper holds, as far as this process knows.
+    keeper_state: Mutex<keeper_sync::KeeperState>,
+    /// CSI calls hold it shared; a handover takes it exclusively, so no publish or unpublish
+    /// runs (or starts) while the volumes change hands.
+    calls: tokio::sync::RwLock<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -180,7 +188,9 @@ impl NodeService {
             unpublished: Arc::new(AtomicU64::new(0)),
             sessions: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
-            handover: Mutex::new(None),
+            unclaimed: Mutex::new(HashMap::new()),
+            keeper_state: Mutex::new(Default::default()),
+            calls: tokio::sync::RwLock::new(()),
             cache: Arc::new(FetchCache::new(cfg.poll)),
             bindings: ArcSwap::from_pointee(bindings),
             audit,
@@ -226,7 +236,7 @@ impl NodeService {
         if let Some(Err(e)) = &*lock(&self.kubelet) {
             return Some(format!("kubelet refused the plugin registration: {e}"));
         }
-        None
+        self.keeper_not_ready()
     }
 
     /// Whether kubelet has said it registered the plugin.
@@ -364,6 +374,7 @@ impl NodePlugin for NodeService {
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<(), NodeError> {
+        let _call = self.calls.read().await;
         let started = Instant::now();
         let res = self.do_publish(req).await;
         self.metrics.observe_publish(started.elapsed(), res.is_ok());
@@ -371,6 +382,7 @@ impl NodePlugin for NodeService {
     }
 
     async fn unpublish(&self, req: UnpublishRequest) -> Result<(), NodeError> {
+        let _call = self.calls.read().await;
         self.do_unpublish(req).await
     }
 }

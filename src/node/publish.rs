@@ -231,8 +231,9 @@ impl NodeService {
         let provider = self
             .provider_for(&grant, &vr, &target)
             .map_err(|e| self.fail(Some(&vr.pod), &vid, e))?;
+        let adopt = self.claim_unclaimed(&vid, &target, vr.kind);
         let res = self
-            .mount_new(&vid, &target, vr, grant, provider, started, None)
+            .mount_new(&vid, &target, vr, grant, provider, started, adopt)
             .await;
         drop(pending);
         if res.is_err() {
@@ -642,7 +643,7 @@ struct Undo {
 impl Undo {
     fn run(&self) {
         if let Some(r) = &self.record {
-            let _ = std::fs::remove_file(r);
+            super::records::remove_record(r);
         }
         if self.created {
             let _ = std::fs::remove_dir(&self.target);

@@ -51,10 +51,53 @@ pub(super) fn detach_all(staging_root: &Path, target: &Path) -> usize {
     n
 }
 
-/// Writes a volume's record atomically (write + rename), so a crash never leaves half a record.
+/// Where the copy of the record at `path` (`<state>/volumes/KEY.json`) is kept:
+/// `<state>/volume-copies/KEY.json`. A record damaged by something other than keybroker (a
+/// tool, a disk) is read from its copy, so its volume is taken over as if nothing happened.
+pub(super) fn copy_path(path: &Path) -> PathBuf {
+    let state = path
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    state
+        .join("volume-copies")
+        .join(path.file_name().unwrap_or_default())
+}
+
+/// Writes a volume's record, then its copy, each atomically (write + rename), so a crash
+/// never leaves half a record.
 pub(super) fn write_record(path: &Path, record: &VolumeRecord) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    for p in [path.to_owned(), copy_path(path)] {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(())
+}
+
+/// Removes a volume's record, then its copy (a crash in between leaves a copy of no record,
+/// which the next process removes).
+pub(super) fn remove_record(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(copy_path(path));
+}
+
+/// Reads the record at `path`, or its copy when the record is damaged (`Ok((record, true))`).
+/// `Err` says why neither could be read.
+pub(super) fn read_record(path: &Path) -> Result<(VolumeRecord, bool), String> {
+    let parse = |p: &Path| -> Result<VolumeRecord, String> {
+        let bytes = std::fs::read(p).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    };
+    match parse(path) {
+        Ok(r) => Ok((r, false)),
+        Err(damaged) => match parse(&copy_path(path)) {
+            Ok(r) => Ok((r, true)),
+            Err(copy) => Err(format!("{damaged}; its copy: {copy}")),
+        },
+    }
 }

@@ -15,6 +15,70 @@ pub(super) const TAKEN_OVER: &str = "tmpfs volume taken over after restart";
 pub(super) const FUSE_TAKEN_OVER: &str = "FUSE session taken over after restart";
 
 impl NodeService {
+    /// The session kept for `target` whose record was damaged, to serve again now that
+    /// kubelet publishes the target (`kind` FUSE, its connection still mounted there); `None`
+    /// when there is none. One that cannot be served is closed, and said so.
+    pub(super) fn claim_unclaimed(
+        &self,
+        vid: &str,
+        target: &Path,
+        kind: VolumeKind,
+    ) -> Option<Adopt> {
+        let key = record_key(target);
+        let fd = lock(&self.unclaimed).remove(&key)?;
+        let conn = crate::volume::fuse::connection_id(target);
+        let usable = kind == VolumeKind::Fuse && !crate::keeper::ended(fd.as_fd());
+        let Some(conn) = conn.filter(|_| usable) else {
+            drop(fd);
+            if let Some(k) = &self.cfg.keeper {
+                let _ = k.drop_fd(&key);
+            }
+            lock(&self.keeper_state).held.remove(&key);
+            self.audit.record(
+                Event::new(EventKind::Unmount)
+                    .volume(vid.to_owned())
+                    .outcome(Outcome::Failure)
+                    .detail("the FUSE session kept for a damaged record cannot be served (not FUSE, or no longer mounted at the target); closed, the volume is mounted anew"),
+            );
+            return None;
+        };
+        self.audit.record(
+            Event::new(EventKind::Mount)
+                .volume(vid.to_owned())
+                .detail("FUSE session kept for a damaged record served again at kubelet's publish (readers waited; its previous inode numbers are stale, names are looked up anew)"),
+        );
+        tracing::warn!(volume_id = vid, target = %target.display(), "serving again the FUSE session of a damaged record");
+        Some(Adopt::Fuse {
+            fd,
+            rec: FuseRecord {
+                conn,
+                // What every kernel since 5.4 agrees to with keybroker (the previous
+                // process's choice is in the lost record).
+                minor: crate::volume::fusewire::MINOR,
+                inodes: crate::volume::memfs::InodeTable::fresh(),
+            },
+        })
+    }
+
+    /// Closes the session kept for `target`'s damaged record (kubelet unpublished it).
+    pub(super) fn close_unclaimed(&self, vid: &str, target: &Path) -> bool {
+        let key = record_key(target);
+        let Some(fd) = lock(&self.unclaimed).remove(&key) else {
+            return false;
+        };
+        drop(fd);
+        if let Some(k) = &self.cfg.keeper {
+            let _ = k.drop_fd(&key);
+        }
+        lock(&self.keeper_state).held.remove(&key);
+        self.audit.record(
+            Event::new(EventKind::Unmount)
+                .volume(vid.to_owned())
+                .detail("FUSE session kept for a damaged record closed at kubelet's unpublish"),
+        );
+        true
+    }
+
     /// Takes over the volumes a previous keybroker process published (from the state
     /// directory): tmpfs volumes keep being served; FUSE sessions whose descriptor came back
     /// (`sessions`, from the keeper or a handover, by record key) are served again without a
@@ -23,31 +87,7 @@ impl NodeService {
     pub async fn recover(&self, mut sessions: BTreeMap<String, std::os::fd::OwnedFd>) {
         let dir = self.cfg.state_dir.join("volumes");
         let mut taken_over = Vec::new();
-        let mut records = Vec::new();
-        // Every volume with a record file, readable or not: its staging mount is not an orphan.
-        let mut recorded = std::collections::BTreeSet::new();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let path = e.path();
-                if path.extension().is_none_or(|x| x != "json") {
-                    // A record half written when a process died: the complete one is beside it.
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
-                if let Some(stem) = path.file_stem() {
-                    recorded.insert(stem.to_string_lossy().into_owned());
-                }
-                let Ok(bytes) = std::fs::read(&path) else {
-                    continue;
-                };
-                match serde_json::from_slice::<VolumeRecord>(&bytes) {
-                    Ok(rec) => records.push(rec),
-                    Err(_) => {
-                        tracing::warn!(file = %path.display(), "unreadable volume record; ignored")
-                    }
-                }
-            }
-        }
+        let (records, recorded, damaged) = self.read_records(&dir);
         // A staging tmpfs no record names: a crash inside an unpublish (the record goes first).
         // It is this node's own (its state directory), so it is detached with its target binds.
         let (orphans, detached) =
@@ -75,6 +115,21 @@ impl NodeService {
             }
         }
         for (key, fd) in sessions {
+            if damaged.contains(&key) && !crate::keeper::ended(fd.as_fd()) {
+                // Its record is damaged, its connection alive: readers wait in the kernel
+                // until kubelet's next publish of the target (then it is served again) or
+                // its unpublish (then it is closed).
+                let msg = "volume record unreadable; its live FUSE session is kept, to be served again at kubelet's next publish of the target (readers wait until then) or closed at its unpublish";
+                tracing::error!(record = %key, "{msg}");
+                self.audit.record(
+                    Event::new(EventKind::Error)
+                        .volume(format!("record:{key}"))
+                        .outcome(Outcome::Failure)
+                        .detail(msg),
+                );
+                lock(&self.unclaimed).insert(key, fd);
+                continue;
+            }
             // Unpublished while no process ran (its record went first): its connection is
             // closed with the last descriptor.
             drop(fd);
@@ -86,7 +141,7 @@ impl NodeService {
                     "FUSE session of no recorded volume (unpublished during a restart) closed",
                 ));
         }
-        self.sync_keeper(true);
+        self.sync_keeper(false);
         if !taken_over.is_empty() && self.opens.is_some() {
             // Between the previous process's last record and now nobody watched these volumes.
             taken_over.sort();
@@ -104,6 +159,70 @@ impl NodeService {
             );
         }
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// The records in `dir` (a damaged one read from its copy, and audited), the keys of
+    /// every record file, readable or not, and of those neither readable nor copied.
+    fn read_records(
+        &self,
+        dir: &Path,
+    ) -> (
+        Vec<VolumeRecord>,
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeSet<String>,
+    ) {
+        let mut records = Vec::new();
+        // Every volume with a record file, readable or not: its staging mount is not an orphan.
+        let mut recorded = std::collections::BTreeSet::new();
+        // Records that cannot be read: their sessions are kept for kubelet's next call.
+        let mut damaged = std::collections::BTreeSet::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "json") {
+                    // A record half written when a process died: the complete one is beside it.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                recorded.insert(stem.clone());
+                match read_record(&path) {
+                    Ok((rec, false)) => records.push(rec),
+                    Ok((rec, true)) => {
+                        tracing::error!(file = %path.display(), "damaged volume record; its copy is used");
+                        self.audit.record(
+                            Event::new(EventKind::Error)
+                                .volume(rec.volume_id.clone())
+                                .outcome(Outcome::Failure)
+                                .detail(format!(
+                                    "volume record {} damaged; taken over from its copy {}",
+                                    path.display(),
+                                    copy_path(&path).display()
+                                )),
+                        );
+                        records.push(rec);
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "unreadable volume record and copy: its volume is taken over at kubelet's next publish of the target");
+                        damaged.insert(stem);
+                    }
+                }
+            }
+        }
+        // Copies of no record: the record went first in an unpublish a crash interrupted.
+        let copies = copy_path(&dir.join("x.json"));
+        if let Some(copies) = copies.parent()
+            && let Ok(entries) = std::fs::read_dir(copies)
+        {
+            for e in entries.flatten() {
+                if !dir.join(e.file_name()).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        (records, recorded, damaged)
     }
 
     pub(super) async fn recover_one(

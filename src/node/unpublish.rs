@@ -7,7 +7,7 @@ impl NodeService {
         let _held = tlock.lock().await;
         // The record goes first: a crash after this leaves at most a mount without a record,
         // which kubelet's retried unpublish (or the next publish there) cleans.
-        let _ = std::fs::remove_file(record_path(&self.cfg.state_dir, &target));
+        remove_record(&record_path(&self.cfg.state_dir, &target));
         self.forget_session(&target);
         let entry = lock(&self.volumes).remove(&target);
         let mut ev = Event::new(EventKind::Unmount).volume(req.volume_id.clone());
@@ -41,9 +41,15 @@ impl NodeService {
                 tracing::info!(volume_id = %p.volume_id, pod = %p.pod, "unpublished");
             }
             None => {
-                // Unknown to this process: a leftover of a previous one, or nothing at all.
+                // Unknown to this process: a leftover of a previous one (a session kept for a
+                // damaged record), or nothing at all.
+                let kept = self.close_unclaimed(&req.volume_id, &target);
                 detach_all(&self.staging_root(), &target);
-                ev.detail = Some("no volume of this process was published there".into());
+                ev.detail = Some(if kept {
+                    "the volume of a damaged record (its session kept until now) unmounted".into()
+                } else {
+                    "no volume of this process was published there".into()
+                });
             }
         }
         match std::fs::remove_dir(&target) {

@@ -89,7 +89,10 @@ struct Shared {
     /// Opens seen (for tests and metrics).
     opens: AtomicU64,
     overflows: AtomicU64,
-    last_event: Mutex<SystemTime>,
+    /// When a read last found the queue empty: an overflow's lost events came after it.
+    last_empty: Mutex<SystemTime>,
+    /// An overflow being measured: since when opens may be missing.
+    gap: Mutex<Option<SystemTime>>,
 }
 
 /// The node's open auditor: one fanotify group, one listener thread.
@@ -134,7 +137,8 @@ impl OpenAudit {
             stop: AtomicBool::new(false),
             opens: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
-            last_event: Mutex::new(SystemTime::now()),
+            last_empty: Mutex::new(SystemTime::now()),
+            gap: Mutex::new(None),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -245,6 +249,7 @@ impl OpenAudit {
             let _ = t.join();
         }
         lock(&self.shared.windows).flush(&self.shared.audit, true);
+        record_gap(&self.shared, true);
     }
 }
 
@@ -345,25 +350,30 @@ fn listen(s: &Shared) {
     while !s.stop.load(Ordering::Relaxed) {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             lock(&s.windows).flush(&s.audit, false);
+            // A queue that never drains still gets its gap recorded, up to now.
+            record_gap(s, false);
             last_tick = std::time::Instant::now();
         }
-        let mut fds = [nix::poll::PollFd::new(
-            std::os::fd::AsFd::as_fd(&s.fan),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                // Never give up: in permission mode an unread event is an open that waits.
-                complain(&mut last_complaint, "poll", e);
-                continue;
-            }
-        }
+        // Read until the queue is empty, then wait on it.
         let n = match nix::unistd::read(&s.fan, &mut buf) {
             Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                // Empty now: nothing can be lost before this moment, and a gap being
+                // measured ends here.
+                *lock(&s.last_empty) = SystemTime::now();
+                record_gap(s, true);
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&s.fan),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    // Never give up: in permission mode an unread event is an open that waits.
+                    Err(e) => complain(&mut last_complaint, "poll", e),
+                }
+                continue;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 complain(&mut last_complaint, "read", e);
                 continue;
@@ -450,7 +460,6 @@ fn handle_batch(s: &Shared, events: Vec<RawEvent>, me: i32) {
         }
         close(fd);
     }
-    *lock(&s.last_event) = SystemTime::now();
 }
 
 /// Records one open (coalesced). `Some(true)`: a record was queued; `Some(false)`: counted in
@@ -521,14 +530,33 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
     Some(lock(&s.windows).note(&s.audit, key, || make(&info, process)))
 }
 
+/// The kernel dropped events: opens may be missing from the time the queue was last seen
+/// empty (it filled after that) until it is seen empty again (then the backlog is read).
+/// The gap record is written then, or after a second if the queue never empties.
 fn overflow(s: &Shared) {
     s.overflows.fetch_add(1, Ordering::Relaxed);
-    let since = *lock(&s.last_event);
+    let mut gap = lock(&s.gap);
+    if gap.is_none() {
+        *gap = Some(*lock(&s.last_empty));
+    }
+    tracing::error!("fanotify queue overflowed: some opens were not audited");
+}
+
+/// Writes the gap record of an overflow, spanning until now: when the queue has drained
+/// (`drained`) or when the gap is a second old.
+fn record_gap(s: &Shared, drained: bool) {
+    let mut gap = lock(&s.gap);
+    let Some(since) = *gap else { return };
+    let now = SystemTime::now();
+    if !drained && now.duration_since(since).unwrap_or_default() < Duration::from_secs(1) {
+        return;
+    }
+    *gap = None;
+    drop(gap);
     let volumes: Vec<String> = lock(&s.volumes)
         .values()
         .map(|w| w.volume.clone())
         .collect();
-    tracing::error!(volumes = ?volumes, "fanotify queue overflowed: some opens were not audited");
     s.audit.record(
         Event::new(EventKind::Gap)
             .outcome(Outcome::Failure)
@@ -536,7 +564,7 @@ fn overflow(s: &Shared) {
                 "fanotify queue overflowed: opens of volumes {} between {} and {} may be missing from this log",
                 volumes.join(", "),
                 humantime::format_rfc3339_micros(since),
-                humantime::format_rfc3339_micros(SystemTime::now())
+                humantime::format_rfc3339_micros(now)
             )),
     );
 }

@@ -34,6 +34,7 @@ pub fn errno(e: FsError) -> Errno {
         FsError::ReadOnly => Errno::EROFS,
         FsError::BadHandle => Errno::EBADF,
         FsError::AuditDown => Errno::EIO,
+        FsError::Stale => Errno::ESTALE,
     }
 }
 
@@ -523,6 +524,7 @@ mod tests {
             (FsError::ReadOnly, libc::EROFS),
             (FsError::BadHandle, libc::EBADF),
             (FsError::AuditDown, libc::EIO),
+            (FsError::Stale, libc::ESTALE),
         ];
         for (e, want) in table {
             assert_eq!(errno(e), Errno::from_i32(want), "{e:?}");

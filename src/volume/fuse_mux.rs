@@ -16,8 +16,9 @@
 //! serves such a descriptor in the next process without a second INIT: the protocol minor is
 //! the one recorded at mount, requests the dead server had read are queued again
 //! (`FUSE_NOTIFY_RESEND`), and the previous process's inodes answer through
-//! [`MemFs::restore`]. [`stop_serving`] stops every session between two requests, so a process
-//! that exits never leaves one half answered.
+//! [`MemFs::restore`]. [`pause_serving`] parks every session between two requests, so a
+//! process that exits or hands over never leaves one half answered; [`resume_serving`] serves
+//! them again when a handover is rolled back.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -54,27 +55,34 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Stops every session (process exit or handover); see [`stop_serving`].
-fn stopping() -> &'static tokio_util::sync::CancellationToken {
-    static STOP: std::sync::OnceLock<tokio_util::sync::CancellationToken> =
+/// Whether sessions are paused (a handover in progress, or the process exiting); see
+/// [`pause_serving`].
+fn paused() -> &'static tokio::sync::watch::Sender<bool> {
+    static PAUSED: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> =
         std::sync::OnceLock::new();
-    STOP.get_or_init(tokio_util::sync::CancellationToken::new)
+    PAUSED.get_or_init(|| tokio::sync::watch::Sender::new(false))
 }
 
-/// Sessions whose task is running.
+/// Sessions whose task is serving (not parked by a pause, not ended).
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// Stops serving every session of this process between two requests and waits (at most
-/// `wait`) until none is in the middle of one. The mounts and descriptors stay: readers wait
-/// in the kernel until another process (holding the descriptors through the keeper) serves
-/// them. Returns how many sessions were still running when the wait ended (0 normally).
-pub fn stop_serving(wait: Duration) -> usize {
-    stopping().cancel();
+/// Pauses every session of this process between two requests and waits (at most `wait`)
+/// until none is in the middle of one. The mounts and descriptors stay: readers wait in the
+/// kernel until this process resumes ([`resume_serving`], a handover rolled back) or another
+/// process (holding the descriptors through the keeper or a handover) serves them. Returns
+/// how many sessions were still serving when the wait ended (0 normally).
+pub fn pause_serving(wait: Duration) -> usize {
+    paused().send_replace(true);
     let started = std::time::Instant::now();
     while RUNNING.load(Ordering::Acquire) > 0 && started.elapsed() < wait {
         std::thread::sleep(Duration::from_millis(1));
     }
     RUNNING.load(Ordering::Acquire)
+}
+
+/// Serves every paused session again (a handover that did not complete).
+pub fn resume_serving() {
+    paused().send_replace(false);
 }
 
 thread_local! {
@@ -215,6 +223,16 @@ impl MuxVolume {
             let _ = v.notify(|r| r.inval_inode(ino));
             parents.insert(parent);
         }
+        // Every name the root shows now, too: after a lost inode table (a damaged record) the
+        // kernel's entries are unknown, and a name looked up anew is always right.
+        if let Ok(entries) = fs.readdir(ROOT_INO) {
+            for (_, _, name) in entries
+                .into_iter()
+                .filter(|(_, _, n)| n != "." && n != "..")
+            {
+                let _ = v.notify(|r| r.inval_entry(ROOT_INO, &name));
+            }
+        }
         for p in parents {
             let _ = v.notify(|r| r.inval_inode(p));
         }
@@ -297,17 +315,26 @@ fn spawn(conn: Arc<Conn>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Reads and answers requests until the connection ends (unmounted, or aborted) or
-/// [`stop_serving`].
+/// Reads and answers requests until the connection ends (unmounted, or aborted); parks
+/// between two requests while sessions are paused ([`pause_serving`]).
 async fn run(conn: Arc<Conn>) {
-    let stop = stopping();
+    let mut pause = paused().subscribe();
     loop {
+        if *pause.borrow_and_update() {
+            RUNNING.fetch_sub(1, Ordering::AcqRel);
+            let resumed = pause.wait_for(|p| !*p).await.is_ok();
+            RUNNING.fetch_add(1, Ordering::AcqRel);
+            if !resumed {
+                return;
+            }
+            continue;
+        }
         // A connection that ends (its last mount gone, or aborted) polls as an error, not as
         // readable: wait for both, and let the read tell which (ENODEV ends the session).
         let interest = tokio::io::Interest::READABLE.add(tokio::io::Interest::ERROR);
         let mut guard = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = pause.changed() => continue,
             g = conn.dev.ready(interest) => match g {
                 Ok(g) => g,
                 Err(e) => {
@@ -318,8 +345,8 @@ async fn run(conn: Arc<Conn>) {
         };
         // Everything queued, then wait again.
         loop {
-            if stop.is_cancelled() {
-                return;
+            if *pause.borrow() {
+                break;
             }
             let res = BUFS.with(|b| {
                 let (buf, reply) = &mut *b.borrow_mut();

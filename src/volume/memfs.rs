@@ -62,6 +62,10 @@ pub enum FsError {
     ReadOnly,
     #[error("unknown file handle")]
     BadHandle,
+    /// An inode this filesystem does not know (forgotten, or handed out by a previous process
+    /// whose inode table is lost): the kernel looks the name up again and retries.
+    #[error("stale inode")]
+    Stale,
     #[error("serving is paused: the audit log cannot be written")]
     AuditDown,
 }
@@ -101,6 +105,23 @@ pub struct InodeTable {
     pub files: Vec<(u64, String)>,
     /// (inode, name) of the subdirectories.
     pub dirs: Vec<(u64, String)>,
+}
+
+impl InodeTable {
+    /// A table for a session whose previous table is lost (a damaged record): no alias, and
+    /// new inodes numbered far above any a process could have handed out (the time in
+    /// microseconds), so a stale number the kernel still holds never names a new file.
+    pub fn fresh() -> Self {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1 << 50);
+        Self {
+            next_ino: now.max(1 << 40),
+            files: Vec::new(),
+            dirs: Vec::new(),
+        }
+    }
 }
 
 type TableHook = Box<dyn Fn(&InodeTable) + Send + Sync>;
@@ -386,7 +407,7 @@ impl MemFs {
             return Err(if st.inodes.contains_key(&parent) {
                 FsError::NotDir
             } else {
-                FsError::NotFound
+                FsError::Stale
             });
         };
         let node = st.dir.get(&full).cloned().ok_or(FsError::NotFound)?;
@@ -426,7 +447,7 @@ impl MemFs {
                 ino,
                 ..self.file_attr(&n)
             })
-            .ok_or(FsError::NotFound)
+            .ok_or(FsError::Stale)
     }
 
     /// Opens a file for reading, pinning its content, and audits the read.
@@ -442,7 +463,7 @@ impl MemFs {
         {
             return Err(FsError::AuditDown);
         }
-        let node = Self::node_of(&self.state(), ino).ok_or(FsError::NotFound)?;
+        let node = Self::node_of(&self.state(), ino).ok_or(FsError::Stale)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(a) = &self.audit {
             // Resolved here, while the caller is certainly alive (a short-lived `cat` is gone
@@ -603,7 +624,7 @@ mod tests {
         // The old inode is still answerable until the kernel forgets it.
         assert_eq!(fs.getattr(a1.ino).unwrap().size, 3);
         fs.forget(a1.ino, 1);
-        assert_eq!(fs.getattr(a1.ino), Err(FsError::NotFound));
+        assert_eq!(fs.getattr(a1.ino), Err(FsError::Stale));
         fs.release(fh);
         assert_eq!(fs.open_handles(), 0);
     }
@@ -720,7 +741,7 @@ mod tests {
         assert!(aliases.contains(&(a1, ROOT_INO, "a".to_owned())));
         assert!(aliases.iter().any(|(_, p, n)| *p == d && *n == leaf));
         new.forget(a1, 7);
-        assert_eq!(new.getattr(a1), Err(FsError::NotFound));
+        assert_eq!(new.getattr(a1), Err(FsError::Stale));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cluster;
 pub mod node;
 pub mod peers;
+pub mod reader;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keybroker");
 

@@ -54,6 +54,19 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_env(dir, poll, audit, extra, env, true)
+    }
+
+    /// Starts the node; with `wait`, returns once it is ready ([`Daemon::wait_ready`]),
+    /// otherwise at once (a process a test kills while it starts).
+    pub fn spawn_env(
+        dir: &Path,
+        poll: &str,
+        audit: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wait: bool,
+    ) -> Self {
         let sock = dir.join("csi/csi.sock");
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::fs::OpenOptions::new()
@@ -93,6 +106,16 @@ impl Daemon {
             metrics,
             cleanup: true,
         };
+        if !wait {
+            return d;
+        }
+        d.wait_ready();
+        d
+    }
+
+    /// Waits (at most 120 s) until /readyz says 200 and the socket answers.
+    pub fn wait_ready(&mut self) {
+        let d = self;
         let deadline = Instant::now() + Duration::from_secs(120);
         while !d.http("/readyz").starts_with("HTTP/1.1 200") {
             if let Some(Ok(Some(s))) = d.child.as_mut().map(|c| c.try_wait()) {
@@ -107,7 +130,6 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no socket:\n{}", d.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     pub fn logs(&self) -> String {
