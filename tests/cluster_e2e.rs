@@ -82,22 +82,19 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
     // The chart, as a platform team installs it: the locally built image, bindings that give
     // team-a/api the local provider's `db`, that directory mounted into keybroker, the audit
     // log in the test's directory.
-    let (repository, tag) = image_reference();
     let values = tmp.path().join("values.yaml");
     std::fs::write(
         &values,
-        format!(
-            "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
-             bindings: |\n  bindings:\n    - name: team-a-dev\n      namespace: team-a\n      serviceAccounts: [api]\n      identity: {{local: {{path: /dev-secrets}}}}\n      objects: [db]\n\
+        chart_values(&format!(
+            "bindings: |\n  bindings:\n    - name: team-a-dev\n      namespace: team-a\n      serviceAccounts: [api]\n      identity: {{local: {{path: /dev-secrets}}}}\n      objects: [db]\n\
              extraVolumes:\n  - {{name: dev-secrets, hostPath: {{path: {}, type: Directory}}}}\n\
              extraVolumeMounts:\n  - {{name: dev-secrets, mountPath: /dev-secrets, readOnly: true}}\n\
-             resources: {{requests: {{cpu: 10m, memory: 16Mi}}}}\n\
              pollInterval: 2s\n\
              auditDir: {}\n\
              stateDir: {STATE_DIR}\n",
             secrets.display(),
             audit_log.parent().unwrap().display()
-        ),
+        )),
     )
     .unwrap();
     helm("install", &values, &[]);

@@ -107,19 +107,34 @@ impl Drop for Cluster {
     }
 }
 
+/// A keybroker volume of the local provider.
 pub fn csi_volume(name: &str, volume_type: &str, objects: &str) -> serde_json::Value {
+    csi_volume_with(
+        name,
+        serde_json::json!({"provider": "local", "volumeType": volume_type, "objects": objects}),
+    )
+}
+
+/// A keybroker volume `name` with the volume attributes `attributes` (a JSON object).
+pub fn csi_volume_with(name: &str, attributes: serde_json::Value) -> serde_json::Value {
     serde_json::json!({
         "name": name,
         "csi": {
             "driver": "csi.keybroker.io",
             "readOnly": true,
-            "volumeAttributes": {
-                "provider": "local",
-                "volumeType": volume_type,
-                "objects": objects,
-            }
+            "volumeAttributes": attributes,
         }
     })
+}
+
+/// The chart's values for the locally built image (never pulled), small requests, and
+/// `extra` (YAML lines).
+pub fn chart_values(extra: &str) -> String {
+    let (repository, tag) = image_reference();
+    format!(
+        "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
+         resources: {{requests: {{cpu: 10m, memory: 16Mi}}}}\n{extra}"
+    )
 }
 
 /// A busybox pod of `sa` in `ns` running `script`, with the given keybroker volumes mounted at

@@ -44,10 +44,22 @@ pub struct Bao {
     pub ca: PathBuf,
     pub audit_log: PathBuf,
     dir: PathBuf,
+    /// The network namespace it listens in (its CLI runs there too); `None`: this one's.
+    netns: Option<PathBuf>,
 }
 
 impl Bao {
     pub fn start(dir: &Path) -> Self {
+        Self::start_at(dir, None)
+    }
+
+    /// OpenBao listening on `ip`:8200 inside the network namespace `netns` (a test cluster's:
+    /// its pods and its apiserver reach it there, and it reaches the apiserver).
+    pub fn start_in_netns(dir: &Path, netns: &Path, ip: &str) -> Self {
+        Self::start_at(dir, Some((netns, ip)))
+    }
+
+    fn start_at(dir: &Path, netns: Option<(&Path, &str)>) -> Self {
         let bin = peers_bin("bao");
         let dir = dir.join("bao");
         std::fs::create_dir_all(dir.join("tls")).unwrap();
@@ -63,12 +75,23 @@ impl Bao {
         // A port picked this way can be taken again (as another connection's source port)
         // before OpenBao binds it: a server that exits at start is started again on another.
         for attempt in 1.. {
-            let port = free_port();
+            let (host, port) = match netns {
+                Some((_, ip)) => (ip, 8200),
+                None => ("127.0.0.1", free_port()),
+            };
             let log = std::fs::File::create(dir.join("server.log")).unwrap();
-            let child = Command::new(&bin)
+            let mut cmd = match netns {
+                Some((ns, _)) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net={}", ns.display())).arg("--").arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            let child = cmd
                 .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
                 .arg(format!("-dev-tls-cert-dir={}", dir.join("tls").display()))
-                .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+                .arg(format!("-dev-listen-address={host}:{port}"))
                 .arg(format!("-config={}", dir.join("audit.hcl").display()))
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -76,10 +99,11 @@ impl Bao {
                 .unwrap();
             let mut bao = Bao {
                 child,
-                addr: format!("https://127.0.0.1:{port}"),
+                addr: format!("https://{host}:{port}"),
                 ca: dir.join("tls/vault-ca.pem"),
                 audit_log: audit_log.clone(),
                 dir: dir.clone(),
+                netns: netns.map(|(ns, _)| ns.to_owned()),
             };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -119,7 +143,21 @@ impl Bao {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(peers_bin("bao"));
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(peers_bin("bao"));
+                c
+            }
+            None => Command::new(peers_bin("bao")),
+        };
+        if self.netns.is_some() {
+            // The dev-tls certificate names localhost and 127.0.0.1, not the namespace's
+            // address.
+            c.env("BAO_TLS_SERVER_NAME", "localhost");
+        }
         c.args(args)
             .env("BAO_ADDR", &self.addr)
             .env("BAO_CACERT", &self.ca)
