@@ -9,19 +9,29 @@
 //!
 //! kubelet requests each pod's token (audience `vault`, the chart's CSIDriver `tokenRequests`)
 //! and passes it to keybroker in NodePublishVolume; keybroker logs in with it. A pod of each
-//! method reads a KV secret; a pod of a service account Vault's role does not name is refused
-//! by Vault, and the refusal reaches the pod's `FailedMount` event as a denial.
+//! method reads a KV secret, a database credential (PostgreSQL in the same namespace; the
+//! credential logs in) and a PKI certificate (it chains to the mount's CA and matches its key);
+//! a pod of a service account Vault's role does not name is refused by Vault, and the refusal
+//! reaches the pod's `FailedMount` event as a denial.
 
 mod common;
 
 use std::path::Path;
 
 use common::cluster::*;
-use common::peers::Bao;
+use common::peers::{Bao, Postgres};
 
 const SECRET: &str = "S3cret-from-bao-7781";
 /// Where OpenBao listens: the node's address inside the cluster's network namespace.
 const BAO_IP: &str = "10.213.0.1";
+const NETNS: &str = "/run/netns/kb-cluster";
+/// A KV value, a database credential and a certificate with its key and CA.
+const OBJECTS: &str = "- objectName: password\n  secretPath: secret/app/db\n  secretKey: password\n\
+- objectName: db-user\n  secretPath: database/creds/app\n  secretKey: username\n\
+- objectName: db-password\n  secretPath: database/creds/app\n  secretKey: password\n\
+- objectName: tls.crt\n  secretPath: pki/issue/web\n  secretKey: certificate\n  method: POST\n  secretArgs: {common_name: api.example.test, ttl: 1h}\n\
+- objectName: tls.key\n  secretPath: pki/issue/web\n  secretKey: private_key\n  method: POST\n  secretArgs: {common_name: api.example.test, ttl: 1h}\n\
+- objectName: ca.crt\n  secretPath: pki/issue/web\n  secretKey: ca_chain\n  method: POST\n  secretArgs: {common_name: api.example.test, ttl: 1h}\n";
 
 /// A keybroker volume reading `secret/app/db` from OpenBao through auth mount `mount`, in the
 /// Secrets Store Vault provider's attribute names (as `deploy/examples/pod-vault.yaml`).
@@ -33,14 +43,15 @@ fn vault_volume(name: &str, mount: &str) -> serde_json::Value {
             "roleName": "app",
             "vaultAddress": format!("https://{BAO_IP}:8200"),
             "vaultAuthMountPath": mount,
-            "objects": "- objectName: password\n  secretPath: secret/app/db\n  secretKey: password\n",
+            "objects": OBJECTS,
         }),
     )
 }
 
 /// OpenBao's auth methods, trusting the cluster: `jwt` (OIDC discovery from the apiserver)
-/// for team-a/api, `kubernetes` (TokenReview) for team-k/api; both roles read `secret/app/*`.
-fn configure_bao(bao: &Bao, dir: &Path) {
+/// for team-a/api, `kubernetes` (TokenReview) for team-k/api; both roles read `secret/app/*`,
+/// PostgreSQL credentials of role `app` and certificates of PKI role `web`.
+fn configure_bao(bao: &Bao, pg: &Postgres, dir: &Path) {
     let ca = "/run/keybroker-cluster/pki/ca.crt";
     // Anonymous OIDC discovery, as the Kubernetes documentation describes for external
     // verifiers of service-account tokens.
@@ -70,11 +81,15 @@ fn configure_bao(bao: &Bao, dir: &Path) {
     let policy = dir.join("app.hcl");
     std::fs::write(
         &policy,
-        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n",
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\n\
+         path \"database/creds/app\" { capabilities = [\"read\"] }\n\
+         path \"pki/issue/web\" { capabilities = [\"update\"] }\n",
     )
     .unwrap();
     bao.cli(&["policy", "write", "app", policy.to_str().unwrap()]);
     bao.cli(&["kv", "put", "secret/app/db", &format!("password={SECRET}")]);
+    bao.enable_database(pg, "1h", "2h");
+    bao.enable_pki("2h");
 
     bao.cli(&["auth", "enable", "jwt"]);
     bao.cli(&[
@@ -118,8 +133,9 @@ fn pods_log_in_to_openbao_with_the_apiservers_own_tokens() {
     common::require_root_and_fuse();
     let tmp = common::open_tempdir();
     let _cluster = Cluster::up();
-    let bao = Bao::start_in_netns(tmp.path(), Path::new("/run/netns/kb-cluster"), BAO_IP);
-    configure_bao(&bao, tmp.path());
+    let pg = Postgres::start_in_netns(tmp.path(), Path::new(NETNS));
+    let bao = Bao::start_in_netns(tmp.path(), Path::new(NETNS), BAO_IP);
+    configure_bao(&bao, &pg, tmp.path());
 
     // Bindings: team-a/api through `jwt`, team-k/api through `kubernetes`, and team-a/other
     // bound to the `jwt` role too (keybroker lets it ask; Vault's role does not name it).
@@ -133,8 +149,8 @@ fn pods_log_in_to_openbao_with_the_apiservers_own_tokens() {
         &values,
         chart_values(&format!(
             "bindings: |\n  bindings:\n\
-             \x20   - {{name: team-a-jwt, namespace: team-a, serviceAccounts: [api, other], identity: {jwt}, objects: [\"secret/app/*\"]}}\n\
-             \x20   - {{name: team-k-kubernetes, namespace: team-k, serviceAccounts: [api], identity: {k8s}, objects: [\"secret/app/*\"]}}\n\
+             \x20   - {{name: team-a-jwt, namespace: team-a, serviceAccounts: [api, other], identity: {jwt}, objects: [\"secret/app/*\", database/creds/app, pki/issue/web]}}\n\
+             \x20   - {{name: team-k-kubernetes, namespace: team-k, serviceAccounts: [api], identity: {k8s}, objects: [\"secret/app/*\", database/creds/app, pki/issue/web]}}\n\
              extraVolumes:\n  - {{name: bao-ca, hostPath: {{path: {ca_dir}, type: Directory}}}}\n\
              extraVolumeMounts:\n  - {{name: bao-ca, mountPath: /bao, readOnly: true}}\n\
              auditDir: {audit}\n\
@@ -161,10 +177,45 @@ fn pods_log_in_to_openbao_with_the_apiservers_own_tokens() {
     apply(&pod("stranger", "team-a", "other", "sleep 3600", &jwt));
     for (ns, name) in [("team-a", "jwt-reader"), ("team-k", "k8s-reader")] {
         let took = eventually(&format!("{name} Running"), || phase(ns, name) == "Running");
-        let (ok, got) = kubectl(&["exec", "-n", ns, name, "--", "cat", "/v/password"]);
-        assert!(ok && got == SECRET, "{name}: {got}");
+        let file = |f: &str| {
+            let (ok, got) = kubectl(&["exec", "-n", ns, name, "--", "cat", &format!("/v/{f}")]);
+            assert!(ok, "{name} reading {f}: {got}");
+            got
+        };
+        assert_eq!(file("password"), SECRET, "{name}");
+        // The database credential Vault made for this pod logs in.
+        let (user, password) = (file("db-user"), file("db-password"));
+        let who = pg
+            .login(&user, &password)
+            .unwrap_or_else(|e| panic!("{name}'s database credential: {e}"));
+        assert_eq!(who, user);
+        // The certificate chains to the CA file beside it and matches the key.
+        let pem = tmp.path().join(name);
+        std::fs::create_dir_all(&pem).unwrap();
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::write(pem.join(f), file(f)).unwrap();
+        }
+        common::output_ok(
+            std::process::Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(pem.join("ca.crt"))
+                .arg(pem.join("tls.crt")),
+        );
+        let public = |args: &[&str], f: &str| {
+            common::output_ok(
+                std::process::Command::new("openssl")
+                    .args(args)
+                    .arg(pem.join(f)),
+            )
+            .stdout
+        };
+        assert_eq!(
+            public(&["x509", "-noout", "-pubkey", "-in"], "tls.crt"),
+            public(&["pkey", "-pubout", "-in"], "tls.key"),
+            "{name}: the certificate and its key"
+        );
         println!(
-            "{name}: read its Vault secret, Running {:.1} s after creation",
+            "{name}: read its KV secret, database credential (logs in as {user}) and certificate; Running {:.1} s after creation",
             took.as_secs_f64()
         );
     }

@@ -536,21 +536,7 @@ fn the_sidecar_renews_database_credentials_and_reissues_certificates() {
     );
     let pg = Postgres::start(d);
     bao.enable_database(&pg, "6s", "1h");
-    bao.cli(&["secrets", "enable", "pki"]);
-    bao.cli(&["secrets", "tune", "-max-lease-ttl=24h", "pki"]);
-    bao.cli(&[
-        "write",
-        "pki/root/generate/internal",
-        "common_name=keybroker test root",
-        "ttl=24h",
-    ]);
-    bao.cli(&[
-        "write",
-        "pki/roles/web",
-        "allowed_domains=example.test",
-        "allow_subdomains=true",
-        "max_ttl=1h",
-    ]);
+    bao.enable_pki("1h");
     let token_file = d.join("shared/token");
     std::fs::write(
         &token_file,

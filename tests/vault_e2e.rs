@@ -557,21 +557,7 @@ async fn pki_certificates_are_issued_and_reissued_at_90_percent() {
         "path \"pki/issue/web\" { capabilities = [\"update\"] }\n",
         &["pki/issue/web"],
     );
-    s.bao.cli(&["secrets", "enable", "pki"]);
-    s.bao.cli(&["secrets", "tune", "-max-lease-ttl=24h", "pki"]);
-    s.bao.cli(&[
-        "write",
-        "pki/root/generate/internal",
-        "common_name=keybroker test root",
-        "ttl=24h",
-    ]);
-    s.bao.cli(&[
-        "write",
-        "pki/roles/web",
-        "allowed_domains=example.test",
-        "allow_subdomains=true",
-        "max_ttl=1h",
-    ]);
+    s.bao.enable_pki("1h");
     let d = Daemon::start_with(&s.root, "30s");
     let mut node = client(&d).await;
     let args = "  method: POST\n  secretArgs: {common_name: api.example.test, ttl: 10s}\n";

@@ -270,6 +270,26 @@ impl Bao {
         ]);
     }
 
+    /// A PKI mount at `pki/` with a root of 24 h and role `web` issuing names under
+    /// `example.test` for at most `max_ttl`.
+    pub fn enable_pki(&self, max_ttl: &str) {
+        self.cli(&["secrets", "enable", "pki"]);
+        self.cli(&["secrets", "tune", "-max-lease-ttl=24h", "pki"]);
+        self.cli(&[
+            "write",
+            "pki/root/generate/internal",
+            "common_name=keybroker test root",
+            "ttl=24h",
+        ]);
+        self.cli(&[
+            "write",
+            "pki/roles/web",
+            "allowed_domains=example.test",
+            "allow_subdomains=true",
+            &format!("max_ttl={max_ttl}"),
+        ]);
+    }
+
     pub fn policy(&self, ns: Option<&str>, name: &str, hcl: &str) {
         let file = self.dir.join(format!("policy-{name}.hcl"));
         std::fs::write(&file, hcl).unwrap();
@@ -336,10 +356,36 @@ pub struct Postgres {
     pub password: String,
     data: PathBuf,
     bin: PathBuf,
+    /// The network namespace it listens in (on that namespace's loopback); `None`: this one's.
+    netns: Option<PathBuf>,
+}
+
+/// `cmd` run in the network namespace `netns` (`nsenter`), or as it is.
+fn in_netns(netns: Option<&Path>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Postgres {
     pub fn start(dir: &Path) -> Self {
+        Self::start_at(dir, None)
+    }
+
+    /// PostgreSQL on the loopback of the network namespace `netns` (a test cluster's, where an
+    /// OpenBao of [`Bao::start_in_netns`] reaches it).
+    pub fn start_in_netns(dir: &Path, netns: &Path) -> Self {
+        Self::start_at(dir, Some(netns))
+    }
+
+    fn start_at(dir: &Path, netns: Option<&Path>) -> Self {
         let bin = PathBuf::from("/usr/lib/postgresql/15/bin");
         assert!(
             bin.join("initdb").exists(),
@@ -362,8 +408,9 @@ impl Postgres {
             .arg(format!("--pwfile={}", root.join("pw").display()))
             .arg("-D")
             .arg(&data));
-        let port = free_port();
-        run(Command::new("runuser")
+        // In a namespace of its own nothing else listens: the usual port.
+        let port = if netns.is_some() { 5432 } else { free_port() };
+        run(in_netns(netns, Path::new("runuser"))
             .args(["-u", "postgres", "--"])
             .arg(bin.join("pg_ctl"))
             .arg("-D")
@@ -381,12 +428,13 @@ impl Postgres {
             password,
             data,
             bin,
+            netns: netns.map(Path::to_owned),
         }
     }
 
     /// Whether `user`/`password` can log in and run a query; the error text otherwise.
     pub fn try_login(&self, conninfo_or_uri: &str) -> Result<String, String> {
-        let out = Command::new("psql")
+        let out = in_netns(self.netns.as_deref(), Path::new("psql"))
             .arg(conninfo_or_uri)
             .args(["-tAc", "select current_user"])
             .env_remove("PGPASSWORD")
