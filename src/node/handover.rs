@@ -118,6 +118,13 @@ fn ask(state_dir: &Path) -> std::io::Result<Asked> {
             );
             Ok(Asked::Took(got))
         }
+        // Dead before it read `took`: its end resets the connection instead. The same.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+            tracing::warn!(
+                "the older process died before it read the confirmation; serving the sessions it sent"
+            );
+            Ok(Asked::Took(got))
+        }
         Ok(Some((text, _))) => Err(std::io::Error::other(format!(
             "unexpected handover reply {text:?}"
         ))),
