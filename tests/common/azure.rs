@@ -14,6 +14,8 @@ pub const APP: &str = "11111111-2222-4333-8444-555555555555";
 
 pub struct AzureStandin {
     child: Child,
+    /// The network namespace it listens in (None: the test's own).
+    netns: Option<PathBuf>,
     pub dir: PathBuf,
     pub https_port: u16,
     pub http_port: u16,
@@ -30,6 +32,17 @@ pub fn standin_script(name: &str) -> PathBuf {
 impl AzureStandin {
     /// Starts the stand-in with its files (CA, ready.json, log) under `dir/azure`.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_at(dir, extra, None)
+    }
+
+    /// Starts the stand-in on the loopback of network namespace `netns` (a test cluster's:
+    /// its pods reach `localhost:PORT`, and it reaches the apiserver as an issuer); the
+    /// admin calls of this test go there too.
+    pub fn start_in_netns(dir: &Path, netns: &Path, extra: &[&str]) -> Self {
+        Self::start_at(dir, extra, Some(netns))
+    }
+
+    fn start_at(dir: &Path, extra: &[&str], netns: Option<&Path>) -> Self {
         let d = dir.join("azure");
         std::fs::create_dir_all(&d).unwrap();
         let log = std::fs::File::create(d.join("standin.log")).unwrap();
@@ -40,7 +53,17 @@ impl AzureStandin {
             .build()
             .unwrap();
         let python = peers_python();
-        let child = Command::new(python)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(python);
+                c
+            }
+            None => Command::new(python),
+        };
+        let child = cmd
             .arg(standin_script("azure_standin.py"))
             .arg("--dir")
             .arg(&d)
@@ -51,6 +74,7 @@ impl AzureStandin {
             .expect("start the Azure stand-in");
         let mut s = AzureStandin {
             child,
+            netns: netns.map(Path::to_owned),
             dir: d.clone(),
             https_port: 0,
             http_port: 0,
@@ -117,17 +141,39 @@ impl AzureStandin {
         body: serde_json::Value,
     ) -> serde_json::Value {
         let url = format!("{}/_standin/{path}", self.authority());
-        let resp = self
-            .client
-            .request(method, &url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let status = resp.status();
-        let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
-        assert!(status.is_success(), "{url}: {status} {v}");
+        let send = |client: &reqwest::Client| {
+            let request = client
+                .request(method, &url)
+                .header("content-type", "application/json")
+                .body(body.to_string());
+            async move {
+                let resp = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+                (resp.status(), resp.text().await.unwrap())
+            }
+        };
+        let (status, text) = match &self.netns {
+            None => send(&self.client).await,
+            Some(ns) => {
+                // A client of its own on a runtime of its own, so no pooled connection
+                // outlives the runtime that drives it.
+                let ca = std::fs::read(self.ca()).unwrap();
+                let request = send(
+                    &keybroker::tls::client_builder(Some(&ca), "stand-in")
+                        .unwrap()
+                        .build()
+                        .unwrap(),
+                );
+                in_netns(ns, move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(request)
+                })
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(status.is_success(), "{path}: {status} {v}");
         v
     }
 
@@ -185,6 +231,18 @@ impl AzureStandin {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.join("standin.log")).unwrap_or_default()
     }
+}
+
+/// Runs `f` on a thread of its own that has joined network namespace `netns` (sockets it
+/// opens belong to that namespace; the calling thread's stays as it was).
+pub fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 impl Drop for AzureStandin {

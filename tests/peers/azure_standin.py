@@ -19,11 +19,12 @@ One process, two listeners on 127.0.0.1:
     IMDS                      GET /metadata/identity/oauth2/token   (header Metadata: true)
     App Service managed id.   GET /msi/token                        (header X-IDENTITY-HEADER)
 
-Started as: azure_standin.py --dir DIR [--token-lifetime SECONDS]. When both listeners are up it
+Started as: azure_standin.py --dir DIR [--token-lifetime SECONDS] [--issuer-ca PEM]. When both listeners are up it
 writes DIR/ready.json: {"https_port": N, "http_port": M, "identity_header": "..."}.
 
 Deliberate differences from the real service, all configuration rather than protocol:
-  - a federated credential's issuer may be plain http on loopback (a test's issuer);
+  - a federated credential's issuer may be plain http on loopback (a test's issuer), and an
+    https issuer's certificate may chain to --issuer-ca (a test cluster's own CA);
   - the Key Vault resource in challenges and token audiences is --kv-resource
     (default https://vault.azure.net), whatever the vault's host name.
 """
@@ -499,10 +500,13 @@ class Handler(BaseHTTPRequestHandler):
         u = urllib.parse.urlsplit(iss)
         if u.scheme != "https" and not (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost")):
             return None
+        # As Entra does: the issuer's discovery document, then the keys it points at.
+        ctx = ssl.create_default_context(cafile=st.args.issuer_ca) if st.args.issuer_ca else None
         try:
-            with urllib.request.urlopen(iss.rstrip("/") + "/.well-known/openid-configuration", timeout=5) as r:
+            with urllib.request.urlopen(iss.rstrip("/") + "/.well-known/openid-configuration",
+                                        timeout=5, context=ctx) as r:
                 conf = json.load(r)
-            with urllib.request.urlopen(conf["jwks_uri"], timeout=5) as r:
+            with urllib.request.urlopen(conf["jwks_uri"], timeout=5, context=ctx) as r:
                 jwks = json.load(r)
         except Exception:
             return None
@@ -814,6 +818,7 @@ def main():
     ap.add_argument("--token-lifetime", type=int, default=3599, help="access token lifetime, seconds")
     ap.add_argument("--kv-resource", default="https://vault.azure.net")
     ap.add_argument("--authority", help="authority host named in Key Vault challenges (default: this process as https://localhost:PORT)")
+    ap.add_argument("--issuer-ca", help="CA bundle trusted for https issuers' discovery and keys (default: the system's)")
     ap.add_argument("--name", action="append", default=[], help="extra DNS names for the certificate")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
