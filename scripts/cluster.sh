@@ -3,7 +3,8 @@
 #
 #   scripts/cluster.sh build   # pinned components: kube-apiserver, kubelet, kubectl,
 #                              # kube-controller-manager, kube-scheduler built from the Go module
-#                              # k8s.io/kubernetes; etcd, containerd, runc, CNI from Debian
+#                              # k8s.io/kubernetes; the Secrets Store CSI driver from its module;
+#                              # etcd, containerd, runc, CNI from Debian
 #   scripts/cluster.sh up      # a network namespace of its own (its loopback, with the node's
 #                              # address on it too: nothing routed out), etcd, containerd, the control
 #                              # plane and kubelet; waits for a Ready node
@@ -23,15 +24,19 @@ ETCD_VERSION="3.4.23-4+b4"                # Debian etcd-server
 CONTAINERD_VERSION="1.6.20~ds1-1+deb12u3" # Debian containerd
 RUNC_VERSION="1.1.5+ds1-1+deb12u1"        # Debian runc (crun refuses hybrid cgroups)
 CNI_VERSION="1.1.1+ds1-3+b5"              # Debian containernetworking-plugins (loopback)
+IPTABLES_VERSION="1.8.9-2"                # Debian iptables (the kubernetes Service's DNAT rule)
 BUSYBOX_VERSION="1:1.35.0-4+deb12u1+b1"   # Debian busybox-static (the busybox image)
 BUILDAH_VERSION="1.28.2+ds1-3+deb12u1+b3" # Debian buildah (images, vfs storage)
 COMPONENTS=(kube-apiserver kubelet kubectl kube-controller-manager kube-scheduler)
+SSCSI_VERSION="v1.6.0"                    # sigs.k8s.io/secrets-store-csi-driver (Go module)
 
 NETNS=kb-cluster
 NODE=kb-node
 NODE_IP=10.213.0.1          # on the loopback link of $NETNS only
+SERVICE_IP=10.96.0.1        # the `kubernetes` Service (first of --service-cluster-ip-range)
 run="${KB_CLUSTER_RUN:-/run/keybroker-cluster}"
 KUBELET_DIR=/var/lib/kubelet
+PROVIDER_DIRS=(/etc/kubernetes/secrets-store-csi-providers /run/secrets-store-csi-providers)
 # Host sysctls kubelet sets; saved at `up`, restored at `down`.
 SYSCTLS=(kernel.panic kernel.panic_on_oops vm.overcommit_memory vm.panic_on_oom kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 
@@ -74,8 +79,10 @@ build() {
       mv "$cache/bin/$c.tmp" "$cache/bin/$c"
     done
   fi
+  build_secrets_store_driver
   if apt_install_pinned "etcd-server=$ETCD_VERSION" "containerd=$CONTAINERD_VERSION" "runc=$RUNC_VERSION" \
-       "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION"; then
+       "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION" \
+       "iptables=$IPTABLES_VERSION"; then
     # The packages start their services; the cluster runs its own, in its own namespace.
     systemctl disable --now etcd containerd >/dev/null 2>&1 || true
     pkill -x etcd 2>/dev/null || true
@@ -85,6 +92,29 @@ build() {
     log "$c $("$cache/bin/$c" --version 2>/dev/null | head -1)$([ "$c" = kubectl ] && "$cache/bin/kubectl" version --client 2>/dev/null | head -1)"
   done
   log "etcd $(dpkg-query -W -f='${Version}' etcd-server), containerd $(dpkg-query -W -f='${Version}' containerd), runc $(dpkg-query -W -f='${Version}' runc)"
+}
+
+# The Secrets Store CSI driver's own command (cmd/secrets-store-csi-driver of its module at
+# $SSCSI_VERSION), for the tests that run keybroker's provider mode behind the real driver. Its
+# log package monis.app/mlog is refused by the module proxy: the stand-in of
+# tests/driver-harness/mlogstub replaces it (log setup only; klog's lines are unchanged).
+build_secrets_store_driver() {
+  local bin="$cache/bin/secrets-store-csi-$SSCSI_VERSION"
+  [ -x "$bin" ] && return 0
+  log "go build sigs.k8s.io/secrets-store-csi-driver@$SSCSI_VERSION ./cmd/secrets-store-csi-driver"
+  local dir work stub
+  stub=$(cd "$(dirname "$0")/.." && pwd)/tests/driver-harness/mlogstub
+  dir=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/secrets-store-csi-driver@$SSCSI_VERSION" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  work=$(mktemp -d)
+  cp -r "$dir/." "$work/"
+  chmod -R u+w "$work"
+  (cd "$work" && go mod edit -replace "monis.app/mlog=$stub" &&
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w -X sigs.k8s.io/secrets-store-csi-driver/pkg/version.BuildVersion=$SSCSI_VERSION" \
+      -o "$bin.tmp" ./cmd/secrets-store-csi-driver)
+  rm -rf "$work"
+  mv "$bin.tmp" "$bin"
 }
 
 # Runs a command in the cluster's network namespace and nothing else of it: `ip netns exec`
@@ -157,7 +187,7 @@ ctr_() {
 
 # The images pods use, built here with buildah (nothing can be pulled) and imported into the
 # cluster's containerd: the pause container (a static program that waits for a signal),
-# busybox (Debian's busybox-static), and keybroker's own image when scripts/build-image.sh has
+# busybox (Debian's busybox-static), the Secrets Store CSI driver, and keybroker's own image when scripts/build-image.sh has
 # made one (target/image/keybroker.oci.tar).
 images() {
   local work; work=$(mktemp -d)
@@ -190,8 +220,22 @@ CEOF
   buildah "${st[@]}" config --cmd '["/bin/sh"]' "$c"
   buildah "${st[@]}" commit --quiet "$c" localhost/busybox:kb >/dev/null
   buildah "${st[@]}" rm "$c" >/dev/null
+  # The Secrets Store CSI driver: its command, busybox (the driver runs `mount`/`umount`, as its
+  # own image brings util-linux) and the registration stand-in (tests/driver-harness -register).
+  local harness; harness=$(cd "$(dirname "$0")/.." && pwd)/.peers/bin/driver-harness
+  local images=(pause busybox)
+  if [ -x "$cache/bin/secrets-store-csi-$SSCSI_VERSION" ] && [ -x "$harness" ]; then
+    c=$(buildah "${st[@]}" from scratch)
+    buildah "${st[@]}" copy "$c" "$work/busybox" / >/dev/null
+    buildah "${st[@]}" copy "$c" "$cache/bin/secrets-store-csi-$SSCSI_VERSION" /secrets-store-csi >/dev/null
+    buildah "${st[@]}" copy "$c" "$harness" /driver-harness >/dev/null
+    buildah "${st[@]}" config --entrypoint '["/secrets-store-csi"]' "$c"
+    buildah "${st[@]}" commit --quiet "$c" localhost/secrets-store-csi:kb >/dev/null
+    buildah "${st[@]}" rm "$c" >/dev/null
+    images+=(secrets-store-csi)
+  fi
   local img
-  for img in pause busybox; do
+  for img in "${images[@]}"; do
     buildah "${st[@]}" push --quiet "localhost/$img:kb" "oci-archive:$work/$img.tar:localhost/$img:kb"
     ctr_ images import --snapshotter native "$work/$img.tar" >/dev/null
   done
@@ -216,6 +260,16 @@ up() {
   local started; started=$(date +%s.%N)
   mkdir -p "$run"/{pki,log,pids,etcd,containerd/root,containerd/state,cni/net.d,cni/bin} "$KUBELET_DIR"
   touch "$run/made-kubelet-dir"
+  # The Secrets Store CSI driver's providers directories (hostPaths of its DaemonSet and of
+  # keybroker's provider mode): the outermost missing directory of each is made here and
+  # listed, and `down` removes what is listed.
+  local p top
+  for p in "${PROVIDER_DIRS[@]}"; do
+    top=""
+    while [ ! -e "$p" ]; do top=$p; p=$(dirname "$p"); done
+    if [ -n "$top" ]; then echo "$top" >> "$run/made-dirs"; fi
+  done
+  for p in "${PROVIDER_DIRS[@]}"; do mkdir -p "$p"; done
   local k
   for k in "${SYSCTLS[@]}"; do
     echo "$k=$(sysctl -n "$k")"
@@ -224,12 +278,17 @@ up() {
   # The node's address is a second address of the namespace's loopback: nothing leaves it.
   in_ns ip link set lo up
   in_ns ip addr add "$NODE_IP/32" dev lo
+  # The `kubernetes` Service (10.96.0.1:443) as kube-proxy would make it, so in-cluster clients
+  # (the Secrets Store driver's manager, providers) reach the apiserver: a second loopback
+  # address and one DNAT rule, both inside the namespace and gone with it.
+  in_ns ip addr add "$SERVICE_IP/32" dev lo
+  in_ns iptables -t nat -A OUTPUT -d "$SERVICE_IP" -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443"
 
   # PKI: a CA, the apiserver's serving certificate, clients, the service-account key pair.
   local d="$run/pki"
   openssl genrsa -out "$d/ca.key" 2048 2>/dev/null
   openssl req -x509 -new -key "$d/ca.key" -subj "/CN=keybroker-test-cluster-ca" -days 2 -out "$d/ca.crt" 2>/dev/null
-  cert apiserver kube-apiserver "" "IP:$NODE_IP,IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:localhost"
+  cert apiserver kube-apiserver "" "IP:$NODE_IP,IP:127.0.0.1,IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:localhost"
   cert admin admin system:masters
   cert kubelet "system:node:$NODE" system:nodes "IP:$NODE_IP,DNS:$NODE"
   cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
@@ -389,6 +448,9 @@ down() {
   fi
   ip netns del "$NETNS" 2>/dev/null || true
   [ -e "$run/made-kubelet-dir" ] && rm -rf "$KUBELET_DIR"
+  if [ -f "$run/made-dirs" ]; then
+    while read -r p; do rm -rf "$p"; done < "$run/made-dirs"
+  fi
   rm -rf "$run"
   log "down: no cluster process, mount, cgroup or namespace left"
 }

@@ -98,6 +98,23 @@ impl Drop for Cluster {
                     "app.kubernetes.io/name=keybroker-fd-keeper",
                     "--tail=40",
                 ],
+                &[
+                    "logs",
+                    "-n",
+                    "kube-system",
+                    "-l",
+                    "app.kubernetes.io/name=keybroker-provider",
+                    "--tail=40",
+                ],
+                &[
+                    "logs",
+                    "-n",
+                    "kube-system",
+                    "-l",
+                    "app=csi-secrets-store",
+                    "--all-containers",
+                    "--tail=40",
+                ],
             ] {
                 println!("--- kubectl {}\n{}", args.join(" "), kubectl(args).1);
             }
@@ -348,4 +365,117 @@ pub fn uninstall() {
             .lines()
             .all(|l| !l.contains("keybroker"))
     });
+}
+
+/// The Secrets Store CSI driver's version, as `scripts/cluster.sh` builds it.
+pub const SECRETS_STORE_DRIVER: &str = "v1.6.0";
+
+/// The directory of the driver's Go module (its `deploy/` manifests), from the module cache.
+pub fn secrets_store_module() -> PathBuf {
+    let out = Command::new("go")
+        .args(["mod", "download", "-json"])
+        .arg(format!(
+            "sigs.k8s.io/secrets-store-csi-driver@{SECRETS_STORE_DRIVER}"
+        ))
+        .env("GOFLAGS", "-mod=mod")
+        .current_dir("/tmp")
+        .output()
+        .expect("go mod download");
+    assert!(
+        out.status.success(),
+        "go mod download: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    PathBuf::from(v["Dir"].as_str().unwrap())
+}
+
+/// Installs the Secrets Store CSI driver the way its `deploy/` directory does: both CRDs, its
+/// RBAC, its CSIDriver (plus `tokenRequests` for `audiences`, as its Helm chart's
+/// `tokenRequests` value adds them) and its DaemonSet. The DaemonSet is the module's own with
+/// only what cannot be the same here changed: the images (the driver built from its module;
+/// the registrar and liveness probe are the stand-ins of `tests/driver-harness`, taking the
+/// same flags), `imagePullPolicy: Never`, the host network (this cluster has no pod network),
+/// and rotation on with `rotation_poll` (`--enable-secret-rotation`, as its docs say). Waits
+/// until kubelet has registered the driver.
+pub fn install_secrets_store_driver(audiences: &[&str], rotation_poll: &str) {
+    let module = secrets_store_module();
+    let deploy = module.join("deploy");
+    for f in [
+        "secrets-store.csi.x-k8s.io_secretproviderclasses.yaml",
+        "secrets-store.csi.x-k8s.io_secretproviderclasspodstatuses.yaml",
+        "rbac-secretproviderclass.yaml",
+    ] {
+        must(&["apply", "-f", deploy.join(f).to_str().unwrap()]);
+    }
+    let mut csidriver = std::fs::read_to_string(deploy.join("csidriver.yaml")).unwrap();
+    csidriver.push_str("  tokenRequests:\n");
+    for a in audiences {
+        csidriver.push_str(&format!("  - audience: \"{a}\"\n"));
+    }
+    apply(&csidriver);
+    let mut ds = std::fs::read_to_string(deploy.join("secrets-store-csi-driver.yaml")).unwrap();
+    let image = "localhost/secrets-store-csi:kb";
+    for (from, to) in [
+        (
+            "image: registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.16.0".to_string(),
+            format!(
+                "image: {image}\n          command: [\"/driver-harness\", \"-register\", \"/registration\"]"
+            ),
+        ),
+        (
+            format!("image: registry.k8s.io/csi-secrets-store/driver:{SECRETS_STORE_DRIVER}"),
+            format!("image: {image}"),
+        ),
+        (
+            "image: registry.k8s.io/sig-storage/livenessprobe:v2.18.0".to_string(),
+            format!("image: {image}\n          command: [\"/driver-harness\", \"-liveness\"]"),
+        ),
+        (
+            "imagePullPolicy: IfNotPresent".to_string(),
+            "imagePullPolicy: Never".to_string(),
+        ),
+        (
+            "\"--enable-secret-rotation=false\"".to_string(),
+            "\"--enable-secret-rotation=true\"".to_string(),
+        ),
+        (
+            "\"--rotation-poll-interval=2m\"".to_string(),
+            format!("\"--rotation-poll-interval={rotation_poll}\""),
+        ),
+        (
+            "      serviceAccountName: secrets-store-csi-driver\n".to_string(),
+            "      serviceAccountName: secrets-store-csi-driver\n      hostNetwork: true\n"
+                .to_string(),
+        ),
+    ] {
+        assert!(
+            ds.contains(&from),
+            "the driver's DaemonSet has no {from:?}: is it still {SECRETS_STORE_DRIVER}?"
+        );
+        ds = ds.replace(&from, &to);
+    }
+    apply(&ds);
+    eventually("kubelet registered secrets-store.csi.k8s.io", || {
+        get("", "csinode", "kb-node", "{.spec.drivers[*].name}")
+            .contains("secrets-store.csi.k8s.io")
+    });
+}
+
+/// Removes what [`install_secrets_store_driver`] installed (pods using it must be gone).
+pub fn uninstall_secrets_store_driver() {
+    must(&[
+        "delete",
+        "daemonset",
+        "-n",
+        "kube-system",
+        "csi-secrets-store",
+        "--wait=true",
+    ]);
+    eventually("no driver pod left", || {
+        !kubectl(&["get", "pods", "-n", "kube-system", "-o", "name"])
+            .1
+            .contains("csi-secrets-store")
+    });
+    must(&["delete", "csidriver", "secrets-store.csi.k8s.io"]);
 }

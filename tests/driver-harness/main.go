@@ -5,11 +5,14 @@
 //
 //	driver-harness -providers-dir DIR -provider NAME < requests.json > results.json
 //	driver-harness -providers-dir DIR -serve-csi unix:///PATH -objects objects.json
+//	driver-harness -register DIR --csi-address=... --kubelet-registration-path=PATH
+//	driver-harness -liveness --csi-address=... --http-endpoint=ADDR
 //
 // requests.json is a JSON list of {"attributes": {...}, "secrets": {...}, "targetPath": "...",
 // "permission": "420"}; each result is {"objectVersions": {...}, "errorCode": "...",
 // "error": "..."} in the same order. The driver's own marshalling of the maps is used.
-// With -serve-csi the driver's own node server runs instead (driver.go).
+// With -serve-csi the driver's own node server runs instead (driver.go); with -register and
+// -liveness, the test cluster's stand-ins for the driver's sidecars (sidecars.go).
 package main
 
 import (
@@ -42,7 +45,22 @@ func main() {
 	name := flag.String("provider", "keybroker", "provider name (socket NAME.sock)")
 	serveCSI := flag.String("serve-csi", "", "serve the driver's own CSI node server on this endpoint (unix:///path)")
 	objectsPath := flag.String("objects", "", "with -serve-csi: JSON {classes: [SecretProviderClass], pods: [Pod]}")
+	registerDir := flag.String("register", "", "serve kubelet's plugin registration API in this directory (plugins_registry)")
+	live := flag.Bool("liveness", false, "answer /healthz with the driver's CSI Probe")
+	csiAddress := flag.String("csi-address", "/csi/csi.sock", "with -register, -liveness: the driver's CSI socket")
+	kubeletPath := flag.String("kubelet-registration-path", "", "with -register: the driver's CSI socket as kubelet sees it")
+	httpEndpoint := flag.String("http-endpoint", "0.0.0.0:9808", "with -liveness: where /healthz is served")
+	probeTimeout := flag.Duration("probe-timeout", time.Second, "with -liveness: how long a Probe may take")
+	flag.Int("v", 0, "log verbosity (accepted for the upstream sidecars' flags)")
 	flag.Parse()
+	if *registerDir != "" {
+		register(*registerDir, *csiAddress, *kubeletPath)
+		return
+	}
+	if *live {
+		liveness(*csiAddress, *httpEndpoint, *probeTimeout)
+		return
+	}
 	if *serveCSI != "" {
 		serveDriver(*serveCSI, *dir, *objectsPath)
 		return
