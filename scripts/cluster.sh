@@ -25,6 +25,7 @@ CONTAINERD_VERSION="1.6.20~ds1-1+deb12u3" # Debian containerd
 RUNC_VERSION="1.1.5+ds1-1+deb12u1"        # Debian runc (crun refuses hybrid cgroups)
 CNI_VERSION="1.1.1+ds1-3+b5"              # Debian containernetworking-plugins (loopback)
 IPTABLES_VERSION="1.8.9-2"                # Debian iptables (the kubernetes Service's DNAT rule)
+DNSMASQ_VERSION="2.90-4~deb12u2"          # Debian dnsmasq-base (the cluster's DNS)
 BUSYBOX_VERSION="1:1.35.0-4+deb12u1+b1"   # Debian busybox-static (the busybox image)
 BUILDAH_VERSION="1.28.2+ds1-3+deb12u1+b3" # Debian buildah (images, vfs storage)
 COMPONENTS=(kube-apiserver kubelet kubectl kube-controller-manager kube-scheduler)
@@ -34,6 +35,8 @@ NETNS=kb-cluster
 NODE=kb-node
 NODE_IP=10.213.0.1          # on the loopback link of $NETNS only
 SERVICE_IP=10.96.0.1        # the `kubernetes` Service (first of --service-cluster-ip-range)
+POD_CIDR=10.244.0.0/24      # pod addresses, on a bridge inside $NETNS
+DNS_IP=10.96.0.10           # the cluster's DNS (kubelet's clusterDNS)
 run="${KB_CLUSTER_RUN:-/run/keybroker-cluster}"
 KUBELET_DIR=/var/lib/kubelet
 PROVIDER_DIRS=(/etc/kubernetes/secrets-store-csi-providers /run/secrets-store-csi-providers)
@@ -82,7 +85,7 @@ build() {
   build_secrets_store_driver
   if apt_install_pinned "etcd-server=$ETCD_VERSION" "containerd=$CONTAINERD_VERSION" "runc=$RUNC_VERSION" \
        "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION" \
-       "iptables=$IPTABLES_VERSION"; then
+       "iptables=$IPTABLES_VERSION" "dnsmasq-base=$DNSMASQ_VERSION"; then
     # The packages start their services; the cluster runs its own, in its own namespace.
     systemctl disable --now etcd containerd >/dev/null 2>&1 || true
     pkill -x etcd 2>/dev/null || true
@@ -239,9 +242,17 @@ CEOF
     buildah "${st[@]}" push --quiet "localhost/$img:kb" "oci-archive:$work/$img.tar:localhost/$img:kb"
     ctr_ images import --snapshotter native "$work/$img.tar" >/dev/null
   done
-  local kb; kb=$(cd "$(dirname "$0")/.." && pwd)/target/image/keybroker.oci.tar
+  # Also under the names deploy/examples/ use (those pods are applied as they are): busybox
+  # 1.35 is Debian's 1.35.0, keybroker's image this repository's version.
+  ctr_ images tag --force localhost/busybox:kb docker.io/library/busybox:1.35 >/dev/null
+  local repo; repo=$(cd "$(dirname "$0")/.." && pwd)
+  local kb="$repo/target/image/keybroker.oci.tar"
   if [ -f "$kb" ]; then
     ctr_ images import --snapshotter native "$kb" >/dev/null
+    local name version
+    name=$(ctr_ images ls -q | grep -m1 '^localhost/keybroker:')
+    version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
+    ctr_ images tag --force "$name" "ghcr.io/keybroker/keybroker:$version" >/dev/null
   fi
   rm -rf "$work" "$run/buildah" "$run/buildah-run"
   log "images: $(ctr_ images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
@@ -299,16 +310,34 @@ up() {
   local n
   for n in admin kubelet controller-manager scheduler; do kubeconfig "$n"; done
 
+  # The cluster's DNS answers every name with the node's address: whatever a pod looks up
+  # (vault.vault.svc, login.microsoftonline.com, orders-kv.vault.azure.net) is served there,
+  # by OpenBao or the stand-ins the tests start, and no lookup leaves the namespace.
+  in_ns ip addr add "$DNS_IP/32" dev lo
+  start dnsmasq dnsmasq --keep-in-foreground --log-facility=- --pid-file= --user=nobody \
+    --no-resolv --no-hosts --listen-address="$DNS_IP" --bind-interfaces --address="/#/$NODE_IP"
   start etcd etcd --name kb --data-dir "$run/etcd" \
     --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster kb=http://127.0.0.1:2380
 
   # containerd: its own root, state and socket; runc; the local pause image; no OOM score
-  # changes (root here lacks CAP_SYS_RESOURCE); a loopback-only CNI (pods use the host network).
-  ln -sf /usr/lib/cni/loopback "$run/cni/bin/loopback"
-  echo '{"cniVersion": "1.0.0", "name": "kb-loopback", "plugins": [{"type": "loopback"}]}' \
-    > "$run/cni/net.d/10-loopback.conflist"
+  # changes (root here lacks CAP_SYS_RESOURCE). Pods off the host network get an address of
+  # $POD_CIDR on a bridge inside the namespace (Debian's CNI plugins; host-local keeps its
+  # leases under $run): they reach the node's address, and so OpenBao, the stand-ins and the
+  # apiserver, and nothing outside the namespace.
+  local plugin
+  for plugin in loopback bridge host-local; do
+    ln -sf "/usr/lib/cni/$plugin" "$run/cni/bin/$plugin"
+  done
+  cat > "$run/cni/net.d/10-kb-pods.conflist" <<CNIEOF
+{"cniVersion": "1.0.0", "name": "kb-pods", "plugins": [{
+  "type": "bridge", "bridge": "kb-pods0", "isGateway": true, "ipMasq": false,
+  "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]],
+           "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$run/cni/ipam"}}]}
+CNIEOF
+  # Pods reach the kubernetes Service through the bridge (PREROUTING), as kube-proxy makes it.
+  in_ns iptables -t nat -A PREROUTING -d "$SERVICE_IP" -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:6443"
   cat > "$run/containerd/config.toml" <<CDEOF
 version = 2
 root = "$run/containerd/root"
@@ -318,6 +347,8 @@ state = "$run/containerd/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "localhost/pause:kb"
   restrict_oom_score_adj = true
+  # Pods' network namespaces under the state directory (not /run/netns): down unmounts them.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
     default_runtime_name = "runc"
@@ -377,6 +408,8 @@ address: "$NODE_IP"
 healthzBindAddress: 127.0.0.1
 failSwapOn: false
 resolvConf: ""
+clusterDNS: ["$DNS_IP"]
+clusterDomain: cluster.local
 registerNode: true
 serializeImagePulls: false
 # The machine's disk is shared with builds: kubelet's default disk-pressure thresholds (10% /
@@ -432,7 +465,7 @@ down() {
     sleep 0.2
   done
   pkill -KILL -f "containerd-shim-runc-v2 .*-address $run/containerd/containerd.sock" 2>/dev/null || true
-  for n in kube-scheduler kube-controller-manager kube-apiserver containerd etcd; do
+  for n in kube-scheduler kube-controller-manager kube-apiserver containerd etcd dnsmasq; do
     stop_group "$n"
   done
   # Mounts kubelet and containerd made (kubelet bind-mounts its root onto itself), deepest first.

@@ -40,6 +40,10 @@ const NETNS: &str = "/run/netns/kb-cluster";
 const CLUSTER_CA: &str = "/run/keybroker-cluster/pki/ca.crt";
 const ISSUER: &str = "https://10.213.0.1:6443";
 const KV_SECRET: &str = "S3cret-from-key-vault-4410";
+const ORDERS_SECRET: &str = "S3cret-orders-init-5520";
+const PAYMENTS_V1: &str = "S3cret-payments-v1-6601";
+const PAYMENTS_V2: &str = "S3cret-payments-v2-6602";
+const PAYMENTS_V3: &str = "S3cret-payments-v3-6603";
 /// What kubelet's token for workload identity is requested for (the chart's CSIDriver).
 const WI_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// A KV value, a database credential and a certificate with its key and CA.
@@ -152,11 +156,10 @@ async fn configure_azure(standin: &AzureStandin) {
     standin
         .post(
             "apps",
-            serde_json::json!({"tenant": TENANT, "clientId": APP, "federated": [{
-                "issuer": ISSUER,
-                "subject": "system:serviceaccount:team-z:api",
-                "audiences": [WI_AUDIENCE],
-            }]}),
+            serde_json::json!({"tenant": TENANT, "clientId": APP, "federated": [
+                {"issuer": ISSUER, "subject": "system:serviceaccount:team-z:api", "audiences": [WI_AUDIENCE]},
+                {"issuer": ISSUER, "subject": "system:serviceaccount:orders:api", "audiences": [WI_AUDIENCE]},
+            ]}),
         )
         .await;
     standin
@@ -170,6 +173,22 @@ async fn configure_azure(standin: &AzureStandin) {
         .post(
             "vaults/kv1/certificates/web",
             serde_json::json!({"key": "rsa", "contentType": "application/x-pem-file", "subject": "web.example.test"}),
+        )
+        .await;
+    // What deploy/examples/pod-init-azure.yaml reads.
+    standin
+        .post(
+            "vaults",
+            serde_json::json!({"name": "orders-kv", "tenant": TENANT, "access": {APP: "read"}}),
+        )
+        .await;
+    standin
+        .secret("orders-kv", "orders-db-password", ORDERS_SECRET)
+        .await;
+    standin
+        .post(
+            "vaults/orders-kv/certificates/orders-tls",
+            serde_json::json!({"key": "rsa", "contentType": "application/x-pem-file", "subject": "orders.example.test"}),
         )
         .await;
 }
@@ -266,8 +285,21 @@ fn pods_log_in_with_the_apiservers_own_tokens() {
     let _cluster = Cluster::up();
     let pg = Postgres::start_in_netns(tmp.path(), Path::new(NETNS));
     let bao = Bao::start_in_netns(tmp.path(), Path::new(NETNS), BAO_IP);
-    let standin =
-        AzureStandin::start_in_netns(tmp.path(), Path::new(NETNS), &["--issuer-ca", CLUSTER_CA]);
+    // On port 443 of every address of the namespace: node volumes reach it as `localhost`,
+    // pods on the pod network as login.microsoftonline.com and orders-kv.vault.azure.net (the
+    // cluster's DNS answers every name with the node's address).
+    let standin = AzureStandin::start_in_netns(
+        tmp.path(),
+        Path::new(NETNS),
+        &[
+            "--issuer-ca",
+            CLUSTER_CA,
+            "--bind",
+            "0.0.0.0",
+            "--https-port",
+            "443",
+        ],
+    );
     // Anonymous OIDC discovery, as the Kubernetes documentation describes for verifiers of
     // service-account tokens outside the cluster (OpenBao's jwt auth, Entra).
     must(&[
@@ -299,9 +331,12 @@ fn pods_log_in_with_the_apiservers_own_tokens() {
         must(&["create", "serviceaccount", "-n", ns, sa]);
     }
 
+    init_example(&standin, tmp.path());
     vault_pods(&bao, &pg, tmp.path());
     vault_token_expiry_across_rotations(&bao);
     azure_pods(&standin, tmp.path());
+    configure_bao_for_the_sidecar_example(&bao);
+    sidecar_example(&bao, &pg);
 
     for (ns, name) in [
         ("team-a", "jwt-reader"),
@@ -310,6 +345,8 @@ fn pods_log_in_with_the_apiservers_own_tokens() {
         ("team-a", "rotor"),
         ("team-z", "wi-reader"),
         ("team-z", "wi-stranger"),
+        ("payments", "web"),
+        ("orders", "orders"),
     ] {
         must(&["delete", "pod", "-n", ns, name, "--wait=true"]);
     }
@@ -518,4 +555,275 @@ fn jwt_claims(token: &str) -> serde_json::Value {
             .unwrap(),
     )
     .unwrap()
+}
+
+/// What deploy/examples/pod-sidecar-vault.yaml reads, under the names it uses: jwt role
+/// `payments-web` for payments/web, `secret/payments/db`, database role `payments-web`.
+fn configure_bao_for_the_sidecar_example(bao: &Bao) {
+    let policy = std::env::temp_dir().join(format!("kb-payments-{}.hcl", std::process::id()));
+    std::fs::write(
+        &policy,
+        "path \"secret/data/payments/*\" { capabilities = [\"read\"] }\n\
+         path \"database/creds/payments-web\" { capabilities = [\"read\"] }\n",
+    )
+    .unwrap();
+    bao.cli(&["policy", "write", "payments", policy.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&policy);
+    bao.cli(&[
+        "kv",
+        "put",
+        "secret/payments/db",
+        &format!("password={PAYMENTS_V1}"),
+    ]);
+    bao.cli(&[
+        "write",
+        "database/roles/payments-web",
+        "db_name=pg",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+        "default_ttl=1h",
+        "max_ttl=2h",
+    ]);
+    bao.cli(&[
+        "write",
+        "auth/jwt/role/payments-web",
+        "role_type=jwt",
+        "user_claim=sub",
+        "bound_audiences=vault",
+        "bound_subject=system:serviceaccount:payments:web",
+        "token_policies=payments",
+        "token_ttl=1h",
+    ]);
+}
+
+/// The documents of `deploy/examples/<file>`.
+fn example(file: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(repo().join("deploy/examples").join(file)).unwrap();
+    text.split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap_or_else(|e| panic!("{file}: {e}")))
+        .collect()
+}
+
+/// `text` with its only occurrence of `from` replaced.
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "{from:?} in {text}");
+    text.replacen(from, to, 1)
+}
+
+/// A namespace where Pod Security admission enforces `restricted`; a host-network pod is
+/// refused there (so admission is on, and the examples' pods pass it on their merits).
+fn restricted_namespace(ns: &str) {
+    must(&["create", "namespace", ns]);
+    must(&[
+        "label",
+        "namespace",
+        ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    let mut probe: serde_json::Value =
+        serde_json::from_str(&pod("host-network", ns, "default", "sleep 1", &[])).unwrap();
+    probe["spec"]["hostNetwork"] = serde_json::json!(true);
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), probe.to_string()).unwrap();
+    let (ok, out) = kubectl(&["apply", "-f", f.path().to_str().unwrap()]);
+    assert!(!ok && out.contains("violates PodSecurity"), "{ns}: {out}");
+}
+
+/// How many times the app of payments/web has logged a reload (its SIGHUP trap).
+fn reloads() -> usize {
+    kubectl(&["logs", "-n", "payments", "web", "-c", "app"])
+        .1
+        .matches("reloading: secrets changed")
+        .count()
+}
+
+/// deploy/examples/pod-sidecar-vault.yaml as it is, in a `restricted` namespace. Its ConfigMap
+/// gets this cluster's environment only: OpenBao's CA (the example's placeholder), the name on
+/// OpenBao's dev certificate (`localhost`) and a 5-s poll instead of 2 m. The sidecar logs in
+/// with the pod's projected token through jwt auth; the app starts after the first complete
+/// write, reads the files from the shared emptyDir, and gets one SIGHUP per rotation.
+fn sidecar_example(bao: &Bao, pg: &Postgres) {
+    restricted_namespace("payments");
+    must(&["create", "serviceaccount", "-n", "payments", "web"]);
+    let mut docs = example("pod-sidecar-vault.yaml");
+    let cm = docs.iter_mut().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let config = cm["data"]["config.yaml"].as_str().unwrap();
+    let config = replace_once(
+        config,
+        "caFile: /etc/keybroker/vault-ca.pem}",
+        "caFile: /etc/keybroker/vault-ca.pem, tlsServerName: localhost}",
+    );
+    let config = replace_once(&config, "pollInterval: 2m", "pollInterval: 5s");
+    cm["data"]["config.yaml"] = config.into();
+    cm["data"]["vault-ca.pem"] = std::fs::read_to_string(&bao.ca).unwrap().into();
+    for d in docs.iter().rev() {
+        apply(&d.to_string());
+    }
+    let took = eventually("payments/web Ready", || {
+        get(
+            "payments",
+            "pod",
+            "web",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "True"
+    });
+    let app_log = kubectl(&["logs", "-n", "payments", "web", "-c", "app"]).1;
+    assert!(app_log.contains("secrets present at start"), "{app_log}");
+    let file = |f: &str| read_in("payments", "web", "app", &format!("/run/secrets/app/{f}"));
+    assert_eq!(file("db-password"), PAYMENTS_V1);
+    // postgresql://USER:PASSWORD@postgres:5432/payments, a credential that logs in.
+    let url = file("database-url");
+    let creds = url
+        .strip_prefix("postgresql://")
+        .and_then(|r| r.split_once('@'))
+        .map(|(c, _)| c.to_owned())
+        .unwrap_or_else(|| panic!("database-url is not the template's shape"));
+    let (user, password) = creds.split_once(':').unwrap();
+    assert_eq!(
+        pg.login(user, password).expect("the sidecar's credential"),
+        user
+    );
+    println!(
+        "payments/web: Ready {:.1} s after creation under PSA restricted; the app started with its files",
+        took.as_secs_f64()
+    );
+    for (n, value) in [(1, PAYMENTS_V2), (2, PAYMENTS_V3)] {
+        bao.cli(&[
+            "kv",
+            "put",
+            "secret/payments/db",
+            &format!("password={value}"),
+        ]);
+        let took = eventually("the rotation in the app's files", || {
+            file("db-password") == value
+        });
+        eventually("the app's reload", || reloads() >= n);
+        // Three more polls: a second signal for the same rotation would have come by then.
+        std::thread::sleep(std::time::Duration::from_secs(15));
+        assert_eq!(reloads(), n, "SIGHUPs after rotation {n}");
+        println!(
+            "payments/web: rotation {n} in the app's files {:.1} s after the write, one SIGHUP",
+            took.as_secs_f64()
+        );
+    }
+}
+
+/// `cat PATH` in container `c` of pod `ns/name`.
+fn read_in(ns: &str, name: &str, c: &str, path: &str) -> String {
+    let (ok, got) = kubectl(&["exec", "-n", ns, name, "-c", c, "--", "cat", path]);
+    assert!(ok, "{ns}/{name}/{c} reading {path}: {got}");
+    got
+}
+
+/// What the Azure workload identity webhook does to a pod with its label whose service account
+/// carries the client-id annotation: the `AZURE_*` environment in every container and the
+/// projected token (audience api://AzureADTokenExchange) mounted at the webhook's path.
+fn as_the_webhook_mutates(pod: &mut serde_json::Value) {
+    let env = serde_json::json!([
+        {"name": "AZURE_CLIENT_ID", "value": APP},
+        {"name": "AZURE_TENANT_ID", "value": TENANT},
+        {"name": "AZURE_FEDERATED_TOKEN_FILE", "value": "/var/run/secrets/azure/tokens/azure-identity-token"},
+        {"name": "AZURE_AUTHORITY_HOST", "value": "https://login.microsoftonline.com/"},
+    ]);
+    for kind in ["initContainers", "containers"] {
+        for c in pod["spec"][kind].as_array_mut().into_iter().flatten() {
+            let e = c["env"].as_array().cloned().unwrap_or_default();
+            c["env"] = e
+                .into_iter()
+                .chain(env.as_array().unwrap().clone())
+                .collect();
+            let mut m = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+            m.push(serde_json::json!({"name": "azure-identity-token", "mountPath": "/var/run/secrets/azure/tokens", "readOnly": true}));
+            c["volumeMounts"] = m.into();
+        }
+    }
+    pod["spec"]["volumes"].as_array_mut().unwrap().push(serde_json::json!({
+        "name": "azure-identity-token",
+        "projected": {"sources": [{"serviceAccountToken": {
+            "path": "azure-identity-token", "audience": WI_AUDIENCE, "expirationSeconds": 3600}}]}
+    }));
+}
+
+/// deploy/examples/pod-init-azure.yaml as it is, in a `restricted` namespace, mutated as the
+/// workload identity webhook would; its ConfigMap gets the stand-in's CA (Key Vault and Entra
+/// there are the stand-in, on the names of the public cloud). `keybroker init` exchanges the
+/// pod's projected token at "Entra" and writes the files the app then reads.
+fn init_example(standin: &AzureStandin, tmp: &Path) {
+    restricted_namespace("orders");
+    must(&["create", "serviceaccount", "-n", "orders", "api"]);
+    must(&[
+        "annotate",
+        "serviceaccount",
+        "-n",
+        "orders",
+        "api",
+        &format!("azure.workload.identity/client-id={APP}"),
+    ]);
+    let mut docs = example("pod-init-azure.yaml");
+    for d in docs.iter_mut() {
+        if d["kind"] == "ConfigMap" {
+            let config = replace_once(
+                d["data"]["config.yaml"].as_str().unwrap(),
+                "azure: {keyvaultName: orders-kv}",
+                "azure: {keyvaultName: orders-kv, caFile: /etc/keybroker/azure-ca.pem}",
+            );
+            d["data"]["config.yaml"] = config.into();
+            d["data"]["azure-ca.pem"] = std::fs::read_to_string(standin.ca()).unwrap().into();
+        } else {
+            as_the_webhook_mutates(d);
+        }
+    }
+    for d in docs.iter().rev() {
+        apply(&d.to_string());
+    }
+    let took = eventually("orders/orders Running", || {
+        let restarts = get(
+            "orders",
+            "pod",
+            "orders",
+            "{.status.initContainerStatuses[0].restartCount}",
+        );
+        if restarts.parse::<u32>().unwrap_or(0) > 0 {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            panic!(
+                "keybroker init failed in orders/orders:\n{}\nthe stand-in's requests: {:#?}",
+                kubectl(&[
+                    "logs",
+                    "-n",
+                    "orders",
+                    "orders",
+                    "-c",
+                    "keybroker",
+                    "--previous"
+                ])
+                .1,
+                rt.block_on(standin.requests())
+            );
+        }
+        phase("orders", "orders") == "Running"
+    });
+    assert_eq!(
+        read_in("orders", "orders", "app", "/run/secrets/app/db-password"),
+        ORDERS_SECRET
+    );
+    let crt = tmp.join("orders-tls.crt");
+    std::fs::write(
+        &crt,
+        read_in("orders", "orders", "app", "/run/secrets/app/tls.crt"),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let issuer =
+        rt.block_on(standin.admin(reqwest::Method::GET, "issuer-ca", serde_json::Value::Null));
+    let ca = tmp.join("orders-issuer.pem");
+    std::fs::write(&ca, issuer["pem"].as_str().unwrap()).unwrap();
+    common::output_ok(
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&ca)
+            .arg(&crt),
+    );
+    println!(
+        "orders/orders: keybroker init wrote its files under PSA restricted; Running {:.1} s after creation",
+        took.as_secs_f64()
+    );
 }

@@ -118,6 +118,30 @@ impl Drop for Cluster {
             ] {
                 println!("--- kubectl {}\n{}", args.join(" "), kubectl(args).1);
             }
+            // Every pod outside kube-system: its containers' last lines (an init container's
+            // crash loop says why there).
+            let pods = kubectl(&[
+                "get",
+                "pods",
+                "-A",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.namespace} {.metadata.name}{\"\\n\"}{end}",
+            ])
+            .1;
+            for (ns, name) in pods.lines().filter_map(|l| l.split_once(' ')) {
+                if ns != "kube-system" {
+                    let args = [
+                        "logs",
+                        "-n",
+                        ns,
+                        name,
+                        "--all-containers",
+                        "--prefix",
+                        "--tail=20",
+                    ];
+                    println!("--- kubectl {}\n{}", args.join(" "), kubectl(&args).1);
+                }
+            }
         }
         let out = script(&["down"]);
         println!("{}", String::from_utf8_lossy(&out.stdout).trim_end());

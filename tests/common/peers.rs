@@ -258,7 +258,7 @@ impl Bao {
             ),
             "username=postgres",
             &format!("password={}", pg.password),
-            "allowed_roles=app",
+            "allowed_roles=*",
         ]);
         self.cli(&[
             "write",
