@@ -10,6 +10,7 @@
 #                              # plane and kubelet; waits for a Ready node
 #   scripts/cluster.sh down    # stops everything it started; unmounts, removes cgroups,
 #                              # restores sysctls, deletes the namespace
+#   scripts/cluster.sh restart-kubelet   # stop and start kubelet (pods keep running)
 #   scripts/cluster.sh kubectl ARGS...   (and helm ARGS...: against the running cluster)
 #
 # Built binaries are cached outside the clone, keyed by version, in $KEYBROKER_CLUSTER_CACHE
@@ -180,6 +181,23 @@ wait_until() {
   done
 }
 
+start_kubelet() {
+  start kubelet "$cache/bin/kubelet" --config="$run/kubelet.yaml" \
+    --kubeconfig="$run/pki/kubelet.kubeconfig" --hostname-override="$NODE" --node-ip="$NODE_IP" \
+    --root-dir="$KUBELET_DIR"
+}
+kubelet_healthy() {
+  in_ns curl -sf http://127.0.0.1:10248/healthz
+}
+# kubelet stopped and started again, as an upgrade or a crash of kubelet does: its pods keep
+# running, and it asks the apiserver for new service-account tokens (its cache is in memory).
+restart_kubelet() {
+  [ -f "$run/pids/kubelet" ] || { log "no cluster of scripts/cluster.sh is up"; exit 1; }
+  stop_group kubelet
+  start_kubelet
+  wait_until kubelet 600 kubelet_healthy
+  log "kubelet restarted"
+}
 node_ready() {
   kubectl_ get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -q True
 }
@@ -422,9 +440,7 @@ evictionHard:
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 KLEOF
-  start kubelet "$k8s/kubelet" --config="$run/kubelet.yaml" \
-    --kubeconfig="$d/kubelet.kubeconfig" --hostname-override="$NODE" --node-ip="$NODE_IP" \
-    --root-dir="$KUBELET_DIR"
+  start_kubelet
   wait_until kubelet 600 node_ready
   local took; took=$(python3 -c "import sys; print(round($(date +%s.%N) - $started, 1))")
   log "node $NODE Ready in ${took} s"
@@ -492,7 +508,8 @@ case "${1:-}" in
   build) build ;;
   up) up ;;
   down) down ;;
+  restart-kubelet) restart_kubelet ;;
   kubectl) shift; kubectl_ "$@" ;;
   helm) shift; KUBECONFIG="$run/pki/admin.kubeconfig" in_ns "$(cd "$(dirname "$0")/.." && pwd)/.peers/bin/helm" "$@" ;;
-  *) echo "usage: scripts/cluster.sh build|up|down|kubectl ARGS...|helm ARGS..." >&2; exit 2 ;;
+  *) echo "usage: scripts/cluster.sh build|up|down|restart-kubelet|kubectl ARGS...|helm ARGS..." >&2; exit 2 ;;
 esac

@@ -445,16 +445,70 @@ fn vault_token_expiry_across_rotations(bao: &Bao) {
         took.as_secs_f64(),
         logins(bao, "auth/jwt-short/login")
     );
+    // kubelet restarted (its token cache is in memory): its next publish of the volume carries
+    // a new token, and keybroker's next login (the Vault token still lives 20 s) presents it.
+    let before = login_jwts(bao, "auth/jwt-short/login");
+    let out = script(&["restart-kubelet"]);
+    assert!(
+        out.status.success(),
+        "restart-kubelet: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = eventually("a login with kubelet's new token", || {
+        login_jwts(bao, "auth/jwt-short/login")
+            .iter()
+            .any(|j| !before.contains(j))
+    });
+    println!(
+        "rotor: a login with the token kubelet requested after its restart {:.1} s later ({} distinct tokens before)",
+        took.as_secs_f64(),
+        before.len()
+    );
+    bao.cli(&["kv", "put", "secret/app/rotating", "value=v4-Rot-0004"]);
+    eventually("the rotation after kubelet's new token", || {
+        read("team-a", "rotor", "/v/value") == "v4-Rot-0004"
+    });
     let events = events("team-a", "rotor", "FailedMount");
     assert!(events.is_empty(), "rotor: {events}");
+}
+
+/// The service-account tokens presented at logins through `path`, as OpenBao's audit log
+/// keeps them (HMACs: equal tokens, equal strings), distinct, in order.
+fn login_jwts(bao: &Bao, path: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for e in std::fs::read_to_string(&bao.audit_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "request" && e["request"]["path"] == path)
+    {
+        let jwt = e["request"]["data"]["jwt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            jwt.starts_with("hmac-sha256:"),
+            "OpenBao's audit log keeps {jwt:?}"
+        );
+        if !seen.contains(&jwt) {
+            seen.push(jwt);
+        }
+    }
+    seen
 }
 
 /// A pod shaped the way the Azure workload identity webhook leaves it: the pod label, the
 /// service account's client-id annotation, the `AZURE_*` environment and the projected
 /// token (audience api://AzureADTokenExchange) at the webhook's path.
 fn workload_identity_pod(name: &str, sa: &str, volume: &serde_json::Value) -> String {
-    let mut p: serde_json::Value =
-        serde_json::from_str(&pod(name, "team-z", sa, "sleep 3600", &[volume.clone()])).unwrap();
+    let mut p: serde_json::Value = serde_json::from_str(&pod(
+        name,
+        "team-z",
+        sa,
+        "sleep 3600",
+        std::slice::from_ref(volume),
+    ))
+    .unwrap();
     p["metadata"]["labels"] = serde_json::json!({"azure.workload.identity/use": "true"});
     let c = &mut p["spec"]["containers"][0];
     c["env"] = serde_json::json!([
