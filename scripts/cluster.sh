@@ -31,6 +31,11 @@ BUSYBOX_VERSION="1:1.35.0-4+deb12u1+b1"   # Debian busybox-static (the busybox i
 BUILDAH_VERSION="1.28.2+ds1-3+deb12u1+b3" # Debian buildah (images, vfs storage)
 COMPONENTS=(kube-apiserver kubelet kubectl kube-controller-manager kube-scheduler)
 SSCSI_VERSION="v1.6.0"                    # sigs.k8s.io/secrets-store-csi-driver (Go module)
+AZURE_PROVIDER_VERSION="v1.7.2"           # github.com/Azure/secrets-store-csi-driver-provider-azure
+VAULT_CSI_PROVIDER_VERSION="v1.7.4"       # github.com/hashicorp/vault-csi-provider (benchmark only)
+# Its Go module is not served: a snapshot of its repository (a git directory, as the project's
+# `fetch` tool leaves it) is built when present; the benchmark measures without it otherwise.
+VAULT_CSI_PROVIDER_GIT="${VAULT_CSI_PROVIDER_GIT:-/work/.mirror/hashicorp+vault-csi-provider/repo}"
 
 NETNS=kb-cluster
 NODE=kb-node
@@ -84,6 +89,8 @@ build() {
     done
   fi
   build_secrets_store_driver
+  build_azure_provider
+  build_vault_csi_provider
   if apt_install_pinned "etcd-server=$ETCD_VERSION" "containerd=$CONTAINERD_VERSION" "runc=$RUNC_VERSION" \
        "containernetworking-plugins=$CNI_VERSION" "busybox-static=$BUSYBOX_VERSION" "buildah=$BUILDAH_VERSION" \
        "iptables=$IPTABLES_VERSION" "dnsmasq-base=$DNSMASQ_VERSION"; then
@@ -117,6 +124,42 @@ build_secrets_store_driver() {
     GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X sigs.k8s.io/secrets-store-csi-driver/pkg/version.BuildVersion=$SSCSI_VERSION" \
       -o "$bin.tmp" ./cmd/secrets-store-csi-driver)
+  rm -rf "$work"
+  mv "$bin.tmp" "$bin"
+}
+
+# The Secrets Store CSI driver's Azure provider (cmd/ of its module at $AZURE_PROVIDER_VERSION),
+# the peer that runs beside keybroker behind the same driver. The module proxy serves this
+# module at exact versions only (its version list is refused).
+build_azure_provider() {
+  local bin="$cache/bin/provider-azure-$AZURE_PROVIDER_VERSION"
+  [ -x "$bin" ] && return 0
+  log "go build github.com/Azure/secrets-store-csi-driver-provider-azure@$AZURE_PROVIDER_VERSION ./cmd/"
+  local dir work
+  dir=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "github.com/Azure/secrets-store-csi-driver-provider-azure@$AZURE_PROVIDER_VERSION" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  work=$(mktemp -d)
+  cp -r "$dir/." "$work/"
+  chmod -R u+w "$work"
+  (cd "$work" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin.tmp" ./cmd/)
+  rm -rf "$work"
+  mv "$bin.tmp" "$bin"
+}
+
+# HashiCorp's Vault CSI provider at $VAULT_CSI_PROVIDER_VERSION from the snapshot of its
+# repository, with its deployment manifest beside the binary (benchmarks only).
+build_vault_csi_provider() {
+  local bin="$cache/bin/vault-csi-provider-$VAULT_CSI_PROVIDER_VERSION"
+  [ -x "$bin" ] && return 0
+  if ! git --git-dir="$VAULT_CSI_PROVIDER_GIT" rev-parse -q --verify "refs/tags/$VAULT_CSI_PROVIDER_VERSION" >/dev/null 2>&1; then
+    log "vault-csi-provider $VAULT_CSI_PROVIDER_VERSION not built: no snapshot of its repository at $VAULT_CSI_PROVIDER_GIT (benchmarks only)"
+    return 0
+  fi
+  log "go build github.com/hashicorp/vault-csi-provider $VAULT_CSI_PROVIDER_VERSION (snapshot $VAULT_CSI_PROVIDER_GIT)"
+  local work; work=$(mktemp -d)
+  git --git-dir="$VAULT_CSI_PROVIDER_GIT" archive "$VAULT_CSI_PROVIDER_VERSION" | tar -x -C "$work"
+  (cd "$work" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin.tmp" .)
+  cp "$work/deployment/vault-csi-provider.yaml" "$cache/vault-csi-provider-$VAULT_CSI_PROVIDER_VERSION.yaml"
   rm -rf "$work"
   mv "$bin.tmp" "$bin"
 }
@@ -254,6 +297,22 @@ CEOF
     buildah "${st[@]}" commit --quiet "$c" localhost/secrets-store-csi:kb >/dev/null
     buildah "${st[@]}" rm "$c" >/dev/null
     images+=(secrets-store-csi)
+  fi
+  if [ -x "$cache/bin/provider-azure-$AZURE_PROVIDER_VERSION" ]; then
+    c=$(buildah "${st[@]}" from scratch)
+    buildah "${st[@]}" copy "$c" "$cache/bin/provider-azure-$AZURE_PROVIDER_VERSION" /provider-azure >/dev/null
+    buildah "${st[@]}" config --entrypoint '["/provider-azure"]' "$c"
+    buildah "${st[@]}" commit --quiet "$c" localhost/provider-azure:kb >/dev/null
+    buildah "${st[@]}" rm "$c" >/dev/null
+    images+=(provider-azure)
+  fi
+  if [ -x "$cache/bin/vault-csi-provider-$VAULT_CSI_PROVIDER_VERSION" ]; then
+    c=$(buildah "${st[@]}" from scratch)
+    buildah "${st[@]}" copy "$c" "$cache/bin/vault-csi-provider-$VAULT_CSI_PROVIDER_VERSION" /vault-csi-provider >/dev/null
+    buildah "${st[@]}" config --entrypoint '["/vault-csi-provider"]' "$c"
+    buildah "${st[@]}" commit --quiet "$c" localhost/vault-csi-provider:kb >/dev/null
+    buildah "${st[@]}" rm "$c" >/dev/null
+    images+=(vault-csi-provider)
   fi
   local img
   for img in "${images[@]}"; do
@@ -409,6 +468,8 @@ CDEOF
     --authentication-kubeconfig="$d/scheduler.kubeconfig" \
     --authorization-kubeconfig="$d/scheduler.kubeconfig" --bind-address=127.0.0.1
 
+  # The node's resolver is the cluster's DNS too (host-network pods with the Default policy).
+  echo "nameserver $DNS_IP" > "$run/resolv.conf"
   cat > "$run/kubelet.yaml" <<KLEOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -425,7 +486,7 @@ tlsPrivateKeyFile: "$d/kubelet.key"
 address: "$NODE_IP"
 healthzBindAddress: 127.0.0.1
 failSwapOn: false
-resolvConf: ""
+resolvConf: "$run/resolv.conf"
 clusterDNS: ["$DNS_IP"]
 clusterDomain: cluster.local
 registerNode: true

@@ -34,11 +34,7 @@ use common::peers::{Bao, Postgres};
 
 const SECRET: &str = "S3cret-from-bao-7781";
 /// Where OpenBao listens: the node's address inside the cluster's network namespace.
-const BAO_IP: &str = "10.213.0.1";
-const NETNS: &str = "/run/netns/kb-cluster";
-/// The cluster's CA (apiserver serving certificate); the apiserver is its own OIDC issuer.
-const CLUSTER_CA: &str = "/run/keybroker-cluster/pki/ca.crt";
-const ISSUER: &str = "https://10.213.0.1:6443";
+const BAO_IP: &str = NODE_IP;
 const KV_SECRET: &str = "S3cret-from-key-vault-4410";
 const ORDERS_SECRET: &str = "S3cret-orders-init-5520";
 const PAYMENTS_V1: &str = "S3cret-payments-v1-6601";
@@ -300,15 +296,7 @@ fn pods_log_in_with_the_apiservers_own_tokens() {
             "443",
         ],
     );
-    // Anonymous OIDC discovery, as the Kubernetes documentation describes for verifiers of
-    // service-account tokens outside the cluster (OpenBao's jwt auth, Entra).
-    must(&[
-        "create",
-        "clusterrolebinding",
-        "oidc-discovery-anonymous",
-        "--clusterrole=system:service-account-issuer-discovery",
-        "--group=system:unauthenticated",
-    ]);
+    allow_anonymous_oidc_discovery();
     configure_bao(&bao, &pg, tmp.path());
     tokio::runtime::Runtime::new()
         .unwrap()

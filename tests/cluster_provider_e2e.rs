@@ -6,6 +6,8 @@
 //! apiserver's own (the driver's CSIDriver `tokenRequests`), checked by OpenBao's jwt auth and by
 //! the Entra stand-in against the apiserver's JWKS. The driver's rotation brings a new value
 //! into a running pod; a pod no binding selects gets keybroker's `PermissionDenied` in its event.
+//! The Secrets Store Azure provider v1.7.2 itself runs beside keybroker behind the same driver
+//! (its own DaemonSet, from its `deployment/`) and reads from the same stand-in.
 
 mod common;
 
@@ -15,10 +17,7 @@ use common::azure::{APP, AzureStandin, TENANT};
 use common::cluster::*;
 use common::peers::Bao;
 
-const BAO_IP: &str = "10.213.0.1";
-const NETNS: &str = "/run/netns/kb-cluster";
-const CLUSTER_CA: &str = "/run/keybroker-cluster/pki/ca.crt";
-const ISSUER: &str = "https://10.213.0.1:6443";
+const BAO_IP: &str = NODE_IP;
 const WI_AUDIENCE: &str = "api://AzureADTokenExchange";
 const V1: &str = "S3cret-provider-v1-2231";
 const V2: &str = "S3cret-provider-v2-2232";
@@ -110,21 +109,29 @@ fn the_real_secrets_store_driver_mounts_through_keybroker() {
     let tmp = common::open_tempdir();
     let _cluster = Cluster::up();
     let bao = Bao::start_in_netns(tmp.path(), Path::new(NETNS), BAO_IP);
-    let standin =
-        AzureStandin::start_in_netns(tmp.path(), Path::new(NETNS), &["--issuer-ca", CLUSTER_CA]);
-    must(&[
-        "create",
-        "clusterrolebinding",
-        "oidc-discovery-anonymous",
-        "--clusterrole=system:service-account-issuer-discovery",
-        "--group=system:unauthenticated",
-    ]);
+    // On port 443 of the namespace: keybroker reaches it as `localhost`, the Azure provider as
+    // login.microsoftonline.com and kv1.vault.azure.net (the cluster's DNS answers every name
+    // with the node's address).
+    let standin = AzureStandin::start_in_netns(
+        tmp.path(),
+        Path::new(NETNS),
+        &[
+            "--issuer-ca",
+            CLUSTER_CA,
+            "--bind",
+            "0.0.0.0",
+            "--https-port",
+            "443",
+        ],
+    );
+    allow_anonymous_oidc_discovery();
     configure_bao(&bao, tmp.path());
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(configure_azure(&standin));
 
     install_secrets_store_driver(&["vault", WI_AUDIENCE], "10s");
+    install_azure_provider(&standin.dir);
     let values = tmp.path().join("values.yaml");
     std::fs::write(
         &values,
@@ -189,6 +196,22 @@ fn the_real_secrets_store_driver_mounts_through_keybroker() {
              \x20   objects: |\n      array:\n        - |\n          objectName: db-password\n          objectType: secret\n"
         ),
     ));
+    // The same class for the Azure provider itself, behind the same driver.
+    let azure_params = format!(
+        "    usePodIdentity: \"false\"\n    clientID: {APP}\n    keyvaultName: kv1\n    tenantId: {TENANT}\n\
+         \x20   objects: |\n      array:\n        - |\n          objectName: db-password\n          objectType: secret\n"
+    );
+    apply(
+        &class("app-azure-upstream", "team-z", &azure_params)
+            .replace("provider: keybroker", "provider: azure"),
+    );
+    apply(&pod(
+        "azure-upstream",
+        "team-z",
+        "api",
+        "sleep 3600",
+        &[driver_volume("app-azure-upstream")],
+    ));
     apply(&pod(
         "vault-app",
         "team-a",
@@ -230,6 +253,18 @@ fn the_real_secrets_store_driver_mounts_through_keybroker() {
 
     // The driver's rotation (kubelet republishes, the driver calls Mount, keybroker answers
     // with what its 5-s poll found) brings the new value into the running pod.
+    let took = eventually("azure-upstream Running", || {
+        phase("team-z", "azure-upstream") == "Running"
+    });
+    assert_eq!(
+        read("team-z", "azure-upstream", "/v/db-password"),
+        KV_SECRET
+    );
+    println!(
+        "azure-upstream (the Azure provider {AZURE_PROVIDER} beside keybroker, same driver and stand-in): Running {:.1} s after creation, its file read",
+        took.as_secs_f64()
+    );
+
     bao.cli(&["kv", "put", "secret/app/db", &format!("password={V2}")]);
     let took = eventually("the rotation in vault-app", || {
         read("team-a", "vault-app", "/v/password") == V2
@@ -254,6 +289,7 @@ fn the_real_secrets_store_driver_mounts_through_keybroker() {
     for (ns, name) in [
         ("team-a", "vault-app"),
         ("team-z", "azure-app"),
+        ("team-z", "azure-upstream"),
         ("team-a", "stranger"),
     ] {
         must(&["delete", "pod", "-n", ns, name, "--wait=true"]);

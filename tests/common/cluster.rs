@@ -497,9 +497,170 @@ pub fn uninstall_secrets_store_driver() {
         "--wait=true",
     ]);
     eventually("no driver pod left", || {
-        !kubectl(&["get", "pods", "-n", "kube-system", "-o", "name"])
-            .1
-            .contains("csi-secrets-store")
+        kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app=csi-secrets-store",
+            "-o",
+            "name",
+        ])
+        .1
+        .trim()
+        .is_empty()
     });
     must(&["delete", "csidriver", "secrets-store.csi.k8s.io"]);
+}
+
+/// The Secrets Store CSI Azure provider's version, as `scripts/cluster.sh` builds it.
+pub const AZURE_PROVIDER: &str = "v1.7.2";
+
+/// Installs the Azure provider as its `deployment/provider-azure-installer.yaml` does (its
+/// ServiceAccount and DaemonSet, in kube-system), with the image built here and, since Key
+/// Vault and Entra are the stand-in whose CA is `ca_dir/ca.pem`, that CA as the provider's trust
+/// (`SSL_CERT_FILE`, which Go's TLS honours). Waits until it is ready.
+pub fn install_azure_provider(ca_dir: &Path) {
+    let out = Command::new("go")
+        .args(["mod", "download", "-json"])
+        .arg(format!(
+            "github.com/Azure/secrets-store-csi-driver-provider-azure@{AZURE_PROVIDER}"
+        ))
+        .env("GOFLAGS", "-mod=mod")
+        .current_dir("/tmp")
+        .output()
+        .expect("go mod download");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file =
+        Path::new(v["Dir"].as_str().unwrap()).join("deployment/provider-azure-installer.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    for doc in text.split("\n---\n") {
+        let mut d: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        if d["kind"] == "DaemonSet" {
+            let spec = &mut d["spec"]["template"]["spec"];
+            let c = &mut spec["containers"][0];
+            assert_eq!(
+                c["image"],
+                format!(
+                    "mcr.microsoft.com/oss/v2/azure/secrets-store/provider-azure:{AZURE_PROVIDER}"
+                )
+            );
+            c["image"] = "localhost/provider-azure:kb".into();
+            c["imagePullPolicy"] = "Never".into();
+            c["env"] = serde_json::json!([{"name": "SSL_CERT_FILE", "value": "/standin/ca.pem"}]);
+            c["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"name": "standin-ca", "mountPath": "/standin", "readOnly": true}));
+            spec["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!(
+                {"name": "standin-ca", "hostPath": {"path": ca_dir, "type": "Directory"}}));
+        }
+        d["metadata"]["namespace"] = "kube-system".into();
+        apply(&d.to_string());
+    }
+    eventually("the Azure provider ready", || {
+        kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app=csi-secrets-store-provider-azure",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[0].ready}",
+        ])
+        .1 == "true"
+    });
+}
+
+/// The cluster's network namespace (OpenBao and the stand-ins are started in it).
+pub const NETNS: &str = "/run/netns/kb-cluster";
+/// The node's address in that namespace, where OpenBao and the stand-ins listen.
+pub const NODE_IP: &str = "10.213.0.1";
+/// The cluster's CA (the apiserver's serving certificate chains to it).
+pub const CLUSTER_CA: &str = "/run/keybroker-cluster/pki/ca.crt";
+/// The apiserver as service-account token issuer (`--service-account-issuer`).
+pub const ISSUER: &str = "https://10.213.0.1:6443";
+
+/// Lets anyone read the apiserver's OIDC discovery document and JWKS, as the Kubernetes
+/// documentation describes for verifiers of service-account tokens outside the cluster
+/// (OpenBao's jwt auth, Entra): `system:service-account-issuer-discovery` for
+/// `system:unauthenticated`.
+pub fn allow_anonymous_oidc_discovery() {
+    must(&[
+        "create",
+        "clusterrolebinding",
+        "oidc-discovery-anonymous",
+        "--clusterrole=system:service-account-issuer-discovery",
+        "--group=system:unauthenticated",
+    ]);
+}
+
+/// HashiCorp's Vault CSI provider's version, built by `scripts/cluster.sh build` when a
+/// snapshot of its repository is there (benchmarks only).
+pub const VAULT_CSI_PROVIDER: &str = "v1.7.4";
+
+/// Installs HashiCorp's Vault CSI provider as its `deployment/vault-csi-provider.yaml` does
+/// (namespace `csi`, RBAC, DaemonSet), with the image built here and OpenBao's CA directory
+/// `ca_dir` mounted at `/bao` (for the classes' `vaultCACertPath`). False when it was not built.
+pub fn install_vault_csi_provider(ca_dir: &Path) -> bool {
+    let cache = std::env::var("KEYBROKER_CLUSTER_CACHE")
+        .unwrap_or_else(|_| "/var/cache/keybroker-cluster".into());
+    let manifest = Path::new(&cache)
+        .join("v1.35.4")
+        .join(format!("vault-csi-provider-{VAULT_CSI_PROVIDER}.yaml"));
+    let Ok(text) = std::fs::read_to_string(&manifest) else {
+        return false;
+    };
+    for doc in text.split("\n---\n") {
+        let mut d: serde_json::Value = match serde_norway::from_str(doc) {
+            Ok(d) => d,
+            Err(_) => continue,
+        };
+        if d["kind"] == "DaemonSet" {
+            let spec = &mut d["spec"]["template"]["spec"];
+            let c = &mut spec["containers"][0];
+            assert_eq!(
+                c["image"],
+                format!("hashicorp/vault-csi-provider:{}", &VAULT_CSI_PROVIDER[1..])
+            );
+            c["image"] = "localhost/vault-csi-provider:kb".into();
+            c["imagePullPolicy"] = "Never".into();
+            c["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"name": "bao-ca", "mountPath": "/bao", "readOnly": true}));
+            spec["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!(
+                {"name": "bao-ca", "hostPath": {"path": ca_dir, "type": "Directory"}}));
+        }
+        if d.is_object() {
+            apply(&d.to_string());
+        }
+    }
+    eventually("the Vault CSI provider ready", || {
+        kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "csi",
+            "-l",
+            "app.kubernetes.io/name=vault-csi-provider",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[0].ready}",
+        ])
+        .1 == "true"
+    });
+    true
 }
