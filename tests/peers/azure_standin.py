@@ -6,7 +6,7 @@ written from Microsoft's public REST documentation (wire shapes, parameter names
 and shown faithful by tests/azure_conformance.py, which drives it with Microsoft's own Python
 SDK (azure-identity, azure-keyvault-secrets/-certificates/-keys).
 
-One process, two listeners on 127.0.0.1:
+One process, two listeners on --bind (default 127.0.0.1):
   HTTPS (certificate from a CA generated at start, written to DIR/ca.pem):
     Entra ID   POST /{tenant}/oauth2/v2.0/token (client credentials with a client assertion:
                workload identity federation), GET /{tenant}/v2.0/.well-known/openid-configuration,
