@@ -1,7 +1,8 @@
 //! Read-path benchmark (issues #2 and #11): open+read+close of a small mounted secret, and pread
 //! on an open fd, for a plain tmpfs file (the baseline), keybroker's tmpfs volume unaudited, the
-//! same audited through fanotify (notification mode, and permission mode as with
-//! `--audit-fail-closed`), keybroker's FUSE volume (kernel cache on, every open audited) and the
+//! same audited through fanotify (identify mode, the node's default since issue #24: each open
+//! waits until its process is identified; notification mode, `--audit-opens
+//! notify-best-effort`; and permission mode as with `--audit-fail-closed`), keybroker's FUSE volume (kernel cache on, every open audited) and the
 //! same FUSE volume with kernel caching off (the naive baseline). The reads are made by a child
 //! process (this binary with `--reader`), as an application's are: the auditor records a
 //! process other than itself. Rounds are interleaved so machine noise hits every variant alike;
@@ -77,6 +78,18 @@ fn reader(path: &Path) {
     println!("{orc} {pread}");
 }
 
+/// Microseconds per short-lived reader: `cat` processes started one after another, each
+/// opening the file once (its first open is the one that needs a full /proc lookup).
+fn cats(path: &Path, n: usize) -> f64 {
+    let t = Instant::now();
+    let out = common::output_ok(Command::new("sh").arg("-c").arg(format!(
+        "for i in $(seq {n}); do cat {} > /dev/null || exit 1; done",
+        path.display()
+    )));
+    assert!(out.status.success());
+    t.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
 fn in_child(path: &Path) -> (f64, f64) {
     let out = common::output_ok(
         Command::new(std::env::current_exe().unwrap())
@@ -138,6 +151,7 @@ fn main() {
         (dir, v, opens)
     };
     let (kn, kn_vol, kn_opens) = audited_tmpfs("kb-tmpfs-notify", Mode::Notify);
+    let (ki, ki_vol, ki_opens) = audited_tmpfs("kb-tmpfs-identify", Mode::Identify);
     let (kp, kp_vol, kp_opens) = audited_tmpfs("kb-tmpfs-perm", Mode::Permission);
     let mount_fuse = |dir: &Path, kernel_cache: bool| {
         let use_audit = std::env::var("KB_BENCH_NOAUDIT").is_err();
@@ -159,10 +173,14 @@ fn main() {
     let nf = d("naive-fuse");
     let nv = mount_fuse(&nf, false);
 
-    let variants: [(&str, PathBuf); 6] = [
+    let variants: [(&str, PathBuf); 7] = [
         ("plain tmpfs file", plain.join("database-url")),
         ("keybroker tmpfs volume, unaudited", kt.join("database-url")),
-        ("keybroker tmpfs, fanotify audit", kn.join("database-url")),
+        ("keybroker tmpfs, fanotify notify", kn.join("database-url")),
+        (
+            "keybroker tmpfs, fanotify identify",
+            ki.join("database-url"),
+        ),
         (
             "keybroker tmpfs, fanotify fail-closed",
             kp.join("database-url"),
@@ -214,6 +232,29 @@ fn main() {
         rtt / 1e3,
         rtt / base_orc
     );
+    // Short-lived readers: 200 `cat`s per round, rounds interleaved.
+    let short: [(&str, &Path); 4] = [
+        ("plain tmpfs file", &variants[0].1),
+        ("keybroker tmpfs, fanotify notify", &variants[2].1),
+        ("keybroker tmpfs, fanotify identify", &variants[3].1),
+        ("keybroker FUSE (cached, audited)", &variants[5].1),
+    ];
+    let mut per_cat: Vec<Vec<f64>> = vec![Vec::new(); short.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, p)) in short.iter().enumerate() {
+            per_cat[i].push(cats(p, 200));
+        }
+    }
+    let base_cat = median(per_cat[0].clone());
+    println!("short-lived readers (a `cat` process per open, 200 x {ROUNDS} rounds, median):");
+    for (i, (name, _)) in short.iter().enumerate() {
+        let c = median(per_cat[i].clone());
+        println!(
+            "{name:<36} {c:>12.1} µs per cat {:>9.2}x (+{:.1} µs)",
+            c / base_cat,
+            c - base_cat
+        );
+    }
     let audited = std::fs::read_to_string(tmp.path().join("audit.jsonl"))
         .unwrap()
         .lines()
@@ -224,13 +265,16 @@ fn main() {
         .lines()
         .count();
     println!(
-        "fanotify: {} opens seen in notification mode, {} in permission mode, {fan_records} records",
+        "fanotify: {} opens seen in notification mode, {} in identify mode, {} in permission mode, {fan_records} records",
         kn_opens.opens(),
+        ki_opens.opens(),
         kp_opens.opens()
     );
     Box::new(kn_vol).unmount().unwrap();
+    Box::new(ki_vol).unmount().unwrap();
     Box::new(kp_vol).unmount().unwrap();
     kn_opens.stop();
+    ki_opens.stop();
     kp_opens.stop();
 
     Box::new(fv).unmount().unwrap();

@@ -17,7 +17,9 @@
 # (default /var/cache/keybroker-cluster): a fresh machine builds them once (about 6 minutes of
 # two cores, kube-apiserver most of it). The running cluster's state is in $KB_CLUSTER_RUN
 # (default /run/keybroker-cluster); kubelet's root is /var/lib/kubelet, as CSI drivers expect.
-set -euo pipefail
+set -Eeuo pipefail
+# A failing command names itself: `set -e` alone ends the script silently.
+trap 'rc=$?; printf "[cluster] failed (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 KUBE_VERSION="v1.35.4"                    # k8s.io/kubernetes (Go module, exact version)
 KUBE_STAGING_VERSION="v0.35.4"            # its staging modules, as published
@@ -327,8 +329,17 @@ CEOF
   if [ -f "$kb" ]; then
     ctr_ images import --snapshotter native "$kb" >/dev/null
     local name version
-    name=$(ctr_ images ls -q | grep -m1 '^localhost/keybroker:')
-    version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
+    # The whole list first: `ctr | grep -m1` fails under pipefail whenever ctr writes a line
+    # after grep has left (SIGPIPE), and `set -e` then ends `up` without a word.
+    local listed; listed=$(ctr_ images ls -q)
+    name=""
+    local line
+    while IFS= read -r line; do
+      if [[ $line == localhost/keybroker:* ]]; then name=$line; break; fi
+    done <<< "$listed"
+    [ -n "$name" ] || { log "no localhost/keybroker image in $kb"; exit 1; }
+    version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml")
+    version=${version%%$'\n'*}
     ctr_ images tag --force "$name" "ghcr.io/keybroker/keybroker:$version" >/dev/null
   fi
   rm -rf "$work" "$run/buildah" "$run/buildah-run"

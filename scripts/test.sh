@@ -40,7 +40,7 @@ echo "== cargo test (csi-sanity needs the test-only controller: --features test-
 status=0
 cargo test --locked --no-fail-fast --workspace --features test-controller || status=$?
 echo "== no keybroker mount may be left on this machine (they can hold secrets), nor a cluster"
-if [ -d /run/keybroker-cluster ] || ip netns list 2>/dev/null | grep -q '^kb-cluster'; then
+if [ -d /run/keybroker-cluster ] || ip netns list 2>/dev/null | grep '^kb-cluster' >/dev/null; then
   echo "a test cluster was left running: scripts/cluster.sh down" >&2
   scripts/cluster.sh down || true
   status=1

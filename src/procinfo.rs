@@ -2,8 +2,12 @@
 //! turns the thread id into the process (thread group) id, its command name and, when the
 //! process runs in a Kubernetes pod, the pod UID and container id from its cgroup path.
 //!
-//! Lookups are cached per thread id for two seconds, so a process that opens many files costs
-//! one set of /proc reads.
+//! Every lookup records the executable (`/proc/<pid>/exe`, the path as the process's own mount
+//! namespace names it) and the cgroup too. Lookups are cached per thread id for two seconds,
+//! and a cached entry is used only while the id still belongs to the same task running the
+//! same program (its `/proc/<id>/comm`, held open, still reads the same): a pid reused by
+//! another process, or a process that has run another program since, is looked up anew. A
+//! process that opens many files costs one `pread` per open after its first.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,10 +25,40 @@ pub struct ProcessRef {
     /// Command name (`/proc/<pid>/comm`), `None` when the process exited before the lookup.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// The executable (`/proc/<pid>/exe`), as a path inside the process's mount namespace
+    /// (a container's own path); `None` when it cannot be read (a kernel thread, a process
+    /// that is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The process's cgroup (the unified hierarchy's path, or the one naming `kubepods`):
+    /// "who" for a reader that is not in a pod (a node shell, a system service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// The cgroup path an auditor wants from `/proc/<pid>/cgroup`: the line naming `kubepods`
+/// (a pod's container, also on a hybrid v1 host), else the unified hierarchy's (`0::`), else
+/// the first.
+pub fn cgroup_path(cgroup: &str) -> Option<String> {
+    let paths: Vec<(&str, &str)> = cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let id = it.next()?;
+            it.next()?;
+            Some((id, it.next()?))
+        })
+        .collect();
+    paths
+        .iter()
+        .find(|(_, p)| p.contains("kubepods"))
+        .or_else(|| paths.iter().find(|(id, _)| *id == "0"))
+        .or_else(|| paths.first())
+        .map(|(_, p)| (*p).to_owned())
 }
 
 /// Parses the `Tgid:` line of /proc/<tid>/status.
@@ -85,44 +119,73 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
 /// A small cache of thread → process lookups; processes that open many files cost one lookup.
 #[derive(Default)]
 pub struct ProcCache {
-    entries: HashMap<u32, (Instant, ProcessRef)>,
+    entries: HashMap<u32, Entry>,
 }
 
-const TTL: Duration = Duration::from_secs(2);
-const MAX_ENTRIES: usize = 4096;
+struct Entry {
+    at: Instant,
+    proof: Proof,
+    process: ProcessRef,
+}
 
-impl ProcCache {
-    pub fn resolve(&mut self, tid: u32, uid: u32, gid: u32) -> ProcessRef {
-        let now = Instant::now();
-        if let Some((at, p)) = self.entries.get(&tid)
-            && now.duration_since(*at) < TTL
-            && p.uid == uid
-            && p.gid == gid
-        {
-            return p.clone();
-        }
-        if self.entries.len() >= MAX_ENTRIES {
-            self.entries.clear();
-        }
-        let p = lookup(tid, uid, gid);
-        self.entries.insert(tid, (now, p.clone()));
-        p
+/// What shows that a cached id still names the task it was looked up for, running the same
+/// program: the task's `/proc/<id>/comm`, opened at the lookup and read again (one `pread`)
+/// at each use. An open /proc file stays bound to its task: once the task has exited (and
+/// only then can its id be reused) reading it fails, and after an `exec` it reads the new
+/// program's name.
+struct Proof {
+    comm: std::fs::File,
+    seen: Vec<u8>,
+}
+
+impl Proof {
+    /// Taken before the lookup, checked again after it: a task that ended meanwhile (its id
+    /// possibly reused) fails the check and what was read is not kept.
+    fn take(id: u32) -> Option<Self> {
+        let comm = std::fs::File::open(format!("/proc/{id}/comm")).ok()?;
+        let seen = read_at_start(&comm)?;
+        Some(Self { comm, seen })
+    }
+
+    fn holds(&self) -> bool {
+        read_at_start(&self.comm).is_some_and(|now| now == self.seen)
     }
 }
 
+/// A `comm` file's content (at most 64 bytes: the kernel's names are 16).
+fn read_at_start(f: &std::fs::File) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 64];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    (n > 0).then(|| buf[..n].to_vec())
+}
+
+const TTL: Duration = Duration::from_secs(2);
+/// Entries (each holds an open /proc file) per cache: one per recently active reader of a volume.
+const MAX_ENTRIES: usize = 256;
+
 impl ProcCache {
+    pub fn resolve(&mut self, tid: u32, uid: u32, gid: u32) -> ProcessRef {
+        if let Some(p) = self.cached(tid)
+            && p.uid == uid
+            && p.gid == gid
+        {
+            return p;
+        }
+        let proof = Proof::take(tid);
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+        let p = lookup(tid, &status, uid, gid);
+        self.keep(tid, proof, &p);
+        p
+    }
+
     /// A process known by its pid alone (fanotify): uid and gid (effective) from its status.
     /// The flag says whether /proc was read now (false: from the cache).
     pub fn resolve_pid(&mut self, pid: u32) -> (ProcessRef, bool) {
-        let now = Instant::now();
-        if let Some((at, p)) = self.entries.get(&pid)
-            && now.duration_since(*at) < TTL
-        {
-            return (p.clone(), false);
+        if let Some(p) = self.cached(pid) {
+            return (p, false);
         }
-        if self.entries.len() >= MAX_ENTRIES {
-            self.entries.clear();
-        }
+        let proof = Proof::take(pid);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let id = |field: &str| {
             status
@@ -132,37 +195,67 @@ impl ProcCache {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(u32::MAX)
         };
-        let p = lookup(pid, id("Uid:"), id("Gid:"));
-        self.entries.insert(pid, (now, p.clone()));
+        let p = lookup(pid, &status, id("Uid:"), id("Gid:"));
+        self.keep(pid, proof, &p);
         (p, true)
     }
-}
 
-impl ProcCache {
+    /// The entry of `id` if it is recent, `id` still names the task it was made for (a task
+    /// that is gone is never served from the cache) and the task has not run another program
+    /// since (`exec` keeps the pid and changes the command).
+    fn cached(&self, id: u32) -> Option<ProcessRef> {
+        let e = self.entries.get(&id)?;
+        (e.at.elapsed() < TTL && e.proof.holds()).then(|| e.process.clone())
+    }
+
+    fn keep(&mut self, id: u32, proof: Option<Proof>, p: &ProcessRef) {
+        // Only a lookup that found a task that was still there afterwards is worth keeping.
+        let Some(proof) = proof.filter(|pr| p.comm.is_some() && pr.holds()) else {
+            self.entries.remove(&id);
+            return;
+        };
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.retain(|_, e| e.at.elapsed() < TTL);
+            if self.entries.len() >= MAX_ENTRIES {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(
+            id,
+            Entry {
+                at: Instant::now(),
+                proof,
+                process: p.clone(),
+            },
+        );
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.entries.remove(&pid);
     }
 }
 
-fn lookup(tid: u32, uid: u32, gid: u32) -> ProcessRef {
-    let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| parse_tgid(&s));
-    let pid = tgid.unwrap_or(tid);
+/// Everything about task `tid` (its `status` already read) and its process.
+fn lookup(tid: u32, status: &str, uid: u32, gid: u32) -> ProcessRef {
+    let pid = parse_tgid(status).unwrap_or(tid);
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|c| c.trim_end().to_owned());
-    let (pod_uid, container) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map(|c| parse_cgroup(&c))
-        .unwrap_or((None, None));
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let (pod_uid, container) = parse_cgroup(&cgroups);
     ProcessRef {
         pid,
         tid: (tid != pid).then_some(tid),
         uid,
         gid,
         comm,
+        exe,
         pod_uid,
         container,
+        cgroup: cgroup_path(&cgroups),
     }
 }
 
@@ -196,6 +289,42 @@ mod tests {
             parse_cgroup("0::/user.slice/session-1.scope\n"),
             (None, None)
         );
+    }
+
+    #[test]
+    fn the_cgroup_an_auditor_wants() {
+        let hybrid =
+            "12:memory:/kubepods/burstable/podX/abc\n0::/system.slice/containerd.service\n";
+        assert_eq!(
+            cgroup_path(hybrid).as_deref(),
+            Some("/kubepods/burstable/podX/abc")
+        );
+        assert_eq!(
+            cgroup_path("0::/user.slice/session-3.scope\n").as_deref(),
+            Some("/user.slice/session-3.scope")
+        );
+        assert_eq!(cgroup_path(""), None);
+    }
+
+    #[test]
+    fn a_reused_pid_is_looked_up_anew() {
+        let mut c = ProcCache::default();
+        let me = std::process::id();
+        let (p, fresh) = c.resolve_pid(me);
+        assert!(fresh && p.exe.is_some() && p.cgroup.is_some(), "{p:?}");
+        assert!(!c.resolve_pid(me).1, "cached while the process is the same");
+        // The entry's proof saw another name (as after an exec): looked up anew.
+        c.entries.get_mut(&me).unwrap().proof.seen = b"before-exec\n".to_vec();
+        assert!(c.resolve_pid(me).1);
+        // A task that has exited (its pidfd readable): never served from the cache.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let id = child.id();
+        let (p, _) = c.resolve_pid(id);
+        child.wait().unwrap();
+        if let Some(e) = c.entries.get(&id) {
+            assert!(!e.proof.holds(), "{p:?}");
+        }
+        assert!(c.cached(id).is_none());
     }
 
     #[test]

@@ -301,13 +301,21 @@ async fn kill_9_during_a_publish_storm_leaves_nothing_broken_or_behind() {
             failed.join("\n"),
             d.logs()
         );
-        for p in &pods {
-            assert_eq!(
-                read_file(&p.target(&root).join("password")).unwrap(),
-                "S3cret-hardening-db-41",
-                "{}",
-                p.name
-            );
+        for (i, p) in pods.iter().enumerate() {
+            let t = p.target(&root);
+            let read = read_file(&t.join("password")).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: {} ({} volume): {e}; target a mount point: {}, holds {:?}\n{}",
+                    p.name,
+                    kind(i),
+                    is_mount_point(&t),
+                    std::fs::read_dir(&t)
+                        .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                    d.logs()
+                )
+            });
+            assert_eq!(read, "S3cret-hardening-db-41", "{}", p.name);
         }
         for p in &pods {
             node.node_unpublish_volume(p.unpublish(&root))

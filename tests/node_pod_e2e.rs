@@ -7,6 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::load::PodCgroup;
 use common::node::*;
 
 struct Proc(Child);
@@ -18,30 +19,11 @@ impl Drop for Proc {
     }
 }
 
-/// A cgroup (v1 pids hierarchy, cgroupfs driver layout) standing for the pod's; removed on drop.
-struct PodCgroup(std::path::PathBuf);
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir(self.0.parent().unwrap());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_change_signals_the_pods_own_process_only() {
     let (_tmp, root) = local_setup("S3cret-notify-v1", "[db]");
     let pod = Pod::new("team-a", "api", 77);
-    let cg = PodCgroup(
-        std::path::Path::new("/sys/fs/cgroup/pids/kubepods-keybroker-test")
-            .join(format!("pod{}", pod.uid)),
-    );
-    std::fs::create_dir_all(&cg.0).expect("a cgroup v1 pids hierarchy at /sys/fs/cgroup/pids");
+    let cg = PodCgroup::new(&pod.uid);
     // Two processes named "hupwatch": one in the pod's cgroup, one elsewhere on the node.
     assert!(
         Command::new("cp")
@@ -78,7 +60,7 @@ async fn on_change_signals_the_pods_own_process_only() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::fs::write(cg.0.join("cgroup.procs"), inside.0.id().to_string()).unwrap();
+    std::fs::write(cg.pod.join("cgroup.procs"), inside.0.id().to_string()).unwrap();
 
     let d = Daemon::start_with(&root, "1s");
     let mut node = client(&d).await;
@@ -155,11 +137,7 @@ async fn the_volume_broker_api_serves_the_pods_processes_only() {
     use keybroker_csi::broker_pb::{self as pb, broker_client::BrokerClient};
     let (_tmp, root) = local_setup(r#"{"password":"S3cret-api-v1"}"#, "[db]");
     let pod = Pod::new("team-a", "api", 81);
-    let cg = PodCgroup(
-        std::path::Path::new("/sys/fs/cgroup/pids/kubepods-keybroker-test")
-            .join(format!("pod{}", pod.uid)),
-    );
-    std::fs::create_dir_all(&cg.0).expect("a cgroup v1 pids hierarchy at /sys/fs/cgroup/pids");
+    let cg = PodCgroup::new(&pod.uid);
     let d = Daemon::start_with(&root, "1s");
     let mut node = client(&d).await;
     // A FUSE volume cannot hold the socket: refused, naming the fix.
@@ -209,7 +187,7 @@ async fn the_volume_broker_api_serves_the_pods_processes_only() {
             .arg("-c")
             .arg(format!(
                 "echo $$ > {}/cgroup.procs && exec setpriv --reuid 65534 --regid 65534 --clear-groups -- {} -c \"$0\"",
-                cg.0.display(),
+                cg.pod.display(),
                 common::peers::peers_python().display()
             ))
             .arg(script)

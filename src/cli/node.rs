@@ -15,6 +15,17 @@ pub enum KeeperMode {
     Off,
 }
 
+/// How opens of tmpfs volumes are attributed (`--audit-opens`).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OpensMode {
+    /// Every open waits until keybroker has identified its process (one round trip to the
+    /// node, like a FUSE open): every record names the process, however short its life.
+    Identify,
+    /// Opens never wait; a process that exits before keybroker reads its event is
+    /// recorded by pid alone (weaker attribution, named so).
+    NotifyBestEffort,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AfterHandover {
     Exit,
@@ -39,6 +50,13 @@ pub struct NodeArgs {
     /// fanotify; fuse pins one version per open.
     #[arg(long = "default-volume-type", value_enum, default_value_t = KindArg::Tmpfs)]
     pub default_kind: KindArg,
+    /// How each open of a tmpfs volume is attributed in the audit log: `identify` holds the
+    /// open until its process (pid, uid, command, executable, cgroup, pod, container) is
+    /// read from /proc, so even a `cat` that exits at once is named; `notify-best-effort`
+    /// never holds an open and records a reader that is already gone by pid alone. With
+    /// --audit-fail-closed opens also wait for their record to be written.
+    #[arg(long, value_enum, default_value_t = OpensMode::Identify)]
+    pub audit_opens: OpensMode,
     /// After NodeUnpublishVolume, how long a FUSE volume that another mount namespace still
     /// holds keeps being served before its connection is aborted.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -87,6 +105,7 @@ pub fn run(args: NodeArgs) -> ExitCode {
         state_dir,
         serve,
         default_kind,
+        audit_opens,
         fuse_linger,
         fd_keeper,
         fd_keeper_socket,
@@ -108,7 +127,10 @@ pub fn run(args: NodeArgs) -> ExitCode {
         limits: Default::default(),
         fuse_linger,
         azure_managed,
-        audit_opens: true,
+        audit_opens: Some(match audit_opens {
+            OpensMode::Identify => keybroker::volume::fanotify::Mode::Identify,
+            OpensMode::NotifyBestEffort => keybroker::volume::fanotify::Mode::Notify,
+        }),
         release_memory: Some(super::malloc::trim_heap),
         keeper: None,
     };

@@ -37,7 +37,7 @@ pub fn run(args: ProviderArgs) -> ExitCode {
         fuse_linger: std::time::Duration::ZERO,
         azure_managed,
         // The driver writes and serves the files: nothing of keybroker's to watch.
-        audit_opens: false,
+        audit_opens: None,
         release_memory: None,
         keeper: None,
     };

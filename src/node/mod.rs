@@ -79,8 +79,9 @@ pub struct NodeConfig {
     pub fuse_linger: Duration,
     /// Where managed identities' tokens come from (IMDS, or the App Service endpoint).
     pub azure_managed: crate::provider::azure::ManagedEndpoint,
-    /// Audit opens of tmpfs volumes with fanotify (node mode; needs CAP_SYS_ADMIN).
-    pub audit_opens: bool,
+    /// Audit opens of tmpfs volumes with fanotify, in this mode (node mode; needs
+    /// CAP_SYS_ADMIN); with `--audit-fail-closed` the permission mode whatever is asked.
+    pub audit_opens: Option<fanotify::Mode>,
     /// Gives freed heap back to the kernel (glibc `malloc_trim`); run once unpublishes have
     /// been quiet for a second.
     pub release_memory: Option<fn()>,
@@ -167,11 +168,11 @@ impl NodeService {
                 error: format!("cannot create the state directory: {e}"),
             }
         })?;
-        let opens = if cfg.audit_opens {
+        let opens = if let Some(asked) = cfg.audit_opens {
             let mode = if audit.fail_closed() {
                 fanotify::Mode::Permission
             } else {
-                fanotify::Mode::Notify
+                asked
             };
             let o = OpenAudit::start(audit.clone(), mode).map_err(|e| {
                 anyhow::anyhow!(

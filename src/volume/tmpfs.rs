@@ -161,6 +161,15 @@ impl TmpfsVolume {
                     files,
                 })
             });
+        // A process killed between publishing a snapshot (the `..data` rename) and linking
+        // its names left names missing; `apply` of the same files would then find nothing to
+        // do. Link them now, and drop what a write cut short left (`..data_tmp`, a snapshot
+        // never published).
+        if let Some(w) = &written
+            && let Err(e) = v.fix_links_and_clean(w)
+        {
+            tracing::warn!(volume = %staging.display(), error = %e, "cannot complete the links of a volume taken over; its next rotation writes them");
+        }
         *v.written.lock().unwrap_or_else(|p| p.into_inner()) = written;
         v
     }
@@ -345,6 +354,39 @@ mod tests {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         }
+    }
+
+    /// kill -9 between the `..data` rename and the names' links (found by a publish storm
+    /// killed under load): the process that takes the volume over serves every name.
+    #[test]
+    fn a_volume_taken_over_mid_write_gets_its_names_linked() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            file("password", "s3cret", 0o400),
+            file("user", "app", 0o440),
+        ];
+        let v = TmpfsVolume::at(dir.path(), owner(), false);
+        v.apply(&files).unwrap();
+        // What the killed process left: the snapshot published, no name linked yet, and a
+        // temporary link of a write it never finished.
+        for n in ["password", "user"] {
+            std::fs::remove_file(dir.path().join(n)).unwrap();
+        }
+        std::os::unix::fs::symlink("..gone", dir.path().join(DATA_TMP)).unwrap();
+        let adopted = TmpfsVolume::adopt(dir.path(), dir.path(), owner());
+        assert!(
+            adopted.apply(&files).unwrap().is_empty(),
+            "same content: nothing rewritten"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("password")).unwrap(),
+            "s3cret"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("user")).unwrap(),
+            "app"
+        );
+        assert!(std::fs::symlink_metadata(dir.path().join(DATA_TMP)).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub mod azure;
 pub mod bench;
 pub mod cluster;
+pub mod load;
 pub mod node;
 pub mod peers;
 pub mod reader;

@@ -7,6 +7,7 @@
 //	driver-harness -providers-dir DIR -serve-csi unix:///PATH -objects objects.json
 //	driver-harness -register DIR --csi-address=... --kubelet-registration-path=PATH
 //	driver-harness -liveness --csi-address=... --http-endpoint=ADDR
+//	driver-harness -broker-get SOCKET -name FILE   (one call of keybroker's broker API)
 //
 // requests.json is a JSON list of {"attributes": {...}, "secrets": {...}, "targetPath": "...",
 // "permission": "420"}; each result is {"objectVersions": {...}, "errorCode": "...",
@@ -52,7 +53,13 @@ func main() {
 	httpEndpoint := flag.String("http-endpoint", "0.0.0.0:9808", "with -liveness: where /healthz is served")
 	probeTimeout := flag.Duration("probe-timeout", time.Second, "with -liveness: how long a Probe may take")
 	flag.Int("v", 0, "log verbosity (accepted for the upstream sidecars' flags)")
+	brokerSocket := flag.String("broker-get", "", "call keybroker's broker API Get on this socket (with -name) and exit")
+	objectName := flag.String("name", "", "with -broker-get: the file to get")
 	flag.Parse()
+	if *brokerSocket != "" {
+		brokerGet(*brokerSocket, *objectName)
+		return
+	}
 	if *registerDir != "" {
 		register(*registerDir, *csiAddress, *kubeletPath)
 		return
