@@ -15,6 +15,8 @@ PODMAN_VERSION="4.3.1+ds1-8+deb12u1+b3"    # Debian podman: runs the image check
 RUNC_VERSION="1.1.5+ds1-1+deb12u1"         # Debian runc: podman's runtime here (hybrid cgroups)
 AZURE_PROVIDER_VERSION="v1.7.2"      # github.com/Azure/secrets-store-csi-driver-provider-azure (benchmark peer, --bench)
 GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
+JSONSCHEMA_VERSION="4.26.0"          # PyPI jsonschema: validates audit records against docs/audit-record.schema.json
+CHROMIUM_VERSION="156.0.8078.129-1~deb12u1" # Debian chromium: opens the audit report in a real browser (headless)
 # Microsoft's Python SDK, to show the Azure stand-in (tests/peers/azure_standin.py) faithful, and
 # cryptography, which the stand-in itself uses.
 AZURE_PY=(azure-identity==1.27.0 azure-keyvault-secrets==4.12.0 azure-keyvault-certificates==4.12.0
@@ -29,7 +31,8 @@ log() { printf '[install-peers] %s\n' "$*"; }
 . "$(dirname "$0")/lib/apt.sh"
 
 apt_install_pinned "fuse3=${FUSE3_VERSION}" \
-  "postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}" || true
+  "postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}" \
+  "chromium=${CHROMIUM_VERSION}" || true
 if [ ! -e /dev/fuse ]; then
   log "/dev/fuse is missing: this machine cannot run FUSE tests"; exit 1
 fi
@@ -65,15 +68,16 @@ ln -sf "$PEERS/venv/bin/bao" "$PEERS/bin/bao"
 log "openbao $("$PEERS/bin/bao" version | head -1) ready"
 
 # Python clients and peers the tests use, pinned: grpcio (grpc-core's HTTP/2, whose default
-# :authority for a unix socket is the percent-encoded path), the Azure SDK and cryptography.
-for pkg in "grpcio==$GRPCIO_VERSION" "${AZURE_PY[@]}"; do
+# :authority for a unix socket is the percent-encoded path), jsonschema (audit records against
+# their documented schema), the Azure SDK and cryptography.
+for pkg in "grpcio==$GRPCIO_VERSION" "jsonschema==$JSONSCHEMA_VERSION" "${AZURE_PY[@]}"; do
   name="${pkg%%==*}"; want="${pkg##*==}"
   if ! "$PEERS/venv/bin/pip" show "$name" 2>/dev/null | grep "^Version: $want$" >/dev/null; then
     log "pip install $pkg"
     "$PEERS/venv/bin/pip" install -q "$pkg"
   fi
 done
-log "python clients ready (grpcio $GRPCIO_VERSION, ${AZURE_PY[*]})"
+log "python clients ready (grpcio $GRPCIO_VERSION, jsonschema $JSONSCHEMA_VERSION, ${AZURE_PY[*]})"
 
 # The Secrets Store CSI driver's own provider client (v1.6.0, pinned by tests/driver-harness/go.mod
 # and go.sum), wrapped as a small command the provider tests drive keybroker with.

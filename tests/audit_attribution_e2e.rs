@@ -180,6 +180,7 @@ async fn every_short_lived_reader_is_named_while_every_core_is_busy() {
         !std::fs::read_to_string(&audit).unwrap().contains(SECRET),
         "never the value"
     );
+    assert_audit_schema(std::slice::from_ref(&audit));
     for pod in [&tmpfs_pod, &fuse_pod] {
         node.node_unpublish_volume(pod.unpublish(&root))
             .await

@@ -2,11 +2,15 @@
 
 use super::*;
 
+/// The version of docs/audit-record.schema.json every record names (`schema`).
+pub const SCHEMA: u32 = 2;
+
 /// The record as written: the event plus chain fields.
 #[derive(Serialize)]
 pub(super) struct Record<'a> {
     pub(super) seq: u64,
     pub(super) time: String,
+    pub(super) schema: u32,
     #[serde(flatten)]
     pub(super) event: &'a Event,
     pub(super) prev: &'a str,

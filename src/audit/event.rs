@@ -15,6 +15,33 @@ pub enum EventKind {
     Error,
     /// A span in which events may be missing (a kernel queue overflowed, a restart).
     Gap,
+    /// The last record of a segment: the file it is sealed as (`segment`).
+    Seal,
+    /// Retention deleted the oldest segments (`pruned` says which and where the chain was).
+    Prune,
+    /// A signature over the record before it (`checkpoint`), with the node's signing key.
+    Checkpoint,
+}
+
+/// What a `checkpoint` record signs: the record before it (`seq`, its `link`, which chains
+/// every earlier record), the segment (its first sequence number) and the checkpoint's time;
+/// `signature` (Ed25519, hex) is by the key whose id is `key_id`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub link: String,
+    pub segment: u64,
+    pub key_id: String,
+    pub signature: String,
+}
+
+/// What a `prune` record says was deleted: every record up to `through_seq`, the last of them
+/// linked as `link` (what the first record kept names as `prev`), in the files `segments`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub through_seq: u64,
+    pub link: String,
+    pub segments: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +103,15 @@ pub struct Event {
     /// ... the first of which happened at this time (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_time: Option<String>,
+    /// A `seal` record: the file name its segment is sealed as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+    /// A `prune` record: what retention deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<Pruned>,
+    /// A `checkpoint` record: the signature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Event {

@@ -33,13 +33,21 @@ use crate::procinfo::ProcessRef;
 
 mod chain;
 mod event;
+mod query;
+mod report;
+mod segments;
+mod signing;
 mod tail;
 mod verify;
 mod writer;
 
-pub use chain::AuditKey;
+pub use chain::{AuditKey, SCHEMA};
 use chain::{Record, alg, head_mac, link};
-pub use event::{Event, EventKind, Outcome, PodRef};
+pub use event::{Checkpoint, Event, EventKind, Outcome, PodRef, Pruned};
+pub use query::{Filter, QueryReport, outside_pod, query};
+pub use report::Report;
+pub use segments::{Rotation, Segment, sealed_path, sealed_segments};
+pub use signing::{PublicKey, SigningKey, key_id};
 use tail::tail_state;
 pub use verify::{ChainBreak, VerifyOptions, VerifyReport, verify, verify_reader};
 use writer::{Msg, Writer};
@@ -51,6 +59,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// burst larger than this only waits, it never loses a record.
 const QUEUE: usize = 4096;
 const HEAD_EVERY: Duration = Duration::from_millis(200);
+/// How often records written since the last checkpoint get one (with a signing key).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// What producers and the node's health endpoints see of the writer.
 #[derive(Debug, Default)]
@@ -87,14 +97,41 @@ impl AuditLog {
         Self::open_keyed(path, fail_closed, None)
     }
 
-    /// Opens (or continues) the log at `path`. The chain continues from the last complete
-    /// record; a torn tail (a crash in the middle of a write) is cut off and recorded.
-    /// A log written with another key (or without one) is refused: the chain would break.
+    /// Opens (or continues) the log at `path`, one file that never rotates. The chain
+    /// continues from the last complete record; a torn tail (a crash in the middle of a
+    /// write) is cut off and recorded. A log written with another key (or without one) is
+    /// refused: the chain would break.
     pub fn open_keyed(
         path: &Path,
         fail_closed: bool,
         key: Option<AuditKey>,
     ) -> Result<Self, AuditError> {
+        Self::open_with(
+            path,
+            AuditOptions {
+                fail_closed,
+                key,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Opens (or continues) the log at `path` as [`Self::open_keyed`] does; with a
+    /// `rotation`, the log is the active segment of sealed ones beside it (`segments`): a
+    /// seal a crash interrupted is finished, an empty active segment continues the newest
+    /// sealed one's chain, and retention runs once now.
+    pub fn open_with(path: &Path, opts: AuditOptions) -> Result<Self, AuditError> {
+        let AuditOptions {
+            fail_closed,
+            key,
+            rotation,
+            signing_key,
+        } = opts;
+        if key.is_some() && signing_key.is_some() {
+            return Err(AuditError::Config(
+                "--audit-key and --audit-signing-key exclude each other: an HMAC chain (verified with the secret key) or a SHA-256 chain with signed checkpoints (verified with the public key alone)".into(),
+            ));
+        }
         let err = |e: std::io::Error| AuditError::Open {
             path: path.to_owned(),
             error: e.to_string(),
@@ -102,13 +139,35 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
+        if let Some(r) = &rotation {
+            r.check().map_err(AuditError::Config)?;
+            if segments::finish_interrupted_seal(path).map_err(err)? {
+                tracing::warn!(log = %path.display(), "finished sealing a segment a crash interrupted (its seal record was written, its rename not)");
+            }
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(path)
             .map_err(err)?;
-        let tail = tail_state(&mut file, key.as_ref()).map_err(err)?;
+        let empty = file.metadata().map_err(err)?.len() == 0;
+        let mut tail = tail_state(&mut file, key.as_ref()).map_err(err)?;
+        if empty
+            && rotation.is_some()
+            && let Some(newest) = sealed_segments(path).map_err(err)?.pop()
+        {
+            // A new active segment: the chain goes on from the newest sealed one's last
+            // record (its seal record).
+            let (_, last) = segments::first_and_last_line(&newest.path).map_err(err)?;
+            let info = segments::line_info(&last).ok_or_else(|| AuditError::Open {
+                path: newest.path.clone(),
+                error: "its last line is not an audit record; verify the log (keybroker audit verify) and move the damaged segment aside".into(),
+            })?;
+            tail.seq = info.seq + 1;
+            tail.prev = link(key.as_ref(), &last);
+            tail.last_time = info.time;
+        }
         if !tail.chain_matches {
             return Err(AuditError::KeyMismatch {
                 path: path.to_owned(),
@@ -137,6 +196,8 @@ impl AuditLog {
             tail.prev,
             health.clone(),
         );
+        writer.active = rotation.map(|r| segments::Active::of(path, r, tail.seq));
+        writer.signer = signing_key;
         if let Some(torn) = tail.torn {
             tracing::warn!(
                 bytes = torn.bytes,
@@ -154,6 +215,8 @@ impl AuditLog {
                     )),
             );
         }
+        // Retention as configured now (it may have changed since the last run).
+        writer.prune();
         Self::start(writer, tx, rx, health, fail_closed, previous_last).map_err(err)
     }
 
@@ -220,10 +283,28 @@ impl AuditLog {
         }
     }
 
+    /// Records an event stamped with `time` instead of now (benchmarks build a month of log
+    /// in seconds; the daemon always records at the moment of the event).
+    #[doc(hidden)]
+    pub fn record_at(&self, time: SystemTime, event: Event) {
+        if self.tx.send(Msg::Event(time, Box::new(event))).is_err() {
+            self.health.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Waits until everything queued so far is written and flushed (or failed to be).
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
         if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Writes everything queued and, with a signing key, a checkpoint signing it (at a clean
+    /// shutdown: nothing is left unsigned).
+    pub fn checkpoint(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Checkpoint(tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
     }
@@ -268,6 +349,20 @@ impl AuditLog {
     }
 }
 
+/// How a log is opened ([`AuditLog::open_with`]).
+#[derive(Default)]
+pub struct AuditOptions {
+    /// Refuse to serve while the log cannot be written.
+    pub fail_closed: bool,
+    /// Key the chain (HMAC-SHA256).
+    pub key: Option<AuditKey>,
+    /// Seal segments and keep them as this says (`None`: one file forever).
+    pub rotation: Option<Rotation>,
+    /// Sign checkpoints and the head anchor (Ed25519). Not with `key`: a keyed chain cannot
+    /// be checked without the secret, which is what public-key verification avoids.
+    pub signing_key: Option<Arc<SigningKey>>,
+}
+
 pub fn head_path(log: &Path) -> PathBuf {
     let mut p = log.as_os_str().to_owned();
     p.push(".head");
@@ -280,6 +375,8 @@ pub enum AuditError {
     Open { path: PathBuf, error: String },
     #[error("cannot read the audit key {path}: {error}")]
     Key { path: PathBuf, error: String },
+    #[error("audit log settings: {0}")]
+    Config(String),
     #[error(
         "the audit log {path} was written with a different chain key (or with/without one): continuing it would break its chain; use the same key, or start a new log file"
     )]
@@ -329,7 +426,9 @@ mod tests {
             Ok(VerifyReport {
                 records: 3,
                 anchored: true,
-                beyond_head: 0
+                beyond_head: 0,
+                segments: 1,
+                ..Default::default()
             })
         );
         let log = AuditLog::open(&path, false).unwrap();
@@ -340,7 +439,9 @@ mod tests {
             Ok(VerifyReport {
                 records: 4,
                 anchored: true,
-                beyond_head: 0
+                beyond_head: 0,
+                segments: 1,
+                ..Default::default()
             })
         );
         let last: serde_json::Value = serde_json::from_str(&lines(&path)[3]).unwrap();
@@ -424,7 +525,7 @@ mod tests {
     fn opts(key: Option<&AuditKey>) -> VerifyOptions {
         VerifyOptions {
             key: key.cloned(),
-            allow_missing_head: false,
+            ..Default::default()
         }
     }
 
@@ -472,7 +573,9 @@ mod tests {
             Ok(VerifyReport {
                 records: 4,
                 anchored: true,
-                beyond_head: 0
+                beyond_head: 0,
+                segments: 1,
+                ..Default::default()
             })
         );
         // Without the key the verifier is told to use one.
@@ -525,7 +628,9 @@ mod tests {
             Ok(VerifyReport {
                 records: 6,
                 anchored: true,
-                beyond_head: 0
+                beyond_head: 0,
+                segments: 1,
+                ..Default::default()
             })
         );
         let l = lines(&path);
@@ -538,5 +643,422 @@ mod tests {
         );
         let next: serde_json::Value = serde_json::from_str(&l[5]).unwrap();
         assert_eq!(next["seq"], 5);
+    }
+
+    /// docs/audit-record.schema.json and the code name the same events, outcomes and
+    /// version (the e2e tests validate what the node writes against the schema itself).
+    #[test]
+    fn the_documented_schema_names_every_event_and_outcome() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/audit-record.schema.json")).unwrap();
+        assert_eq!(schema["properties"]["schema"]["const"], SCHEMA);
+        let listed = |field: &str| -> Vec<String> {
+            schema["properties"][field]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        // A new kind does not compile here until it is listed (and so documented).
+        let kinds = [
+            EventKind::Mount,
+            EventKind::Unmount,
+            EventKind::Fetch,
+            EventKind::Renew,
+            EventKind::Rotate,
+            EventKind::Deny,
+            EventKind::Read,
+            EventKind::Error,
+            EventKind::Gap,
+            EventKind::Seal,
+            EventKind::Prune,
+            EventKind::Checkpoint,
+        ];
+        for k in kinds {
+            match k {
+                EventKind::Mount
+                | EventKind::Unmount
+                | EventKind::Fetch
+                | EventKind::Renew
+                | EventKind::Rotate
+                | EventKind::Deny
+                | EventKind::Read
+                | EventKind::Error
+                | EventKind::Gap
+                | EventKind::Seal
+                | EventKind::Prune
+                | EventKind::Checkpoint => {}
+            }
+        }
+        let names: Vec<String> = kinds
+            .iter()
+            .map(|k| {
+                serde_json::to_value(k)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(names, listed("event"));
+        let outcomes: Vec<String> = [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Denied,
+            Outcome::Stale,
+        ]
+        .iter()
+        .map(|o| {
+            serde_json::to_value(o)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+        assert_eq!(outcomes, listed("outcome"));
+        // Every record names the version.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1);
+        let rec: serde_json::Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+        assert_eq!(rec["schema"], SCHEMA);
+    }
+
+    fn rotating(dir: &Path, retain_bytes: Option<u64>) -> (PathBuf, AuditLog) {
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open_with(
+            &path,
+            AuditOptions {
+                rotation: Some(Rotation {
+                    max_segment_bytes: 4096,
+                    max_segment_age: Duration::from_secs(3600),
+                    retain_bytes,
+                    retain_age: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (path, log)
+    }
+
+    fn fill(log: &AuditLog, n: usize) {
+        for i in 0..n {
+            log.record(
+                Event::new(EventKind::Read)
+                    .object(format!("object-{i}"))
+                    .file("password")
+                    .version("0123456789abcdef"),
+            );
+            if i % 10 == 9 {
+                // Batches of ten: the writer seals between writes.
+                log.flush();
+            }
+        }
+        log.flush();
+    }
+
+    fn names(path: &Path) -> Vec<PathBuf> {
+        sealed_segments(path)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.path)
+            .collect()
+    }
+
+    #[test]
+    fn segments_keep_one_chain_and_a_restart_continues_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(dir.path(), None);
+        fill(&log, 300);
+        drop(log);
+        let segs = names(&path);
+        assert!(segs.len() >= 5, "{segs:?}");
+        let r = verify(&path, &opts(None)).unwrap().unwrap();
+        assert_eq!(r.segments, segs.len() as u64 + 1);
+        assert_eq!(r.records, 300 + segs.len() as u64, "every seal is a record");
+        assert_eq!(r.pruned_through, None);
+        // Each sealed segment ends with its own seal record.
+        for s in &segs {
+            let text = std::fs::read_to_string(s).unwrap();
+            let last: serde_json::Value =
+                serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            assert_eq!(last["event"], "seal");
+            assert_eq!(
+                last["segment"].as_str().unwrap(),
+                s.file_name().unwrap().to_str().unwrap()
+            );
+        }
+        // A restart goes on in the same chain.
+        let (_, log) = rotating(dir.path(), None);
+        fill(&log, 50);
+        drop(log);
+        assert!(verify(&path, &opts(None)).unwrap().is_ok());
+    }
+
+    #[test]
+    fn tampering_with_segments_is_found_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(dir.path(), None);
+        fill(&log, 300);
+        drop(log);
+        let segs = names(&path);
+        let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        let saved: Vec<Vec<u8>> = segs.iter().map(|s| std::fs::read(s).unwrap()).collect();
+        let restore = || {
+            for (s, b) in segs.iter().zip(&saved) {
+                std::fs::write(s, b).unwrap();
+            }
+        };
+        let broken = || verify(&path, &opts(None)).unwrap().unwrap_err();
+
+        // A middle segment deleted.
+        std::fs::remove_file(&segs[2]).unwrap();
+        let b = broken();
+        assert_eq!(b.file, name(&segs[3]));
+        assert!(b.reason.contains("a segment was deleted"), "{b}");
+        restore();
+
+        // A sealed segment truncated (its seal record cut off).
+        let text = String::from_utf8(saved[1].clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(
+            &segs[1],
+            format!("{}\n", lines[..lines.len() - 1].join("\n")),
+        )
+        .unwrap();
+        let b = broken();
+        assert_eq!(b.file, name(&segs[1]));
+        assert!(
+            b.reason.contains("does not end with its seal record"),
+            "{b}"
+        );
+        restore();
+
+        // Two segments swapped by renaming.
+        let tmp = dir.path().join("swap");
+        std::fs::rename(&segs[1], &tmp).unwrap();
+        std::fs::rename(&segs[2], &segs[1]).unwrap();
+        std::fs::rename(&tmp, &segs[2]).unwrap();
+        let b = broken();
+        assert_eq!(b.file, name(&segs[1]));
+        assert!(b.reason.contains("renamed or reordered"), "{b}");
+        restore();
+
+        // A record edited inside a sealed segment: the line after it breaks.
+        std::fs::write(
+            &segs[3],
+            String::from_utf8(saved[3].clone())
+                .unwrap()
+                .replacen("object-", "objeXt-", 1),
+        )
+        .unwrap();
+        let b = broken();
+        assert_eq!((b.file.as_str(), b.line), (name(&segs[3]).as_str(), 2));
+        restore();
+
+        // The oldest segment deleted with nothing to say it was pruned.
+        std::fs::remove_file(&segs[0]).unwrap();
+        let b = broken();
+        assert_eq!(b.file, name(&segs[1]));
+        assert!(b.reason.contains("no prune record names them"), "{b}");
+        restore();
+
+        assert!(verify(&path, &opts(None)).unwrap().is_ok());
+    }
+
+    #[test]
+    fn retention_prunes_oldest_segments_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(dir.path(), Some(3 * 4096));
+        fill(&log, 400);
+        drop(log);
+        let segs = names(&path);
+        assert!(!segs.is_empty() && segs.len() <= 3, "{segs:?}");
+        let r = verify(&path, &opts(None)).unwrap().unwrap();
+        let through = r.pruned_through.expect("the start is explained by pruning");
+        assert_eq!(sealed_segments(&path).unwrap()[0].first_seq, through + 1);
+        let prunes: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .chain(
+                segs.iter()
+                    .flat_map(|s| {
+                        std::fs::read_to_string(s)
+                            .unwrap()
+                            .lines()
+                            .map(str::to_owned)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str),
+            )
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "prune")
+            .collect();
+        assert!(!prunes.is_empty());
+        // A pruned log whose prune record claims another start is a deletion.
+        std::fs::remove_file(&segs[0]).unwrap();
+        if segs.len() > 1 {
+            let b = verify(&path, &opts(None)).unwrap().unwrap_err();
+            assert!(b.reason.contains("no prune record"), "{b}");
+        }
+    }
+
+    #[test]
+    fn a_seal_cut_short_by_a_crash_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, log) = rotating(dir.path(), None);
+        fill(&log, 100);
+        drop(log);
+        // The crash: the newest segment's seal record is written, its rename not done (and
+        // so no active file yet).
+        let newest = names(&path).pop().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(&newest, &path).unwrap();
+        // ... its head anchor names the seal record, the last one written.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seal = text.lines().last().unwrap();
+        let v: serde_json::Value = serde_json::from_str(seal).unwrap();
+        std::fs::write(
+            head_path(&path),
+            serde_json::json!({"seq": v["seq"], "hash": hex::encode(Sha256::digest(seal.as_bytes())), "alg": "sha256"}).to_string(),
+        )
+        .unwrap();
+        assert!(
+            verify(&path, &opts(None)).unwrap().is_ok(),
+            "consistent as the crash left it"
+        );
+        let (_, log) = rotating(dir.path(), None);
+        assert!(newest.exists(), "the rename is finished");
+        fill(&log, 20);
+        drop(log);
+        assert!(verify(&path, &opts(None)).unwrap().is_ok());
+    }
+
+    fn signer() -> Arc<SigningKey> {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        Arc::new(SigningKey::from_pkcs8(doc.as_ref()).unwrap())
+    }
+
+    fn signed_log(path: &Path, key: &Arc<SigningKey>, n: usize) {
+        let log = AuditLog::open_with(
+            path,
+            AuditOptions {
+                signing_key: Some(key.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for i in 0..n {
+            log.record(Event::new(EventKind::Read).object(format!("obj{i}")));
+        }
+        // As a clean shutdown does.
+        log.checkpoint();
+    }
+
+    fn with_keys(keys: &[&Arc<SigningKey>]) -> VerifyOptions {
+        VerifyOptions {
+            public_keys: keys.iter().map(|k| k.public()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What someone with the public key alone can do: edit a line and re-chain every line
+    /// after it with SHA-256, and rewrite the head anchor to match.
+    fn rechain_from(path: &Path, edited: usize, edit: impl Fn(&str) -> String) {
+        let mut l = lines(path);
+        l[edited] = edit(&l[edited]);
+        for i in edited + 1..l.len() {
+            let mut v: serde_json::Value = serde_json::from_str(&l[i]).unwrap();
+            v["prev"] = hex::encode(Sha256::digest(l[i - 1].as_bytes())).into();
+            l[i] = serde_json::to_string(&v).unwrap();
+        }
+        let last = l.last().unwrap().clone();
+        let seq = l.len() - 1;
+        put(path, &l);
+        let mut head: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(head_path(path)).unwrap()).unwrap();
+        head["seq"] = seq.into();
+        head["hash"] = hex::encode(Sha256::digest(last.as_bytes())).into();
+        std::fs::write(head_path(path), head.to_string()).unwrap();
+    }
+
+    #[test]
+    fn signed_checkpoints_verify_with_the_public_key_and_resist_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signed.jsonl");
+        let key = signer();
+        signed_log(&path, &key, 5);
+        let r = verify(&path, &with_keys(&[&key])).unwrap().unwrap();
+        assert!(r.checkpoints >= 1 && r.after_last_checkpoint == 0, "{r:?}");
+        let orig = lines(&path);
+        let head = std::fs::read_to_string(head_path(&path)).unwrap();
+        // A record edited and the chain redone: the checkpoint's signed link no longer holds.
+        rechain_from(&path, 2, |l| l.replace("obj2", "objX"));
+        let b = verify(&path, &opts(None)).unwrap();
+        assert!(b.is_ok(), "a plain chain alone cannot tell: {b:?}");
+        let b = verify(&path, &with_keys(&[&key])).unwrap().unwrap_err();
+        assert!(b.reason.contains("checkpoint"), "{b}");
+        // A checkpoint's signature altered.
+        put(&path, &orig);
+        std::fs::write(head_path(&path), &head).unwrap();
+        let cp = orig
+            .iter()
+            .position(|l| l.contains("\"checkpoint\""))
+            .unwrap();
+        rechain_from(&path, cp, |l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let sig = v["checkpoint"]["signature"].as_str().unwrap().to_owned();
+            let flipped = if sig.starts_with('0') { "1" } else { "0" };
+            v["checkpoint"]["signature"] = format!("{flipped}{}", &sig[1..]).into();
+            serde_json::to_string(&v).unwrap()
+        });
+        let b = verify(&path, &with_keys(&[&key])).unwrap().unwrap_err();
+        assert!(b.reason.contains("does not verify"), "{b}");
+        // Records appended and the head rewritten: the head's signature fails.
+        put(&path, &orig);
+        std::fs::write(head_path(&path), &head).unwrap();
+        forge_append(&path);
+        rechain_from(&path, orig.len(), |l| l.to_owned());
+        let b = verify(&path, &with_keys(&[&key])).unwrap().unwrap_err();
+        assert!(b.reason.contains("head anchor"), "{b}");
+        // Another key: named as not given.
+        put(&path, &orig);
+        std::fs::write(head_path(&path), &head).unwrap();
+        let other = signer();
+        let b = verify(&path, &with_keys(&[&other])).unwrap().unwrap_err();
+        assert!(b.reason.contains("not among the public keys"), "{b}");
+        // An unsigned log has nothing the keys can vouch for.
+        let plain = write_log(dir.path(), 3);
+        let b = verify(&plain, &with_keys(&[&key])).unwrap().unwrap_err();
+        assert!(b.reason.contains("no signed checkpoint"), "{b}");
+    }
+
+    #[test]
+    fn a_key_rotation_verifies_with_both_public_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotated.jsonl");
+        let (a, b) = (signer(), signer());
+        signed_log(&path, &a, 3);
+        signed_log(&path, &b, 3);
+        let r = verify(&path, &with_keys(&[&a, &b])).unwrap().unwrap();
+        assert!(r.checkpoints >= 2, "{r:?}");
+        let e = verify(&path, &with_keys(&[&b])).unwrap().unwrap_err();
+        assert!(e.reason.contains(a.id()), "{e}");
+        // An HMAC key and a signing key exclude each other.
+        let e = AuditLog::open_with(
+            &dir.path().join("both.jsonl"),
+            AuditOptions {
+                key: Some(AuditKey::from_bytes(&[1; 32])),
+                signing_key: Some(a.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("exclude each other"), "{e}");
     }
 }

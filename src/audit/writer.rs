@@ -5,6 +5,8 @@ use super::*;
 pub(super) enum Msg {
     Event(SystemTime, Box<Event>),
     Flush(mpsc::Sender<()>),
+    /// Sign what was written (a checkpoint, with a signing key), then flush.
+    Checkpoint(mpsc::Sender<()>),
     /// Write everything queued, then nothing more (a newer process writes the log now).
     Seal(mpsc::Sender<()>),
 }
@@ -39,6 +41,16 @@ pub(super) struct Writer {
     pub(super) last_complaint: Option<Instant>,
     /// Handed to a newer process: nothing more is written.
     pub(super) sealed: bool,
+    /// The active segment of a rotating log (`None`: one file, never sealed).
+    pub(super) active: Option<segments::Active>,
+    /// A segment whose `seal` record is written and whose rename (and the new active file)
+    /// is still to do: nothing is written until it is done.
+    pub(super) seal_pending: Option<PathBuf>,
+    /// Signs checkpoints and the head anchor.
+    pub(super) signer: Option<Arc<signing::SigningKey>>,
+    pub(super) last_checkpoint: Instant,
+    /// Records written since the last checkpoint.
+    pub(super) unsigned: u64,
 }
 
 impl Writer {
@@ -70,15 +82,31 @@ impl Writer {
             failing_since: None,
             last_complaint: None,
             sealed: false,
+            active: None,
+            seal_pending: None,
+            signer: None,
+            last_checkpoint: Instant::now(),
+            unsigned: 0,
         }
     }
 
     pub(super) fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let first = if self.pending.is_empty() {
-                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            let wait = if !self.pending.is_empty() {
+                Some(RETRY)
+            } else if self.signer.is_some() && self.unsigned > 0 {
+                // Records wait at most CHECKPOINT_EVERY for their signature.
+                Some(
+                    CHECKPOINT_EVERY
+                        .saturating_sub(self.last_checkpoint.elapsed())
+                        .max(Duration::from_millis(10)),
+                )
             } else {
-                rx.recv_timeout(RETRY)
+                None
+            };
+            let first = match wait {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(t) => rx.recv_timeout(t),
             };
             let mut waiters = Vec::new();
             match first {
@@ -96,6 +124,8 @@ impl Writer {
             }
         }
         self.flush(true);
+        self.checkpoint();
+        self.flush(true);
     }
 
     fn handle(&mut self, msg: Msg, waiters: &mut Vec<mpsc::Sender<()>>) {
@@ -105,7 +135,15 @@ impl Writer {
             }
             Msg::Event(t, e) => self.write(t, &e),
             Msg::Flush(w) => waiters.push(w),
+            Msg::Checkpoint(w) => {
+                self.flush(true);
+                self.checkpoint();
+                waiters.push(w);
+            }
             Msg::Seal(w) => {
+                self.flush(true);
+                // Everything this process wrote is signed before the log changes hands.
+                self.checkpoint();
                 self.flush(true);
                 if self.pending_records > 0 {
                     tracing::error!(
@@ -129,6 +167,7 @@ impl Writer {
         let rec = Record {
             seq: self.seq,
             time: humantime::format_rfc3339_micros(time).to_string(),
+            schema: chain::SCHEMA,
             event,
             prev: &self.prev,
         };
@@ -141,6 +180,9 @@ impl Writer {
         };
         self.prev = link(self.key.as_ref(), &line);
         self.seq += 1;
+        if event.event != Some(EventKind::Checkpoint) {
+            self.unsigned += 1;
+        }
         self.pending.extend_from_slice(&line);
         self.pending.push(b'\n');
         self.pending_records += 1;
@@ -174,31 +216,211 @@ impl Writer {
     }
 
     fn flush(&mut self, force_head: bool) {
-        if !self.pending.is_empty() {
-            match self.file.write_all(&self.pending) {
-                Ok(()) => {
-                    self.good_len += self.pending.len() as u64;
-                    self.good_seq = self.seq;
-                    self.good_prev = self.prev.clone();
-                    self.pending.clear();
-                    self.pending_records = 0;
-                    self.head_dirty = true;
-                    if self.health.broken.swap(false, Ordering::Relaxed) {
-                        self.failing_since = None;
-                        tracing::warn!("the audit log is writable again");
-                    }
-                }
-                Err(e) => {
-                    // Cut a partial line back off, so the log stays a chain of whole records.
-                    let _ = self.file.set_len(self.good_len);
-                    self.failed(&e);
-                    return;
-                }
-            }
+        if let Some(target) = self.seal_pending.clone()
+            && !self.finish_seal(&target)
+        {
+            return;
         }
+        if !self.write_pending() {
+            return;
+        }
+        if self.unsigned > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint();
+        }
+        self.maybe_seal();
         if self.head_dirty && (force_head || self.last_head.elapsed() >= HEAD_EVERY) {
             self.write_head();
         }
+    }
+
+    /// Writes the pending records; false (and they stay pending) if the write failed.
+    pub(super) fn write_pending(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        match self.file.write_all(&self.pending) {
+            Ok(()) => {
+                self.good_len += self.pending.len() as u64;
+                self.good_seq = self.seq;
+                self.good_prev = self.prev.clone();
+                self.pending.clear();
+                self.pending_records = 0;
+                self.head_dirty = true;
+                if self.health.broken.swap(false, Ordering::Relaxed) {
+                    self.failing_since = None;
+                    tracing::warn!("the audit log is writable again");
+                }
+                true
+            }
+            Err(e) => {
+                // Cut a partial line back off, so the log stays a chain of whole records.
+                let _ = self.file.set_len(self.good_len);
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
+    /// Seals the active segment when it is due (size or age): its `seal` record, synced,
+    /// then the rename and a new active file ([`Self::finish_seal`]).
+    fn maybe_seal(&mut self) {
+        let Some(a) = &self.active else { return };
+        if self.sealed || !a.due(self.good_len) {
+            return;
+        }
+        // Every record of the segment but its seal is signed inside it.
+        if !self.checkpoint() {
+            return;
+        }
+        let Some(a) = &self.active else { return };
+        let target = segments::sealed_path(&a.log, a.first_seq);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let detail = format!(
+            "segment sealed: records {} to {}; the chain goes on in {}",
+            a.first_seq,
+            self.seq,
+            a.log
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let before = (self.seq, self.prev.clone());
+        let mut seal = Event::new(EventKind::Seal).detail(detail);
+        seal.segment = Some(name);
+        self.write(SystemTime::now(), &seal);
+        if !self.write_pending() {
+            // Not sealed after all (the write failed): the record is taken back, and the
+            // segment is sealed after a later write succeeds.
+            self.pending.clear();
+            self.pending_records = 0;
+            (self.seq, self.prev) = before;
+            return;
+        }
+        if let Err(e) = self.file.sync_data() {
+            tracing::warn!(error = %e, "cannot sync the sealed audit segment");
+        }
+        self.seal_pending = Some(target.clone());
+        self.finish_seal(&target);
+    }
+
+    /// The rest of a seal: the rename, a new active file, then retention. False while it
+    /// cannot be done (nothing is written meanwhile: the records wait in memory).
+    fn finish_seal(&mut self, target: &Path) -> bool {
+        let Some(log) = self.active.as_ref().map(|a| a.log.clone()) else {
+            self.seal_pending = None;
+            return true;
+        };
+        if !target.exists()
+            && let Err(e) = std::fs::rename(&log, target)
+        {
+            self.failed(&e);
+            return false;
+        }
+        segments::sync_dir(&log);
+        match OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&log)
+        {
+            Ok(f) => self.file = f,
+            Err(e) => {
+                self.failed(&e);
+                return false;
+            }
+        }
+        self.good_len = 0;
+        if let Some(a) = &mut self.active {
+            a.first_seq = self.seq;
+            a.started = SystemTime::now();
+        }
+        self.seal_pending = None;
+        self.prune();
+        true
+    }
+
+    /// A signed checkpoint over the last record written, when records came since the last
+    /// one (with a signing key); false if it could not be written.
+    fn checkpoint(&mut self) -> bool {
+        let Some(signer) = self.signer.clone() else {
+            return true;
+        };
+        if self.unsigned == 0 || self.seq == 0 || self.sealed {
+            return true;
+        }
+        let now = SystemTime::now();
+        let time = humantime::format_rfc3339_micros(now).to_string();
+        let (seq, link) = (self.seq - 1, self.prev.clone());
+        let segment = self.active.as_ref().map_or(0, |a| a.first_seq);
+        let signature = signer.sign(&signing::checkpoint_message(seq, &link, segment, &time));
+        let mut e = Event::new(EventKind::Checkpoint);
+        e.checkpoint = Some(event::Checkpoint {
+            seq,
+            link,
+            segment,
+            key_id: signer.id().to_owned(),
+            signature,
+        });
+        self.write(now, &e);
+        self.unsigned = 0;
+        self.last_checkpoint = Instant::now();
+        self.write_pending()
+    }
+
+    /// Retention: the oldest sealed segments over `--audit-retain` are named in a synced
+    /// `prune` record, then deleted.
+    pub(super) fn prune(&mut self) {
+        let Some(a) = &self.active else { return };
+        let doomed = a.doomed(self.good_len);
+        let Some(last) = doomed.last() else { return };
+        let (through_seq, link_of_last) = match segments::first_and_last_line(&last.path) {
+            Ok((_, line)) => match segments::line_info(&line) {
+                Some(info) => (info.seq, link(self.key.as_ref(), &line)),
+                None => {
+                    tracing::error!(segment = %last.path.display(), "retention: the segment's last line is not a record; it is kept");
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::error!(segment = %last.path.display(), error = %e, "retention: cannot read the segment; it is kept");
+                return;
+            }
+        };
+        let names: Vec<String> = doomed
+            .iter()
+            .filter_map(|s| s.path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let mut rec = Event::new(EventKind::Prune).detail(format!(
+            "retention deleted the {} oldest segments (records up to {through_seq})",
+            names.len()
+        ));
+        rec.pruned = Some(event::Pruned {
+            through_seq,
+            link: link_of_last,
+            segments: names,
+        });
+        self.write(SystemTime::now(), &rec);
+        // Deleted only once the record that names them is on disk.
+        if !self.write_pending() {
+            return;
+        }
+        let _ = self.file.sync_data();
+        for s in &doomed {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                tracing::error!(segment = %s.path.display(), error = %e, "retention: cannot delete the segment");
+            }
+        }
+        if let Some(a) = &self.active {
+            segments::sync_dir(&a.log);
+        }
+        tracing::info!(
+            segments = doomed.len(),
+            through_seq,
+            "audit retention deleted the oldest segments"
+        );
     }
 
     fn failed(&mut self, e: &std::io::Error) {
@@ -236,6 +458,10 @@ impl Writer {
         });
         if let Some(k) = &self.key {
             head["mac"] = head_mac(k, seq, &self.good_prev).into();
+        }
+        if let Some(s) = &self.signer {
+            head["key_id"] = s.id().into();
+            head["sig"] = s.sign(&signing::head_message(seq, &self.good_prev)).into();
         }
         let tmp = head_path.with_extension("head.tmp");
         let res =

@@ -21,11 +21,35 @@ pub struct ServeArgs {
     /// forging, truncating or re-chaining the log then needs the key.
     #[arg(long, env = "KEYBROKER_AUDIT_KEY_FILE")]
     pub audit_key: Option<PathBuf>,
-    /// While the audit log cannot be written: refuse FUSE opens (EIO) and new publishes or
-    /// Mounts (Unavailable). Serving resumes once a write succeeds again. tmpfs volumes are
-    /// not audited per open, so this does not cover their reads (docs/SECURITY.md).
+    /// Sign the audit log with this Ed25519 private key (PKCS#8 PEM: `openssl genpkey
+    /// -algorithm ed25519 -out FILE`): a checkpoint every 5 s and before every seal, and the
+    /// head anchor. Auditors verify with the public key alone (`keybroker audit verify
+    /// --public-key`), which cannot forge. Excludes --audit-key.
+    #[arg(
+        long,
+        env = "KEYBROKER_AUDIT_SIGNING_KEY_FILE",
+        conflicts_with = "audit_key"
+    )]
+    pub audit_signing_key: Option<PathBuf>,
+    /// While the audit log cannot be written: refuse FUSE and node tmpfs opens (EIO, EPERM)
+    /// and new publishes or Mounts (Unavailable); opens also wait for their record to be
+    /// written. Serving resumes once a write succeeds again (docs/SECURITY.md).
     #[arg(long)]
     pub audit_fail_closed: bool,
+    /// Seal the audit log's active segment into `<log>.<first record, 20 digits>` once it
+    /// holds this much (bytes; K, M, G, KiB, MiB, GiB suffixes). The chain runs on across
+    /// segments; `keybroker audit verify` checks them all.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub audit_max_segment_bytes: u64,
+    /// ... or once its first record is this old (e.g. 24h).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub audit_max_segment_age: std::time::Duration,
+    /// How much sealed audit log to keep: a total size, an age, or both (`1GiB,90d`); the
+    /// oldest whole segments past it are deleted after a `prune` record names them (so
+    /// verification tells pruning from tampering). `forever` keeps everything (the disk
+    /// then fills: a full disk stops writes, and with --audit-fail-closed serving).
+    #[arg(long, default_value = "1GiB,90d", value_parser = parse_retain)]
+    pub audit_retain: Retain,
     /// Prometheus metrics and health endpoints (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "0.0.0.0:9808")]
     pub metrics_addr: String,
@@ -88,6 +112,13 @@ impl ServeArgs {
             path: self.audit_log.clone(),
             fail_closed: self.audit_fail_closed,
             key: self.audit_key.clone(),
+            signing_key: self.audit_signing_key.clone(),
+            rotation: keybroker::audit::Rotation {
+                max_segment_bytes: self.audit_max_segment_bytes,
+                max_segment_age: self.audit_max_segment_age,
+                retain_bytes: self.audit_retain.bytes,
+                retain_age: self.audit_retain.age,
+            },
         }
     }
 }
@@ -96,6 +127,75 @@ pub struct AuditLogArgs {
     pub path: PathBuf,
     pub fail_closed: bool,
     pub key: Option<PathBuf>,
+    pub signing_key: Option<PathBuf>,
+    pub rotation: keybroker::audit::Rotation,
+}
+
+/// `--audit-retain`: how much sealed log is kept, by size and/or age.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retain {
+    pub bytes: Option<u64>,
+    pub age: Option<std::time::Duration>,
+}
+
+/// A size: a number of bytes, or with a K/M/G (powers of 1000) or KiB/MiB/GiB suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB, 1GiB, 500M)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1000,
+        "M" | "MB" => 1000 * 1000,
+        "G" | "GB" => 1000 * 1000 * 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use K, M, G, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `1GiB,90d`, `10GiB`, `30d` or `forever`.
+pub fn parse_retain(s: &str) -> Result<Retain, String> {
+    let mut r = Retain {
+        bytes: None,
+        age: None,
+    };
+    if s.trim() == "forever" {
+        return Ok(r);
+    }
+    for part in s.split(',').map(str::trim) {
+        let is_age = part
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .chars()
+            .next()
+            .is_some_and(|c| matches!(c, 'd' | 'h' | 'w' | 'm' | 's'))
+            && !part.ends_with('B')
+            && !part.ends_with('i');
+        if is_age {
+            let age = humantime::parse_duration(part)
+                .map_err(|e| format!("{part:?} in --audit-retain: {e}"))?;
+            if r.age.replace(age).is_some() {
+                return Err(format!("--audit-retain {s:?} names two ages"));
+            }
+        } else {
+            let bytes = parse_size(part)?;
+            if r.bytes.replace(bytes).is_some() {
+                return Err(format!("--audit-retain {s:?} names two sizes"));
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// Which API a daemon serves its node service on.
@@ -208,8 +308,21 @@ pub async fn run_node(
         .as_deref()
         .map(keybroker::audit::AuditKey::load)
         .transpose()?;
-    let audit =
-        keybroker::audit::AuditLog::open_keyed(&audit_args.path, audit_args.fail_closed, key)?;
+    let signing_key = audit_args
+        .signing_key
+        .as_deref()
+        .map(keybroker::audit::SigningKey::load)
+        .transpose()?
+        .map(std::sync::Arc::new);
+    let audit = keybroker::audit::AuditLog::open_with(
+        &audit_args.path,
+        keybroker::audit::AuditOptions {
+            fail_closed: audit_args.fail_closed,
+            key,
+            rotation: Some(audit_args.rotation),
+            signing_key,
+        },
+    )?;
 
     let node = NodeService::new(cfg, audit.clone())?;
     let shutdown = shutdown_on_signals();
@@ -276,7 +389,8 @@ pub async fn run_node(
         .map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?;
     if !handed_over {
         node.shutdown(false).await;
-        audit.flush();
+        // Everything written, and signed with --audit-signing-key.
+        audit.checkpoint();
         tracing::info!("stopped");
         return Ok(());
     }
@@ -439,4 +553,44 @@ async fn serve_csi(
         )
         .await
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_retention_parse_as_an_operator_writes_them() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(
+            parse_size("12 parsecs")
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
+        let day = std::time::Duration::from_secs(86400);
+        assert_eq!(
+            parse_retain("1GiB,90d"),
+            Ok(Retain {
+                bytes: Some(1 << 30),
+                age: Some(90 * day)
+            })
+        );
+        assert_eq!(
+            parse_retain("30d"),
+            Ok(Retain {
+                bytes: None,
+                age: Some(30 * day)
+            })
+        );
+        assert_eq!(
+            parse_retain("forever"),
+            Ok(Retain {
+                bytes: None,
+                age: None
+            })
+        );
+        assert!(parse_retain("1GiB,2GiB").unwrap_err().contains("two sizes"));
+    }
 }

@@ -297,7 +297,7 @@ impl NodeService {
         }
         undo.record = Some(path);
         let (volume, session) = self
-            .mount_volume(vid, target, adopt, &record, &rendered.files, vr.kind)
+            .mount_volume(vid, target, adopt, &record, &rendered.files, vr.kind, &pod)
             .map_err(|why| {
                 undo.run();
                 self.fail(Some(&pod), vid, NodeError::Internal(why))
@@ -445,6 +445,7 @@ impl NodeService {
     /// Mounts the volume at `target` (or serves on what a previous process left there) with
     /// the rendered `files`; a FUSE volume also returns its session for the keeper. On error
     /// nothing is mounted.
+    #[allow(clippy::too_many_arguments)]
     fn mount_volume(
         &self,
         vid: &str,
@@ -453,6 +454,7 @@ impl NodeService {
         record: &VolumeRecord,
         files: &[crate::volume::content::RenderedFile],
         kind: VolumeKind,
+        pod: &PodInfo,
     ) -> Result<(Box<dyn Volume>, Option<Session>), String> {
         let owner = Owner { uid: 0, gid: 0 };
         match (adopt, kind) {
@@ -484,13 +486,16 @@ impl NodeService {
                 // Served by a task on the runtime: threads do not grow with volumes.
                 let mounted = match adopt {
                     Some(Adopt::Fuse { fd, rec }) => {
-                        let fs = Arc::new(MemFs::restore(vid, owner, audit, rec.inodes.clone()));
+                        let fs = Arc::new(
+                            MemFs::restore(vid, owner, audit, rec.inodes.clone())
+                                .with_pod(pod.audit_ref()),
+                        );
                         fs.apply(files);
                         record_table(&fs, rec.conn, rec.minor);
                         MuxVolume::adopt(target, fd, fs, &opts, rec.minor)
                     }
                     _ => {
-                        let fs = Arc::new(MemFs::new(vid, owner, audit));
+                        let fs = Arc::new(MemFs::new(vid, owner, audit).with_pod(pod.audit_ref()));
                         fs.apply(files);
                         MuxVolume::mount(target, fs, &opts).inspect(|v| {
                             record_table(v.fs(), v.connection(), v.minor());
@@ -551,7 +556,7 @@ impl NodeService {
         let volume: Box<dyn Volume> = match (&self.opens, volume.kind()) {
             (Some(o), VolumeKind::Tmpfs) => {
                 let root = mountpoint::staging_dir(&self.staging_root(), target);
-                if let Err(e) = o.watch(vid, &root) {
+                if let Err(e) = o.watch(vid, &root, Some(pod.audit_ref())) {
                     return Err((
                         volume,
                         format!("cannot audit the volume's opens (fanotify mark): {e}"),

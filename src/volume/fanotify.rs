@@ -87,6 +87,8 @@ struct FileInfo {
 
 struct Watched {
     volume: String,
+    /// The pod whose volume this is: its reads name it.
+    pod: Option<crate::audit::PodRef>,
     /// Files of the current and the previous write, by inode (a reader may still be opening
     /// the previous version when a rotation lands).
     current: HashMap<u64, FileInfo>,
@@ -189,8 +191,14 @@ impl OpenAudit {
         self.shared.overflows.load(Ordering::Relaxed)
     }
 
-    /// Marks the tmpfs instance mounted at `root` (the volume's staging mount).
-    pub fn watch(&self, volume: &str, root: &Path) -> std::io::Result<()> {
+    /// Marks the tmpfs instance mounted at `root` (the volume's staging mount) of `pod`'s
+    /// volume `volume`.
+    pub fn watch(
+        &self,
+        volume: &str,
+        root: &Path,
+        pod: Option<crate::audit::PodRef>,
+    ) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(root)?.dev();
         let group = self.shared.group();
@@ -207,6 +215,7 @@ impl OpenAudit {
             dev,
             Watched {
                 volume: volume.to_owned(),
+                pod,
                 current: HashMap::new(),
                 previous: HashMap::new(),
             },
@@ -516,7 +525,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
         return Some(false);
     }
     let (dev, ino) = (meta.dev(), meta.ino());
-    let (volume, info) = {
+    let (volume, pod, info) = {
         let vols = lock(&s.volumes);
         // Not a watched volume (a mark being added or removed): not ours to refuse.
         let Some(w) = vols.get(&dev) else {
@@ -535,7 +544,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
                     version: String::new(),
                 })
             });
-        (w.volume.clone(), info)
+        (w.volume.clone(), w.pod.clone(), info)
     };
     s.opens.fetch_add(1, Ordering::Relaxed);
     let (mut process, fresh) = lock(&s.procs).resolve_pid(ev.pid as u32);
@@ -553,6 +562,9 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
     }
     let make = |info: &Option<FileInfo>, process: ProcessRef| {
         let mut e = Event::new(EventKind::Read).volume(volume.clone());
+        if let Some(p) = &pod {
+            e = e.pod(p.clone());
+        }
         if let Some(i) = info {
             e = e.file(i.name.clone());
             if !i.object.is_empty() {
@@ -726,12 +738,12 @@ mod tests {
         std::fs::write(mnt.join("f"), "x").unwrap();
         let log = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let o = OpenAudit::start(log, Mode::Identify).unwrap();
-        o.watch("v", &mnt).unwrap();
+        o.watch("v", &mnt, None).unwrap();
         // Answered while the listener runs (another process's open would be recorded).
         assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "x");
         o.stop();
         assert!(
-            o.watch("v", &mnt).is_err(),
+            o.watch("v", &mnt, None).is_err(),
             "a stopped auditor marks nothing"
         );
         let (tx, rx) = std::sync::mpsc::channel();

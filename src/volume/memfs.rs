@@ -151,6 +151,9 @@ pub struct MemFs {
     procs: Mutex<ProcCache>,
     reads: Mutex<OpenWindows<ReadKey>>,
     on_table: std::sync::OnceLock<TableHook>,
+    /// The pod whose volume this is (node mode): its reads name it, so a reader outside it
+    /// shows.
+    pod: Option<crate::audit::PodRef>,
 }
 
 /// (pid, uid, inode): an inode is one version of one file.
@@ -193,7 +196,14 @@ impl MemFs {
             procs: Mutex::new(ProcCache::default()),
             reads: Mutex::new(OpenWindows::default()),
             on_table: std::sync::OnceLock::new(),
+            pod: None,
         }
+    }
+
+    /// The pod whose volume this is: every read record names it.
+    pub fn with_pod(mut self, pod: crate::audit::PodRef) -> Self {
+        self.pod = Some(pod);
+        self
     }
 
     /// Calls `hook` with the inode table now and whenever it changes, before the kernel can
@@ -479,12 +489,16 @@ impl MemFs {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .note(a, key, || {
-                    Event::new(EventKind::Read)
+                    let e = Event::new(EventKind::Read)
                         .volume(&*self.volume)
                         .file(node.name.clone())
                         .object(node.object.clone())
                         .version(node.version.clone())
-                        .process(process)
+                        .process(process);
+                    match &self.pod {
+                        Some(p) => e.pod(p.clone()),
+                        None => e,
+                    }
                 });
         }
         self.handles().insert(fh, node);

@@ -206,6 +206,79 @@ pub fn output_ok(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// Validates every record of the audit log files `files` against
+/// docs/audit-record.schema.json (draft 2020-12, Python's jsonschema as scripts/install-peers.sh
+/// pins it); returns how many records were checked.
+pub fn assert_audit_schema(files: &[PathBuf]) -> u64 {
+    const CHECK: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+schema = json.load(open(sys.argv[1]))
+Draft202012Validator.check_schema(schema)
+v = Draft202012Validator(schema)
+n, bad = 0, []
+for path in sys.argv[2:]:
+    for i, line in enumerate(open(path), 1):
+        n += 1
+        for e in v.iter_errors(json.loads(line)):
+            bad.append(f"{path}:{i}: {e.message} at {list(e.absolute_path)}")
+print(n)
+print("\n".join(bad[:20]))
+sys.exit(1 if bad else 0)
+"#;
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/audit-record.schema.json");
+    let out = Command::new(peers::peers_python())
+        .arg("-c")
+        .arg(CHECK)
+        .arg(&schema)
+        .args(files)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "records that do not follow {}:\n{said}{}",
+        schema.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said.lines()
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens `page` (a local file) in headless Chromium, as a person's browser would, and returns
+/// the document as the browser built it. Chromium (Debian's, pinned by
+/// scripts/install-peers.sh) must be there: a missing browser fails the test.
+pub fn browser_dom(page: &Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", page.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium (scripts/install-peers.sh installs it)");
+    let mut dom = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut dom)
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(300));
+    assert!(status.success(), "chromium: {status}");
+    dom
+}
+
 /// Reads a whole file with one open, as an application would.
 pub fn read_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
