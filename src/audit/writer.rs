@@ -16,6 +16,8 @@ pub(super) const RETRY: Duration = Duration::from_millis(500);
 /// Records kept in memory while the log cannot be written; past this they are dropped and a
 /// gap record says how many, once the log is writable again.
 pub(super) const MAX_PENDING: usize = 8 << 20;
+/// Bytes of records written at once at most while records keep coming.
+const WRITE_BATCH: usize = 1 << 20;
 
 pub(super) struct Writer {
     pub(super) file: File,
@@ -114,8 +116,12 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            // Drain what is already queued before paying for a write.
-            while let Ok(msg) = rx.try_recv() {
+            // Drain what is already queued before paying for a write, up to a batch: producers
+            // as fast as this thread would otherwise keep it draining, and the pending buffer
+            // would pass the bound meant for an unwritable log (and drop records).
+            while self.pending.len() < WRITE_BATCH
+                && let Ok(msg) = rx.try_recv()
+            {
                 self.handle(msg, &mut waiters);
             }
             self.flush(!waiters.is_empty());
