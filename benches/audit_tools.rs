@@ -26,6 +26,61 @@ fn run(bin: &Path, args: &[&str]) -> (f64, std::process::Output) {
     (secs(t), out)
 }
 
+/// Runs `cmd` to completion, sampling its peak resident memory (VmHWM) meanwhile.
+fn run_peak(cmd: &mut Command) -> (f64, std::process::ExitStatus, u64) {
+    let t = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0u64;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            && let Some(kib) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kib * 1024);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return (secs(t), status, peak);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Records per second the node's writer takes, with and without a signing key.
+fn write_throughput(dir: &Path, signed: bool, n: usize) -> f64 {
+    let key = signed.then(|| {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        std::sync::Arc::new(keybroker::audit::SigningKey::from_pkcs8(doc.as_ref()).unwrap())
+    });
+    let log = AuditLog::open_with(
+        &dir.join(format!("throughput-{signed}.jsonl")),
+        AuditOptions {
+            rotation: Some(Rotation::default()),
+            signing_key: key,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        log.record(
+            Event::new(EventKind::Read)
+                .object(format!("secret/app-{}", i % 25))
+                .file("password")
+                .version("0123456789abcdef"),
+        );
+    }
+    log.checkpoint();
+    n as f64 / secs(t)
+}
+
 fn main() {
     let n: usize = std::env::var("KB_RECORDS")
         .ok()
@@ -107,6 +162,19 @@ fn main() {
     let out = Command::new(&py).args(["-c", script, d]).output().unwrap();
     let python = secs(t);
     assert!(out.status.success());
+    let t = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat $(ls {d}/audit.jsonl.* | sort) {d}/audit.jsonl | jq -c 'select(.object == \"secret/app-7\")' | wc -l"
+        ))
+        .output()
+        .unwrap();
+    let jq = secs(t);
+    let jq_matched: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
     let (verify, out) = run(bin, &["audit", "verify", d]);
     assert!(
         out.status.success(),
@@ -133,32 +201,28 @@ fn main() {
     );
     assert!(out.status.success());
     let page = tmp.path().join("report.html");
-    let (report, out) = run(
-        bin,
-        &[
-            "audit",
-            "report",
-            "--since",
-            "30d",
-            "-o",
-            page.to_str().unwrap(),
-            d,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (report, status, report_peak) = run_peak(Command::new(bin).args([
+        "audit",
+        "report",
+        "--since",
+        "30d",
+        "-o",
+        page.to_str().unwrap(),
+        d,
+    ]));
+    assert!(status.success());
     let html = std::fs::metadata(&page).unwrap().len();
     let t = Instant::now();
-    let dom = common::browser_dom(&page);
+    let dom = common::browser_dom(&page, None);
     let browser = secs(t);
     assert!(dom.contains("Audit report"));
-    println!("| tool | seconds | ratio to reading the bytes |");
-    println!("|---|---:|---:|");
+    assert_eq!(jq_matched, matched, "jq and keybroker agree");
+    let mib = bytes as f64 / (1 << 20) as f64;
+    println!("| tool | seconds | MiB/s | ratio to reading the bytes |");
+    println!("|---|---:|---:|---:|");
     for (name, s) in [
         ("read the bytes (baseline)", cat),
+        ("jq -c 'select(.object == ...)' (baseline)", jq),
         (
             "python: json.loads every line, count one object's reads",
             python,
@@ -172,10 +236,18 @@ fn main() {
         ("keybroker audit report --since 30d", report),
         ("chromium opens the report (headless, to DOM)", browser),
     ] {
-        println!("| {name} | {s:.2} | {:.1}x |", s / cat);
+        println!("| {name} | {s:.2} | {:.0} | {:.1}x |", mib / s, s / cat);
     }
     println!(
-        "query matched {matched} records; report {:.0} KiB",
-        html as f64 / 1024.0
+        "query matched {matched} records (jq {jq_matched}); query is {:.1}x faster than jq; report {:.0} KiB, peak RSS {:.1} MiB",
+        jq / query_all,
+        html as f64 / 1024.0,
+        report_peak as f64 / (1 << 20) as f64
+    );
+    let plain = write_throughput(tmp.path(), false, 200_000);
+    let signed = write_throughput(tmp.path(), true, 200_000);
+    println!(
+        "writer: {plain:.0} records/s unsigned, {signed:.0} records/s with --audit-signing-key ({:.2}x)",
+        signed / plain
     );
 }

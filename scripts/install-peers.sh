@@ -17,6 +17,7 @@ AZURE_PROVIDER_VERSION="v1.7.2"      # github.com/Azure/secrets-store-csi-driver
 GRPCIO_VERSION="1.85.3"              # PyPI grpcio: a grpc-core client (percent-encoded :authority)
 JSONSCHEMA_VERSION="4.26.0"          # PyPI jsonschema: validates audit records against docs/audit-record.schema.json
 CHROMIUM_VERSION="156.0.8078.129-1~deb12u1" # Debian chromium: opens the audit report in a real browser (headless)
+JQ_VERSION="1.6-2.1+deb12u3"         # Debian jq: the audit query tests ask it the same questions
 # Microsoft's Python SDK, to show the Azure stand-in (tests/peers/azure_standin.py) faithful, and
 # cryptography, which the stand-in itself uses.
 AZURE_PY=(azure-identity==1.27.0 azure-keyvault-secrets==4.12.0 azure-keyvault-certificates==4.12.0
@@ -32,7 +33,7 @@ log() { printf '[install-peers] %s\n' "$*"; }
 
 apt_install_pinned "fuse3=${FUSE3_VERSION}" \
   "postgresql-15=${POSTGRESQL_VERSION}" "postgresql-client-15=${POSTGRESQL_VERSION}" \
-  "chromium=${CHROMIUM_VERSION}" || true
+  "chromium=${CHROMIUM_VERSION}" "jq=${JQ_VERSION}" || true
 if [ ! -e /dev/fuse ]; then
   log "/dev/fuse is missing: this machine cannot run FUSE tests"; exit 1
 fi

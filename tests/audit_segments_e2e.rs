@@ -179,18 +179,13 @@ async fn segments_survive_kill_9_mid_seal_and_retention_prunes_verifiably() {
 
     // The auditors' page for the last hour, opened in a real browser.
     let page = root.join("report.html");
-    let out = Command::new(BIN)
-        .args(["audit", "report", "--since", "1h", "--public-key"])
-        .arg(&public)
-        .arg("--out")
-        .arg(&page)
-        .arg(&audit_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        Command::new(BIN)
+            .args(["audit", "report", "--since", "1h", "--public-key"])
+            .arg(&public)
+            .arg("--out")
+            .arg(&page)
+            .arg(&audit_dir),
     );
     let html = std::fs::read_to_string(&page).unwrap();
     // Self-contained: no script, no external resource, and a policy that forbids any.
@@ -200,7 +195,7 @@ async fn segments_survive_kill_9_mid_seal_and_retention_prunes_verifiably() {
     ] {
         assert!(!html.contains(banned), "the report holds {banned:?}");
     }
-    let dom = browser_dom(&page);
+    let dom = browser_dom(&page, None);
     assert!(dom.contains("<h1>Audit report</h1>"), "{dom}");
     assert!(dom.contains("chain intact") && dom.contains("signed checkpoints verified"));
     assert!(dom.contains("<h3>db</h3>"), "the secret read");

@@ -39,6 +39,7 @@ mod segments;
 mod signing;
 mod tail;
 mod verify;
+pub mod view;
 mod writer;
 
 pub use chain::{AuditKey, SCHEMA};
@@ -50,6 +51,7 @@ pub use segments::{Rotation, Segment, sealed_path, sealed_segments};
 pub use signing::{PublicKey, SigningKey, key_id};
 use tail::tail_state;
 pub use verify::{ChainBreak, VerifyOptions, VerifyReport, verify, verify_reader};
+use view::{RecordView, t};
 use writer::{Msg, Writer};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -34,44 +34,38 @@ pub struct Filter {
     pub outside_pod: bool,
 }
 
-fn text<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
-    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
-}
-
 impl Filter {
-    pub fn matches(&self, v: &serde_json::Value) -> bool {
-        let eq = |want: &Option<String>, path: &[&str]| {
-            want.as_deref().is_none_or(|w| text(v, path) == Some(w))
-        };
-        let time = text(v, &["time"]).unwrap_or_default();
+    pub fn matches(&self, v: &RecordView<'_>) -> bool {
+        let eq = |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| got == w);
+        let time = v.time();
         self.since.as_deref().is_none_or(|s| time >= s)
             && self.until.as_deref().is_none_or(|u| time <= u)
-            && eq(&self.namespace, &["pod", "namespace"])
-            && eq(&self.pod, &["pod", "name"])
-            && eq(&self.service_account, &["pod", "service_account"])
+            && eq(&self.namespace, v.namespace())
+            && eq(&self.pod, v.pod_name())
+            && eq(&self.service_account, v.service_account())
             && self.object.as_deref().is_none_or(|o| {
-                let got = text(v, &["object"]).unwrap_or_default();
+                let got = t(&v.object);
                 match o.strip_suffix('*') {
                     Some(prefix) => !got.is_empty() && got.starts_with(prefix),
                     None => got == o,
                 }
             })
-            && eq(&self.file, &["file"])
-            && eq(&self.event, &["event"])
-            && eq(&self.outcome, &["outcome"])
-            && eq(&self.process, &["process", "comm"])
-            && eq(&self.exe, &["process", "exe"])
-            && self.container.as_deref().is_none_or(|c| {
-                text(v, &["process", "container"]).is_some_and(|got| got.starts_with(c))
-            })
+            && eq(&self.file, t(&v.file))
+            && eq(&self.event, v.event())
+            && eq(&self.outcome, t(&v.outcome))
+            && eq(&self.process, v.comm())
+            && eq(&self.exe, v.exe())
+            && self
+                .container
+                .as_deref()
+                .is_none_or(|c| !v.container().is_empty() && v.container().starts_with(c))
             && (!self.outside_pod || outside_pod(v))
     }
 }
 
 /// A read of a pod's volume by a process that is not in that pod (or in none).
-pub fn outside_pod(v: &serde_json::Value) -> bool {
-    text(v, &["event"]) == Some("read")
-        && text(v, &["pod", "uid"]).is_some_and(|pod| text(v, &["process", "pod_uid"]) != Some(pod))
+pub fn outside_pod(v: &RecordView<'_>) -> bool {
+    v.event() == "read" && !v.pod_uid().is_empty() && v.reader_pod_uid() != Some(v.pod_uid())
 }
 
 /// What a query read and whether it verified.
@@ -95,7 +89,7 @@ pub fn query(
     path: &Path,
     opts: &VerifyOptions,
     filter: &Filter,
-    out: &mut dyn FnMut(&serde_json::Value),
+    out: &mut dyn FnMut(&RecordView<'_>, &[u8]),
 ) -> Result<QueryReport, AuditError> {
     let open_err = |p: &Path, e: std::io::Error| AuditError::Open {
         path: p.to_owned(),
@@ -147,15 +141,14 @@ pub fn query(
             .map(|t| humantime::format_rfc3339_micros(t + Duration::from_secs(60)).to_string())
     });
     let (mut read, mut matched) = (0u64, 0u64);
-    let mut on = |rec: &serde_json::Value| {
+    let mut on = |rec: &RecordView<'_>, line: &[u8]| {
         read += 1;
-        let time = text(rec, &["time"]).unwrap_or_default();
-        if stop_after.as_deref().is_some_and(|s| time > s) {
+        if stop_after.as_deref().is_some_and(|s| rec.time() > s) {
             return false;
         }
         if filter.matches(rec) {
             matched += 1;
-            out(rec);
+            out(rec, line);
         }
         true
     };
@@ -193,15 +186,10 @@ pub fn query(
 mod tests {
     use super::*;
 
-    fn rec(json: &str) -> serde_json::Value {
-        serde_json::from_str(json).unwrap()
-    }
-
     #[test]
     fn filters_match_what_an_auditor_asks() {
-        let r = rec(
-            r#"{"time":"2026-12-06T10:00:00.000000Z","event":"read","outcome":"success","object":"secret/prod-db","file":"password","pod":{"namespace":"payments","name":"api-1","uid":"u1","service_account":"api"},"process":{"pid":7,"uid":0,"gid":0,"comm":"cat","exe":"/usr/bin/cat","pod_uid":"u2","container":"abcdef"}}"#,
-        );
+        let line = br#"{"time":"2026-12-06T10:00:00.000000Z","event":"read","outcome":"success","object":"secret/prod-db","file":"password","pod":{"namespace":"payments","name":"api-1","uid":"u1","service_account":"api"},"process":{"pid":7,"uid":0,"gid":0,"comm":"cat","exe":"/usr/bin/cat","pod_uid":"u2","container":"abcdef"}}"#;
+        let r = RecordView::parse(line).unwrap();
         let f = |edit: fn(&mut Filter)| {
             let mut f = Filter::default();
             edit(&mut f);
@@ -217,11 +205,16 @@ mod tests {
         assert!(f(|f| f.outside_pod = true), "read by a process of pod u2");
         assert!(f(|f| f.since = Some("2026-12-06T09:00:00.000000Z".into())));
         assert!(!f(|f| f.until = Some("2026-12-06T09:00:00.000000Z".into())));
-        let mut inside = r.clone();
-        inside["process"]["pod_uid"] = "u1".into();
-        assert!(!outside_pod(&inside));
-        let mut node = r.clone();
-        node["process"].as_object_mut().unwrap().remove("pod_uid");
-        assert!(outside_pod(&node), "a process in no pod");
+        let inside = String::from_utf8(line.to_vec())
+            .unwrap()
+            .replace(r#""pod_uid":"u2""#, r#""pod_uid":"u1""#);
+        assert!(!outside_pod(&RecordView::parse(inside.as_bytes()).unwrap()));
+        let node = String::from_utf8(line.to_vec())
+            .unwrap()
+            .replace(r#""pod_uid":"u2","#, "");
+        assert!(
+            outside_pod(&RecordView::parse(node.as_bytes()).unwrap()),
+            "a process in no pod"
+        );
     }
 }

@@ -66,13 +66,6 @@ pub struct Report {
     range: Option<(SystemTime, SystemTime)>,
 }
 
-fn s<'a>(v: &'a serde_json::Value, path: &[&str]) -> &'a str {
-    path.iter()
-        .try_fold(v, |v, k| v.get(k))
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-}
-
 impl Report {
     /// A report of records from `since` to `until` (RFC 3339 as records write it).
     pub fn new(since: &str, until: &str) -> Self {
@@ -89,21 +82,17 @@ impl Report {
 
     /// Takes one record (all records of the log, in order: those before the range teach
     /// which readers are known).
-    pub fn add(&mut self, v: &serde_json::Value) {
+    pub fn add(&mut self, v: &RecordView<'_>) {
         self.records_read += 1;
-        let time = s(v, &["time"]);
-        let event = s(v, &["event"]);
-        let object = match s(v, &["object"]) {
-            "" => s(v, &["file"]),
+        let time = v.time();
+        let event = v.event();
+        let object = match t(&v.object) {
+            "" => t(&v.file),
             o => o,
         };
-        let workload = format!(
-            "{}/{}",
-            s(v, &["pod", "namespace"]),
-            s(v, &["pod", "service_account"])
-        );
-        let exe = match s(v, &["process", "exe"]) {
-            "" => s(v, &["process", "comm"]),
+        let workload = format!("{}/{}", v.namespace(), v.service_account());
+        let exe = match v.exe() {
+            "" => v.comm(),
             e => e,
         };
         if time < self.since.as_str() {
@@ -120,11 +109,11 @@ impl Report {
         match event {
             "read" => self.read(v, time, object, workload, exe),
             "deny" => {
-                let who = match s(v, &["pod", "name"]) {
-                    "" => s(v, &["volume"]).to_owned(),
-                    name => format!("{}/{name}", s(v, &["pod", "namespace"])),
+                let who = match v.pod_name() {
+                    "" => t(&v.volume).to_owned(),
+                    name => format!("{}/{name}", v.namespace()),
                 };
-                let why = [s(v, &["reason"]), s(v, &["error"]), s(v, &["detail"])]
+                let why = [t(&v.reason), t(&v.error), t(&v.detail)]
                     .into_iter()
                     .find(|w| !w.is_empty())
                     .unwrap_or("denied")
@@ -139,15 +128,13 @@ impl Report {
                 e.2 = time.to_owned();
             }
             "gap" if self.gaps.len() < MAX_LISTED => {
-                self.gaps.push((
-                    time.to_owned(),
-                    s(v, &["detail"]).chars().take(400).collect(),
-                ));
+                self.gaps
+                    .push((time.to_owned(), t(&v.detail).chars().take(400).collect()));
             }
             "rotate" => {
                 if let Some(o) = self.object(object) {
                     o.rotations += 1;
-                    o.last_version = s(v, &["version"]).to_owned();
+                    o.last_version = t(&v.version).to_owned();
                 }
             }
             "error" => self.errors += 1,
@@ -169,32 +156,25 @@ impl Report {
         )
     }
 
-    fn read(
-        &mut self,
-        v: &serde_json::Value,
-        time: &str,
-        object: &str,
-        workload: String,
-        exe: &str,
-    ) {
-        let n = v.get("count").and_then(|c| c.as_u64()).unwrap_or(1);
+    fn read(&mut self, v: &RecordView<'_>, time: &str, object: &str, workload: String, exe: &str) {
+        let n = v.count.unwrap_or(1);
         let bucket = self.bucket(time);
         let first_seen = self
             .known
             .insert((workload, object.to_owned(), exe.to_owned()));
-        let comm = s(v, &["process", "comm"]).to_owned();
+        let comm = v.comm().to_owned();
         let shell = SHELLS.contains(&comm.as_str())
             || SHELLS.iter().any(|sh| exe.rsplit('/').next() == Some(*sh));
-        let pod = match s(v, &["pod", "name"]) {
-            "" => s(v, &["volume"]).to_owned(),
-            name => format!("{}/{name}", s(v, &["pod", "namespace"])),
+        let pod = match v.pod_name() {
+            "" => t(&v.volume).to_owned(),
+            name => format!("{}/{name}", v.namespace()),
         };
-        let container = match s(v, &["process", "container"]) {
+        let container = match v.container() {
             "" if outside_pod(v) => "(not in the pod)".to_owned(),
             "" => String::new(),
             c => c.chars().take(12).collect(),
         };
-        let uid0 = v.pointer("/process/uid").and_then(|u| u.as_u64()) == Some(0);
+        let uid0 = v.reader_uid() == Some(0);
         let outside = outside_pod(v);
         let Some(o) = self.object(object) else { return };
         o.reads += n;
@@ -436,49 +416,64 @@ pub fn esc(t: &str) -> String {
 mod tests {
     use super::*;
 
-    fn read(time: &str, comm: &str, exe: &str, pod_uid: &str, uid: u32) -> serde_json::Value {
+    fn read(time: &str, comm: &str, exe: &str, pod_uid: &str, uid: u32) -> String {
         serde_json::json!({"time": time, "event": "read", "object": "secret/<db>", "file": "password",
             "pod": {"namespace": "payments", "name": "api-1", "uid": "u1", "service_account": "api"},
             "process": {"pid": 7, "uid": uid, "gid": 0, "comm": comm, "exe": exe, "pod_uid": pod_uid, "container": "c0ffee00c0ffee00"}})
+        .to_string()
+    }
+
+    fn add(r: &mut Report, line: &str) {
+        r.add(&RecordView::parse(line.as_bytes()).unwrap());
     }
 
     #[test]
     fn readers_are_aggregated_flagged_and_escaped() {
         let mut r = Report::new("2026-12-01T00:00:00.000000Z", "2026-12-02T00:00:00.000000Z");
         // Known before the range: the app.
-        r.add(&read(
-            "2026-11-30T12:00:00.000000Z",
-            "app",
-            "/app/server",
-            "u1",
-            1000,
-        ));
-        for _ in 0..3 {
-            r.add(&read(
-                "2026-12-01T10:00:00.000000Z",
+        add(
+            &mut r,
+            &read(
+                "2026-11-30T12:00:00.000000Z",
                 "app",
                 "/app/server",
                 "u1",
                 1000,
-            ));
+            ),
+        );
+        for _ in 0..3 {
+            add(
+                &mut r,
+                &read(
+                    "2026-12-01T10:00:00.000000Z",
+                    "app",
+                    "/app/server",
+                    "u1",
+                    1000,
+                ),
+            );
         }
-        r.add(&read(
-            "2026-12-01T11:00:00.000000Z",
-            "bash",
-            "/bin/bash",
-            "u1",
-            0,
-        ));
-        r.add(&read(
-            "2026-12-01T12:00:00.000000Z",
-            "cat",
-            "/usr/bin/cat",
-            "u9",
-            0,
-        ));
-        r.add(&serde_json::json!({"time": "2026-12-01T13:00:00.000000Z", "event": "deny", "outcome": "denied",
-            "pod": {"namespace": "team-a", "name": "stranger", "uid": "u5", "service_account": "other"},
-            "reason": "NoBinding<script>"}));
+        add(
+            &mut r,
+            &read("2026-12-01T11:00:00.000000Z", "bash", "/bin/bash", "u1", 0),
+        );
+        add(
+            &mut r,
+            &read(
+                "2026-12-01T12:00:00.000000Z",
+                "cat",
+                "/usr/bin/cat",
+                "u9",
+                0,
+            ),
+        );
+        add(
+            &mut r,
+            &serde_json::json!({"time": "2026-12-01T13:00:00.000000Z", "event": "deny", "outcome": "denied",
+                "pod": {"namespace": "team-a", "name": "stranger", "uid": "u5", "service_account": "other"},
+                "reason": "NoBinding<script>"})
+            .to_string(),
+        );
         let html = r.html("audit.jsonl", "chain intact", true, &["audit.jsonl".into()]);
         let o = &r.objects["secret/<db>"];
         assert_eq!(o.reads, 5);

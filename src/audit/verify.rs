@@ -229,7 +229,7 @@ impl Verifier {
         reader: impl BufRead,
         sealed_first: Option<u64>,
     ) -> std::io::Result<Result<(), ChainBreak>> {
-        self.feed_with(file, reader, sealed_first, &mut |_| true)
+        self.feed_with(file, reader, sealed_first, &mut |_, _| true)
             .map(|r| r.map(|_| ()))
     }
 
@@ -240,7 +240,7 @@ impl Verifier {
         file: &str,
         mut reader: impl BufRead,
         sealed_first: Option<u64>,
-        on: &mut dyn FnMut(&serde_json::Value) -> bool,
+        on: &mut dyn FnMut(&RecordView<'_>, &[u8]) -> bool,
     ) -> std::io::Result<Result<bool, ChainBreak>> {
         // Lines are bounded so a corrupt log cannot exhaust memory.
         const MAX_LINE: u64 = 1 << 20;
@@ -282,11 +282,10 @@ impl Verifier {
                         .into(),
                 );
             }
-            let v: serde_json::Value = match serde_json::from_slice(line) {
-                Ok(v) => v,
-                Err(_) => return brk(line_no, "not a JSON record".into()),
+            let Some(v) = RecordView::parse(line) else {
+                return brk(line_no, "not a JSON record".into());
             };
-            let seq = v.get("seq").and_then(|s| s.as_u64());
+            let seq = v.seq;
             if line_no == 1
                 && let (Some(want), Some(got)) = (sealed_first, seq)
                 && want != got
@@ -303,11 +302,7 @@ impl Verifier {
             {
                 // The oldest records are gone: explained at the end by a `prune` record, or
                 // a deletion.
-                let p = v
-                    .get("prev")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or_default()
-                    .to_owned();
+                let p = t(&v.prev).to_owned();
                 self.start = Some((s, p.clone(), file.to_owned()));
                 self.expect_seq = s;
                 self.prev = p;
@@ -329,7 +324,7 @@ impl Verifier {
                 );
             }
             if let Err(reason) = check_record(
-                line,
+                &v,
                 self.expect_seq,
                 &self.prev,
                 self.key.as_ref(),
@@ -337,9 +332,9 @@ impl Verifier {
             ) {
                 return brk(line_no, reason);
             }
-            match v.get("event").and_then(|e| e.as_str()) {
+            match v.event.as_deref() {
                 Some("seal") => {
-                    let named = v.get("segment").and_then(|s| s.as_str()).unwrap_or("");
+                    let named = t(&v.segment);
                     if sealed_first.is_some() && named != file {
                         return brk(
                             line_no,
@@ -351,12 +346,14 @@ impl Verifier {
                     sealed_by = Some(named.to_owned());
                 }
                 Some("checkpoint") if !self.public_keys.is_empty() => {
-                    if let Err(reason) = self.check_checkpoint(&v, segment.unwrap_or(0)) {
+                    let full = serde_json::from_slice(line).unwrap_or_default();
+                    if let Err(reason) = self.check_checkpoint(&full, segment.unwrap_or(0)) {
                         return brk(line_no, reason);
                     }
                 }
                 Some("prune") => {
-                    if let Some(p) = v
+                    let full: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
+                    if let Some(p) = full
                         .get("pruned")
                         .and_then(|p| serde_json::from_value::<Pruned>(p.clone()).ok())
                     {
@@ -368,7 +365,7 @@ impl Verifier {
             self.prev = link(self.key.as_ref(), line);
             self.expect_seq += 1;
             self.records += 1;
-            if !on(&v) {
+            if !on(&v, line) {
                 return Ok(Ok(false));
             }
         }
@@ -459,18 +456,14 @@ impl Verifier {
 
 /// One record: JSON, the expected sequence number, linked to the line before it.
 fn check_record(
-    line: &[u8],
+    v: &RecordView<'_>,
     expect_seq: u64,
     prev: &str,
     key: Option<&AuditKey>,
     line_no: u64,
 ) -> Result<(), String> {
-    let v: serde_json::Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(_) => return Err("not a JSON record".into()),
-    };
-    let seq = v.get("seq").and_then(|s| s.as_u64());
-    let rec_prev = v.get("prev").and_then(|s| s.as_str());
+    let seq = v.seq;
+    let rec_prev = v.prev.as_deref();
     if seq != Some(expect_seq) {
         let reason = match seq {
             Some(s) if s > expect_seq => format!(

@@ -365,9 +365,10 @@ fn query_command(q: QueryArgs) -> ExitCode {
     }
     let mut code = ExitCode::SUCCESS;
     for log in &logs {
-        let mut print = |r: &serde_json::Value| {
+        let mut print = |r: &keybroker::audit::view::RecordView<'_>, line: &[u8]| {
             let _ = match q.format {
-                QueryFormat::Json => writeln!(w, "{r}"),
+                // The record as written (what tools and the schema know).
+                QueryFormat::Json => w.write_all(line).and_then(|_| w.write_all(b"\n")),
                 QueryFormat::Table => writeln!(w, "{}", table_row(r)),
             };
         };
@@ -408,51 +409,46 @@ fn query_command(q: QueryArgs) -> ExitCode {
 }
 
 /// One record as a table row: time to the second, who and what.
-fn table_row(r: &serde_json::Value) -> String {
-    let s = |path: &[&str]| -> String {
-        path.iter()
-            .try_fold(r, |v, k| v.get(k))
-            .map(|v| match v {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            })
-            .unwrap_or_default()
+fn table_row(r: &keybroker::audit::view::RecordView<'_>) -> String {
+    use keybroker::audit::view::t;
+    let time = r.time();
+    let time = time.get(..19).unwrap_or(time).replace('T', " ");
+    let pod = match r.pod_name() {
+        "" => t(&r.volume).to_owned(),
+        name => format!("{}/{name}", r.namespace()),
     };
-    let time = s(&["time"]);
-    let time = time.get(..19).unwrap_or(&time).replace('T', " ");
-    let pod = match (s(&["pod", "namespace"]), s(&["pod", "name"])) {
-        (ns, name) if !name.is_empty() => format!("{ns}/{name}"),
-        _ => s(&["volume"]),
-    };
-    let what = match (s(&["object"]), s(&["file"])) {
+    let what = match (t(&r.object), t(&r.file)) {
         (o, f) if !o.is_empty() && !f.is_empty() => format!("{o} ({f})"),
         (o, f) => format!("{o}{f}"),
     };
-    let process = if r.get("process").is_some() {
-        let count = r
-            .get("count")
-            .and_then(|c| c.as_u64())
-            .map(|c| format!(" x{c}"))
-            .unwrap_or_default();
+    let process = if r.process.is_some() {
+        let count = r.count.map(|c| format!(" x{c}")).unwrap_or_default();
         format!(
             "{}[{}] uid {}{count}",
-            s(&["process", "comm"]),
-            s(&["process", "pid"]),
-            s(&["process", "uid"])
+            r.comm(),
+            r.reader_pid().unwrap_or(0),
+            r.reader_uid()
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| "?".into())
         )
     } else {
-        s(&["detail"]).chars().take(28).collect()
+        t(&r.detail).chars().take(28).collect()
+    };
+    // Names come from pods: control characters never reach the terminal.
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect()
     };
     format!(
         "{:<20} {:<10} {:<8} {:<28} {:<30} {:<28} {}",
         time,
-        s(&["event"]),
-        s(&["outcome"]),
-        pod,
-        what,
-        process,
-        s(&["process", "exe"])
+        r.event(),
+        t(&r.outcome),
+        clean(&pod),
+        clean(&what),
+        clean(&process),
+        clean(r.exe())
     )
 }
 
@@ -486,9 +482,26 @@ fn report_command(
     let mut segments = Vec::new();
     let mut all_ok = true;
     for log in &logs {
-        // The whole log is verified; its records are read once more for the report.
-        let (ok, verdict) = match keybroker::audit::verify(log, opts) {
-            Ok(Ok(r)) => (
+        // One pass reads every record for the report and verifies the chain; when it stops
+        // before the end (an --until in the past), the whole log is verified apart.
+        let filter = keybroker::audit::Filter {
+            until: Some(until.clone()),
+            ..Default::default()
+        };
+        let q = match keybroker::audit::query(log, opts, &filter, &mut |r, _| report.add(r)) {
+            Ok(q) => q,
+            Err(e) => return fail(e.to_string()),
+        };
+        let verified = match q.verified {
+            Ok(Some(r)) => Ok(r),
+            Err(b) => Err(b),
+            Ok(None) => match keybroker::audit::verify(log, opts) {
+                Ok(v) => v,
+                Err(e) => return fail(e.to_string()),
+            },
+        };
+        let (ok, verdict) = match verified {
+            Ok(r) => (
                 true,
                 format!(
                     "{}: chain intact across {} segments, {} records{}{}",
@@ -505,8 +518,7 @@ fn report_command(
                     }
                 ),
             ),
-            Ok(Err(b)) => (false, format!("{}: NOT VERIFIED: {b}", log.display())),
-            Err(e) => return fail(e.to_string()),
+            Err(b) => (false, format!("{}: NOT VERIFIED: {b}", log.display())),
         };
         all_ok &= ok;
         verdicts.push(verdict);
@@ -519,13 +531,6 @@ fn report_command(
             ));
         }
         segments.push(format!("{} (active)", log.display()));
-        let filter = keybroker::audit::Filter {
-            until: Some(until.clone()),
-            ..Default::default()
-        };
-        if let Err(e) = keybroker::audit::query(log, opts, &filter, &mut |r| report.add(r)) {
-            return fail(e.to_string());
-        }
     }
     let name = file.display().to_string();
     let html = report.html(&name, &verdicts.join("; "), all_ok, &segments);

@@ -247,36 +247,58 @@ sys.exit(1 if bad else 0)
         .unwrap_or(0)
 }
 
-/// Opens `page` (a local file) in headless Chromium, as a person's browser would, and returns
-/// the document as the browser built it. Chromium (Debian's, pinned by
-/// scripts/install-peers.sh) must be there: a missing browser fails the test.
-pub fn browser_dom(page: &Path) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("file://{}", page.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromium (scripts/install-peers.sh installs it)");
-    let mut dom = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut dom)
-        .unwrap();
-    let status = wait_timeout(&mut child, Duration::from_secs(300));
+/// Opens `page` (a local file) in headless Chromium, as a person's browser would, with the
+/// network off (a network namespace of its own, no interface up): returns the document as the
+/// browser built it, and with `screenshot` also keeps a picture of the page there. Chromium
+/// (Debian's, pinned by scripts/install-peers.sh) must be there: a missing browser fails.
+pub fn browser_dom(page: &Path, screenshot: Option<&Path>) -> String {
+    let run = |what: &[String]| -> (std::process::ExitStatus, String) {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new("unshare")
+            .args(["--net", "--", "chromium"])
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--window-size=1280,2400",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(what)
+            .arg(format!("file://{}", page.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium (scripts/install-peers.sh installs it)");
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        (wait_timeout(&mut child, Duration::from_secs(300)), out)
+    };
+    let (status, dom) = run(&["--dump-dom".to_string()]);
     assert!(status.success(), "chromium: {status}");
+    if let Some(shot) = screenshot {
+        if let Some(dir) = shot.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let (status, _) = run(&[format!("--screenshot={}", shot.display())]);
+        assert!(
+            status.success() && shot.exists(),
+            "chromium screenshot: {status}"
+        );
+    }
     dom
+}
+
+/// Where tests keep what a person may want to look at afterwards (screenshots):
+/// `target/test-artifacts`.
+pub fn artifacts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts")
 }
 
 /// Reads a whole file with one open, as an application would.
