@@ -79,7 +79,7 @@ pub async fn run(
                     .provider(provider.kind())
                     .error(&e),
             );
-            audit.flush();
+            audit.close();
             anyhow::bail!("nothing was mounted at {}: {e}", target.display());
         }
     };
@@ -140,7 +140,7 @@ pub async fn run(
         ev = ev.error(e);
     }
     audit.record(ev);
-    audit.flush();
+    audit.close();
     drop(claim);
     res?;
     Ok(())

@@ -375,7 +375,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     tracing::info!(dir = %opts.dir.display(), files = cfg.content.files.len(), "files written");
     if opts.once {
         stop.cancel();
-        audit.flush();
+        audit.close();
         return Ok(());
     }
     if let Some(sock) = &opts.api_socket {
@@ -386,7 +386,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     stop.cancel();
     drop(volume);
     let _ = notices.await;
-    audit.flush();
+    audit.close();
     Ok(())
 }
 
@@ -419,7 +419,7 @@ async fn first_write(
                     .error(&e);
                 ev.pod = pod.clone();
                 audit.record(ev);
-                audit.flush();
+                audit.close();
                 anyhow::bail!("no files were written to {}: {e}", opts.dir.display());
             }
             Err(e) => {

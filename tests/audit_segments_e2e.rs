@@ -109,7 +109,13 @@ async fn segments_survive_kill_9_mid_seal_and_retention_prunes_verifiably() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
+    assert!(
+        out.status.success(),
+        "{said}\nthe active segment:\n{}\nthe head: {}\n{}",
+        std::fs::read_to_string(&audit).unwrap_or_default(),
+        std::fs::read_to_string(audit.with_extension("jsonl.head")).unwrap_or_default(),
+        tail(&d.logs(), 6000)
+    );
     assert!(said.contains("segments"), "{said}");
     assert!(said.contains("deleted by retention"), "{said}");
     // Retention kept the budget (with one segment of slack: pruning happens at a seal).
@@ -287,4 +293,11 @@ async fn segments_survive_kill_9_mid_seal_and_retention_prunes_verifiably() {
         "{said}"
     );
     println!("forged copy: {said}");
+}
+
+/// The end of a long text (whole lines).
+fn tail(s: &str, max: usize) -> &str {
+    let from = s.len().saturating_sub(max);
+    let from = s[from..].find('\n').map_or(from, |i| from + i + 1);
+    &s[from..]
 }

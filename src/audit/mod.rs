@@ -314,8 +314,19 @@ impl AuditLog {
     /// Writes everything queued, then nothing more: a newer process has taken the log over
     /// (a handover). Records after this are logged as errors and not written.
     pub fn seal(&self) {
+        self.close_for(writer::Closing::HandedOver);
+    }
+
+    /// At a clean shutdown: writes everything queued, signs it (with a signing key), anchors
+    /// the head on the last record, then writes nothing more, so that a record made while the
+    /// process exits cannot land after the head anchor (it is logged as an error instead).
+    pub fn close(&self) {
+        self.close_for(writer::Closing::Stopped);
+    }
+
+    fn close_for(&self, why: writer::Closing) {
         let (tx, rx) = mpsc::channel();
-        if self.tx.send(Msg::Seal(tx)).is_ok() {
+        if self.tx.send(Msg::Close(why, tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
     }
@@ -1085,5 +1096,48 @@ mod tests {
         assert!(!text.contains("audit gap"), "records were dropped");
         assert_eq!(text.lines().count(), n);
         assert!(verify(&path, &opts(None)).unwrap().is_ok());
+    }
+
+    /// A clean shutdown (CI found records after the head anchor): a seal due at the close
+    /// happens before the last checkpoint, the head names that checkpoint, and a record made
+    /// while the process exits is not written after it.
+    #[test]
+    fn nothing_follows_the_head_once_the_log_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("closed.jsonl");
+        let key = signer();
+        let log = AuditLog::open_with(
+            &path,
+            AuditOptions {
+                signing_key: Some(key.clone()),
+                // Every write finds the segment due: a seal is due at the close too.
+                rotation: Some(Rotation {
+                    max_segment_bytes: 1 << 20,
+                    max_segment_age: Duration::from_nanos(1),
+                    retain_bytes: None,
+                    retain_age: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for i in 0..5 {
+            log.record(Event::new(EventKind::Read).object(format!("obj{i}")));
+            log.flush();
+        }
+        log.record(Event::new(EventKind::Read).object("last"));
+        log.close();
+        log.record(Event::new(EventKind::Read).object("late"));
+        log.flush();
+        let r = verify(&path, &with_keys(&[&key])).unwrap().unwrap();
+        assert!(r.segments > 1, "{r:?}");
+        assert_eq!(r.beyond_head, 0, "{r:?}");
+        assert_eq!(r.after_last_checkpoint, 0, "{r:?}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("late"), "{text}");
+        assert!(
+            text.lines().last().unwrap().contains("checkpoint"),
+            "{text}"
+        );
     }
 }

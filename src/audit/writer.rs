@@ -7,8 +7,17 @@ pub(super) enum Msg {
     Flush(mpsc::Sender<()>),
     /// Sign what was written (a checkpoint, with a signing key), then flush.
     Checkpoint(mpsc::Sender<()>),
-    /// Write everything queued, then nothing more (a newer process writes the log now).
-    Seal(mpsc::Sender<()>),
+    /// Write and sign everything queued, anchor the head, then nothing more.
+    Close(Closing, mpsc::Sender<()>),
+}
+
+/// Why the writer stops writing for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Closing {
+    /// A newer process writes the log now (a handover).
+    HandedOver,
+    /// The process is stopping (a clean shutdown).
+    Stopped,
 }
 
 /// How long the writer waits before trying a failed write again.
@@ -42,7 +51,7 @@ pub(super) struct Writer {
     pub(super) failing_since: Option<SystemTime>,
     pub(super) last_complaint: Option<Instant>,
     /// Handed to a newer process: nothing more is written.
-    pub(super) sealed: bool,
+    pub(super) closed: Option<Closing>,
     /// The active segment of a rotating log (`None`: one file, never sealed).
     pub(super) active: Option<segments::Active>,
     /// A segment whose `seal` record is written and whose rename (and the new active file)
@@ -83,7 +92,7 @@ impl Writer {
             head_dirty: seq > 0,
             failing_since: None,
             last_complaint: None,
-            sealed: false,
+            closed: None,
             active: None,
             seal_pending: None,
             signer: None,
@@ -136,8 +145,11 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg, waiters: &mut Vec<mpsc::Sender<()>>) {
         match msg {
-            Msg::Event(t, e) if self.sealed => {
+            Msg::Event(t, e) if self.closed == Some(Closing::HandedOver) => {
                 tracing::error!(event = ?e.event, time = %humantime::format_rfc3339_micros(t), "audit record after the log was handed to a newer process; not written (that process writes the log now)");
+            }
+            Msg::Event(t, e) if self.closed.is_some() => {
+                tracing::error!(event = ?e.event, time = %humantime::format_rfc3339_micros(t), "audit record after the log was closed at shutdown; not written");
             }
             Msg::Event(t, e) => self.write(t, &e),
             Msg::Flush(w) => waiters.push(w),
@@ -146,20 +158,23 @@ impl Writer {
                 self.checkpoint();
                 waiters.push(w);
             }
-            Msg::Seal(w) => {
+            Msg::Close(why, w) => {
+                // A seal due now happens first, so that nothing follows the checkpoint: the
+                // last record is signed and the head names it when the process exits.
                 self.flush(true);
-                // Everything this process wrote is signed before the log changes hands.
                 self.checkpoint();
-                self.flush(true);
+                if self.write_pending() && self.head_dirty {
+                    self.write_head();
+                }
                 if self.pending_records > 0 {
                     tracing::error!(
                         records = self.pending_records,
-                        "audit records not written before the log was handed to a newer process (the log could not be written)"
+                        "audit records not written before the log was closed (the log could not be written)"
                     );
                     self.pending.clear();
                     self.pending_records = 0;
                 }
-                self.sealed = true;
+                self.closed = Some(why);
                 let _ = w.send(());
             }
         }
@@ -271,7 +286,7 @@ impl Writer {
     /// then the rename and a new active file ([`Self::finish_seal`]).
     fn maybe_seal(&mut self) {
         let Some(a) = &self.active else { return };
-        if self.sealed || !a.due(self.good_len) {
+        if self.closed.is_some() || !a.due(self.good_len) {
             return;
         }
         // Every record of the segment but its seal is signed inside it.
@@ -354,7 +369,7 @@ impl Writer {
         let Some(signer) = self.signer.clone() else {
             return true;
         };
-        if self.unsigned == 0 || self.seq == 0 || self.sealed {
+        if self.unsigned == 0 || self.seq == 0 || self.closed.is_some() {
             return true;
         }
         let now = SystemTime::now();

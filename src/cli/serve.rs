@@ -389,8 +389,8 @@ pub async fn run_node(
         .map_err(|e| anyhow::anyhow!("server on {endpoint}: {e}"))?;
     if !handed_over {
         node.shutdown(false).await;
-        // Everything written, and signed with --audit-signing-key.
-        audit.checkpoint();
+        // Everything written, signed with --audit-signing-key and anchored; nothing after.
+        audit.close();
         tracing::info!("stopped");
         return Ok(());
     }
