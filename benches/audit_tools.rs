@@ -87,7 +87,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(400_000);
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("audit");
+    // KB_AUDIT_DIR keeps the log for profiling (`perf record keybroker audit query ... DIR`).
+    let dir = match std::env::var_os("KB_AUDIT_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => tmp.path().join("audit"),
+    };
     let log_path = dir.join("audit.jsonl");
     // A month: the records' times are spread over 30 days ending now.
     let start = SystemTime::now() - Duration::from_secs(30 * 86400);

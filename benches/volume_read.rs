@@ -145,7 +145,9 @@ fn main() {
         let staging = d(&format!("{name}-staging"));
         let opens = OpenAudit::start(fan_audit.clone(), mode).unwrap();
         let v = TmpfsVolume::mount(&dir, &staging, 1 << 20, owner).unwrap();
-        opens.watch(name, &staging, None).unwrap();
+        opens
+            .watch(name, &staging, None, Default::default())
+            .unwrap();
         let v = Audited::new(Box::new(v), opens.clone(), staging);
         v.apply(&[file()]).unwrap();
         (dir, v, opens)

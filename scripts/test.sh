@@ -39,10 +39,15 @@ scripts/fuzz.sh 30
 echo "== cargo test (csi-sanity needs the test-only controller: --features test-controller)"
 status=0
 cargo test --locked --no-fail-fast --workspace --features test-controller || status=$?
-echo "== no keybroker mount may be left on this machine (they can hold secrets), nor a cluster"
+echo "== no keybroker mount may be left on this machine (they can hold secrets), nor a cluster or a test cgroup"
 if [ -d /run/keybroker-cluster ] || ip netns list 2>/dev/null | grep '^kb-cluster' >/dev/null; then
   echo "a test cluster was left running: scripts/cluster.sh down" >&2
   scripts/cluster.sh down || true
+  status=1
+fi
+if [ -d /sys/fs/cgroup/pids/kubepods-keybroker-test ]; then
+  echo "a test pod cgroup was left behind: /sys/fs/cgroup/pids/kubepods-keybroker-test" >&2
+  find /sys/fs/cgroup/pids/kubepods-keybroker-test -depth -type d -exec rmdir {} \; 2>/dev/null || true
   status=1
 fi
 left=$(awk '$0 ~ / - (tmpfs|fuse[^ ]*) keybroker / {print $5}' /proc/self/mountinfo)

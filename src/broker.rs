@@ -44,6 +44,9 @@ pub struct Broker {
     /// `Get`s coalesced like opens: (pid, uid, name, version).
     gets: Mutex<OpenWindows<(u32, u32, String, String)>>,
     procs: Mutex<ProcCache>,
+    /// With [`Admission::Pod`]: only these programs may call (a binding's `executables`;
+    /// empty: any program of the pod).
+    executables: Vec<String>,
 }
 
 impl Drop for Broker {
@@ -66,7 +69,14 @@ impl Broker {
             pod,
             gets: Default::default(),
             procs: Default::default(),
+            executables: Vec::new(),
         }
+    }
+
+    /// Only callers running these programs (paths inside the container) are admitted.
+    pub fn with_executables(mut self, executables: Vec<String>) -> Self {
+        self.executables = executables;
+        self
     }
 
     /// Records the counts of `Get` windows that have closed (about once a second).
@@ -121,7 +131,20 @@ impl Broker {
                 let cgroup =
                     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
                 match crate::procinfo::parse_cgroup(&cgroup).0 {
-                    Some(p) if &p == pod_uid => None,
+                    Some(p) if &p == pod_uid && self.executables.is_empty() => None,
+                    Some(p) if &p == pod_uid => {
+                        // Read after the cgroup: the same task (the caller waits for the reply).
+                        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                            .ok()
+                            .map(|e| e.to_string_lossy().into_owned());
+                        match exe {
+                            Some(e) if self.executables.contains(&e) => None,
+                            Some(_) => Some(format!(
+                                "pid {pid}'s program is not one of the executables this volume's binding allows"
+                            )),
+                            None => Some(format!("pid {pid}'s program could not be read")),
+                        }
+                    }
                     Some(other) => Some(format!(
                         "pid {pid} belongs to pod {other}, not to this volume's pod {pod_uid}"
                     )),

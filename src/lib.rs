@@ -9,6 +9,7 @@
 //! - [`refresh`]: keeps one volume fresh;
 //! - [`volume`]: content model, the in-memory filesystem, and the FUSE/tmpfs edges;
 //! - [`audit`] + [`procinfo`]: the hash-chained audit log and who read what;
+//! - [`access`]: who may open a volume's files (a binding's `readers` policy);
 //! - [`config`] + [`mount`]: `keybroker mount`;
 //! - [`sidecar`]: `keybroker init` / `sidecar` in the pod, as the pod;
 //! - [`hardening`]: no core dumps (secrets live in memory);
@@ -18,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod broker;
 pub mod cache;

@@ -18,6 +18,7 @@ use common::node::*;
 use common::*;
 
 const OBJECTS: &str = "- objectName: password\n  object: db\n  key: password\n";
+const HOSTILE: &str = "<img src=x onerror=alert(1)>\x1b[2J\u{202e}gpj.exe";
 const CONTAINER: &str = "a11ce000a11ce000a11ce000a11ce000a11ce000a11ce000a11ce000a11ce000";
 
 /// Sequence numbers of the records `keybroker audit query ARGS --format json` prints.
@@ -93,6 +94,12 @@ async fn query_agrees_with_jq_and_the_report_opens_in_a_browser() {
     inside(&format!("sh -c 'read -r x < {}; :'", file.display()));
     // The node itself, outside the pod.
     assert_eq!(read_file(&file).unwrap(), "S3cret-tools-1");
+    // A reader whose name is markup, a terminal escape and a right-to-left override (a
+    // process names itself; its executable's path is whatever its filesystem holds).
+    let hostile = root.join(HOSTILE);
+    std::fs::copy("/bin/cat", &hostile).unwrap();
+    let out = Command::new(&hostile).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
     // A pod of another service account: denied.
     let stranger = Pod {
         name: "stranger".into(),
@@ -159,6 +166,40 @@ async fn query_agrees_with_jq_and_the_report_opens_in_a_browser() {
         assert!(dom.contains(seen), "the report lacks {seen:?}");
     }
     println!("report screenshot: {}", shot.display());
+    // The hostile name is text: escaped in the page, never an element, no override.
+    assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "{dom}");
+    assert!(!dom.contains("<img"), "{dom}");
+    assert!(!dom.contains('\u{202e}') && !dom.contains('\x1b'));
+    // In a terminal: the table shows it without a control or bidi character; JSON lines keep
+    // the record as written, escaped.
+    let table = output_ok(
+        Command::new(BIN)
+            .args(["audit", "query", "--outside-pod"])
+            .arg(&audit_dir),
+    );
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("<img src=x onerror=alert(1)>"), "{table}");
+    assert!(
+        !table
+            .chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+        "{table:?}"
+    );
+    let json = output_ok(
+        Command::new(BIN)
+            .args(["audit", "query", "--format", "json", "--process"])
+            .arg(&HOSTILE[..15])
+            .arg(&audit_dir),
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        lines[0]["process"]["exe"].as_str(),
+        Some(hostile.to_str().unwrap())
+    );
 
     // A tampered copy: its report says so at the top, naming where.
     let forged = root.join("forged");

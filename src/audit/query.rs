@@ -7,7 +7,8 @@
 //! ones before), and reading stops a minute past `until` (records are stamped by their
 //! producers, so the order of times may differ from the order of records by a little).
 
-use super::verify::Verifier;
+use super::scan::{self, Line};
+use super::verify::{Decision, Verifier};
 use super::*;
 
 /// Which records to print. Every field set must match; unset fields match everything.
@@ -63,6 +64,50 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Byte strings every line this filter can match contains (as the writer encodes them):
+    /// lines without all of them need not be parsed.
+    fn needles(&self) -> Vec<Vec<u8>> {
+        let quoted = |v: &str| serde_json::to_vec(v).unwrap_or_default();
+        // A prefix: its encoding without the closing quote.
+        let prefix = |v: &str| {
+            let mut q = quoted(v);
+            q.pop();
+            q
+        };
+        let mut n = Vec::new();
+        for v in [
+            &self.namespace,
+            &self.pod,
+            &self.service_account,
+            &self.file,
+            &self.event,
+            &self.outcome,
+            &self.process,
+            &self.exe,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|v| !v.is_empty())
+        {
+            n.push(quoted(v));
+        }
+        match self.object.as_deref().map(|o| (o, o.strip_suffix('*'))) {
+            Some((_, Some(p))) if !p.is_empty() => n.push(prefix(p)),
+            Some((o, None)) if !o.is_empty() => n.push(quoted(o)),
+            _ => {}
+        }
+        if let Some(c) = self.container.as_deref().filter(|c| !c.is_empty()) {
+            n.push(prefix(c));
+        }
+        if self.outside_pod {
+            n.push(quoted("read"));
+        }
+        // (An empty value matches a missing field: it has no bytes to look for.)
+        n
+    }
+}
+
 /// A read of a pod's volume by a process that is not in that pod (or in none).
 pub fn outside_pod(v: &RecordView<'_>) -> bool {
     v.event() == "read" && !v.pod_uid().is_empty() && v.reader_pod_uid() != Some(v.pod_uid())
@@ -84,13 +129,21 @@ pub struct QueryReport {
 }
 
 /// Reads the log at `path` (its sealed segments, then the active file), verifying the chain of
-/// what it reads, and hands every record `filter` matches to `out`.
+/// what it reads, and hands every record `filter` matches to `out`, in the log's order.
+/// `threads`: segments scanned at once (0: every core); 1 reads one record at a time, in
+/// memory that does not grow with what matches (the report's way).
 pub fn query(
     path: &Path,
     opts: &VerifyOptions,
     filter: &Filter,
+    threads: usize,
     out: &mut dyn FnMut(&RecordView<'_>, &[u8]),
 ) -> Result<QueryReport, AuditError> {
+    let threads = if threads == 0 {
+        scan::threads()
+    } else {
+        threads
+    };
     let open_err = |p: &Path, e: std::io::Error| AuditError::Open {
         path: p.to_owned(),
         error: e.to_string(),
@@ -140,44 +193,32 @@ pub fn query(
             .ok()
             .map(|t| humantime::format_rfc3339_micros(t + Duration::from_secs(60)).to_string())
     });
-    let (mut read, mut matched) = (0u64, 0u64);
-    let mut on = |rec: &RecordView<'_>, line: &[u8]| {
-        read += 1;
-        if stop_after.as_deref().is_some_and(|s| rec.time() > s) {
-            return false;
+    let needles = filter.needles();
+    let parse = scan::prefilter(&needles);
+    let decide = |l: &Line<'_>| {
+        if stop_after.as_deref().is_some_and(|s| l.time() > s) {
+            return Decision::Stop;
         }
-        if filter.matches(rec) {
-            matched += 1;
-            out(rec, line);
+        match l {
+            Line::Parsed(rec) if filter.matches(rec) => Decision::Keep,
+            _ => Decision::Pass,
         }
-        true
     };
-    let mut stopped = false;
-    for (file, sealed_first) in &files {
-        let f = File::open(file).map_err(|e| open_err(file, e))?;
-        let name = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        report.segments_read += 1;
-        match v.feed_with(&name, BufReader::new(f), *sealed_first, &mut on) {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                stopped = true;
-                break;
-            }
-            Ok(Err(b)) => {
-                report.verified = Err(b);
-                (report.read, report.matched) = (read, matched);
-                return Ok(report);
-            }
-            Err(e) => return Err(open_err(file, e)),
+    let mut matched = 0u64;
+    let mut counted = |rec: &RecordView<'_>, line: &[u8]| {
+        matched += 1;
+        out(rec, line);
+    };
+    let r = v.read_files(&files, threads, &parse, &decide, &mut counted)?;
+    (report.read, report.matched) = (v.records_read(), matched);
+    report.segments_read = v.files_read();
+    match r {
+        Ok(true) => {
+            report.to_the_end = true;
+            report.verified = v.finish(opts.allow_missing_head).map(Some);
         }
-    }
-    (report.read, report.matched) = (read, matched);
-    if !stopped {
-        report.to_the_end = true;
-        report.verified = v.finish(opts.allow_missing_head).map(Some);
+        Ok(false) => {}
+        Err(b) => report.verified = Err(b),
     }
     Ok(report)
 }

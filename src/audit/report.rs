@@ -405,7 +405,7 @@ pub fn esc(t: &str) -> String {
             '>' => o.push_str("&gt;"),
             '"' => o.push_str("&quot;"),
             '\'' => o.push_str("&#39;"),
-            c if c.is_control() => o.push('\u{fffd}'),
+            c if super::view::hides_text(c) => o.push('\u{fffd}'),
             c => o.push(c),
         }
     }

@@ -1,5 +1,6 @@
 //! Offline verification of a log and its head anchor (`keybroker audit verify`).
 
+use super::scan::{First, Line, ScanKeys, Scanned, check_link, in_order, scan_file};
 use super::*;
 
 /// What `audit verify` found in an intact log.
@@ -44,7 +45,8 @@ pub struct VerifyOptions {
 }
 
 /// Checks the chain of the log at `path`: its sealed segments in order, then the active file
-/// (`path` itself), and the head anchor.
+/// (`path` itself), and the head anchor. Every line is parsed; segments are scanned on every
+/// core and joined in order.
 pub fn verify(
     path: &Path,
     opts: &VerifyOptions,
@@ -53,42 +55,35 @@ pub fn verify(
         path: p.to_owned(),
         error: e.to_string(),
     };
-    let sealed = sealed_segments(path).map_err(|e| open_err(path, e))?;
-    let active = match File::open(path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !sealed.is_empty() => None,
+    let mut files: Vec<(PathBuf, Option<u64>)> = sealed_segments(path)
+        .map_err(|e| open_err(path, e))?
+        .into_iter()
+        .map(|s| (s.path, Some(s.first_seq)))
+        .collect();
+    match std::fs::metadata(path) {
+        Ok(_) => files.push((path.to_owned(), None)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !files.is_empty() => {}
         Err(e) => return Err(open_err(path, e)),
-    };
+    }
     let head = match std::fs::read_to_string(head_path(path)) {
         Ok(h) => Some(h),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(open_err(&head_path(path), e)),
     };
-    let name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
     let mut v = match Verifier::new(head.as_deref(), opts) {
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
-    for s in &sealed {
-        let f = File::open(&s.path).map_err(|e| open_err(&s.path, e))?;
-        match v.feed(&name(&s.path), BufReader::new(f), Some(s.first_seq)) {
-            Ok(Ok(())) => {}
-            Ok(Err(b)) => return Ok(Err(b)),
-            Err(e) => return Err(open_err(&s.path, e)),
-        }
+    match v.read_files(
+        &files,
+        super::scan::threads(),
+        &|_| true,
+        &|_| Decision::Pass,
+        &mut |_, _| {},
+    )? {
+        Ok(_) => Ok(v.finish(opts.allow_missing_head)),
+        Err(b) => Ok(Err(b)),
     }
-    if let Some(f) = active {
-        match v.feed(&name(path), BufReader::new(f), None) {
-            Ok(Ok(())) => {}
-            Ok(Err(b)) => return Ok(Err(b)),
-            Err(e) => return Err(open_err(path, e)),
-        }
-    }
-    Ok(v.finish(opts.allow_missing_head))
 }
 
 /// [`verify`] over any reader (one file or stream, no segments) and the head anchor's text,
@@ -102,19 +97,21 @@ pub fn verify_reader(
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
-    if let Err(b) = v.feed("", reader, None)? {
+    if let Err(b) = v.feed_with("", reader, None, &|_| true, &mut |_, _| true)? {
         return Ok(Err(b));
     }
     Ok(v.finish(opts.allow_missing_head))
 }
 
-/// The chain across the files of one log, fed in order.
+/// The chain across the files of one log, joined in order: each file's first record must
+/// follow the last record of the file before; what is inside a file is checked by its scan
+/// ([`scan_file`]).
 pub(super) struct Verifier {
-    key: Option<AuditKey>,
+    keys: Arc<ScanKeys>,
     head: Option<serde_json::Value>,
     prev: String,
     expect_seq: u64,
-    /// Lines fed so far (records), and the last file's name and line count.
+    /// Records joined so far, and the last file's name and line count.
     records: u64,
     file: String,
     line_no: u64,
@@ -123,14 +120,29 @@ pub(super) struct Verifier {
     start: Option<(u64, String, String)>,
     /// Every `prune` record's claim.
     pruned: Vec<Pruned>,
-    public_keys: Vec<PublicKey>,
     checkpoints: u64,
-    /// Records counted when the last checkpoint was read.
+    /// Records counted up to and including the last checkpoint.
     signed_records: u64,
     /// Fed from a segment in the middle of the log (a query from a time on): the first
     /// record's link is taken as it is.
     pub(super) from_middle: bool,
 }
+
+/// What a reader of the log does with a record it was handed (before the record is parsed
+/// in full, when `parse` let it be skipped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// Not wanted; read on.
+    Pass,
+    /// Hand it to the consumer, in order.
+    Keep,
+    /// Stop reading here (the chain is then verified up to this record).
+    Stop,
+}
+
+/// Records a file's scan keeps for the consumer before they are handed over in order; past
+/// this the file is read again, one record at a time, when its turn comes.
+const KEEP_PER_FILE: usize = if cfg!(test) { 2 << 10 } else { 8 << 20 };
 
 impl Verifier {
     pub(super) fn new(head: Option<&str>, opts: &VerifyOptions) -> Result<Self, ChainBreak> {
@@ -162,7 +174,10 @@ impl Verifier {
             }
         }
         Ok(Self {
-            key,
+            keys: Arc::new(ScanKeys {
+                key,
+                public_keys: opts.public_keys.clone(),
+            }),
             head,
             prev: GENESIS.to_owned(),
             expect_seq: 0,
@@ -172,214 +187,258 @@ impl Verifier {
             files: 0,
             start: None,
             pruned: Vec::new(),
-            public_keys: opts.public_keys.clone(),
             checkpoints: 0,
             signed_records: 0,
             from_middle: false,
         })
     }
 
-    /// A `checkpoint` record `v`: it signs the record before it, in this file's segment.
-    fn check_checkpoint(&mut self, v: &serde_json::Value, segment: u64) -> Result<(), String> {
-        let Some(cp) = v
-            .get("checkpoint")
-            .and_then(|c| serde_json::from_value::<Checkpoint>(c.clone()).ok())
-        else {
-            return Err("a checkpoint record without its checkpoint".into());
+    /// A file's first record against the last record of the files before it.
+    fn check_first(&mut self, file: &str, f: &First) -> Result<(), ChainBreak> {
+        let brk = |reason: String| ChainBreak {
+            file: file.to_owned(),
+            line: 1,
+            reason,
         };
-        if cp.seq + 1 != self.expect_seq || cp.link != self.prev {
-            return Err(format!(
-                "the checkpoint signs record {} with another link than the record before it has: it was moved or forged",
-                cp.seq
-            ));
+        if self.records == 0
+            && let Some(s) = f.seq.filter(|s| *s > 0)
+        {
+            // The oldest records are gone: explained at the end by a `prune` record, or a
+            // deletion.
+            self.start = Some((s, f.prev.clone(), file.to_owned()));
+            self.expect_seq = s;
+            self.prev = f.prev.clone();
         }
-        if cp.segment != segment {
-            return Err(format!(
-                "the checkpoint names segment {} but is in the segment starting at {segment}: segments were renamed or records moved",
-                cp.segment
-            ));
+        if self.records > 0
+            && let Some(s) = f.seq.filter(|s| *s > self.expect_seq)
+        {
+            return Err(brk(format!(
+                "records {} to {} are missing before this segment: a segment was deleted",
+                self.expect_seq,
+                s - 1
+            )));
         }
-        let Some(pk) = self.public_keys.iter().find(|k| k.id() == cp.key_id) else {
-            return Err(format!(
-                "the checkpoint is signed by key {}, which is not among the public keys given (--public-key; give every key in use)",
-                cp.key_id
-            ));
-        };
-        let time = v.get("time").and_then(|t| t.as_str()).unwrap_or_default();
-        if !pk.verifies(
-            &signing::checkpoint_message(cp.seq, &cp.link, cp.segment, time),
-            &cp.signature,
-        ) {
-            return Err(format!(
-                "the checkpoint's signature does not verify with key {}: it was forged or altered",
-                cp.key_id
-            ));
+        check_link(
+            f.seq,
+            Some(&f.prev),
+            self.expect_seq,
+            &self.prev,
+            self.keys.key.is_some() && self.records > 0,
+        )
+        .map_err(brk)
+    }
+
+    /// A scanned file's place in the chain: its first record follows the files before (unless
+    /// the scan checked that already, `first_checked`).
+    fn join_first(&mut self, sc: &Scanned, first_checked: bool) -> Result<(), ChainBreak> {
+        self.files += 1;
+        self.file.clone_from(&sc.sum.name);
+        self.line_no = sc.sum.lines;
+        match &sc.sum.first {
+            Some(f) if !first_checked => self.check_first(&sc.sum.name, f),
+            _ => Ok(()),
         }
-        self.checkpoints += 1;
-        // The checkpoint record itself is covered too (its signature is its content).
-        self.signed_records = self.records + 1;
+    }
+
+    /// The rest of a scanned file: its own break, if it had one, or what it adds to the chain.
+    fn join_rest(&mut self, sc: Scanned) -> Result<(), ChainBreak> {
+        if let Some(b) = sc.brk {
+            // Counted as read (nothing is joined after a break).
+            self.records += sc.sum.records;
+            return Err(b);
+        }
+        let sum = sc.sum;
+        if sum.records > 0 {
+            if let Some(n) = sum.signed {
+                self.signed_records = self.records + n;
+            }
+            self.records += sum.records;
+            self.expect_seq = sum.end_seq;
+            self.prev = sum.last_link;
+        }
+        self.checkpoints += sum.checkpoints;
+        self.pruned.extend(sum.pruned);
         Ok(())
     }
 
-    /// One file of the log: `sealed_first` is the first sequence number its name gives (a
-    /// sealed segment, which must also end with its own `seal` record).
-    fn feed(
+    /// Records read so far (those that passed their checks).
+    pub(super) fn records_read(&self) -> u64 {
+        self.records
+    }
+
+    /// Files joined so far (the one a break was found in included).
+    pub(super) fn files_read(&self) -> u64 {
+        self.files
+    }
+
+    /// One file read in order, each record handed to `on` as soon as it is checked; `on`
+    /// returning false stops (`Ok(false)`: stopped early).
+    pub(super) fn feed_with(
         &mut self,
         file: &str,
         reader: impl BufRead,
         sealed_first: Option<u64>,
-    ) -> std::io::Result<Result<(), ChainBreak>> {
-        self.feed_with(file, reader, sealed_first, &mut |_, _| true)
-            .map(|r| r.map(|_| ()))
+        parse: &dyn Fn(&[u8]) -> bool,
+        on: &mut dyn FnMut(Line<'_>, &[u8]) -> bool,
+    ) -> std::io::Result<Result<bool, ChainBreak>> {
+        let keys = self.keys.clone();
+        let sc = scan_file(
+            reader,
+            file,
+            sealed_first,
+            &keys,
+            parse,
+            &mut |f| self.check_first(file, f),
+            on,
+        )?;
+        let stopped = sc.stopped;
+        Ok(self
+            .join_first(&sc, true)
+            .and_then(|()| self.join_rest(sc))
+            .map(|()| !stopped))
     }
 
-    /// [`Self::feed`], handing each record that passed its checks to `on`; `on` returning
-    /// false stops reading (`Ok(false)`: stopped early).
-    pub(super) fn feed_with(
+    /// The files of a log (sealed segments with their first sequence number, then the active
+    /// file), read in order: every record is checked, `decide` (called on the reading thread)
+    /// picks the ones `out` gets, in the log's order. With more than one thread, files are
+    /// scanned at once and joined in order. `Ok(Ok(false))`: `decide` stopped the read.
+    pub(super) fn read_files(
         &mut self,
-        file: &str,
-        mut reader: impl BufRead,
-        sealed_first: Option<u64>,
-        on: &mut dyn FnMut(&RecordView<'_>, &[u8]) -> bool,
-    ) -> std::io::Result<Result<bool, ChainBreak>> {
-        // Lines are bounded so a corrupt log cannot exhaust memory.
-        const MAX_LINE: u64 = 1 << 20;
-        self.file = file.to_owned();
-        self.line_no = 0;
-        self.files += 1;
-        let mut buf = Vec::new();
-        let mut sealed_by: Option<String> = None;
-        // The segment's first sequence number, as checkpoints name it.
-        let mut segment = sealed_first;
-        let brk = |line: u64, reason: String| {
-            Ok(Err(ChainBreak {
-                file: file.to_owned(),
-                line,
-                reason,
-            }))
+        files: &[(PathBuf, Option<u64>)],
+        threads: usize,
+        parse: &(dyn Fn(&[u8]) -> bool + Sync),
+        decide: &(dyn Fn(&Line<'_>) -> Decision + Sync),
+        out: &mut dyn FnMut(&RecordView<'_>, &[u8]),
+    ) -> Result<Result<bool, ChainBreak>, AuditError> {
+        let open = |p: &Path| {
+            File::open(p)
+                .map(|f| BufReader::with_capacity(1 << 16, f))
+                .map_err(|e| AuditError::Open {
+                    path: p.to_owned(),
+                    error: e.to_string(),
+                })
         };
-        loop {
-            buf.clear();
-            let n = (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            self.line_no += 1;
-            let line_no = self.line_no;
-            if !buf.ends_with(b"\n") {
-                let reason = if n as u64 == MAX_LINE {
-                    "the line is longer than 1 MiB: not a record".into()
-                } else {
-                    "the line is cut off (no end of line): the log was truncated".into()
-                };
-                return brk(line_no, reason);
-            }
-            let line = &buf[..buf.len() - 1];
-            if sealed_by.is_some() {
-                return brk(
-                    line_no,
-                    "a record after this segment's seal record: appended to a sealed segment"
-                        .into(),
-                );
-            }
-            let Some(v) = RecordView::parse(line) else {
-                return brk(line_no, "not a JSON record".into());
+        let io_err = |p: &Path, e: std::io::Error| AuditError::Open {
+            path: p.to_owned(),
+            error: e.to_string(),
+        };
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        // One file as it comes: records go to `out` as soon as they are checked.
+        let in_turn = |v: &mut Verifier,
+                       (path, sealed_first): &(PathBuf, Option<u64>),
+                       out: &mut dyn FnMut(&RecordView<'_>, &[u8])| {
+            let mut on = |l: Line<'_>, line: &[u8]| match decide(&l) {
+                Decision::Pass => true,
+                Decision::Keep => {
+                    emit(&l, line, out);
+                    true
+                }
+                Decision::Stop => false,
             };
-            let seq = v.seq;
-            if line_no == 1
-                && let (Some(want), Some(got)) = (sealed_first, seq)
-                && want != got
-            {
-                return brk(
-                    1,
-                    format!(
-                        "the segment's name says it starts at record {want}, its first record is {got}: segments were renamed or reordered"
-                    ),
-                );
-            }
-            if self.records == 0
-                && let Some(s) = seq.filter(|s| *s > 0)
-            {
-                // The oldest records are gone: explained at the end by a `prune` record, or
-                // a deletion.
-                let p = t(&v.prev).to_owned();
-                self.start = Some((s, p.clone(), file.to_owned()));
-                self.expect_seq = s;
-                self.prev = p;
-            }
-            if line_no == 1 && segment.is_none() {
-                segment = seq;
-            }
-            if line_no == 1
-                && self.records > 0
-                && let Some(s) = seq.filter(|s| *s > self.expect_seq)
-            {
-                return brk(
-                    1,
-                    format!(
-                        "records {} to {} are missing before this segment: a segment was deleted",
-                        self.expect_seq,
-                        s - 1
-                    ),
-                );
-            }
-            if let Err(reason) = check_record(
-                &v,
-                self.expect_seq,
-                &self.prev,
-                self.key.as_ref(),
-                self.records + 1,
-            ) {
-                return brk(line_no, reason);
-            }
-            match v.event.as_deref() {
-                Some("seal") => {
-                    let named = t(&v.segment);
-                    if sealed_first.is_some() && named != file {
-                        return brk(
-                            line_no,
-                            format!(
-                                "the seal record names segment {named:?}, not this file: segments were renamed"
-                            ),
-                        );
-                    }
-                    sealed_by = Some(named.to_owned());
+            v.feed_with(&name(path), open(path)?, *sealed_first, parse, &mut on)
+                .map_err(|e| io_err(path, e))
+        };
+        if threads <= 1 || files.len() <= 1 {
+            for f in files {
+                match in_turn(self, f, out)? {
+                    Ok(true) => {}
+                    other => return Ok(other),
                 }
-                Some("checkpoint") if !self.public_keys.is_empty() => {
-                    let full = serde_json::from_slice(line).unwrap_or_default();
-                    if let Err(reason) = self.check_checkpoint(&full, segment.unwrap_or(0)) {
-                        return brk(line_no, reason);
-                    }
-                }
-                Some("prune") => {
-                    let full: serde_json::Value = serde_json::from_slice(line).unwrap_or_default();
-                    if let Some(p) = full
-                        .get("pruned")
-                        .and_then(|p| serde_json::from_value::<Pruned>(p.clone()).ok())
-                    {
-                        self.pruned.push(p);
-                    }
-                }
-                _ => {}
             }
-            self.prev = link(self.key.as_ref(), line);
-            self.expect_seq += 1;
-            self.records += 1;
-            if !on(&v, line) {
-                return Ok(Ok(false));
-            }
+            return Ok(Ok(true));
         }
-        if sealed_first.is_some() && sealed_by.is_none() {
-            return brk(
-                self.line_no + 1,
-                "the segment does not end with its seal record: it was truncated".into(),
-            );
+        // Each file scanned on its own; what it keeps waits for its turn.
+        struct Kept {
+            scanned: Scanned,
+            lines: Vec<u8>,
+            ends: Vec<usize>,
+            /// More than KEEP_PER_FILE kept: read the file again in its turn.
+            overflow: bool,
+            stopped: bool,
         }
-        Ok(Ok(true))
+        let keys = self.keys.clone();
+        let scan = |i: usize| -> Result<Kept, AuditError> {
+            let (path, sealed_first) = &files[i];
+            let (mut lines, mut ends) = (Vec::new(), Vec::new());
+            let (mut overflow, mut stopped) = (false, false);
+            let mut on = |l: Line<'_>, line: &[u8]| match decide(&l) {
+                Decision::Pass => true,
+                Decision::Keep if lines.len() + line.len() > KEEP_PER_FILE => {
+                    overflow = true;
+                    false
+                }
+                Decision::Keep => {
+                    lines.extend_from_slice(line);
+                    ends.push(lines.len());
+                    true
+                }
+                Decision::Stop => {
+                    stopped = true;
+                    false
+                }
+            };
+            let scanned = scan_file(
+                open(path)?,
+                &name(path),
+                *sealed_first,
+                &keys,
+                parse,
+                &mut |_| Ok(()),
+                &mut on,
+            )
+            .map_err(|e| io_err(path, e))?;
+            Ok(Kept {
+                scanned,
+                lines,
+                ends,
+                overflow,
+                stopped,
+            })
+        };
+        let mut result = Ok(Ok(true));
+        in_order(files.len(), threads, threads + 1, scan, |i, kept| {
+            let kept = match kept {
+                Ok(k) => k,
+                Err(e) => {
+                    result = Err(e);
+                    return false;
+                }
+            };
+            if kept.overflow {
+                result = in_turn(self, &files[i], out);
+                return matches!(result, Ok(Ok(true)));
+            }
+            if let Err(b) = self.join_first(&kept.scanned, false) {
+                result = Ok(Err(b));
+                return false;
+            }
+            let mut from = 0;
+            for end in kept.ends {
+                let line = &kept.lines[from..end];
+                if let Some(v) = RecordView::parse(line) {
+                    out(&v, line);
+                }
+                from = end;
+            }
+            if let Err(b) = self.join_rest(kept.scanned) {
+                result = Ok(Err(b));
+                return false;
+            }
+            if kept.stopped {
+                result = Ok(Ok(false));
+                return false;
+            }
+            true
+        });
+        result
     }
 
     pub(super) fn finish(self, allow_missing_head: bool) -> Result<VerifyReport, ChainBreak> {
-        if !self.public_keys.is_empty() {
+        if !self.keys.public_keys.is_empty() {
             let brk = |reason: String| ChainBreak {
                 file: self.file.clone(),
                 line: self.line_no + 1,
@@ -394,6 +453,7 @@ impl Verifier {
                 let field = |k: &str| h.get(k).and_then(|x| x.as_str()).unwrap_or_default();
                 let seq = h.get("seq").and_then(|s| s.as_u64()).unwrap_or(u64::MAX);
                 let signed = self
+                    .keys
                     .public_keys
                     .iter()
                     .find(|k| k.id() == field("key_id"))
@@ -407,7 +467,7 @@ impl Verifier {
                 }
             }
         }
-        let (checkpoints, after_last_checkpoint) = if self.public_keys.is_empty() {
+        let (checkpoints, after_last_checkpoint) = if self.keys.public_keys.is_empty() {
             (0, 0)
         } else {
             (self.checkpoints, self.records - self.signed_records)
@@ -435,7 +495,7 @@ impl Verifier {
         }
         let mut report = check_head(
             self.head,
-            self.key.as_ref(),
+            self.keys.key.as_ref(),
             allow_missing_head,
             self.expect_seq,
             &self.prev,
@@ -454,41 +514,16 @@ impl Verifier {
     }
 }
 
-/// One record: JSON, the expected sequence number, linked to the line before it.
-fn check_record(
-    v: &RecordView<'_>,
-    expect_seq: u64,
-    prev: &str,
-    key: Option<&AuditKey>,
-    line_no: u64,
-) -> Result<(), String> {
-    let seq = v.seq;
-    let rec_prev = v.prev.as_deref();
-    if seq != Some(expect_seq) {
-        let reason = match seq {
-            Some(s) if s > expect_seq => format!(
-                "sequence jumps from {} to {s}: records were deleted",
-                expect_seq as i64 - 1
-            ),
-            Some(s) => format!(
-                "sequence goes back to {s} (expected {expect_seq}): records were reordered or duplicated"
-            ),
-            None => "the record has no sequence number".into(),
-        };
-        return Err(reason);
-    }
-    if rec_prev != Some(prev) {
-        let reason = match key {
-            Some(_) if line_no > 1 => {
-                "the MAC of the previous record does not match: the previous line was edited or forged, records were reordered, or the key is wrong"
+/// Hands a kept record to the consumer (parsed now if the scan skipped its fields).
+fn emit(l: &Line<'_>, line: &[u8], out: &mut dyn FnMut(&RecordView<'_>, &[u8])) {
+    match l {
+        Line::Parsed(v) => out(v, line),
+        Line::Skipped { .. } => {
+            if let Some(v) = RecordView::parse(line) {
+                out(&v, line);
             }
-            _ => {
-                "the hash of the previous record does not match: the previous line was edited, or records were reordered"
-            }
-        };
-        return Err(reason.into());
+        }
     }
-    Ok(())
 }
 
 /// The head anchor against the end of the log: what was cut off, edited or appended after it.

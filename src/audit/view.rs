@@ -71,6 +71,18 @@ pub struct ProcessView<'a> {
     pub container: Text<'a>,
 }
 
+/// Characters that must not reach an auditor's terminal or page as they are: control
+/// characters (terminal escapes) and the invisible ones that reorder or hide text (bidi
+/// overrides and isolates, zero-width characters). Process names and executable paths are
+/// the reading process's own choice.
+pub fn hides_text(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+        )
+}
+
 /// The text of an optional field ("" when absent).
 pub fn t<'b>(v: &'b Text<'_>) -> &'b str {
     v.as_deref().unwrap_or_default()

@@ -372,7 +372,7 @@ fn query_command(q: QueryArgs) -> ExitCode {
                 QueryFormat::Table => writeln!(w, "{}", table_row(r)),
             };
         };
-        let report = match keybroker::audit::query(log, &opts, &filter, &mut print) {
+        let report = match keybroker::audit::query(log, &opts, &filter, 0, &mut print) {
             Ok(r) => r,
             Err(e) => return fail(e.to_string()),
         };
@@ -434,17 +434,24 @@ fn table_row(r: &keybroker::audit::view::RecordView<'_>) -> String {
     } else {
         t(&r.detail).chars().take(28).collect()
     };
-    // Names come from pods: control characters never reach the terminal.
+    // Names come from pods and processes: control and bidi characters never reach the
+    // terminal (nor from a forged log's other fields).
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .map(|c| {
+                if keybroker::audit::view::hides_text(c) {
+                    '\u{fffd}'
+                } else {
+                    c
+                }
+            })
             .collect()
     };
     format!(
         "{:<20} {:<10} {:<8} {:<28} {:<30} {:<28} {}",
-        time,
-        r.event(),
-        t(&r.outcome),
+        clean(&time),
+        clean(r.event()),
+        clean(t(&r.outcome)),
         clean(&pod),
         clean(&what),
         clean(&process),
@@ -488,7 +495,7 @@ fn report_command(
             until: Some(until.clone()),
             ..Default::default()
         };
-        let q = match keybroker::audit::query(log, opts, &filter, &mut |r, _| report.add(r)) {
+        let q = match keybroker::audit::query(log, opts, &filter, 1, &mut |r, _| report.add(r)) {
             Ok(q) => q,
             Err(e) => return fail(e.to_string()),
         };

@@ -93,6 +93,7 @@ fn check(
                 x.identity.key(),
                 objects.join(", ")
             );
+            println!("    readers: {}", x.readers.explain());
         }
         return ExitCode::SUCCESS;
     };
@@ -115,6 +116,7 @@ fn check(
                 object.join(", "),
                 g.identity.key()
             );
+            println!("readers: {}", g.readers.explain());
             ExitCode::SUCCESS
         }
         Err(why) => {

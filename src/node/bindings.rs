@@ -15,6 +15,9 @@
 //!       #         caFile: /etc/keybroker/vault-ca.pem, tlsServerName: vault.internal,
 //!       #         audience: vault}
 //!     objects: ["db", "api-*"]         # exact object names, or prefixes ending in '*'
+//!     readers: pod                     # optional: only the volume's own pod may open its
+//!                                      # files (default any: every open audited)
+//!     executables: [/app/server]       # optional, with readers: pod: only these programs
 //! ```
 //!
 //! A volume's own parameters (`clientID`, `roleName`, `keyvaultName`, ...) are a request: they
@@ -26,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::request::{IdentityRequest, PodInfo, ProviderKind, VolumeRequest};
+pub use crate::access::Readers;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -41,6 +45,8 @@ struct RawBinding {
     service_accounts: Vec<String>,
     identity: RawIdentity,
     objects: Vec<String>,
+    readers: Option<String>,
+    executables: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +243,8 @@ pub struct Binding {
     pub service_accounts: BTreeSet<String>,
     pub identity: Identity,
     pub objects: Vec<Pattern>,
+    /// Who may open the files of the volumes it grants.
+    pub readers: Readers,
 }
 
 /// What an authorized volume may use.
@@ -244,6 +252,7 @@ pub struct Binding {
 pub struct Grant {
     pub binding: String,
     pub identity: Identity,
+    pub readers: Readers,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -381,12 +390,14 @@ impl Bindings {
                 .map(|o| Pattern::parse(o))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(at)?;
+            let readers = Readers::parse(b.readers.as_deref(), b.executables).map_err(at)?;
             list.push(Binding {
                 name: b.name,
                 namespace: b.namespace,
                 service_accounts: b.service_accounts.into_iter().collect(),
                 identity,
                 objects,
+                readers,
             });
         }
         Ok(Self { list })
@@ -426,6 +437,7 @@ impl Bindings {
                     return Ok(Grant {
                         binding: b.name.clone(),
                         identity: b.identity.clone(),
+                        readers: b.readers.clone(),
                     });
                 }
                 Err(why) => reasons.push(format!("binding {:?} {why}", b.name)),

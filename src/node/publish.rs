@@ -1,4 +1,5 @@
 use super::*;
+use crate::access::Readers;
 
 /// Volume attribute parses that may run at once on the blocking pool.
 pub(super) const PARSE_SLOTS: usize = 2;
@@ -297,7 +298,16 @@ impl NodeService {
         }
         undo.record = Some(path);
         let (volume, session) = self
-            .mount_volume(vid, target, adopt, &record, &rendered.files, vr.kind, &pod)
+            .mount_volume(
+                vid,
+                target,
+                adopt,
+                &record,
+                &rendered.files,
+                vr.kind,
+                &pod,
+                &grant.readers,
+            )
             .map_err(|why| {
                 undo.run();
                 self.fail(Some(&pod), vid, NodeError::Internal(why))
@@ -310,7 +320,7 @@ impl NodeService {
             self.fail(Some(&pod), vid, NodeError::Internal(why))
         };
         let (volume, bound) = match self
-            .complete_volume(vid, target, &vr, &pod, volume, &rendered.files)
+            .complete_volume(vid, target, &vr, &grant.readers, volume, &rendered.files)
             .await
         {
             Ok(done) => done,
@@ -455,6 +465,7 @@ impl NodeService {
         files: &[crate::volume::content::RenderedFile],
         kind: VolumeKind,
         pod: &PodInfo,
+        readers: &Readers,
     ) -> Result<(Box<dyn Volume>, Option<Session>), String> {
         let owner = Owner { uid: 0, gid: 0 };
         match (adopt, kind) {
@@ -488,14 +499,19 @@ impl NodeService {
                     Some(Adopt::Fuse { fd, rec }) => {
                         let fs = Arc::new(
                             MemFs::restore(vid, owner, audit, rec.inodes.clone())
-                                .with_pod(pod.audit_ref()),
+                                .with_pod(pod.audit_ref())
+                                .with_readers(readers.clone()),
                         );
                         fs.apply(files);
                         record_table(&fs, rec.conn, rec.minor);
                         MuxVolume::adopt(target, fd, fs, &opts, rec.minor)
                     }
                     _ => {
-                        let fs = Arc::new(MemFs::new(vid, owner, audit).with_pod(pod.audit_ref()));
+                        let fs = Arc::new(
+                            MemFs::new(vid, owner, audit)
+                                .with_pod(pod.audit_ref())
+                                .with_readers(readers.clone()),
+                        );
                         fs.apply(files);
                         MuxVolume::mount(target, fs, &opts).inspect(|v| {
                             record_table(v.fs(), v.connection(), v.minor());
@@ -541,7 +557,7 @@ impl NodeService {
         vid: &str,
         target: &Path,
         vr: &VolumeRequest,
-        pod: &PodInfo,
+        readers: &Readers,
         volume: Box<dyn Volume>,
         files: &[crate::volume::content::RenderedFile],
     ) -> Result<
@@ -551,12 +567,13 @@ impl NodeService {
         ),
         (Box<dyn Volume>, String),
     > {
+        let pod = &vr.pod;
         // Every open of a tmpfs volume is audited (fanotify mark on its tmpfs instance),
         // before the pod can see it.
         let volume: Box<dyn Volume> = match (&self.opens, volume.kind()) {
             (Some(o), VolumeKind::Tmpfs) => {
                 let root = mountpoint::staging_dir(&self.staging_root(), target);
-                if let Err(e) = o.watch(vid, &root, Some(pod.audit_ref())) {
+                if let Err(e) = o.watch(vid, &root, Some(pod.audit_ref()), readers.clone()) {
                     return Err((
                         volume,
                         format!("cannot audit the volume's opens (fanotify mark): {e}"),
@@ -568,12 +585,15 @@ impl NodeService {
         };
         // `api: "true"`: what the volume holds is also what its broker API serves.
         let broker = vr.api.then(|| {
-            Arc::new(crate::broker::Broker::new(
-                crate::broker::Admission::Pod(pod.uid.clone()),
-                self.audit.clone(),
-                vid.to_owned(),
-                Some(pod.audit_ref()),
-            ))
+            Arc::new(
+                crate::broker::Broker::new(
+                    crate::broker::Admission::Pod(pod.uid.clone()),
+                    self.audit.clone(),
+                    vid.to_owned(),
+                    Some(pod.audit_ref()),
+                )
+                .with_executables(readers.executables.clone()),
+            )
         });
         let volume: Box<dyn Volume> = match &broker {
             Some(b) => Box::new(crate::broker::Serving::new(volume, b.clone())),

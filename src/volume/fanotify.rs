@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
+use crate::access::{Readers, Refusal};
 use crate::audit::{AuditLog, Event, EventKind, Outcome};
 use crate::procinfo::{ProcCache, ProcessRef};
 use crate::volume::content::RenderedFile;
@@ -89,14 +90,16 @@ struct Watched {
     volume: String,
     /// The pod whose volume this is: its reads name it.
     pod: Option<crate::audit::PodRef>,
+    /// Who may open its files (refused opens are answered FAN_DENY).
+    readers: Readers,
     /// Files of the current and the previous write, by inode (a reader may still be opening
     /// the previous version when a rotation lands).
     current: HashMap<u64, FileInfo>,
     previous: HashMap<u64, FileInfo>,
 }
 
-/// (pid, uid, device, inode): one process, one file version.
-type OpenKey = (u32, u32, u64, u64);
+/// (pid, uid, device, inode, refused): one process, one file version, read or refused.
+type OpenKey = (u32, u32, u64, u64, bool);
 
 struct Shared {
     /// The group; `None` once stopped (closed).
@@ -111,6 +114,8 @@ struct Shared {
     stop: AtomicBool,
     /// Opens seen (for tests and metrics).
     opens: AtomicU64,
+    /// Opens refused by a volume's readers policy.
+    refusals: AtomicU64,
     overflows: AtomicU64,
     /// When a read last found the queue empty: an overflow's lost events came after it.
     last_empty: Mutex<SystemTime>,
@@ -159,6 +164,7 @@ impl OpenAudit {
             procs: Mutex::new(ProcCache::default()),
             stop: AtomicBool::new(false),
             opens: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
             last_empty: Mutex::new(SystemTime::now()),
             gap: Mutex::new(None),
@@ -187,19 +193,31 @@ impl OpenAudit {
         self.shared.opens.load(Ordering::Relaxed)
     }
 
+    /// Opens refused by a volume's readers policy.
+    pub fn refusals(&self) -> u64 {
+        self.shared.refusals.load(Ordering::Relaxed)
+    }
+
     pub fn overflows(&self) -> u64 {
         self.shared.overflows.load(Ordering::Relaxed)
     }
 
     /// Marks the tmpfs instance mounted at `root` (the volume's staging mount) of `pod`'s
-    /// volume `volume`.
+    /// volume `volume`, whose files `readers` may open. A policy that refuses opens needs
+    /// permission events: in notification mode it is an error.
     pub fn watch(
         &self,
         volume: &str,
         root: &Path,
         pod: Option<crate::audit::PodRef>,
+        readers: Readers,
     ) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
+        if readers.enforced() && self.shared.mode == Mode::Notify {
+            return Err(std::io::Error::other(
+                "the binding allows only the pod's own processes to open the files (readers: pod), which needs permission events; this node audits opens with --audit-opens notify-best-effort, which cannot refuse an open",
+            ));
+        }
         let dev = std::fs::metadata(root)?.dev();
         let group = self.shared.group();
         let Some(fan) = group.as_ref() else {
@@ -216,6 +234,7 @@ impl OpenAudit {
             Watched {
                 volume: volume.to_owned(),
                 pod,
+                readers,
                 current: HashMap::new(),
                 previous: HashMap::new(),
             },
@@ -525,7 +544,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
         return Some(false);
     }
     let (dev, ino) = (meta.dev(), meta.ino());
-    let (volume, pod, info) = {
+    let (volume, pod, readers, info) = {
         let vols = lock(&s.volumes);
         // Not a watched volume (a mark being added or removed): not ours to refuse.
         let Some(w) = vols.get(&dev) else {
@@ -544,7 +563,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
                     version: String::new(),
                 })
             });
-        (w.volume.clone(), w.pod.clone(), info)
+        (w.volume.clone(), w.pod.clone(), w.readers.clone(), info)
     };
     s.opens.fetch_add(1, Ordering::Relaxed);
     let (mut process, fresh) = lock(&s.procs).resolve_pid(ev.pid as u32);
@@ -573,6 +592,21 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
         }
         e.process(process)
     };
+    let pod_uid = pod.as_ref().map(|p| p.uid.as_str()).unwrap_or_default();
+    if let Err(Refusal(why)) = readers.check(pod_uid, &process) {
+        // Coalesced like reads: a scanner hammering the files costs a record a second.
+        let key = (process.pid, process.uid, dev, ino, true);
+        lock(&s.windows).note(&s.audit, key, || {
+            let mut e = make(&info, process)
+                .outcome(Outcome::Denied)
+                .reason("readers")
+                .detail(format!("open refused: {why}"));
+            e.event = Some(EventKind::Deny);
+            e
+        });
+        s.refusals.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     if !may_serve {
         s.audit.record(
             make(&info, process)
@@ -581,7 +615,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
         );
         return None;
     }
-    let key = (process.pid, process.uid, dev, ino);
+    let key = (process.pid, process.uid, dev, ino, false);
     Some(lock(&s.windows).note(&s.audit, key, || make(&info, process)))
 }
 
@@ -738,12 +772,12 @@ mod tests {
         std::fs::write(mnt.join("f"), "x").unwrap();
         let log = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
         let o = OpenAudit::start(log, Mode::Identify).unwrap();
-        o.watch("v", &mnt, None).unwrap();
+        o.watch("v", &mnt, None, Readers::default()).unwrap();
         // Answered while the listener runs (another process's open would be recorded).
         assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "x");
         o.stop();
         assert!(
-            o.watch("v", &mnt, None).is_err(),
+            o.watch("v", &mnt, None, Readers::default()).is_err(),
             "a stopped auditor marks nothing"
         );
         let (tx, rx) = std::sync::mpsc::channel();

@@ -35,6 +35,7 @@ pub fn errno(e: FsError) -> Errno {
         FsError::BadHandle => Errno::EBADF,
         FsError::AuditDown => Errno::EIO,
         FsError::Stale => Errno::ESTALE,
+        FsError::Refused => Errno::EACCES,
     }
 }
 
@@ -525,6 +526,7 @@ mod tests {
             (FsError::BadHandle, libc::EBADF),
             (FsError::AuditDown, libc::EIO),
             (FsError::Stale, libc::ESTALE),
+            (FsError::Refused, libc::EACCES),
         ];
         for (e, want) in table {
             assert_eq!(errno(e), Errno::from_i32(want), "{e:?}");

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use crate::audit::{AuditLog, Event, EventKind};
+use crate::access::{Readers, Refusal};
+use crate::audit::{AuditLog, Event, EventKind, Outcome};
 use crate::procinfo::ProcCache;
 use crate::secret::SecretBytes;
 use crate::volume::Owner;
@@ -68,6 +69,9 @@ pub enum FsError {
     Stale,
     #[error("serving is paused: the audit log cannot be written")]
     AuditDown,
+    /// The volume's readers policy refuses the opener (`access::Readers`).
+    #[error("the volume's readers policy refuses this process")]
+    Refused,
 }
 
 /// Who is asking (from the FUSE request header).
@@ -154,10 +158,12 @@ pub struct MemFs {
     /// The pod whose volume this is (node mode): its reads name it, so a reader outside it
     /// shows.
     pod: Option<crate::audit::PodRef>,
+    /// Who may open the files (node mode; the default admits everyone).
+    readers: Readers,
 }
 
-/// (pid, uid, inode): an inode is one version of one file.
-type ReadKey = (u32, u32, u64);
+/// (pid, uid, inode, refused): an inode is one version of one file.
+type ReadKey = (u32, u32, u64, bool);
 
 impl std::fmt::Debug for MemFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,12 +203,20 @@ impl MemFs {
             reads: Mutex::new(OpenWindows::default()),
             on_table: std::sync::OnceLock::new(),
             pod: None,
+            readers: Readers::default(),
         }
     }
 
     /// The pod whose volume this is: every read record names it.
     pub fn with_pod(mut self, pod: crate::audit::PodRef) -> Self {
         self.pod = Some(pod);
+        self
+    }
+
+    /// Only `readers` may open the files: others get [`FsError::Refused`] (EACCES) and a
+    /// `deny` record. Set before the filesystem serves (also when it takes a session over).
+    pub fn with_readers(mut self, readers: Readers) -> Self {
+        self.readers = readers;
         self
     }
 
@@ -474,33 +488,56 @@ impl MemFs {
             return Err(FsError::AuditDown);
         }
         let node = Self::node_of(&self.state(), ino).ok_or(FsError::Stale)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if self.audit.is_none() && !self.readers.enforced() {
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.handles().insert(fh, node);
+            return Ok(fh);
+        }
+        // Resolved here, while the caller is certainly alive (a short-lived `cat` is gone by
+        // the time a background thread would look); cached per thread id, so only a process's
+        // first open pays for reading /proc.
+        let process = self
+            .procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resolve(caller.tid, caller.uid, caller.gid);
+        let pod_uid = self
+            .pod
+            .as_ref()
+            .map(|p| p.uid.as_str())
+            .unwrap_or_default();
+        let refused = self.readers.check(pod_uid, &process).err();
         if let Some(a) = &self.audit {
-            // Resolved here, while the caller is certainly alive (a short-lived `cat` is gone
-            // by the time a background thread would look); cached per thread id, so only a
-            // process's first open pays for reading /proc.
-            let process = self
-                .procs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .resolve(caller.tid, caller.uid, caller.gid);
-            let key = (process.pid, caller.uid, ino);
+            // Refusals are coalesced like reads: a scanner hammering the files costs the log
+            // a record a second.
+            let key = (process.pid, caller.uid, ino, refused.is_some());
             self.reads
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .note(a, key, || {
-                    let e = Event::new(EventKind::Read)
+                    let mut e = Event::new(EventKind::Read)
                         .volume(&*self.volume)
                         .file(node.name.clone())
                         .object(node.object.clone())
                         .version(node.version.clone())
                         .process(process);
+                    if let Some(Refusal(why)) = &refused {
+                        e = e
+                            .outcome(Outcome::Denied)
+                            .reason("readers")
+                            .detail(format!("open refused: {why}"));
+                        e.event = Some(EventKind::Deny);
+                    }
                     match &self.pod {
                         Some(p) => e.pod(p.clone()),
                         None => e,
                     }
                 });
         }
+        if refused.is_some() {
+            return Err(FsError::Refused);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles().insert(fh, node);
         Ok(fh)
     }

@@ -36,22 +36,29 @@ impl Drop for CpuBurner {
 
 /// A cgroup standing for a pod's (the v1 pids hierarchy, kubelet's cgroupfs layout:
 /// `kubepods-keybroker-test/pod<uid>`), and optionally a container's inside it; every
-/// directory made is removed on drop (once its processes are gone).
+/// directory made is removed on drop (once its processes are gone). Tests running at once
+/// share the parent: whoever drops last removes it.
 pub struct PodCgroup {
     pub pod: PathBuf,
     made: Vec<PathBuf>,
 }
 
+const CGROUP_BASE: &str = "/sys/fs/cgroup/pids/kubepods-keybroker-test";
+
 impl PodCgroup {
     pub fn new(pod_uid: &str) -> Self {
-        let base = Path::new("/sys/fs/cgroup/pids/kubepods-keybroker-test");
+        let base = Path::new(CGROUP_BASE);
         let pod = base.join(format!("pod{pod_uid}"));
+        // Another test may make the parent at the same moment.
+        match std::fs::create_dir(base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("a cgroup v1 pids hierarchy at /sys/fs/cgroup/pids: {e}"),
+        }
         let mut made = Vec::new();
-        for d in [base, pod.as_path()] {
-            if !d.exists() {
-                std::fs::create_dir(d).expect("a cgroup v1 pids hierarchy at /sys/fs/cgroup/pids");
-                made.push(d.to_owned());
-            }
+        if !pod.exists() {
+            std::fs::create_dir(&pod).expect("the pod's cgroup");
+            made.push(pod.clone());
         }
         Self { pod, made }
     }
@@ -82,5 +89,7 @@ impl Drop for PodCgroup {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // Fails while another test's pod is still in it: that test removes it.
+        let _ = std::fs::remove_dir(CGROUP_BASE);
     }
 }
