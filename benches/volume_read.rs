@@ -143,7 +143,7 @@ fn main() {
     let audited_tmpfs = |name: &str, mode: Mode| {
         let dir = d(name);
         let staging = d(&format!("{name}-staging"));
-        let opens = OpenAudit::start(fan_audit.clone(), mode).unwrap();
+        let opens = OpenAudit::start(fan_audit.clone(), mode, None, None).unwrap();
         let v = TmpfsVolume::mount(&dir, &staging, 1 << 20, owner).unwrap();
         opens
             .watch(name, &staging, None, Default::default())

@@ -308,3 +308,218 @@ async fn only_the_pods_processes_open_a_protected_volume() {
         "broker refusals by executable are audited"
     );
 }
+
+/// A reader looping on open+read of `file` until `stop` exists, counting what it got; prints
+/// JSON at the end. `host`: every successful open is a leak.
+const LOOP: &str = r#"
+import sys, os, json, time
+path, stop, role = sys.argv[1:4]
+n = {"ok": 0, "refused": 0, "other": 0, "first": None}
+while not os.path.exists(stop):
+    try:
+        with open(path) as f:
+            f.read()
+        n["ok"] += 1
+    except PermissionError as e:
+        n["refused"] += 1
+        if role == "pod" and n["first"] is None:
+            n["first"] = repr(e)
+    except OSError as e:
+        n["other"] += 1
+        if n["first"] is None:
+            n["first"] = repr(e)
+    time.sleep(0.002)
+print(json.dumps(n))
+"#;
+
+struct Looper {
+    child: std::process::Child,
+    stop: PathBuf,
+}
+
+impl Looper {
+    fn start(cgroup: Option<&Path>, file: &Path, stop: PathBuf, role: &str) -> Self {
+        let python = common::peers::peers_python();
+        let enter = cgroup.map(PodCgroup::enter).unwrap_or_default();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{enter}exec {} -c \"$0\" \"$1\" \"$2\" \"$3\"",
+                python.display()
+            ))
+            .args([LOOP, file.to_str().unwrap(), stop.to_str().unwrap(), role])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self { child, stop }
+    }
+
+    fn finish(mut self) -> serde_json::Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let status = common::wait_timeout(&mut self.child, std::time::Duration::from_secs(120));
+        let mut out = String::new();
+        use std::io::Read;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert!(status.success(), "reader: {status} {out}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+}
+
+impl Drop for Looper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Across 20 kill -9 + restarts and 20 handovers, a reader outside the pod looping on open
+/// never gets the file, and the pod's own reader never sees an error across handovers (its
+/// opens wait while no keybroker runs: the fd keeper holds the fanotify group and the FUSE
+/// session). A crash can refuse a pod's open the dead process was deciding at that instant
+/// (the next one cannot know whose it was): every such refusal must be one the node logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_open_slips_through_restarts_or_handovers() {
+    let (_tmp, root) = local_setup(&format!(r#"{{"password":"{SECRET}"}}"#), "[db]");
+    let app = root.join("app-reader");
+    std::fs::copy("/bin/cat", &app).unwrap();
+    let python = common::peers::peers_python().canonicalize().unwrap();
+    common::write_bindings(&root, &bindings(&root, &app, &python));
+    let audit = root.join("audit.jsonl");
+    let start = || Daemon::start_opts(&root, "1s", &audit, &[]);
+    let mut d = start();
+    let pods = [
+        ("tmpfs", Pod::new("team-a", "api", 140)),
+        ("fuse", Pod::new("team-a", "api", 141)),
+    ];
+    let cgroups: Vec<PodCgroup> = pods.iter().map(|(_, p)| PodCgroup::new(&p.uid)).collect();
+    {
+        // kubelet's connection goes before any restart.
+        let mut node = client(&d).await;
+        for (kind, p) in &pods {
+            node.node_publish_volume(p.request(&root, OBJECTS, kind, None))
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: {e:?}\n{}", d.logs()));
+        }
+    }
+    let loops = |phase: &str| {
+        let mut loops = Vec::new();
+        for ((kind, p), cg) in pods.iter().zip(&cgroups) {
+            let file = p.target(&root).join("password");
+            for (role, cgroup) in [("pod", Some(cg.pod.as_path())), ("host", None)] {
+                let stop = root.join(format!("stop-{phase}-{role}-{kind}"));
+                loops.push((*kind, role, Looper::start(cgroup, &file, stop, role)));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        loops
+    };
+    const ROUNDS: usize = 20;
+    // Opens the dead process had read and not answered, refused by the next one (logged).
+    let orphans = || -> u64 {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let d = l.split("\"detail\":\"").nth(1)?;
+                d.split(" opens of tmpfs volumes were being decided when the previous")
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+
+    // 20 kill -9 + restart.
+    let running = loops("kill");
+    for _ in 0..ROUNDS {
+        d.kill9();
+        d.replaced();
+        d = start();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut pod_refused = 0;
+    for (kind, role, l) in running {
+        let v = l.finish();
+        println!("readers_e2e: kill -9 x{ROUNDS}: {kind} {role}: {v}");
+        if role == "pod" {
+            // A crash while the pod's open was being decided refuses it (its opener is
+            // unknown to the next process); nothing else may fail.
+            assert_eq!(
+                v["other"],
+                0,
+                "{kind}: the pod saw an error: {v}\n{}",
+                d.logs()
+            );
+            assert!(v["ok"].as_u64().unwrap() >= 100, "{kind}: {v}");
+            pod_refused += v["refused"].as_u64().unwrap();
+        } else {
+            assert_eq!(
+                v["ok"],
+                0,
+                "{kind}: a host process read the file: {v}\n{}",
+                d.logs()
+            );
+            assert!(v["refused"].as_u64().unwrap() >= 100, "{kind}: {v}");
+        }
+    }
+    let refused_as_orphans = orphans();
+    println!(
+        "readers_e2e: kill -9 x{ROUNDS}: the pod's readers were refused {pod_refused} times; {refused_as_orphans} opens refused as a dead process's unanswered events"
+    );
+    assert!(
+        pod_refused <= refused_as_orphans,
+        "the pod was refused {pod_refused} times, {refused_as_orphans} explained by a crash"
+    );
+
+    // 20 handovers: nothing is lost between the processes; the pod never sees an error.
+    let running = loops("handover");
+    for _ in 0..ROUNDS {
+        let new = start();
+        let status = d.replaced();
+        assert!(status.success(), "the old process after handover: {status}");
+        d = new;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for (kind, role, l) in running {
+        let v = l.finish();
+        println!("readers_e2e: handover x{ROUNDS}: {kind} {role}: {v}");
+        if role == "pod" {
+            assert_eq!(
+                v["refused"],
+                0,
+                "{kind}: the pod was refused: {v}\n{}",
+                d.logs()
+            );
+            assert_eq!(
+                v["other"],
+                0,
+                "{kind}: the pod saw an error: {v}\n{}",
+                d.logs()
+            );
+            assert!(v["ok"].as_u64().unwrap() >= 100, "{kind}: {v}");
+        } else {
+            assert_eq!(
+                v["ok"],
+                0,
+                "{kind}: a host process read the file: {v}\n{}",
+                d.logs()
+            );
+            assert!(v["refused"].as_u64().unwrap() >= 100, "{kind}: {v}");
+        }
+    }
+    let mut node = client(&d).await;
+    for (_, p) in &pods {
+        node.node_unpublish_volume(p.unpublish(&root))
+            .await
+            .unwrap();
+    }
+    drop(cgroups);
+}

@@ -324,7 +324,22 @@ pub async fn run_node(
         },
     )?;
 
-    let node = NodeService::new(cfg, audit.clone())?;
+    // The fd keeper's descriptors (when this process takes them), and the open auditor's
+    // fanotify group: handed over by the older process, else kept by the keeper.
+    let (mut kept, mut listeners) =
+        from_keeper(keeper.as_ref(), handed.is_none() || keep_listeners);
+    let mut handed = handed;
+    let group_name = keybroker::volume::fanotify::KEPT_NAME;
+    // (From the keeper, the previous process died: it may have left opens unanswered. One that
+    // handed over stopped listening before it said `done`.)
+    let group = match handed.as_mut().and_then(|h| h.remove(group_name)) {
+        Some(fd) => Some((fd, false)),
+        None => kept.remove(group_name).map(|fd| (fd, true)),
+    };
+    let node = NodeService::new(cfg, audit.clone(), group)?;
+    // Kept for the next process while a binding refuses readers; released otherwise (a group
+    // an earlier process left would hold its volumes' opens for nobody).
+    node.sync_open_group();
     let shutdown = shutdown_on_signals();
     node.watch_bindings(shutdown.clone())
         .map_err(|e| anyhow::anyhow!("cannot watch the bindings file: {e}"))?;
@@ -339,7 +354,6 @@ pub async fn run_node(
         node.clone(),
         shutdown.clone(),
     ));
-    let (kept, mut listeners) = from_keeper(keeper.as_ref(), handed.is_none() || keep_listeners);
     node.recover(handed.unwrap_or(kept)).await;
     let handovers = if csi {
         let l = keybroker::node::handover::listen(&state_dir).map_err(|e| {

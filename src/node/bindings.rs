@@ -403,6 +403,11 @@ impl Bindings {
         Ok(Self { list })
     }
 
+    /// Whether some binding lets only its pods open their volumes' files (`readers: pod`).
+    pub fn enforces_readers(&self) -> bool {
+        self.list.iter().any(|b| b.readers.enforced())
+    }
+
     /// Decides a request. A denial names the pod, what it asked for and why each candidate
     /// binding does not grant it.
     pub fn authorize(&self, req: &VolumeRequest) -> Result<Grant, String> {

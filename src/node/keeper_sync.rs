@@ -167,6 +167,28 @@ impl NodeService {
         state.down = Some(why);
     }
 
+    /// The open auditor's fanotify group is kept by the fd keeper while some binding refuses
+    /// readers (`readers: pod`): the opens of marked volumes then wait for the next process
+    /// instead of being allowed while none runs. Otherwise it is not kept (one an earlier
+    /// process left is released): a crash then lets opens through, unaudited, as a crash of a
+    /// node without the policy always did, and never refuses one. Called at start and after
+    /// every bindings reload.
+    pub fn sync_open_group(&self) {
+        let name = crate::volume::fanotify::KEPT_NAME;
+        let want = self.bindings.load().enforces_readers();
+        let kept = lock(&self.listeners).iter().any(|(n, _)| n == name);
+        if want && !kept {
+            if let Some(fd) = self.open_group_fd() {
+                self.keep_listener(name, fd);
+            }
+        } else if !want {
+            lock(&self.listeners).retain(|(n, _)| n != name);
+            if let Some(k) = &self.cfg.keeper {
+                let _ = k.drop_fd(name);
+            }
+        }
+    }
+
     /// Gives the fd keeper a listening socket to keep for the next process (and again to a
     /// restarted keeper, or to one that answers only later).
     pub fn keep_listener(&self, name: &str, fd: std::os::fd::OwnedFd) {

@@ -45,6 +45,14 @@ impl NodeService {
                 .iter()
                 .filter_map(|(k, fd)| Some((k.clone(), fd.try_clone().ok()?))),
         );
+        // The open auditor's group, where a binding refuses readers: opens of tmpfs volumes
+        // wait for the newer process (elsewhere the newer process starts a group of its own,
+        // as before `readers: pod` existed).
+        if self.bindings.load().enforces_readers()
+            && let Some(fd) = self.opens.as_ref().and_then(|o| o.group_fd())
+        {
+            out.push((crate::volume::fanotify::KEPT_NAME.to_owned(), fd));
+        }
         out
     }
 

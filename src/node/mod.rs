@@ -160,7 +160,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NodeService {
-    pub fn new(cfg: NodeConfig, audit: AuditLog) -> anyhow::Result<Arc<Self>> {
+    /// A duplicate of the open auditor's fanotify group (permission modes), for the fd keeper.
+    pub fn open_group_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.opens.as_ref().and_then(|o| o.group_fd())
+    }
+
+    /// `kept_group`: the fanotify group the fd keeper held or the previous process handed over
+    /// (its opens wait for this process), and whether that process died (it may have left
+    /// opens unanswered); call [`Self::recover`] next, which answers the waiting ones.
+    pub fn new(
+        cfg: NodeConfig,
+        audit: AuditLog,
+        kept_group: Option<(std::os::fd::OwnedFd, bool)>,
+    ) -> anyhow::Result<Arc<Self>> {
         let bindings = Bindings::load(&cfg.bindings_path)?;
         std::fs::create_dir_all(cfg.state_dir.join("volumes")).map_err(|e| {
             bindings::BindingsError {
@@ -174,12 +186,17 @@ impl NodeService {
             } else {
                 asked
             };
-            let o = OpenAudit::start(audit.clone(), mode).map_err(|e| {
+            // Opens a dead process was deciding are refused where a binding refuses readers,
+            // else allowed (what the kernel did when the group died with the process).
+            let orphans = kept_group
+                .as_ref()
+                .and_then(|(_, died)| died.then(|| bindings.enforces_readers()));
+            let o = OpenAudit::start(audit.clone(), mode, kept_group.map(|(fd, _)| fd), orphans).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot start auditing tmpfs volumes with fanotify: {e} (the node needs CAP_SYS_ADMIN, as for mounting)"
                 )
             })?;
-            tracing::info!(mode = ?mode, pidfd = o.reports_pidfd(), "auditing opens of tmpfs volumes (fanotify)");
+            tracing::info!(mode = ?mode, pidfd = o.reports_pidfd(), kept = o.inherited(), "auditing opens of tmpfs volumes (fanotify)");
             Some(o)
         } else {
             None
@@ -289,6 +306,7 @@ impl NodeService {
                 let n = b.list.len();
                 if **self.bindings.load() != b {
                     self.bindings.store(Arc::new(b));
+                    self.sync_open_group();
                     tracing::info!(bindings = n, "bindings reloaded");
                     self.audit.record(
                         Event::new(EventKind::Mount)

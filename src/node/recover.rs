@@ -141,9 +141,15 @@ impl NodeService {
                     "FUSE session of no recorded volume (unpublished during a restart) closed",
                 ));
         }
+        // Every volume is watched again: the opens that waited for this process (a kept group)
+        // are answered now, by their volume's policy.
+        if let Some(o) = &self.opens {
+            o.ready();
+        }
         self.sync_keeper(false);
-        if !taken_over.is_empty() && self.opens.is_some() {
-            // Between the previous process's last record and now nobody watched these volumes.
+        if !taken_over.is_empty() && self.opens.as_ref().is_some_and(|o| !o.inherited()) {
+            // Between the previous process's last record and now nobody watched these volumes
+            // (with a kept group their opens waited for this process and are recorded).
             taken_over.sort();
             self.audit.record(
                 Event::new(EventKind::Gap)

@@ -28,6 +28,13 @@
 //!
 //! The kernel hands over one descriptor per event (the opened file, and the pidfd): both are
 //! read through /proc/self/fd and closed here, so no descriptor outlives its event.
+//!
+//! In the permission modes the group outlives the process: the fd keeper holds it (as it holds
+//! FUSE sessions) and a handover passes it on, so while no keybroker runs the opens of marked
+//! volumes wait in the kernel instead of being allowed, and the next process answers them
+//! ([`OpenAudit::start`] with the kept group). Until that process has taken its volumes back
+//! ([`OpenAudit::ready`]) an event of a volume it does not know yet is held, not allowed. The
+//! queue is unlimited in these modes: a full queue would let a permission event through.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +111,11 @@ type OpenKey = (u32, u32, u64, u64, bool);
 struct Shared {
     /// The group; `None` once stopped (closed).
     fan: std::sync::RwLock<Option<Fanotify>>,
+    /// False while a process that took a kept group over has not taken its volumes back:
+    /// events of volumes it does not know yet are held (`deferred`), not allowed.
+    ready: AtomicBool,
+    deferred: Mutex<Vec<RawEvent>>,
+    inherited: bool,
     mode: Mode,
     pidfd: bool,
     audit: AuditLog,
@@ -123,6 +135,9 @@ struct Shared {
     gap: Mutex<Option<SystemTime>>,
 }
 
+/// The name the fd keeper and a handover give the node's fanotify group.
+pub const KEPT_NAME: &str = "group:fanotify";
+
 /// The node's open auditor: one fanotify group, one listener thread.
 pub struct OpenAudit {
     shared: Arc<Shared>,
@@ -130,18 +145,74 @@ pub struct OpenAudit {
 }
 
 impl OpenAudit {
-    /// Creates the group and starts the listener. Needs CAP_SYS_ADMIN.
-    pub fn start(audit: AuditLog, mode: Mode) -> std::io::Result<Arc<Self>> {
+    /// Creates the group (or takes `kept` over: a permission-mode group the fd keeper held or
+    /// a previous process handed over) and starts the listener. Needs CAP_SYS_ADMIN. A process
+    /// that took a group over calls [`Self::ready`] once its volumes are watched again.
+    /// `orphans`: the group's previous reader died; `Some(true)` refuses the opens it left
+    /// unanswered, `Some(false)` allows them.
+    pub fn start(
+        audit: AuditLog,
+        mode: Mode,
+        kept: Option<std::os::fd::OwnedFd>,
+        orphans: Option<bool>,
+    ) -> std::io::Result<Arc<Self>> {
         let class = match mode {
             Mode::Notify => InitFlags::FAN_CLASS_NOTIF,
-            Mode::Identify | Mode::Permission => InitFlags::FAN_CLASS_CONTENT,
+            // A full queue would allow a permission event unanswered: no limit (each waiting
+            // event is a task blocked in open, bounded by the node's tasks).
+            Mode::Identify | Mode::Permission => {
+                InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_UNLIMITED_QUEUE
+            }
         };
         let base = class | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK;
         let f_flags = EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC;
+        let kept = match kept.map(|fd| adopt_group(fd, mode)) {
+            Some(Ok(fan)) => Some(fan),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the kept fanotify group cannot be used; starting a new one");
+                None
+            }
+            None => None,
+        };
+        let inherited = kept.is_some();
+        // `orphans`: the group's last reader died (Some), and whether what it left unanswered
+        // is refused (a binding refuses readers) or allowed.
+        if let (Some(fan), Some(refuse_orphans)) = (&kept, orphans) {
+            let verdict = if refuse_orphans { FAN_DENY } else { FAN_ALLOW };
+            let n = answer_orphans(fan, verdict);
+            if n > 0 && refuse_orphans {
+                tracing::warn!(
+                    opens = n,
+                    "the previous process died holding opens it had not answered; they were refused (their openers see EPERM)"
+                );
+                audit.record(
+                    Event::new(EventKind::Error)
+                        .outcome(Outcome::Failure)
+                        .detail(format!(
+                            "{n} opens of tmpfs volumes were being decided when the previous keybroker process died; refused, as their openers are unknown and a binding refuses readers"
+                        )),
+                );
+            } else if n > 0 {
+                tracing::warn!(
+                    opens = n,
+                    "the previous process died holding opens it had not answered; they were allowed (no binding refuses readers)"
+                );
+                audit.record(
+                    Event::new(EventKind::Gap)
+                        .outcome(Outcome::Failure)
+                        .detail(format!(
+                            "{n} opens of tmpfs volumes were being decided when the previous keybroker process died; allowed, their openers unknown"
+                        )),
+                );
+            }
+        }
         // With permission events the opener waits in open() while its event is handled, so
         // its /proc entry cannot go away meanwhile: no pidfd needed (and none to make per open).
         let (fan, pidfd) = match mode {
-            Mode::Identify | Mode::Permission => (Fanotify::init(base, f_flags)?, false),
+            Mode::Identify | Mode::Permission => match kept {
+                Some(fan) => (fan, false),
+                None => (Fanotify::init(base, f_flags)?, false),
+            },
             Mode::Notify => match Fanotify::init(base | InitFlags::FAN_REPORT_PIDFD, f_flags) {
                 Ok(f) => (f, true),
                 // Kernels before 5.15 have no FAN_REPORT_PIDFD.
@@ -156,6 +227,9 @@ impl OpenAudit {
         }
         let shared = Arc::new(Shared {
             fan: std::sync::RwLock::new(Some(fan)),
+            ready: AtomicBool::new(!inherited),
+            deferred: Mutex::new(Vec::new()),
+            inherited,
             mode,
             pidfd,
             audit,
@@ -181,6 +255,28 @@ impl OpenAudit {
 
     pub fn mode(&self) -> Mode {
         self.shared.mode
+    }
+
+    /// Whether this process took its group over (from the fd keeper or a handover).
+    pub fn inherited(&self) -> bool {
+        self.shared.inherited
+    }
+
+    /// The volumes are watched again: held events are answered now (a volume still unknown
+    /// is no longer a keybroker volume, and its opens are allowed as any other file's).
+    pub fn ready(&self) {
+        self.shared.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// A duplicate of the group's descriptor, for the fd keeper and a handover (permission
+    /// modes: a notification group need not outlive the process).
+    pub fn group_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        if self.shared.mode == Mode::Notify {
+            return None;
+        }
+        let group = self.shared.group();
+        let fan = group.as_ref()?;
+        std::os::fd::AsFd::as_fd(fan).try_clone_to_owned().ok()
     }
 
     /// Whether events carry a pidfd (FAN_REPORT_PIDFD).
@@ -296,6 +392,21 @@ impl OpenAudit {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
+        // Opens held for volumes this process never took back: refused, never left waiting
+        // (the group outlives this process, and an event read here can be answered only here).
+        let held = std::mem::take(&mut *lock(&self.shared.deferred));
+        if let Some(fan) = self.shared.group().as_ref() {
+            if !held.is_empty() {
+                tracing::warn!(
+                    opens = held.len(),
+                    "stopping before the volumes were taken back: the opens that waited are refused"
+                );
+            }
+            for ev in held {
+                answer(fan, ev.fd, FAN_DENY);
+                ev.pidfd.into_iter().for_each(close);
+            }
+        }
         // The group is closed: the kernel allows every permission event nobody will answer
         // now and removes the marks, so no open waits on a listener that has stopped (a
         // process that handed its volumes over may live on for a while).
@@ -383,6 +494,50 @@ fn name_from_path(path: &str) -> Option<String> {
     (!rest.is_empty()).then_some(rest)
 }
 
+/// Answers the permission events a dead process had read and not answered. The kernel
+/// matches an answer to an event by the descriptor number the reader got for it, and such
+/// an event would keep its opener waiting for good (the keeper holds the group), or, worse,
+/// take the answer this process means for an event of its own with the same number. Their
+/// openers are unknown: they get `verdict`. Called before this process reads any event;
+/// returns how many there were.
+fn answer_orphans(fan: &Fanotify, verdict: u32) -> usize {
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(4096, |(soft, _)| soft)
+        .min(8192) as i32;
+    (0..limit)
+        .filter(|fd| {
+            let mut resp = [0u8; 8];
+            resp[..4].copy_from_slice(&fd.to_ne_bytes());
+            resp[4..].copy_from_slice(&verdict.to_ne_bytes());
+            nix::unistd::write(fan, &resp).is_ok()
+        })
+        .count()
+}
+
+/// A fanotify group from a descriptor this process was given (by the fd keeper, or by the
+/// process that handed over): checked to be a group of the class `mode` needs (its
+/// `/proc/self/fdinfo` says so) before nix wraps it.
+#[allow(unsafe_code)]
+fn adopt_group(fd: std::os::fd::OwnedFd, mode: Mode) -> std::io::Result<Fanotify> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("fanotify flags:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| std::io::Error::other("the descriptor is not a fanotify group"))?;
+    let class = flags & (libc::FAN_CLASS_CONTENT | libc::FAN_CLASS_PRE_CONTENT);
+    if mode == Mode::Notify || class != libc::FAN_CLASS_CONTENT {
+        return Err(std::io::Error::other(format!(
+            "the kept group has flags {flags:#x}, not a permission group for {mode:?}"
+        )));
+    }
+    // SAFETY: `fd` is an open fanotify group descriptor (its fdinfo says so, checked above),
+    // owned by this function and moved into the wrapper, which closes it once.
+    Ok(unsafe { Fanotify::from_owned_fd(fd) })
+}
+
 fn close(fd: i32) {
     if fd >= 0 {
         let _ = nix::unistd::close(fd);
@@ -415,6 +570,16 @@ fn listen(s: &Shared) {
         }
         let group = s.group();
         let Some(fan) = group.as_ref() else { break };
+        if s.ready.load(Ordering::Relaxed) {
+            let held = std::mem::take(&mut *lock(&s.deferred));
+            if !held.is_empty() {
+                tracing::info!(
+                    opens = held.len(),
+                    "answering the opens that waited for this process to take its volumes back"
+                );
+                handle_batch(s, fan, held, me);
+            }
+        }
         // Read until the queue is empty, then wait on it.
         let n = match nix::unistd::read(fan, &mut buf) {
             Ok(n) => n,
@@ -427,7 +592,13 @@ fn listen(s: &Shared) {
                     std::os::fd::AsFd::as_fd(fan),
                     nix::poll::PollFlags::POLLIN,
                 )];
-                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16)) {
+                // Held opens are looked at again soon after the volumes are back.
+                let wait: u16 = if lock(&s.deferred).is_empty() {
+                    500
+                } else {
+                    20
+                };
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait)) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     // Never give up: in permission mode an unread event is an open that waits.
                     Err(e) => complain(&mut last_complaint, "poll", e),
@@ -466,7 +637,20 @@ const NOTIFY_GATHER: Duration = Duration::from_millis(2);
 /// Records a batch of events; in identify mode answers each open as soon as its opener is
 /// identified; in permission mode, after its record is written (or refuses it while the log
 /// cannot be written).
-fn handle_batch(s: &Shared, fan: &Fanotify, events: Vec<RawEvent>, me: i32) {
+fn handle_batch(s: &Shared, fan: &Fanotify, mut events: Vec<RawEvent>, me: i32) {
+    // Fairness: one listener answers every pod's opens. A process hammering its files has
+    // many events in a batch; processes with fewer events in it are answered first, so one
+    // busy reader cannot hold everyone else's opens behind its own (stable: a process's own
+    // events keep their order).
+    if events.len() > 2 {
+        let mut per_pid: HashMap<i32, usize> = HashMap::new();
+        for e in &events {
+            *per_pid.entry(e.pid).or_default() += 1;
+        }
+        if per_pid.len() > 1 {
+            events.sort_by_key(|e| per_pid[&e.pid]);
+        }
+    }
     // (event fd, verdict, keybroker's own open)
     let mut answers: Vec<(i32, u32, bool)> = Vec::new();
     let permission = s.mode == Mode::Permission;
@@ -488,12 +672,17 @@ fn handle_batch(s: &Shared, fan: &Fanotify, events: Vec<RawEvent>, me: i32) {
             FAN_ALLOW
         } else {
             match record_open(s, &ev, may_serve) {
-                Some(true) => {
+                Seen::Allowed(true) => {
                     recorded = true;
                     FAN_ALLOW
                 }
-                Some(false) => FAN_ALLOW,
-                None => FAN_DENY,
+                Seen::Allowed(false) => FAN_ALLOW,
+                Seen::Refused => FAN_DENY,
+                Seen::Held => {
+                    // Answered once this process has its volumes back (`listen`).
+                    lock(&s.deferred).push(ev);
+                    continue;
+                }
             }
         };
         if is_perm && !permission {
@@ -533,22 +722,39 @@ fn answer(fan: &Fanotify, fd: i32, verdict: u32) {
     close(fd);
 }
 
-/// Records one open (coalesced). `Some(true)`: a record was queued; `Some(false)`: counted in
-/// an open window; `None`: refused (permission mode, log unwritable; the refusal is recorded).
-fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
+/// What became of one open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Allowed; `true`: a record was queued now (else counted in an open window, or not a
+    /// volume's file).
+    Allowed(bool),
+    /// Refused (the volume's readers policy, or the log cannot be written); recorded.
+    Refused,
+    /// A volume this process does not know yet (it took a kept group over and has not taken
+    /// its volumes back): held unanswered until it has.
+    Held,
+}
+
+/// Records one open (coalesced) and decides it.
+fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Seen {
     use std::os::unix::fs::MetadataExt;
     let fd_path = format!("/proc/self/fd/{}", ev.fd);
-    let meta = std::fs::metadata(&fd_path).ok()?;
+    let Ok(meta) = std::fs::metadata(&fd_path) else {
+        return Seen::Allowed(false);
+    };
     if meta.is_dir() {
         // Listing a directory is not reading a secret.
-        return Some(false);
+        return Seen::Allowed(false);
     }
     let (dev, ino) = (meta.dev(), meta.ino());
     let (volume, pod, readers, info) = {
         let vols = lock(&s.volumes);
-        // Not a watched volume (a mark being added or removed): not ours to refuse.
         let Some(w) = vols.get(&dev) else {
-            return Some(false);
+            if !s.ready.load(Ordering::Relaxed) {
+                return Seen::Held;
+            }
+            // Not a watched volume (a mark being added or removed): not ours to refuse.
+            return Seen::Allowed(false);
         };
         let info = w
             .current
@@ -605,7 +811,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
             e
         });
         s.refusals.fetch_add(1, Ordering::Relaxed);
-        return None;
+        return Seen::Refused;
     }
     if !may_serve {
         s.audit.record(
@@ -613,10 +819,10 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Option<bool> {
                 .outcome(Outcome::Denied)
                 .detail("open refused: the audit log cannot be written"),
         );
-        return None;
+        return Seen::Refused;
     }
     let key = (process.pid, process.uid, dev, ino, false);
-    Some(lock(&s.windows).note(&s.audit, key, || make(&info, process)))
+    Seen::Allowed(lock(&s.windows).note(&s.audit, key, || make(&info, process)))
 }
 
 /// The kernel dropped events: opens may be missing from the time the queue was last seen
@@ -771,7 +977,7 @@ mod tests {
         let _unmount = Unmount(mnt.clone());
         std::fs::write(mnt.join("f"), "x").unwrap();
         let log = AuditLog::open(&dir.path().join("audit.jsonl"), false).unwrap();
-        let o = OpenAudit::start(log, Mode::Identify).unwrap();
+        let o = OpenAudit::start(log, Mode::Identify, None, None).unwrap();
         o.watch("v", &mnt, None, Readers::default()).unwrap();
         // Answered while the listener runs (another process's open would be recorded).
         assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "x");
