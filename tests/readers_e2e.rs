@@ -378,6 +378,23 @@ impl Drop for Looper {
     }
 }
 
+/// What one looping reader got: the pod's reader read often and saw no error but refusals
+/// (returned); the host's never read and was refused often.
+fn judge(kind: &str, role: &str, v: &serde_json::Value, logs: &str) -> u64 {
+    if role == "pod" {
+        assert_eq!(v["other"], 0, "{kind}: the pod saw an error: {v}\n{logs}");
+        assert!(v["ok"].as_u64().unwrap() >= 100, "{kind}: {v}");
+        v["refused"].as_u64().unwrap()
+    } else {
+        assert_eq!(
+            v["ok"], 0,
+            "{kind}: a host process read the file: {v}\n{logs}"
+        );
+        assert!(v["refused"].as_u64().unwrap() >= 100, "{kind}: {v}");
+        0
+    }
+}
+
 /// Across 20 kill -9 + restarts and 20 handovers, a reader outside the pod looping on open
 /// never gets the file, and the pod's own reader never sees an error across handovers (its
 /// opens wait while no keybroker runs: the fd keeper holds the fanotify group and the FUSE
@@ -448,26 +465,9 @@ async fn no_open_slips_through_restarts_or_handovers() {
     for (kind, role, l) in running {
         let v = l.finish();
         println!("readers_e2e: kill -9 x{ROUNDS}: {kind} {role}: {v}");
-        if role == "pod" {
-            // A crash while the pod's open was being decided refuses it (its opener is
-            // unknown to the next process); nothing else may fail.
-            assert_eq!(
-                v["other"],
-                0,
-                "{kind}: the pod saw an error: {v}\n{}",
-                d.logs()
-            );
-            assert!(v["ok"].as_u64().unwrap() >= 100, "{kind}: {v}");
-            pod_refused += v["refused"].as_u64().unwrap();
-        } else {
-            assert_eq!(
-                v["ok"],
-                0,
-                "{kind}: a host process read the file: {v}\n{}",
-                d.logs()
-            );
-            assert!(v["refused"].as_u64().unwrap() >= 100, "{kind}: {v}");
-        }
+        // A crash while the pod's open was being decided refuses it (its opener is unknown to
+        // the next process); nothing else may fail.
+        pod_refused += judge(kind, role, &v, &d.logs());
     }
     let refused_as_orphans = orphans();
     println!(
@@ -491,29 +491,8 @@ async fn no_open_slips_through_restarts_or_handovers() {
     for (kind, role, l) in running {
         let v = l.finish();
         println!("readers_e2e: handover x{ROUNDS}: {kind} {role}: {v}");
-        if role == "pod" {
-            assert_eq!(
-                v["refused"],
-                0,
-                "{kind}: the pod was refused: {v}\n{}",
-                d.logs()
-            );
-            assert_eq!(
-                v["other"],
-                0,
-                "{kind}: the pod saw an error: {v}\n{}",
-                d.logs()
-            );
-            assert!(v["ok"].as_u64().unwrap() >= 100, "{kind}: {v}");
-        } else {
-            assert_eq!(
-                v["ok"],
-                0,
-                "{kind}: a host process read the file: {v}\n{}",
-                d.logs()
-            );
-            assert!(v["refused"].as_u64().unwrap() >= 100, "{kind}: {v}");
-        }
+        let refused = judge(kind, role, &v, &d.logs());
+        assert_eq!(refused, 0, "{kind}: the pod was refused: {v}");
     }
     let mut node = client(&d).await;
     for (_, p) in &pods {
