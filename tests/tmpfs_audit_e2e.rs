@@ -285,8 +285,20 @@ async fn a_queue_overflow_is_a_gap_record() {
     // The listener stalls (the daemon stopped) while 100 processes open the 60 files: 6,000
     // events for a queue of 4,000.
     let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid() as i32), sig);
-    let stopped_at = std::time::SystemTime::now();
     stop(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Stopped once every thread is (until then the listener may still see the queue empty).
+    let stat = |t: &std::path::Path| {
+        std::fs::read_to_string(t.join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(|r| r.trim().starts_with('T')))
+            .unwrap_or(true)
+    };
+    wait_for("the node to stop", Duration::from_secs(120), || {
+        std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .map(|ts| ts.flatten().all(|t| stat(&t.path())))
+            .unwrap_or(true)
+    });
+    let stopped_at = std::time::SystemTime::now();
     let burst = std::panic::catch_unwind(|| {
         in_container(
             &root,

@@ -180,30 +180,23 @@ impl OpenAudit {
         if let (Some(fan), Some(refuse_orphans)) = (&kept, orphans) {
             let verdict = if refuse_orphans { FAN_DENY } else { FAN_ALLOW };
             let n = answer_orphans(fan, verdict);
-            if n > 0 && refuse_orphans {
-                tracing::warn!(
-                    opens = n,
-                    "the previous process died holding opens it had not answered; they were refused (their openers see EPERM)"
+            if n > 0 {
+                let (kind, what) = if refuse_orphans {
+                    (
+                        EventKind::Error,
+                        "refused, as their openers are unknown and a binding refuses readers (they see EPERM)",
+                    )
+                } else {
+                    (
+                        EventKind::Gap,
+                        "allowed, their openers unknown (no binding refuses readers)",
+                    )
+                };
+                let detail = format!(
+                    "{n} opens of tmpfs volumes were being decided when the previous keybroker process died; {what}"
                 );
-                audit.record(
-                    Event::new(EventKind::Error)
-                        .outcome(Outcome::Failure)
-                        .detail(format!(
-                            "{n} opens of tmpfs volumes were being decided when the previous keybroker process died; refused, as their openers are unknown and a binding refuses readers"
-                        )),
-                );
-            } else if n > 0 {
-                tracing::warn!(
-                    opens = n,
-                    "the previous process died holding opens it had not answered; they were allowed (no binding refuses readers)"
-                );
-                audit.record(
-                    Event::new(EventKind::Gap)
-                        .outcome(Outcome::Failure)
-                        .detail(format!(
-                            "{n} opens of tmpfs volumes were being decided when the previous keybroker process died; allowed, their openers unknown"
-                        )),
-                );
+                tracing::warn!(opens = n, "{detail}");
+                audit.record(Event::new(kind).outcome(Outcome::Failure).detail(detail));
             }
         }
         // With permission events the opener waits in open() while its event is handled, so
