@@ -10,6 +10,15 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/install-peers.sh --image
 
+# A fresh clone gains nothing from incremental caches, and they double the target directory.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+NEED_GB=15
+free_gb=$(( $(df -k --output=avail . | tail -1) / 1048576 ))
+echo "== disk: ${free_gb} GB free where target/ is built; a full run from a fresh clone needs about ${NEED_GB} GB"
+if [ "$free_gb" -lt "$NEED_GB" ]; then
+  echo "warning: less than ${NEED_GB} GB free: the build may fail with 'No space left on device'" >&2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
