@@ -143,7 +143,15 @@ fn main() {
     let audited_tmpfs = |name: &str, mode: Mode| {
         let dir = d(name);
         let staging = d(&format!("{name}-staging"));
-        let opens = OpenAudit::start(fan_audit.clone(), mode, None, None).unwrap();
+        // As the node starts it: the opens being decided journaled in its state directory.
+        let opens = OpenAudit::start_in(
+            fan_audit.clone(),
+            mode,
+            None,
+            None,
+            Some(&d(&format!("{name}-state"))),
+        )
+        .unwrap();
         let v = TmpfsVolume::mount(&dir, &staging, 1 << 20, owner).unwrap();
         opens
             .watch(name, &staging, None, Default::default())

@@ -102,7 +102,11 @@ build() {
     pkill -x containerd 2>/dev/null || true
   fi
   for c in "${COMPONENTS[@]}"; do
-    log "$c $("$cache/bin/$c" --version 2>/dev/null | head -1)$([ "$c" = kubectl ] && "$cache/bin/kubectl" version --client 2>/dev/null | head -1)"
+    if [ "$c" = kubectl ]; then
+      log "$c $("$cache/bin/kubectl" version --client 2>/dev/null | sed -n 1p)"
+    else
+      log "$c $("$cache/bin/$c" --version 2>/dev/null | sed -n 1p)"
+    fi
   done
   log "etcd $(dpkg-query -W -f='${Version}' etcd-server), containerd $(dpkg-query -W -f='${Version}' containerd), runc $(dpkg-query -W -f='${Version}' runc)"
 }
@@ -497,6 +501,9 @@ tlsPrivateKeyFile: "$d/kubelet.key"
 address: "$NODE_IP"
 healthzBindAddress: 127.0.0.1
 failSwapOn: false
+# Pods' log directories with the cluster (the node's /var/log/pods would keep those of pods
+# that never got deleted when the cluster goes down).
+podLogsDir: "$run/pod-logs"
 resolvConf: "$run/resolv.conf"
 clusterDNS: ["$DNS_IP"]
 clusterDomain: cluster.local

@@ -12,7 +12,7 @@ scripts/install-peers.sh --image
 
 # A fresh clone gains nothing from incremental caches, and they double the target directory.
 if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
-NEED_GB=15
+NEED_GB=8
 free_gb=$(( $(df -k --output=avail . | tail -1) / 1048576 ))
 echo "== disk: ${free_gb} GB free where target/ is built; a full run from a fresh clone needs about ${NEED_GB} GB"
 if [ "$free_gb" -lt "$NEED_GB" ]; then

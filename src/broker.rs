@@ -146,7 +146,10 @@ impl Broker {
                         }
                     }
                     Some(other) => Some(format!(
-                        "pid {pid} belongs to pod {other}, not to this volume's pod {pod_uid}"
+                        "pid {pid} belongs to pod {other}{}, not to this volume's pod {pod_uid}",
+                        crate::procinfo::pod_name(&other)
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
                     )),
                     None => Some(format!(
                         "pid {pid} is not in a pod's cgroup; only pod {pod_uid} may use this volume's broker API"

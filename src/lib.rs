@@ -17,8 +17,9 @@
 //! - [`untrusted`]: YAML from pods, bounded before parsing, errors without the pod's text;
 //! - [`node`]: `keybroker node`, the CSI node plugin behind the `keybroker-csi` edge.
 
-// One exception, reviewed: `volume::fanotify::adopt_group` wraps a kept fanotify group's
-// descriptor (nix has no safe constructor for it).
+// Two exceptions, reviewed, both in `volume::fanotify`: `adopt_group` wraps a kept fanotify
+// group's descriptor (nix has no safe constructor for it), and `file_id` borrows an event's
+// descriptor for one `fstat` while this process holds it.
 #![deny(unsafe_code)]
 
 pub mod access;

@@ -34,6 +34,10 @@ pub struct ProcessRef {
     pub pod_uid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The pod's `namespace/name`, where a record needs it (a refused opener) and kubelet's
+    /// pod log directories name it ([`pod_name`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// The process's cgroup (the unified hierarchy's path, or the one naming `kubepods`):
     /// "who" for a reader that is not in a pod (a node shell, a system service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +259,7 @@ fn lookup(tid: u32, status: &str, uid: u32, gid: u32) -> ProcessRef {
         exe,
         pod_uid,
         container,
+        pod: None,
         cgroup: cgroup_path(&cgroups),
     }
 }
@@ -339,5 +344,90 @@ mod tests {
         let p = ProcCache::default().resolve(me, 0, 0);
         assert_eq!(p.pid, me);
         assert!(p.comm.is_some());
+    }
+}
+
+/// Where kubelet keeps pods' logs: one directory per pod, `<namespace>_<name>_<uid>`, made by
+/// kubelet (a pod cannot name it). Set by the node (`--pod-log-dir`); unset, pods stay
+/// unnamed.
+static POD_LOG_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// Names found, by pod uid (pods outlive many lookups; a full map is cleared).
+static POD_NAMES: std::sync::Mutex<Option<HashMap<String, String>>> = std::sync::Mutex::new(None);
+const MAX_POD_NAMES: usize = 4096;
+/// Entries of the log directory looked at per lookup, at most (a node runs at most a few
+/// hundred pods).
+const MAX_POD_LOG_ENTRIES: usize = 20_000;
+
+/// Names pods from kubelet's pod log directory `dir` (normally `/var/log/pods`).
+pub fn set_pod_log_dir(dir: std::path::PathBuf) {
+    let _ = POD_LOG_DIR.set(dir);
+}
+
+/// The `namespace/name` of the pod with `uid`, from kubelet's pod log directories.
+pub fn pod_name(uid: &str) -> Option<String> {
+    let dir = POD_LOG_DIR.get()?;
+    let mut names = POD_NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let names = names.get_or_insert_with(HashMap::new);
+    if let Some(n) = names.get(uid) {
+        return Some(n.clone());
+    }
+    let found = std::fs::read_dir(dir)
+        .ok()?
+        .take(MAX_POD_LOG_ENTRIES)
+        .flatten()
+        .find_map(|e| parse_pod_log_dir(&e.file_name().to_string_lossy(), uid))?;
+    if names.len() >= MAX_POD_NAMES {
+        names.clear();
+    }
+    names.insert(uid.to_owned(), found.clone());
+    Some(found)
+}
+
+/// `namespace/name` from a pod log directory's name if it is `uid`'s. Namespaces and pod
+/// names are DNS names: no `_`, so the name splits unambiguously.
+fn parse_pod_log_dir(entry: &str, uid: &str) -> Option<String> {
+    let mut parts = entry.rsplitn(3, '_');
+    let (u, name, ns) = (parts.next()?, parts.next()?, parts.next()?);
+    let dns = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    (u == uid && dns(name) && dns(ns)).then(|| format!("{ns}/{name}"))
+}
+
+impl ProcessRef {
+    /// With its pod's name, when it runs in a pod kubelet's log directories name.
+    pub fn named(mut self) -> Self {
+        if self.pod.is_none()
+            && let Some(uid) = &self.pod_uid
+        {
+            self.pod = pod_name(uid);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod pod_name_tests {
+    use super::parse_pod_log_dir;
+
+    #[test]
+    fn pod_log_directories_name_their_pod() {
+        let uid = "0f1e2d3c-aaaa-4bbb-8ccc-123456789abc";
+        assert_eq!(
+            parse_pod_log_dir(&format!("kube-system_debug-node.x_{uid}"), uid).as_deref(),
+            Some("kube-system/debug-node.x")
+        );
+        assert_eq!(
+            parse_pod_log_dir(&format!("team-a_api_{uid}"), "other"),
+            None
+        );
+        // Not a name kubelet makes: refused rather than guessed.
+        assert_eq!(parse_pod_log_dir(&format!("team_a_api_{uid}"), uid), None);
+        assert_eq!(parse_pod_log_dir(&format!("Team-A_api_{uid}"), uid), None);
+        assert_eq!(parse_pod_log_dir(&format!("_api_{uid}"), uid), None);
+        assert_eq!(parse_pod_log_dir(uid, uid), None);
     }
 }

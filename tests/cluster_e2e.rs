@@ -86,7 +86,7 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
     std::fs::write(
         &values,
         chart_values(&format!(
-            "bindings: |\n  bindings:\n    - name: team-a-dev\n      namespace: team-a\n      serviceAccounts: [api]\n      identity: {{local: {{path: /dev-secrets}}}}\n      objects: [db]\n\
+            "bindings: |\n  bindings:\n    - name: team-a-dev\n      namespace: team-a\n      serviceAccounts: [api]\n      identity: {{local: {{path: /dev-secrets}}}}\n      objects: [db]\n    - name: team-a-guarded\n      namespace: team-a\n      serviceAccounts: [guarded]\n      identity: {{local: {{path: /dev-secrets}}}}\n      objects: [db]\n      readers: pod\n\
              extraVolumes:\n  - {{name: dev-secrets, hostPath: {{path: {}, type: Directory}}}}\n\
              extraVolumeMounts:\n  - {{name: dev-secrets, mountPath: /dev-secrets, readOnly: true}}\n\
              pollInterval: 2s\n\
@@ -122,6 +122,7 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
     }
     must(&["create", "serviceaccount", "-n", "team-a", "api"]);
     must(&["create", "serviceaccount", "-n", "team-b", "api"]);
+    must(&["create", "serviceaccount", "-n", "team-a", "guarded"]);
     // The default service accounts need no wait: the test's own are created above.
     let volumes = [
         csi_volume("t", "tmpfs", PASSWORD),
@@ -405,8 +406,12 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
         &[],
     );
 
+    readers_pod_in_the_cluster(&audit_log);
+
     // Pod deletion unpublishes: no mount, staging directory or record left on the node.
     for (ns, name) in [
+        ("team-a", "guarded"),
+        ("team-b", "snoop"),
         ("team-a", "reader"),
         ("team-a", "hostile-count"),
         ("team-a", "hostile-path"),
@@ -442,5 +447,111 @@ fn the_chart_in_a_real_cluster_serves_pods_through_kubelet() {
         "audit verify: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `readers: pod` under a real kubelet: the app container and `kubectl exec` into it read its
+/// volumes; a privileged pod with a hostPath of kubelet's pod directory (a debug pod, a
+/// compromised agent with host mounts) is refused on both volume types, and the audit log
+/// names that pod.
+fn readers_pod_in_the_cluster(audit_log: &Path) {
+    let volumes = [
+        csi_volume("t", "tmpfs", PASSWORD),
+        csi_volume("f", "fuse", PASSWORD),
+    ];
+    // Reads from the app container's own process (its log says what it got, lengths only).
+    apply(&pod(
+        "guarded",
+        "team-a",
+        "guarded",
+        "for d in t f; do v=$(cat /$d/password) && echo \"app read $d: ${#v} bytes\"; done; sleep 3600",
+        &volumes,
+    ));
+    eventually("the guarded pod Running", || {
+        phase("team-a", "guarded") == "Running"
+    });
+    let value = "S3cret-cluster-db-v3";
+    eventually("the app container's own reads", || {
+        let log = kubectl(&["logs", "-n", "team-a", "guarded"]).1;
+        log.contains("app read t: 20 bytes") && log.contains("app read f: 20 bytes")
+    });
+    for dir in ["/t", "/f"] {
+        let (ok, got) = read_in("team-a", "guarded", &format!("{dir}/password"));
+        assert!(ok && got == value, "kubectl exec reads {dir}: {got}");
+    }
+    let uid = get("team-a", "pod", "guarded", "{.metadata.uid}");
+    // The snoop: privileged, the host's kubelet pod directory mounted.
+    let snoop = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "snoop", "namespace": "team-b"},
+        "spec": {
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "debug",
+                "image": "localhost/busybox:kb",
+                "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"],
+                "securityContext": {"privileged": true},
+                "volumeMounts": [{"name": "pods", "mountPath": "/host-pods", "mountPropagation": "HostToContainer"}],
+            }],
+            "volumes": [{"name": "pods", "hostPath": {"path": "/var/lib/kubelet/pods", "type": "Directory"}}],
+        }
+    });
+    apply(&snoop.to_string());
+    eventually("the snoop Running", || {
+        phase("team-b", "snoop") == "Running"
+    });
+    let snoop_uid = get("team-b", "pod", "snoop", "{.metadata.uid}");
+    for (vol, refusal) in [("t", "Operation not permitted"), ("f", "Permission denied")] {
+        let path = format!("/host-pods/{uid}/volumes/kubernetes.io~csi/{vol}/mount/password");
+        // The file is there for it to see, and refused.
+        let (_, listed) = kubectl(&["exec", "-n", "team-b", "snoop", "--", "ls", &path]);
+        assert!(listed.trim().ends_with("password"), "{path}: {listed}");
+        let (ok, said) = kubectl(&["exec", "-n", "team-b", "snoop", "--", "cat", &path]);
+        println!("the privileged snoop reading {vol}: {said}");
+        assert!(!ok && said.contains(refusal), "{vol}: {said}");
+        assert!(!said.contains(value), "{vol}: the value leaked");
+    }
+    // The app still reads (nothing about the snoop changed that).
+    for dir in ["/t", "/f"] {
+        let (ok, got) = read_in("team-a", "guarded", &format!("{dir}/password"));
+        assert!(ok && got == value, "{dir} after the snoop: {got}");
+    }
+    // Both refusals are deny records naming the snoop's pod, its uid and its command, on the
+    // guarded pod's volumes.
+    let denied = || -> Vec<serde_json::Value> {
+        common::audit_records(audit_log)
+            .into_iter()
+            .filter(|r| {
+                r["event"] == "deny"
+                    && r["reason"] == "readers"
+                    && r["process"]["pod"] == "team-b/snoop"
+            })
+            .collect()
+    };
+    eventually("two deny records naming team-b/snoop", || {
+        let d = denied();
+        d.iter()
+            .any(|r| r["file"] == "password" && r["pod"]["name"] == "guarded")
+            && d.iter()
+                .map(|r| r["volume"].to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 2
+    });
+    let d = denied();
+    println!(
+        "deny records for the snoop: {}",
+        serde_json::to_string(&d[0]).unwrap()
+    );
+    assert!(
+        d.iter()
+            .all(|r| r["process"]["pod_uid"] == snoop_uid.as_str()
+                && r["process"]["comm"] == "cat"
+                && r["pod"]["uid"] == uid.as_str()
+                && r["outcome"] == "denied"),
+        "{d:#?}"
     );
 }

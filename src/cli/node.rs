@@ -91,6 +91,11 @@ pub struct NodeArgs {
     /// the same path).
     #[arg(long, value_name = "PATH")]
     pub kubelet_csi_socket: Option<PathBuf>,
+    /// kubelet's pod log directory (one `<namespace>_<name>_<uid>` directory per pod): a
+    /// refused opener's pod is named from it in the audit log (only directory names are
+    /// read, never a log). Missing or unreadable: refused openers are named by pod uid alone.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
     /// TEST ONLY: serve a fake CSI Controller so csi-sanity can drive the node service.
     /// Exists only in builds with the `test-controller` feature.
     #[arg(long, hide = true)]
@@ -112,8 +117,10 @@ pub fn run(args: NodeArgs) -> ExitCode {
         after_handover,
         kubelet_registration_dir,
         kubelet_csi_socket,
+        pod_log_dir,
         danger_test_controller,
     } = args;
+    keybroker::procinfo::set_pod_log_dir(pod_log_dir);
     let (azure_managed, rt) = match serve.start() {
         Ok(started) => started,
         Err(code) => return code,

@@ -53,7 +53,7 @@ impl Metrics {
 type Row = (&'static str, &'static str, u64);
 
 /// The counters: (name, help, value).
-fn counters(node: &NodeService) -> [Row; 15] {
+fn counters(node: &NodeService) -> [Row; 17] {
     let m = &node.metrics;
     let c = &node.cache().stats;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -129,6 +129,16 @@ fn counters(node: &NodeService) -> [Row; 15] {
             get(&m.handovers_rolled_back),
         ),
         (
+            "keybroker_tmpfs_opens_total",
+            "Opens of tmpfs volumes' files seen through fanotify (before coalescing).",
+            node.opens.as_ref().map_or(0, |o| o.opens()),
+        ),
+        (
+            "keybroker_tmpfs_opens_refused_total",
+            "Opens of tmpfs volumes' files refused by a binding's readers policy.",
+            node.opens.as_ref().map_or(0, |o| o.refusals()),
+        ),
+        (
             "keybroker_audit_write_errors_total",
             "Failed attempts to write the audit log (retries included).",
             node.audit().write_errors(),
@@ -137,7 +147,7 @@ fn counters(node: &NodeService) -> [Row; 15] {
 }
 
 /// The gauges: (name, help, value).
-fn gauges(node: &NodeService) -> [Row; 7] {
+fn gauges(node: &NodeService) -> [Row; 9] {
     [
         (
             "keybroker_audit_healthy",
@@ -168,6 +178,18 @@ fn gauges(node: &NodeService) -> [Row; 7] {
             "keybroker_kubelet_registered",
             "1 once kubelet has registered the plugin (--kubelet-registration-dir), else 0.",
             u64::from(node.kubelet_registered()),
+        ),
+        (
+            "keybroker_open_wait_lone_max_answers",
+            "Most other opens answered while a tmpfs open whose pod had nothing else waiting waited (fair turns bound it by 2 x pods waiting - 1).",
+            node.opens
+                .as_ref()
+                .map_or(0, |o| o.fairness().lone_waited_behind),
+        ),
+        (
+            "keybroker_open_wait_longest_line",
+            "Most tmpfs opens of one pod (or one process outside pods) seen waiting at once.",
+            node.opens.as_ref().map_or(0, |o| o.fairness().longest_line),
         ),
         (
             "keybroker_resident_memory_bytes",

@@ -186,12 +186,21 @@ impl NodeService {
             } else {
                 asked
             };
-            // Opens a dead process was deciding are refused where a binding refuses readers,
-            // else allowed (what the kernel did when the group died with the process).
+            // Opens a dead process was deciding are answered by their volume's policy once
+            // the volumes are back (its journal in the state directory names each opener);
+            // one it had not journaled yet is refused where a binding refuses readers, else
+            // allowed (what the kernel did when the group died with the process).
             let orphans = kept_group
                 .as_ref()
                 .and_then(|(_, died)| died.then(|| bindings.enforces_readers()));
-            let o = OpenAudit::start(audit.clone(), mode, kept_group.map(|(fd, _)| fd), orphans).map_err(|e| {
+            let o = OpenAudit::start_in(
+                audit.clone(),
+                mode,
+                kept_group.map(|(fd, _)| fd),
+                orphans,
+                Some(&cfg.state_dir),
+            )
+            .map_err(|e| {
                 anyhow::anyhow!(
                     "cannot start auditing tmpfs volumes with fanotify: {e} (the node needs CAP_SYS_ADMIN, as for mounting)"
                 )

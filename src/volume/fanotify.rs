@@ -48,6 +48,8 @@ use crate::access::{Readers, Refusal};
 use crate::audit::{AuditLog, Event, EventKind, Outcome};
 use crate::procinfo::{ProcCache, ProcessRef};
 use crate::volume::content::RenderedFile;
+use crate::volume::fair::{FairQueue, Fairness};
+use crate::volume::inflight::{Inflight, Unanswered};
 use crate::volume::opens::OpenWindows;
 use crate::volume::{Volume, VolumeError, VolumeKind};
 
@@ -109,6 +111,11 @@ struct Watched {
 type OpenKey = (u32, u32, u64, u64, bool);
 
 struct Shared {
+    /// This process's journal of the events being decided (`volume::inflight`).
+    inflight: Option<Inflight>,
+    /// A dead process's unanswered events, their descriptor numbers held by placeholders
+    /// until this process has its volumes back.
+    reserved: Mutex<Vec<Reserved>>,
     /// The group; `None` once stopped (closed).
     fan: std::sync::RwLock<Option<Fanotify>>,
     /// False while a process that took a kept group over has not taken its volumes back:
@@ -129,6 +136,10 @@ struct Shared {
     /// Opens refused by a volume's readers policy.
     refusals: AtomicU64,
     overflows: AtomicU64,
+    /// What the listener's turns have done (`fair::Fairness`), for tests and metrics.
+    lone_waited_behind: AtomicU64,
+    widest_round: AtomicU64,
+    longest_line: AtomicU64,
     /// When a read last found the queue empty: an overflow's lost events came after it.
     last_empty: Mutex<SystemTime>,
     /// An overflow being measured: since when opens may be missing.
@@ -156,6 +167,19 @@ impl OpenAudit {
         kept: Option<std::os::fd::OwnedFd>,
         orphans: Option<bool>,
     ) -> std::io::Result<Arc<Self>> {
+        Self::start_in(audit, mode, kept, orphans, None)
+    }
+
+    /// [`Self::start`], journaling the events being decided in `state_dir` (the node's): after
+    /// a crash the next process answers the events the dead one was deciding by their
+    /// volume's policy instead of refusing them (`volume::inflight`).
+    pub fn start_in(
+        audit: AuditLog,
+        mode: Mode,
+        kept: Option<std::os::fd::OwnedFd>,
+        orphans: Option<bool>,
+        state_dir: Option<&Path>,
+    ) -> std::io::Result<Arc<Self>> {
         let class = match mode {
             Mode::Notify => InitFlags::FAN_CLASS_NOTIF,
             // A full queue would allow a permission event unanswered: no limit (each waiting
@@ -177,9 +201,18 @@ impl OpenAudit {
         let inherited = kept.is_some();
         // `orphans`: the group's last reader died (Some), and whether what it left unanswered
         // is refused (a binding refuses readers) or allowed.
+        let journal_dir = state_dir.filter(|_| mode != Mode::Notify);
+        // Dead processes' journals are read (and removed) in any case.
+        let noted = journal_dir.map(Inflight::orphaned).unwrap_or_default();
+        let mut reserved = Vec::new();
         if let (Some(fan), Some(refuse_orphans)) = (&kept, orphans) {
+            // The events the dead process noted keep their descriptor numbers here (taken
+            // by a placeholder, so no event this process reads gets one) until this process
+            // has its volumes back and answers them by policy.
+            reserved = reserve(noted);
             let verdict = if refuse_orphans { FAN_DENY } else { FAN_ALLOW };
-            let n = answer_orphans(fan, verdict);
+            let skip: std::collections::HashSet<i32> = reserved.iter().map(|r| r.fd).collect();
+            let n = answer_orphans(fan, verdict, &skip);
             if n > 0 {
                 let (kind, what) = if refuse_orphans {
                     (
@@ -218,7 +251,23 @@ impl OpenAudit {
                 "this kernel has no FAN_REPORT_PIDFD (Linux < 5.15): opens are attributed by pid alone"
             );
         }
+        let inflight = match journal_dir.map(Inflight::create) {
+            Some(Ok(j)) => Some(j),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot journal the opens being decided: after a crash the next process refuses them where a binding refuses readers");
+                None
+            }
+            None => None,
+        };
+        if !reserved.is_empty() {
+            tracing::info!(
+                opens = reserved.len(),
+                "the previous keybroker process died deciding opens; they are answered by their volumes' policies once the volumes are back"
+            );
+        }
         let shared = Arc::new(Shared {
+            inflight,
+            reserved: Mutex::new(reserved),
             fan: std::sync::RwLock::new(Some(fan)),
             ready: AtomicBool::new(!inherited),
             deferred: Mutex::new(Vec::new()),
@@ -233,6 +282,9 @@ impl OpenAudit {
             opens: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
+            lone_waited_behind: AtomicU64::new(0),
+            widest_round: AtomicU64::new(0),
+            longest_line: AtomicU64::new(0),
             last_empty: Mutex::new(SystemTime::now()),
             gap: Mutex::new(None),
         });
@@ -285,6 +337,17 @@ impl OpenAudit {
     /// Opens refused by a volume's readers policy.
     pub fn refusals(&self) -> u64 {
         self.shared.refusals.load(Ordering::Relaxed)
+    }
+
+    /// How fair the listener's turns have been (see `volume::fair`): the most answers an open
+    /// waited behind when its pod had nothing else waiting, the widest round, the longest line.
+    pub fn fairness(&self) -> Fairness {
+        let s = &self.shared;
+        Fairness {
+            lone_waited_behind: s.lone_waited_behind.load(Ordering::Relaxed),
+            widest_round: s.widest_round.load(Ordering::Relaxed),
+            longest_line: s.longest_line.load(Ordering::Relaxed),
+        }
     }
 
     pub fn overflows(&self) -> u64 {
@@ -396,8 +459,15 @@ impl OpenAudit {
                 );
             }
             for ev in held {
-                answer(fan, ev.fd, FAN_DENY);
+                answer(&self.shared, fan, ev.fd, FAN_DENY);
                 ev.pidfd.into_iter().for_each(close);
+            }
+        }
+        let reserved = std::mem::take(&mut *lock(&self.shared.reserved));
+        if let Some(fan) = self.shared.group().as_ref() {
+            for r in reserved {
+                respond(fan, r.fd, FAN_DENY);
+                close(r.fd);
             }
         }
         // The group is closed: the kernel allows every permission event nobody will answer
@@ -433,6 +503,33 @@ struct RawEvent {
     fd: i32,
     pid: i32,
     pidfd: Option<i32>,
+    /// The opened file, once looked at.
+    file: Option<FileId>,
+}
+
+/// What an event's descriptor is open on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    dir: bool,
+}
+
+/// The file an event's descriptor is open on (`fstat`).
+#[allow(unsafe_code)]
+fn file_id(fd: i32) -> Option<FileId> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is an event's descriptor, which this process received from the kernel and
+    // closes only after answering the event (`answer`, `close`); the borrow ends here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let st = nix::sys::stat::fstat(fd).ok()?;
+    Some(FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+    })
 }
 
 /// Parses a buffer of events (metadata and info records), as the kernel writes them.
@@ -469,6 +566,7 @@ fn parse_events(buf: &[u8]) -> Vec<RawEvent> {
             fd,
             pid,
             pidfd,
+            file: None,
         });
         off += event_len;
     }
@@ -493,18 +591,106 @@ fn name_from_path(path: &str) -> Option<String> {
 /// take the answer this process means for an event of its own with the same number. Their
 /// openers are unknown: they get `verdict`. Called before this process reads any event;
 /// returns how many there were.
-fn answer_orphans(fan: &Fanotify, verdict: u32) -> usize {
+fn answer_orphans(fan: &Fanotify, verdict: u32, skip: &std::collections::HashSet<i32>) -> usize {
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(4096, |(soft, _)| soft)
         .min(8192) as i32;
     (0..limit)
-        .filter(|fd| {
-            let mut resp = [0u8; 8];
-            resp[..4].copy_from_slice(&fd.to_ne_bytes());
-            resp[4..].copy_from_slice(&verdict.to_ne_bytes());
-            nix::unistd::write(fan, &resp).is_ok()
-        })
+        .filter(|fd| !skip.contains(fd) && respond(fan, *fd, verdict))
         .count()
+}
+
+/// Writes one answer; whether the kernel had an event of that number waiting.
+fn respond(fan: &Fanotify, fd: i32, verdict: u32) -> bool {
+    let mut resp = [0u8; 8];
+    resp[..4].copy_from_slice(&fd.to_ne_bytes());
+    resp[4..].copy_from_slice(&verdict.to_ne_bytes());
+    nix::unistd::write(fan, &resp).is_ok()
+}
+
+/// A dead process's unanswered event whose descriptor number this process holds with a
+/// placeholder (so none of its own events gets that number) until it answers it.
+#[derive(Debug)]
+struct Reserved {
+    fd: i32,
+    pid: i32,
+    dev: u64,
+}
+
+/// Takes the descriptor numbers of `orphans` with placeholders (`/dev/null`); a number this
+/// process already uses cannot be held, and its event is answered like an unknown one.
+fn reserve(orphans: HashMap<i32, Unanswered>) -> Vec<Reserved> {
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (fd, u) in orphans {
+        match nix::fcntl::fcntl(&null, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(fd)) {
+            Ok(got) if got == fd => out.push(Reserved {
+                fd,
+                pid: u.pid,
+                dev: u.dev,
+            }),
+            Ok(other) => {
+                close(other);
+                tracing::warn!(
+                    fd,
+                    "a dead process's open is being decided under a descriptor number this process uses: answered as an unknown opener's"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(fd, error = %e, "cannot hold a dead process's open for its policy: answered as an unknown opener's");
+            }
+        }
+    }
+    out
+}
+
+/// Answers the dead process's events this process held by their volumes' policies (called
+/// once its volumes are back), each recorded like any open.
+fn answer_reserved(s: &Shared, fan: &Fanotify) {
+    let reserved = std::mem::take(&mut *lock(&s.reserved));
+    for r in reserved {
+        let watched = lock(&s.volumes)
+            .get(&r.dev)
+            .map(|w| (w.volume.clone(), w.pod.clone(), w.readers.clone()));
+        let verdict = match watched {
+            // Not a volume any more: not ours to refuse.
+            None => FAN_ALLOW,
+            Some((volume, pod, readers)) => {
+                // The opener still waits in open(): its /proc entry is there.
+                let (process, _) = lock(&s.procs).resolve_pid(r.pid as u32);
+                let pod_uid = pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default();
+                let refused = readers.check(&pod_uid, &process).err();
+                let mut e = Event::new(EventKind::Read).volume(volume);
+                if let Some(p) = pod {
+                    e = e.pod(p);
+                }
+                let verdict = match refused {
+                    Some(Refusal(why)) => {
+                        e = e
+                            .process(process.named())
+                            .outcome(Outcome::Denied)
+                            .reason("readers")
+                            .detail(format!("open refused: {why} (decided after a restart)"));
+                        e.event = Some(EventKind::Deny);
+                        s.refusals.fetch_add(1, Ordering::Relaxed);
+                        FAN_DENY
+                    }
+                    None => {
+                        e = e.process(process).detail(
+                            "an open the previous keybroker process was deciding when it died, allowed by this one",
+                        );
+                        FAN_ALLOW
+                    }
+                };
+                s.audit.record(e);
+                verdict
+            }
+        };
+        respond(fan, r.fd, verdict);
+        close(r.fd);
+    }
 }
 
 /// A fanotify group from a descriptor this process was given (by the fd keeper, or by the
@@ -549,11 +735,32 @@ fn pidfd_holds(pidfd: i32, pid: i32) -> bool {
         == Some(pid)
 }
 
+/// Which line an open waits in (see `fair`): keybroker's own, a pod's, or a process outside
+/// any pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Line {
+    Own,
+    Pod(String),
+    Pid(i32),
+}
+
+/// Events read from the kernel and not answered yet, at most this many (each holds an open
+/// descriptor); the rest wait in the kernel's queue, which is unlimited in the permission
+/// modes. The fairness bound holds while fewer opens than this wait at once.
+const MAX_WAITING: usize = 4096;
+
+/// One event and, in the permission modes, its opener (looked up to choose its line).
+struct Queued {
+    ev: RawEvent,
+    process: Option<(ProcessRef, bool)>,
+}
+
 fn listen(s: &Shared) {
     let me = std::process::id() as i32;
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_tick = std::time::Instant::now();
     let mut last_complaint: Option<std::time::Instant> = None;
+    let mut turns: FairQueue<Line, Queued> = FairQueue::default();
     while !s.stop.load(Ordering::Relaxed) {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             lock(&s.windows).flush(&s.audit, false);
@@ -564,55 +771,135 @@ fn listen(s: &Shared) {
         let group = s.group();
         let Some(fan) = group.as_ref() else { break };
         if s.ready.load(Ordering::Relaxed) {
+            if !lock(&s.reserved).is_empty() {
+                answer_reserved(s, fan);
+            }
             let held = std::mem::take(&mut *lock(&s.deferred));
             if !held.is_empty() {
                 tracing::info!(
                     opens = held.len(),
                     "answering the opens that waited for this process to take its volumes back"
                 );
+                let held = held
+                    .into_iter()
+                    .map(|ev| Queued { ev, process: None })
+                    .collect();
                 handle_batch(s, fan, held, me);
             }
         }
-        // Read until the queue is empty, then wait on it.
-        let n = match nix::unistd::read(fan, &mut buf) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN) => {
-                // Empty now: nothing can be lost before this moment, and a gap being
-                // measured ends here.
-                *lock(&s.last_empty) = SystemTime::now();
-                record_gap(s, true);
-                let mut fds = [nix::poll::PollFd::new(
-                    std::os::fd::AsFd::as_fd(fan),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                // Held opens are looked at again soon after the volumes are back.
-                let wait: u16 = if lock(&s.deferred).is_empty() {
-                    500
-                } else {
-                    20
-                };
-                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    // Never give up: in permission mode an unread event is an open that waits.
-                    Err(e) => complain(&mut last_complaint, "poll", e),
+        // Take in what the kernel has queued (bounded), then answer one round of it.
+        let mut drained = false;
+        while turns.len() < MAX_WAITING {
+            match nix::unistd::read(fan, &mut buf) {
+                Ok(n) => {
+                    let events = parse_events(&buf[..n]);
+                    if s.mode == Mode::Notify {
+                        // Nobody waits on a notification: no turns to take.
+                        handle_batch(
+                            s,
+                            fan,
+                            events
+                                .into_iter()
+                                .map(|ev| Queued { ev, process: None })
+                                .collect(),
+                            me,
+                        );
+                    } else {
+                        let mut events = events;
+                        for ev in events.iter_mut().filter(|e| e.fd >= 0 && e.pid != me) {
+                            ev.file = file_id(ev.fd);
+                            // Before anything slower: a crash from here on leaves the next
+                            // process the opener of each.
+                            if let (Some(j), Some(f)) = (&s.inflight, ev.file) {
+                                j.note(ev.fd, ev.pid, f.dev);
+                            }
+                        }
+                        for ev in events {
+                            let (line, process) = line_of(s, &ev, me);
+                            turns.push(line, Queued { ev, process });
+                        }
+                    }
+                    if n < buf.len() / 2 {
+                        // A short read took everything there was.
+                        turns.drained();
+                        break;
+                    }
                 }
-                continue;
+                Err(nix::errno::Errno::EAGAIN) => {
+                    // Empty now: nothing can be lost before this moment, and a gap being
+                    // measured ends here.
+                    *lock(&s.last_empty) = SystemTime::now();
+                    record_gap(s, true);
+                    turns.drained();
+                    drained = true;
+                    break;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    complain(&mut last_complaint, "read", e);
+                    break;
+                }
             }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                complain(&mut last_complaint, "read", e);
-                continue;
-            }
-        };
-        handle_batch(s, fan, parse_events(&buf[..n]), me);
-        drop(group);
-        if s.mode == Mode::Notify && n < buf.len() / 2 {
+        }
+        if !turns.is_empty() {
+            handle_batch(s, fan, turns.round(), me);
+            let f = turns.fairness();
+            s.lone_waited_behind
+                .store(f.lone_waited_behind, Ordering::Relaxed);
+            s.widest_round.store(f.widest_round, Ordering::Relaxed);
+            s.longest_line.store(f.longest_line, Ordering::Relaxed);
+            continue;
+        }
+        if s.mode == Mode::Notify && !drained {
             // Let events gather while nobody waits on the group: an open then queues its event
             // without waking a sleeping listener, and a process's repeats merge in the queue.
             // Records are late by at most this much; readers never wait.
+            drop(group);
             std::thread::sleep(NOTIFY_GATHER);
+            continue;
+        }
+        if !drained {
+            continue;
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(fan),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        // Held opens are looked at again soon after the volumes are back.
+        let wait: u16 = if lock(&s.deferred).is_empty() {
+            500
+        } else {
+            20
+        };
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // Never give up: in permission mode an unread event is an open that waits.
+            Err(e) => complain(&mut last_complaint, "poll", e),
         }
     }
+    // Stopping: what was read is answered here (the group may live on in the fd keeper, and
+    // an event read here can be answered only here).
+    if let Some(fan) = s.group().as_ref()
+        && !turns.is_empty()
+    {
+        handle_batch(s, fan, turns.take_all(), me);
+    }
+}
+
+/// The line an open waits in, and its opener (looked up now; `record_open` uses it).
+fn line_of(s: &Shared, ev: &RawEvent, me: i32) -> (Line, Option<(ProcessRef, bool)>) {
+    if ev.pid == me {
+        return (Line::Own, None);
+    }
+    if ev.fd < 0 {
+        return (Line::Pid(ev.pid), None);
+    }
+    let found = lock(&s.procs).resolve_pid(ev.pid as u32);
+    let line = match &found.0.pod_uid {
+        Some(pod) => Line::Pod(pod.clone()),
+        None => Line::Pid(ev.pid),
+    };
+    (line, Some(found))
 }
 
 /// Logs a failing poll or read at most every 10 s, and backs off a little before retrying.
@@ -630,26 +917,13 @@ const NOTIFY_GATHER: Duration = Duration::from_millis(2);
 /// Records a batch of events; in identify mode answers each open as soon as its opener is
 /// identified; in permission mode, after its record is written (or refuses it while the log
 /// cannot be written).
-fn handle_batch(s: &Shared, fan: &Fanotify, mut events: Vec<RawEvent>, me: i32) {
-    // Fairness: one listener answers every pod's opens. A process hammering its files has
-    // many events in a batch; processes with fewer events in it are answered first, so one
-    // busy reader cannot hold everyone else's opens behind its own (stable: a process's own
-    // events keep their order).
-    if events.len() > 2 {
-        let mut per_pid: HashMap<i32, usize> = HashMap::new();
-        for e in &events {
-            *per_pid.entry(e.pid).or_default() += 1;
-        }
-        if per_pid.len() > 1 {
-            events.sort_by_key(|e| per_pid[&e.pid]);
-        }
-    }
+fn handle_batch(s: &Shared, fan: &Fanotify, events: Vec<Queued>, me: i32) {
     // (event fd, verdict, keybroker's own open)
     let mut answers: Vec<(i32, u32, bool)> = Vec::new();
     let permission = s.mode == Mode::Permission;
     let may_serve = !permission || s.audit.may_serve();
     let mut recorded = false;
-    for ev in events {
+    for Queued { ev, process } in events {
         if ev.mask & FAN_Q_OVERFLOW_BIT != 0 {
             overflow(s);
             continue;
@@ -664,7 +938,7 @@ fn handle_batch(s: &Shared, fan: &Fanotify, mut events: Vec<RawEvent>, me: i32) 
             // keybroker's own writer and adoption.
             FAN_ALLOW
         } else {
-            match record_open(s, &ev, may_serve) {
+            match record_open(s, &ev, process, may_serve) {
                 Seen::Allowed(true) => {
                     recorded = true;
                     FAN_ALLOW
@@ -680,7 +954,7 @@ fn handle_batch(s: &Shared, fan: &Fanotify, mut events: Vec<RawEvent>, me: i32) 
         };
         if is_perm && !permission {
             // Identified (and its record queued): the opener goes on now.
-            answer(fan, ev.fd, verdict);
+            answer(s, fan, ev.fd, verdict);
         } else if is_perm {
             answers.push((ev.fd, verdict, ev.pid == me));
         } else {
@@ -700,12 +974,15 @@ fn handle_batch(s: &Shared, fan: &Fanotify, mut events: Vec<RawEvent>, me: i32) 
         } else {
             verdict
         };
-        answer(fan, fd, verdict);
+        answer(s, fan, fd, verdict);
     }
 }
 
 /// Answers a permission event and closes its descriptor.
-fn answer(fan: &Fanotify, fd: i32, verdict: u32) {
+fn answer(s: &Shared, fan: &Fanotify, fd: i32, verdict: u32) {
+    if let Some(j) = &s.inflight {
+        j.clear(fd);
+    }
     let mut resp = [0u8; 8];
     resp[..4].copy_from_slice(&fd.to_ne_bytes());
     resp[4..].copy_from_slice(&verdict.to_ne_bytes());
@@ -729,17 +1006,20 @@ enum Seen {
 }
 
 /// Records one open (coalesced) and decides it.
-fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Seen {
-    use std::os::unix::fs::MetadataExt;
+fn record_open(
+    s: &Shared,
+    ev: &RawEvent,
+    found: Option<(ProcessRef, bool)>,
+    may_serve: bool,
+) -> Seen {
     let fd_path = format!("/proc/self/fd/{}", ev.fd);
-    let Ok(meta) = std::fs::metadata(&fd_path) else {
+    let Some(FileId { dev, ino, dir }) = ev.file.or_else(|| file_id(ev.fd)) else {
         return Seen::Allowed(false);
     };
-    if meta.is_dir() {
+    if dir {
         // Listing a directory is not reading a secret.
         return Seen::Allowed(false);
     }
-    let (dev, ino) = (meta.dev(), meta.ino());
     let (volume, pod, readers, info) = {
         let vols = lock(&s.volumes);
         let Some(w) = vols.get(&dev) else {
@@ -765,7 +1045,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Seen {
         (w.volume.clone(), w.pod.clone(), w.readers.clone(), info)
     };
     s.opens.fetch_add(1, Ordering::Relaxed);
-    let (mut process, fresh) = lock(&s.procs).resolve_pid(ev.pid as u32);
+    let (mut process, fresh) = found.unwrap_or_else(|| lock(&s.procs).resolve_pid(ev.pid as u32));
     if fresh
         && let Some(pidfd) = ev.pidfd.filter(|p| *p >= 0)
         && !pidfd_holds(pidfd, ev.pid)
@@ -796,7 +1076,7 @@ fn record_open(s: &Shared, ev: &RawEvent, may_serve: bool) -> Seen {
         // Coalesced like reads: a scanner hammering the files costs a record a second.
         let key = (process.pid, process.uid, dev, ino, true);
         lock(&s.windows).note(&s.audit, key, || {
-            let mut e = make(&info, process)
+            let mut e = make(&info, process.named())
                 .outcome(Outcome::Denied)
                 .reason("readers")
                 .detail(format!("open refused: {why}"));
@@ -925,13 +1205,15 @@ mod tests {
                     mask: FAN_OPEN_BIT,
                     fd: 7,
                     pid: 100,
-                    pidfd: Some(9)
+                    pidfd: Some(9),
+                    file: None,
                 },
                 RawEvent {
                     mask: FAN_Q_OVERFLOW_BIT,
                     fd: -1,
                     pid: 0,
-                    pidfd: None
+                    pidfd: None,
+                    file: None,
                 },
             ]
         );

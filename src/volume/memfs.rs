@@ -520,7 +520,11 @@ impl MemFs {
                         .file(node.name.clone())
                         .object(node.object.clone())
                         .version(node.version.clone())
-                        .process(process);
+                        .process(if refused.is_some() {
+                            process.named()
+                        } else {
+                            process
+                        });
                     if let Some(Refusal(why)) = &refused {
                         e = e
                             .outcome(Outcome::Denied)

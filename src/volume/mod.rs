@@ -7,10 +7,12 @@
 //! - [`mountpoint`]: finding and cleaning mounts left behind by a killed process.
 
 pub mod content;
+pub mod fair;
 pub mod fanotify;
 pub mod fuse;
 pub mod fuse_mux;
 pub mod fusewire;
+pub mod inflight;
 pub mod memfs;
 pub mod mountpoint;
 pub mod opens;

@@ -174,7 +174,8 @@ pub fn chart_values(extra: &str) -> String {
     let (repository, tag) = image_reference();
     format!(
         "image: {{repository: {repository}, tag: \"{tag}\", pullPolicy: Never}}\n\
-         resources: {{requests: {{cpu: 10m, memory: 16Mi}}}}\n{extra}"
+         resources: {{requests: {{cpu: 10m, memory: 16Mi}}}}\n\
+         podLogDir: /run/keybroker-cluster/pod-logs\n{extra}"
     )
 }
 
