@@ -33,7 +33,7 @@ pub struct Unanswered {
 
 /// This process's journal (locked while it lives, removed when dropped).
 pub struct Inflight {
-    file: File,
+    file: nix::fcntl::Flock<File>,
     path: PathBuf,
 }
 
@@ -50,7 +50,8 @@ impl Inflight {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        file.try_lock().map_err(std::io::Error::other)?;
+        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| std::io::Error::from(e))?;
         Ok(Self { file, path })
     }
 
@@ -96,10 +97,12 @@ impl Inflight {
             else {
                 continue;
             };
-            if file.try_lock().is_err() {
+            let Ok(file) =
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            else {
                 // A live process's (the other side of a handover).
                 continue;
-            }
+            };
             out.extend(slots(&file));
             let _ = std::fs::remove_file(&path);
         }
