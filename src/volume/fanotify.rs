@@ -113,9 +113,13 @@ type OpenKey = (u32, u32, u64, u64, bool);
 struct Shared {
     /// This process's journal of the events being decided (`volume::inflight`).
     inflight: Option<Inflight>,
-    /// A dead process's unanswered events, their descriptor numbers held by placeholders
-    /// until this process has its volumes back.
-    reserved: Mutex<Vec<Reserved>>,
+    /// A dead process's unanswered events it had noted, by descriptor number: answered by
+    /// their volume's policy once this process has its volumes back (or first, whenever this
+    /// process answers an event of its own with the same number).
+    reserved: Mutex<Reserved>,
+    has_reserved: AtomicBool,
+    /// What an event of an unknown opener gets (refused where a binding refuses readers).
+    unknown_verdict: u32,
     /// The group; `None` once stopped (closed).
     fan: std::sync::RwLock<Option<Fanotify>>,
     /// False while a process that took a kept group over has not taken its volumes back:
@@ -202,16 +206,20 @@ impl OpenAudit {
         // `orphans`: the group's last reader died (Some), and whether what it left unanswered
         // is refused (a binding refuses readers) or allowed.
         let journal_dir = state_dir.filter(|_| mode != Mode::Notify);
-        // Dead processes' journals are read (and removed) in any case.
+        // Dead processes' journals are taken over in any case (dropped, and so removed, when
+        // no group came with them).
         let noted = journal_dir.map(Inflight::orphaned).unwrap_or_default();
-        let mut reserved = Vec::new();
+        let mut reserved = Reserved::default();
+        let mut unknown_verdict = FAN_DENY;
         if let (Some(fan), Some(refuse_orphans)) = (&kept, orphans) {
-            // The events the dead process noted keep their descriptor numbers here (taken
-            // by a placeholder, so no event this process reads gets one) until this process
-            // has its volumes back and answers them by policy.
-            reserved = reserve(noted);
+            // The events the dead processes noted wait until this process has its volumes
+            // back and answers them by policy. The kernel matches an answer to the oldest
+            // event of that number, so they are answered first whenever this process answers
+            // an event of its own with the same number (`answer`).
+            reserved = Reserved::from(noted);
             let verdict = if refuse_orphans { FAN_DENY } else { FAN_ALLOW };
-            let skip: std::collections::HashSet<i32> = reserved.iter().map(|r| r.fd).collect();
+            unknown_verdict = verdict;
+            let skip: std::collections::HashSet<i32> = reserved.by_fd.keys().copied().collect();
             let n = answer_orphans(fan, verdict, &skip);
             if n > 0 {
                 let (kind, what) = if refuse_orphans {
@@ -259,15 +267,17 @@ impl OpenAudit {
             }
             None => None,
         };
-        if !reserved.is_empty() {
+        if !reserved.by_fd.is_empty() {
             tracing::info!(
-                opens = reserved.len(),
+                opens = reserved.by_fd.values().map(|v| v.len()).sum::<usize>(),
                 "the previous keybroker process died deciding opens; they are answered by their volumes' policies once the volumes are back"
             );
         }
         let shared = Arc::new(Shared {
             inflight,
+            has_reserved: AtomicBool::new(!reserved.by_fd.is_empty()),
             reserved: Mutex::new(reserved),
+            unknown_verdict,
             fan: std::sync::RwLock::new(Some(fan)),
             ready: AtomicBool::new(!inherited),
             deferred: Mutex::new(Vec::new()),
@@ -463,12 +473,8 @@ impl OpenAudit {
                 ev.pidfd.into_iter().for_each(close);
             }
         }
-        let reserved = std::mem::take(&mut *lock(&self.shared.reserved));
         if let Some(fan) = self.shared.group().as_ref() {
-            for r in reserved {
-                respond(fan, r.fd, FAN_DENY);
-                close(r.fd);
-            }
+            answer_reserved(&self.shared, fan);
         }
         // The group is closed: the kernel allows every permission event nobody will answer
         // now and removes the marks, so no open waits on a listener that has stopped (a
@@ -608,89 +614,96 @@ fn respond(fan: &Fanotify, fd: i32, verdict: u32) -> bool {
     nix::unistd::write(fan, &resp).is_ok()
 }
 
-/// A dead process's unanswered event whose descriptor number this process holds with a
-/// placeholder (so none of its own events gets that number) until it answers it.
-#[derive(Debug)]
-struct Reserved {
-    fd: i32,
-    pid: i32,
-    dev: u64,
+/// Answers every event a dead process had noted and left unanswered (called once this
+/// process has its volumes back, and when it stops).
+fn answer_reserved(s: &Shared, fan: &Fanotify) {
+    let mut r = lock(&s.reserved);
+    let fds: Vec<i32> = r.by_fd.keys().copied().collect();
+    for fd in fds {
+        r.answer_all(s, fan, fd);
+    }
+    // Every event they named is answered: the journals go.
+    r.journals.clear();
+    s.has_reserved.store(false, Ordering::Relaxed);
 }
 
-/// Takes the descriptor numbers of `orphans` with placeholders (`/dev/null`); a number this
-/// process already uses cannot be held, and its event is answered like an unknown one.
-fn reserve(orphans: HashMap<i32, Unanswered>) -> Vec<Reserved> {
-    let Ok(null) = std::fs::File::open("/dev/null") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (fd, u) in orphans {
-        match nix::fcntl::fcntl(&null, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(fd)) {
-            Ok(got) if got == fd => out.push(Reserved {
-                fd,
-                pid: u.pid,
-                dev: u.dev,
-            }),
-            Ok(other) => {
-                close(other);
-                tracing::warn!(
-                    fd,
-                    "a dead process's open is being decided under a descriptor number this process uses: answered as an unknown opener's"
-                );
+/// The events dead processes noted and left unanswered, by descriptor number (oldest first:
+/// the order the kernel matches answers in), each with the journal that names it.
+#[derive(Default)]
+struct Reserved {
+    by_fd: HashMap<i32, std::collections::VecDeque<(usize, Unanswered)>>,
+    /// Taken over: locked by this process, cleared slot by slot, removed once all answered.
+    journals: Vec<Inflight>,
+}
+
+impl From<Vec<(Inflight, HashMap<i32, Unanswered>)>> for Reserved {
+    fn from(noted: Vec<(Inflight, HashMap<i32, Unanswered>)>) -> Self {
+        let mut r = Reserved::default();
+        for (i, (journal, events)) in noted.into_iter().enumerate() {
+            for (fd, u) in events {
+                r.by_fd.entry(fd).or_default().push_back((i, u));
             }
-            Err(e) => {
-                tracing::warn!(fd, error = %e, "cannot hold a dead process's open for its policy: answered as an unknown opener's");
+            r.journals.push(journal);
+        }
+        r
+    }
+}
+
+impl Reserved {
+    /// Answers every noted event with number `fd`, oldest first, each by its policy.
+    fn answer_all(&mut self, s: &Shared, fan: &Fanotify, fd: i32) {
+        for (i, u) in self.by_fd.remove(&fd).unwrap_or_default() {
+            let verdict = decide_reserved(s, u);
+            if let Some(j) = self.journals.get(i) {
+                j.clear(fd);
             }
+            respond(fan, fd, verdict);
         }
     }
-    out
 }
 
-/// Answers the dead process's events this process held by their volumes' policies (called
-/// once its volumes are back), each recorded like any open.
-fn answer_reserved(s: &Shared, fan: &Fanotify) {
-    let reserved = std::mem::take(&mut *lock(&s.reserved));
-    for r in reserved {
-        let watched = lock(&s.volumes)
-            .get(&r.dev)
-            .map(|w| (w.volume.clone(), w.pod.clone(), w.readers.clone()));
-        let verdict = match watched {
+/// The verdict on a dead process's noted event, by its volume's policy, recorded like any
+/// open. Before this process has its volumes back, a volume it does not know yet is an
+/// unknown opener's.
+fn decide_reserved(s: &Shared, u: Unanswered) -> u32 {
+    let watched = lock(&s.volumes)
+        .get(&u.dev)
+        .map(|w| (w.volume.clone(), w.pod.clone(), w.readers.clone()));
+    let Some((volume, pod, readers)) = watched else {
+        return if s.ready.load(Ordering::Relaxed) {
             // Not a volume any more: not ours to refuse.
-            None => FAN_ALLOW,
-            Some((volume, pod, readers)) => {
-                // The opener still waits in open(): its /proc entry is there.
-                let (process, _) = lock(&s.procs).resolve_pid(r.pid as u32);
-                let pod_uid = pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default();
-                let refused = readers.check(&pod_uid, &process).err();
-                let mut e = Event::new(EventKind::Read).volume(volume);
-                if let Some(p) = pod {
-                    e = e.pod(p);
-                }
-                let verdict = match refused {
-                    Some(Refusal(why)) => {
-                        e = e
-                            .process(process.named())
-                            .outcome(Outcome::Denied)
-                            .reason("readers")
-                            .detail(format!("open refused: {why} (decided after a restart)"));
-                        e.event = Some(EventKind::Deny);
-                        s.refusals.fetch_add(1, Ordering::Relaxed);
-                        FAN_DENY
-                    }
-                    None => {
-                        e = e.process(process).detail(
-                            "an open the previous keybroker process was deciding when it died, allowed by this one",
-                        );
-                        FAN_ALLOW
-                    }
-                };
-                s.audit.record(e);
-                verdict
-            }
+            FAN_ALLOW
+        } else {
+            s.unknown_verdict
         };
-        respond(fan, r.fd, verdict);
-        close(r.fd);
+    };
+    // The opener still waits in open(): its /proc entry is there.
+    let (process, _) = lock(&s.procs).resolve_pid(u.pid as u32);
+    let pod_uid = pod.as_ref().map(|p| p.uid.clone()).unwrap_or_default();
+    let mut e = Event::new(EventKind::Read).volume(volume);
+    if let Some(p) = pod {
+        e = e.pod(p);
     }
+    let verdict = match readers.check(&pod_uid, &process) {
+        Err(Refusal(why)) => {
+            e = e
+                .process(process.named())
+                .outcome(Outcome::Denied)
+                .reason("readers")
+                .detail(format!("open refused: {why} (decided after a restart)"));
+            e.event = Some(EventKind::Deny);
+            s.refusals.fetch_add(1, Ordering::Relaxed);
+            FAN_DENY
+        }
+        Ok(()) => {
+            e = e.process(process).detail(
+                "an open the previous keybroker process was deciding when it died, allowed by this one",
+            );
+            FAN_ALLOW
+        }
+    };
+    s.audit.record(e);
+    verdict
 }
 
 /// A fanotify group from a descriptor this process was given (by the fd keeper, or by the
@@ -771,7 +784,7 @@ fn listen(s: &Shared) {
         let group = s.group();
         let Some(fan) = group.as_ref() else { break };
         if s.ready.load(Ordering::Relaxed) {
-            if !lock(&s.reserved).is_empty() {
+            if s.has_reserved.load(Ordering::Relaxed) {
                 answer_reserved(s, fan);
             }
             let held = std::mem::take(&mut *lock(&s.deferred));
@@ -982,6 +995,11 @@ fn handle_batch(s: &Shared, fan: &Fanotify, events: Vec<Queued>, me: i32) {
 fn answer(s: &Shared, fan: &Fanotify, fd: i32, verdict: u32) {
     if let Some(j) = &s.inflight {
         j.clear(fd);
+    }
+    // A dead process's event with this number was read before this one: the kernel would
+    // give it this answer. It gets its own first.
+    if s.has_reserved.load(Ordering::Relaxed) {
+        lock(&s.reserved).answer_all(s, fan, fd);
     }
     let mut resp = [0u8; 8];
     resp[..4].copy_from_slice(&fd.to_ne_bytes());

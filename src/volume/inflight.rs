@@ -78,17 +78,25 @@ impl Inflight {
         }
     }
 
-    /// The events dead processes left unanswered, by descriptor number, from every journal in
-    /// `dir` that no live process holds; those journals are removed.
-    pub fn orphaned(dir: &Path) -> HashMap<i32, Unanswered> {
-        let mut out = HashMap::new();
+    /// The journals of dead processes in `dir` (those no live process locks), oldest first,
+    /// each with the events it names: this process takes them over (locks them, clears each
+    /// slot as it answers its event, and removes a journal when dropping it). Several: a
+    /// process that died before it had answered what an earlier dead one left.
+    pub fn orphaned(dir: &Path) -> Vec<(Inflight, HashMap<i32, Unanswered>)> {
         let Ok(entries) = std::fs::read_dir(dir) else {
-            return out;
+            return Vec::new();
         };
+        let mut found: Vec<(u128, Inflight, HashMap<i32, Unanswered>)> = Vec::new();
         for e in entries.flatten() {
-            if !e.file_name().to_string_lossy().starts_with(PREFIX) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(PREFIX) else {
                 continue;
-            }
+            };
+            let made: u128 = rest
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             let path = e.path();
             let Ok(file) = std::fs::OpenOptions::new()
                 .read(true)
@@ -103,10 +111,11 @@ impl Inflight {
                 // A live process's (the other side of a handover).
                 continue;
             };
-            out.extend(slots(&file));
-            let _ = std::fs::remove_file(&path);
+            let events = slots(&file);
+            found.push((made, Inflight { file, path }, events));
         }
-        out
+        found.sort_by_key(|(made, _, _)| *made);
+        found.into_iter().map(|(_, j, e)| (j, e)).collect()
     }
 }
 
@@ -166,16 +175,25 @@ mod tests {
         live.clear(9);
         live.note(-1, 103, 7);
         live.note(MAX_FD, 104, 7);
-        // A dead process's journal: the same slots, and nobody holds its lock.
-        let dead = dir.path().join(format!("{PREFIX}1-1"));
-        std::fs::copy(&live.path, &dead).unwrap();
+        // Two dead processes' journals (nobody holds their locks), the older one named first.
+        let older = dir.path().join(format!("{PREFIX}1-100"));
+        let newer = dir.path().join(format!("{PREFIX}2-200"));
+        std::fs::copy(&live.path, &newer).unwrap();
+        std::fs::write(&older, []).unwrap();
         let found = Inflight::orphaned(dir.path());
-        assert_eq!(found, HashMap::from([(5, Unanswered { pid: 100, dev: 7 })]));
-        assert!(
-            !dead.exists(),
-            "a dead process's journal is removed once read"
+        assert_eq!(found.len(), 2, "a live process's journal is left alone");
+        assert_eq!(found[0].0.path, older);
+        assert!(found[0].1.is_empty());
+        assert_eq!(
+            found[1].1,
+            HashMap::from([(5, Unanswered { pid: 100, dev: 7 })])
         );
-        assert!(live.path.exists(), "a live process's journal is left alone");
+        // Taken over: locked by this process until dropped, then removed.
+        assert!(Inflight::orphaned(dir.path()).is_empty());
+        found[1].0.clear(5);
+        assert!(slots(&found[1].0.file).is_empty());
+        drop(found);
+        assert!(!older.exists() && !newer.exists());
         let path = live.path.clone();
         drop(live);
         assert!(!path.exists(), "a journal goes with its process");
