@@ -85,6 +85,16 @@ pub fn is_keybroker_mount(m: &MountEntry) -> bool {
 pub struct TargetLock {
     _lock: Flock<File>,
     path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl Drop for TargetLock {
+    /// The lock file goes while still locked (a process that opened it meanwhile finds, once
+    /// it holds the lock, that the path no longer names its file, and opens it anew): clean
+    /// exits leave nothing in the runtime directory.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
 }
 
 impl TargetLock {
@@ -195,28 +205,46 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
     std::fs::create_dir_all(&locks)
         .map_err(|e| target_err(format!("cannot create {}: {e}", locks.display())))?;
     let lock_path = locks.join(format!("{}.lock", target_key(&canonical)));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| target_err(format!("cannot open {}: {e}", lock_path.display())))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((mut file, _)) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            return Err(VolumeError::Busy {
-                path: canonical,
-                pid: pid.trim().to_owned(),
-            });
+    let mut lock = loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| target_err(format!("cannot open {}: {e}", lock_path.display())))?;
+        let l = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                return Err(VolumeError::Busy {
+                    path: canonical,
+                    pid: pid.trim().to_owned(),
+                });
+            }
+        };
+        // The holder before us may have removed the file as it let go: ours must still be
+        // the one the path names.
+        use std::os::unix::fs::MetadataExt;
+        let same = match (l.metadata(), std::fs::metadata(&lock_path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            break l;
         }
     };
     let _ = lock.set_len(0);
     let _ = lock.rewind();
     let _ = write!(lock, "{}", std::process::id());
+    // Held from here: any error below lets go of the target and removes the lock file.
+    let claim = TargetLock {
+        _lock: lock,
+        path: canonical.clone(),
+        lock_path,
+    };
 
     // Nobody alive holds the target: anything keybroker left mounted there is stale.
     let mut cleaned = false;
@@ -250,13 +278,7 @@ pub fn claim(dir: &Path) -> Result<(TargetLock, bool), VolumeError> {
             m.fs_type
         )));
     }
-    Ok((
-        TargetLock {
-            _lock: lock,
-            path: canonical,
-        },
-        cleaned,
-    ))
+    Ok((claim, cleaned))
 }
 
 /// Detaches every keybroker mount at `dir`, however many are stacked (a crash can leave a
