@@ -297,7 +297,18 @@ async fn only_the_pods_processes_open_a_protected_volume() {
             .unwrap();
         drop(cg);
     }
-    let text = std::fs::read_to_string(&audit).unwrap();
+    // The audit writer is a thread of its own: wait for the records (a deadline only
+    // against a hang).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let done = text.contains("the opener's program is not one of them")
+            && text.contains("program is not one of the executables");
+        if done || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(!text.contains(SECRET), "no value in the audit log");
     assert!(
         text.contains("the opener's program is not one of them"),
