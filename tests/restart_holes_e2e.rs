@@ -246,8 +246,9 @@ fn require_test_controller() {
 }
 
 /// Case 2: either process killed at any point of a handover. The new node killed 0, 2, 5, 8,
-/// 16 and 50 ms after it starts, and while the old side is paused (before it sends the
-/// sessions) and committing (after `took`); the same for the old node. Whatever dies, the
+/// 16 and 50 ms after it starts, while the new side has connected but not yet asked, while
+/// the old side is paused (before it sends the sessions) and committing (after `took`); the
+/// same for the old node. Whatever dies, the
 /// survivor (or the restarted new node) serves every volume; readers never see an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_death_at_any_point_of_a_handover_loses_nothing() {
@@ -266,11 +267,12 @@ async fn a_death_at_any_point_of_a_handover_loses_nothing() {
         for ms in [0, 2, 5, 8, 16, 50] {
             points.push((who, format!("{ms} ms")));
         }
-        points.push((who, "send".into()));
-        points.push((who, "commit".into()));
+        for stage in ["connected", "send", "commit"] {
+            points.push((who, stage.into()));
+        }
     }
     for (who, when) in &points {
-        let staged = matches!(when.as_str(), "send" | "commit");
+        let staged = matches!(when.as_str(), "connected" | "send" | "commit");
         std::fs::write(
             &stall,
             if staged {
@@ -284,7 +286,7 @@ async fn a_death_at_any_point_of_a_handover_loses_nothing() {
         let stalls = d.logs().matches("handover stalled").count();
         let mut new = spawn_node(&root, false);
         if staged {
-            wait_for("the old side's stall", Duration::from_secs(120), || {
+            wait_for("the stall", Duration::from_secs(120), || {
                 d.logs().matches("handover stalled").count() > stalls
             });
         } else {
@@ -335,6 +337,13 @@ async fn a_death_at_any_point_of_a_handover_loses_nothing() {
         "no kill point fell inside a handover (none rolled back)"
     );
     assert!(!d.logs().contains("no fd keeper kept its session"));
+    // The old node killed while the new one had connected but not yet asked: the request
+    // finds the connection reset, and the new node asks again (nobody answers).
+    assert!(
+        d.logs().contains("went away before reading the request"),
+        "the 'connected' round did not reach the reset connection:\n{}",
+        d.logs()
+    );
     v.rotate_and_unpublish(&d, &root, &keeper, "db-password-v2")
         .await;
 }

@@ -97,7 +97,19 @@ fn ask(state_dir: &Path) -> std::io::Result<Asked> {
     }
     sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(WAIT))?;
     tracing::info!(socket = %path.display(), "another keybroker node process runs here; asking it to hand its volumes over");
-    keeper::send(sock.as_fd(), "handover", None)?;
+    #[cfg(feature = "test-controller")]
+    test_stall("connected");
+    // Connected, but it may die before it reads the request (killed between our connect
+    // and its accept): the send then fails with a reset or a broken pipe. Asking again
+    // finds nobody listening, and the keeper has the sessions.
+    if let Err(e) = keeper::send(sock.as_fd(), "handover", None) {
+        if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)) {
+            return Ok(Asked::Again(format!(
+                "it went away before reading the request: {e}"
+            )));
+        }
+        return Err(e);
+    }
     let got = match keeper::recv_all(sock.as_fd()) {
         Ok(got) => got,
         // It died (or rolled back) before sending everything: if it died, nobody answers
@@ -264,8 +276,9 @@ pub async fn hand_over(node: &Arc<NodeService>, listener: &Listener, conn: Owned
     Outcome::Committed
 }
 
-/// TEST ONLY: stalls the older side at `stage` (`send`: paused, before the sessions go;
-/// `commit`: after `took`, before it lets go) for the milliseconds the file named by
+/// TEST ONLY: stalls a side at `stage` (the newer side's `connected`: before it sends its
+/// request; the older side's `send`: paused, before the sessions go; `commit`: after `took`,
+/// before it lets go) for the milliseconds the file named by
 /// `KEYBROKER_TEST_HANDOVER_STALL_FILE` gives for it (`send 300`), so a test can kill either
 /// process at that point.
 #[cfg(feature = "test-controller")]
