@@ -156,20 +156,9 @@ async fn bound_pods_get_files_unbound_pods_an_error_code_and_re_mounts_are_free(
         tonic::Code::InvalidArgument
     );
 
-    // The audit writer is a thread of its own: the denial's record lands shortly after the
-    // reply (read until it has, a deadline only against a hang).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let audit = loop {
-        let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap_or_default();
-        if audit.contains("\"deny\"") && audit.contains("team-b") {
-            break audit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no deny record for team-b: {audit}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let audit = common::audit_text_when(&root.join("audit.jsonl"), "team-b's denial", |a| {
+        a.contains("\"deny\"") && a.contains("team-b")
+    });
     assert!(audit.contains("Secrets Store provider Mount"));
     assert!(!audit.contains("S3cret-provider-db-8841"));
     assert!(!d.logs().contains("S3cret-provider-db-8841"));
@@ -743,8 +732,9 @@ async fn the_drivers_own_node_server_publishes_through_keybroker() {
         e.message()
     );
     assert!(!stranger.target(&root).join("password").exists());
-    let audit = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"deny\""), "the refusal is audited");
+    let audit = common::audit_text_when(&root.join("audit.jsonl"), "the refusal", |a| {
+        a.contains("\"deny\"")
+    });
     assert!(!audit.contains("S3cret-provider-db"));
 
     kubelet

@@ -297,18 +297,10 @@ async fn only_the_pods_processes_open_a_protected_volume() {
             .unwrap();
         drop(cg);
     }
-    // The audit writer is a thread of its own: wait for the records (a deadline only
-    // against a hang).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let text = loop {
-        let text = std::fs::read_to_string(&audit).unwrap_or_default();
-        let done = text.contains("the opener's program is not one of them")
-            && text.contains("program is not one of the executables");
-        if done || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let text = common::audit_text_when(&audit, "both refusals by executable", |t| {
+        t.contains("the opener's program is not one of them")
+            && t.contains("program is not one of the executables")
+    });
     assert!(!text.contains(SECRET), "no value in the audit log");
     assert!(
         text.contains("the opener's program is not one of them"),
@@ -449,10 +441,8 @@ async fn no_open_slips_through_restarts_or_handovers() {
     };
     const ROUNDS: usize = 20;
     // Opens the dead process had read and not answered, refused by the next one (logged).
-    let orphans = || -> u64 {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
+    let orphans = |text: &str| -> u64 {
+        text.lines()
             .filter_map(|l| {
                 let d = l.split("\"detail\":\"").nth(1)?;
                 d.split(" opens of tmpfs volumes were being decided when the previous")
@@ -480,9 +470,13 @@ async fn no_open_slips_through_restarts_or_handovers() {
         // the next process); nothing else may fail.
         pod_refused += judge(kind, role, &v, &d.logs());
     }
-    let refused_as_orphans = orphans();
+    // The records that explain them are written by the next process's audit writer: read
+    // until they are there (or the deadline says they never came).
+    let text = common::audit_text_when(&audit, "a record for every refused pod open", |t| {
+        orphans(t) >= pod_refused
+    });
+    let refused_as_orphans = orphans(&text);
     // Opens a dead process had journaled, decided by the next one by policy.
-    let text = std::fs::read_to_string(&audit).unwrap_or_default();
     let allowed_after = text
         .matches("was deciding when it died, allowed by this one")
         .count();

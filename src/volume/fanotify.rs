@@ -878,12 +878,10 @@ fn listen(s: &Shared) {
             std::os::fd::AsFd::as_fd(fan),
             nix::poll::PollFlags::POLLIN,
         )];
-        // Held opens are looked at again soon after the volumes are back.
-        let wait: u16 = if lock(&s.deferred).is_empty() {
-            500
-        } else {
-            20
-        };
+        // Held opens, and opens a dead process journaled, are looked at again soon after the
+        // volumes are back (their openers wait).
+        let waiting = !lock(&s.deferred).is_empty() || s.has_reserved.load(Ordering::Relaxed);
+        let wait: u16 = if waiting { 20 } else { 500 };
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             // Never give up: in permission mode an unread event is an open that waits.

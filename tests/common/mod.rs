@@ -309,6 +309,30 @@ pub fn read_file(path: &Path) -> std::io::Result<String> {
     Ok(s)
 }
 
+/// The audit log's text once `done` holds for it. The node's audit writer is a thread of its
+/// own, so a record lands shortly after the reply or the log line it goes with; this reads
+/// until it has (120 s is a deadline against a hang, not an expected time).
+pub fn audit_text_when(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        if std::time::Instant::now() > deadline {
+            let tail = text.len().saturating_sub(8000);
+            let tail = (tail..text.len())
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(text.len());
+            panic!(
+                "the audit log never showed {what}; its end:\n{}",
+                &text[tail..]
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every audit record of a log, parsed.
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap();
