@@ -805,3 +805,135 @@ async fn a_malformed_mount_is_refused_logged_and_audited() {
         d.logs()
     );
 }
+
+/// The driver never says when a pod is gone (the provider API has no unmount): a volume no
+/// Mount asks for within `--forget-idle-after` is forgotten, and what no other volume uses
+/// leaves memory: the cached value, the pod's service-account token, the Vault login. Leases
+/// and tokens are not revoked (a pod whose driver does not rotate still uses its files). A
+/// forgotten volume asked for again is simply served again. Against a real OpenBao.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_no_mount_asks_for_are_forgotten_and_their_values_leave_memory() {
+    use common::peers::Bao;
+    const VALUE: &str = "S3cret-provider-idle-3131";
+    let tmp = open_tempdir();
+    let root = tmp.path().to_owned();
+    for dir in ["etc", "csi"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let mut issuer = Issuer::new(&root);
+    issuer.serve_discovery(&root);
+    let bao = Bao::with_jwt_role(
+        &root,
+        &issuer,
+        "team-a:vaultapp",
+        common::peers::READ_APP_SECRETS,
+    );
+    bao.cli(&["kv", "put", "secret/app/db", &format!("password={VALUE}")]);
+    common::write_bindings(
+        &root,
+        &format!(
+            "bindings:\n  - name: vault\n    namespace: team-a\n    serviceAccounts: [vaultapp]\n    identity: {{vault: {{address: \"{}\", authMount: jwt, role: app, caFile: \"{}\"}}}}\n    objects: [\"secret/data/app/*\"]\n",
+            bao.addr,
+            bao.ca.display(),
+        ),
+    );
+    let params = [
+        ("roleName", "app"),
+        ("vaultAddress", bao.addr.as_str()),
+        ("vaultAuthMountPath", "jwt"),
+        (
+            "objects",
+            "- objectName: db-password\n  secretPath: secret/data/app/db\n  secretKey: password\n",
+        ),
+    ];
+    let d = Daemon::start_opts(
+        &root,
+        "1h",
+        &root.join("audit.jsonl"),
+        &["provider", "--forget-idle-after", "3s"],
+    );
+    let mut c = provider_client(&d).await;
+    let (a, b) = (
+        Pod::new("team-a", "vaultapp", 61),
+        Pod::new("team-a", "vaultapp", 62),
+    );
+    let request = |p: &Pod| {
+        let tokens = issuer.kubelet_tokens(&[TokenSpec {
+            ns: p.ns,
+            sa: p.sa,
+            pod: &p.name,
+            uid: &p.uid,
+            audience: "vault",
+            expires_in: 3600,
+        }]);
+        mount_request(&root, p, attributes(p, &params, &tokens))
+    };
+    let (ra, rb) = (request(&a), request(&b));
+    let mut mount = async |r: &pb::MountRequest| {
+        let resp = c.mount(r.clone()).await.unwrap().into_inner();
+        assert!(resp.error.is_none(), "{:?}\n{}", resp.error, d.logs());
+        assert_eq!(resp.files[0].contents, VALUE.as_bytes());
+    };
+    let logins = || bao.requests(|_, path| path == "auth/jwt/login");
+    let reads = || bao.requests(|_, path| path == "secret/data/app/db");
+    mount(&ra).await;
+    mount(&rb).await;
+    assert_eq!(
+        (logins(), reads()),
+        (1, 1),
+        "one login and one read for both"
+    );
+    assert_eq!(d.metric("keybroker_provider_volumes"), 2);
+    assert_eq!(d.metric("keybroker_cached_values"), 1);
+
+    // Pod a's driver keeps rotating (a Mount every half second); pod b's went away.
+    let started = std::time::Instant::now();
+    while d.metric("keybroker_provider_volumes") > 1 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "pod b was never forgotten\n{}",
+            d.logs()
+        );
+        mount(&ra).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    mount(&ra).await;
+    assert_eq!(
+        d.metric("keybroker_cached_values"),
+        1,
+        "a's value stays cached"
+    );
+    assert_eq!((logins(), reads()), (1, 1), "a is still served from memory");
+
+    // No Mount at all: a is forgotten too, and the value leaves memory.
+    let started = std::time::Instant::now();
+    while d.metric("keybroker_provider_volumes") > 0 || d.metric("keybroker_cached_values") > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "pod a's volume and value were never forgotten\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(d.logs().contains("forgot Secrets Store volumes"));
+
+    // b's pod comes back (or a new Mount of it): served again, with a fresh login (the
+    // identity's login went with its last volume) and a fresh read.
+    mount(&rb).await;
+    assert_eq!(
+        (logins(), reads()),
+        (2, 2),
+        "a new login and read after forgetting"
+    );
+    // Nothing was revoked: the first login's token and what it read simply expire.
+    assert_eq!(
+        bao.requests(|_, path| path.starts_with("auth/token/revoke")),
+        0
+    );
+    assert!(!d.logs().contains(VALUE));
+    assert!(
+        !std::fs::read_to_string(root.join("audit.jsonl"))
+            .unwrap()
+            .contains(VALUE)
+    );
+}

@@ -140,6 +140,7 @@ pub fn run(args: NodeArgs) -> ExitCode {
         }),
         release_memory: Some(super::malloc::trim_heap),
         keeper: None,
+        forget_idle_after: None,
     };
     raise_fd_limit();
     let keeper_socket = fd_keeper_socket.unwrap_or_else(|| cfg.state_dir.join("keeper.sock"));

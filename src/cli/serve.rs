@@ -303,6 +303,7 @@ pub async fn run_node(
     };
     let state_dir = cfg.state_dir.clone();
     let keeper = cfg.keeper.clone();
+    let forget_idle_after = cfg.forget_idle_after;
     let key = audit_args
         .key
         .as_deref()
@@ -389,6 +390,13 @@ pub async fn run_node(
         }
         Serving::Provider { endpoint } => {
             tracing::info!(endpoint = %endpoint, metrics = %metrics_addr, "serving the Secrets Store provider API");
+            if let Some(idle) = forget_idle_after {
+                tokio::spawn(keybroker::node::provider_api::sweep(
+                    node.clone(),
+                    idle,
+                    shutdown.clone(),
+                ));
+            }
             let (e, node, stop) = (endpoint.clone(), node.clone(), shutdown.clone());
             (
                 endpoint,

@@ -147,7 +147,7 @@ fn counters(node: &NodeService) -> [Row; 17] {
 }
 
 /// The gauges: (name, help, value).
-fn gauges(node: &NodeService) -> [Row; 9] {
+fn gauges(node: &NodeService) -> [Row; 11] {
     [
         (
             "keybroker_audit_healthy",
@@ -168,6 +168,16 @@ fn gauges(node: &NodeService) -> [Row; 9] {
             "keybroker_volumes",
             "Volumes published on this node.",
             node.volume_count() as u64,
+        ),
+        (
+            "keybroker_provider_volumes",
+            "Provider mode: Secrets Store volumes remembered (a Mount within --forget-idle-after).",
+            node.provider_mounts() as u64,
+        ),
+        (
+            "keybroker_cached_values",
+            "Values in the node-wide cache (in memory, zeroized when dropped).",
+            node.cache().len() as u64,
         ),
         (
             "keybroker_max_staleness_seconds",

@@ -88,6 +88,29 @@ pub struct NodeConfig {
     /// Where duplicates of the FUSE session descriptors are kept across restarts. `None`: FUSE
     /// volumes end with the process (their containers see ENOTCONN).
     pub keeper: Option<crate::keeper::KeeperClient>,
+    /// Provider mode: a Secrets Store volume no `Mount` has asked for in this long is
+    /// forgotten (its values, pod token and login dropped from memory; the driver has no
+    /// unmount call to say a pod is gone). `None` in node mode, where unpublish says it.
+    pub forget_idle_after: Option<Duration>,
+}
+
+/// What [`NodeService::release_unused`] does with what no volume uses any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Release {
+    /// The volumes are gone (unpublished): leases are revoked, idle Vault logins logged out.
+    Revoke,
+    /// Only forgotten (provider mode: the pod may still use what the driver wrote): dropped
+    /// from memory, leases and tokens left to expire.
+    Forget,
+}
+
+/// What provider mode remembers of a Secrets Store volume between the driver's `Mount` calls
+/// (its first and every rotation poll), so that what no volume uses any more can go.
+struct ProviderMount {
+    identity: String,
+    provider: Arc<dyn Provider>,
+    keys: Vec<CacheKey>,
+    last: Instant,
 }
 
 struct Published {
@@ -124,6 +147,8 @@ pub struct NodeService {
     /// Publishes in progress: target → identity key.
     publishing: Mutex<HashMap<PathBuf, String>>,
     volumes: Mutex<HashMap<PathBuf, Published>>,
+    /// Provider mode: the Secrets Store volumes by target, with their last `Mount`.
+    provider_mounts: Mutex<HashMap<PathBuf, ProviderMount>>,
     target_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// Attribute parses in flight (on the blocking pool).
     parse_slots: tokio::sync::Semaphore,
@@ -228,6 +253,7 @@ impl NodeService {
             managed_tokens: Mutex::new(HashMap::new()),
             publishing: Mutex::new(HashMap::new()),
             volumes: Mutex::new(HashMap::new()),
+            provider_mounts: Mutex::new(HashMap::new()),
             target_locks: Mutex::new(HashMap::new()),
             parse_slots: tokio::sync::Semaphore::new(PARSE_SLOTS),
             ready: AtomicBool::new(false),

@@ -11,11 +11,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use keybroker_csi::NodeError;
 use keybroker_csi::provider::{MountRefused, MountRequest, Mounted, MountedFile, SecretsProvider};
 
-use super::{NodeService, identity_key};
+use super::publish::Pending;
+use super::{NodeService, ProviderMount, Release, identity_key, lock};
 use crate::audit::{Event, EventKind};
 use crate::provider::ProviderError;
 use crate::refresh::{RefreshError, Refresher};
@@ -61,6 +63,12 @@ impl SecretsProvider for NodeService {
             .load()
             .authorize(&vr)
             .map_err(|why| refuse(self.deny(Some(&vr.pod), &vid, why)))?;
+        // In flight from here: a sweep keeps this target's pod token and identity.
+        let _pending = Pending::new(
+            &self.publishing,
+            &req.target_path,
+            identity_key(&grant, &vr.pod),
+        );
         let provider = self
             .provider_for(&grant, &vr, &req.target_path)
             .map_err(|e| refuse(self.fail(Some(&vr.pod), &vid, e)))?;
@@ -68,12 +76,23 @@ impl SecretsProvider for NodeService {
         let refresher = Refresher::new(
             vid.clone(),
             vr.content.clone(),
-            provider,
-            identity,
+            provider.clone(),
+            identity.clone(),
             self.cache.clone(),
             self.audit.clone(),
         )
         .with_pod(vr.pod.audit_ref());
+        // Remembered before the fetch: a value this Mount brings into the cache belongs to a
+        // volume a sweep can see (and forget once no Mount asks for it).
+        lock(&self.provider_mounts).insert(
+            req.target_path.clone(),
+            ProviderMount {
+                identity,
+                provider,
+                keys: refresher.keys(),
+                last: Instant::now(),
+            },
+        );
         let rendered = match refresher.render().await {
             Ok(r) => r,
             Err(RefreshError::Provider(p @ ProviderError::PermissionDenied { .. })) => {
@@ -133,6 +152,56 @@ impl SecretsProvider for NodeService {
             &vid,
             NodeError::InvalidArgument(format!("the driver's Mount request: {reason}")),
         );
+    }
+}
+
+impl NodeService {
+    /// Forgets the Secrets Store volumes no `Mount` has asked for in `idle`, then drops what
+    /// no remaining volume uses: cached values (zeroized), pod tokens, logins. Leases and
+    /// Vault tokens are not revoked (a pod whose driver does not rotate still uses what it
+    /// was given; they end at their TTL). How many volumes were forgotten.
+    pub async fn forget_idle_provider_mounts(&self, idle: Duration) -> usize {
+        let forgotten = {
+            let mut mounts = lock(&self.provider_mounts);
+            let before = mounts.len();
+            mounts.retain(|_, m| m.last.elapsed() < idle);
+            before - mounts.len()
+        };
+        if forgotten > 0 {
+            self.release_unused(Release::Forget).await;
+            tracing::info!(
+                volumes = forgotten,
+                idle = %humantime::format_duration(idle),
+                cached = self.cache.len(),
+                "forgot Secrets Store volumes no Mount asked for: their values, pod tokens and logins left memory where no other volume uses them"
+            );
+        }
+        forgotten
+    }
+
+    /// Secrets Store volumes provider mode remembers (a Mount within the idle time).
+    pub fn provider_mounts(&self) -> usize {
+        lock(&self.provider_mounts).len()
+    }
+}
+
+/// Forgets idle volumes every quarter of `idle` (at least every second, at most every
+/// minute) until `shutdown`.
+pub async fn sweep(
+    node: Arc<NodeService>,
+    idle: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                node.forget_idle_provider_mounts(idle).await;
+            }
+        }
     }
 }
 

@@ -15,7 +15,11 @@ pub(super) struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    fn new(map: &'a Mutex<HashMap<PathBuf, String>>, target: &Path, identity: String) -> Self {
+    pub(super) fn new(
+        map: &'a Mutex<HashMap<PathBuf, String>>,
+        target: &Path,
+        identity: String,
+    ) -> Self {
         lock(map).insert(target.to_owned(), identity);
         Self {
             map,
@@ -239,7 +243,7 @@ impl NodeService {
         drop(pending);
         if res.is_err() {
             // Nothing was published: forget the volume's token, drop what it fetched.
-            self.release_unused().await;
+            self.release_unused(Release::Revoke).await;
         }
         res
     }

@@ -59,7 +59,7 @@ impl NodeService {
                 tracing::warn!(target = %target.display(), error = %e, "cannot remove the target directory")
             }
         }
-        self.release_unused().await;
+        self.release_unused(Release::Revoke).await;
         self.metrics.unpublishes.fetch_add(1, Ordering::Relaxed);
         self.audit.record(ev);
         lock(&self.target_locks).remove(&target);
@@ -77,34 +77,43 @@ impl NodeService {
         Ok(())
     }
 
-    /// Drops cached values no published volume needs any more (zeroized on drop), revokes
-    /// their leases, and logs out of Vault identities no volume uses.
-    pub(super) async fn release_unused(&self) {
+    /// Drops cached values no volume (published, or a Secrets Store volume provider mode
+    /// remembers) needs any more (zeroized on drop), the pod tokens of volumes that are gone,
+    /// and the identities no volume uses; with [`Release::Revoke`] also revokes the dropped
+    /// values' leases and logs those Vault identities out.
+    pub(super) async fn release_unused(&self, how: Release) {
         let pending: HashMap<PathBuf, String> = lock(&self.publishing).clone();
         let (in_use, identities, providers) = {
             let vols = lock(&self.volumes);
-            let keys: std::collections::HashSet<CacheKey> =
-                vols.values().flat_map(|p| p.keys.iter().cloned()).collect();
-            let ids: std::collections::HashSet<String> = vols
+            let mounts = lock(&self.provider_mounts);
+            // (identity, provider, keys) of every volume.
+            let all = vols
                 .values()
-                .map(|p| p.identity.clone())
-                .chain(pending.values().cloned())
-                .collect();
-            let providers: HashMap<String, Arc<dyn Provider>> = vols
-                .values()
-                .map(|p| (p.identity.clone(), p.provider.clone()))
-                .collect();
+                .map(|p| (&p.identity, &p.provider, &p.keys))
+                .chain(mounts.values().map(|m| (&m.identity, &m.provider, &m.keys)));
+            let mut keys = std::collections::HashSet::<CacheKey>::new();
+            let mut ids: std::collections::HashSet<String> = pending.values().cloned().collect();
+            let mut providers = HashMap::<String, Arc<dyn Provider>>::new();
+            for (identity, provider, k) in all {
+                keys.extend(k.iter().cloned());
+                ids.insert(identity.clone());
+                providers.insert(identity.clone(), provider.clone());
+            }
             (keys, ids, providers)
         };
         // Values of identities with a publish in flight stay: that volume is about to use them.
         let evicted = self
             .cache
             .retain(|k| in_use.contains(k) || pending.values().any(|i| *i == k.identity));
-        let targets: std::collections::HashSet<String> = lock(&self.volumes)
-            .keys()
-            .chain(pending.keys())
-            .map(|t| t.to_string_lossy().into_owned())
-            .collect();
+        let targets: std::collections::HashSet<String> = {
+            let mounts = lock(&self.provider_mounts);
+            lock(&self.volumes)
+                .keys()
+                .chain(mounts.keys())
+                .chain(pending.keys())
+                .map(|t| t.to_string_lossy().into_owned())
+                .collect()
+        };
         let idle: Vec<Arc<VaultProvider>> = {
             let mut vaults = lock(&self.vaults);
             let idle_keys: Vec<String> = vaults
@@ -127,6 +136,10 @@ impl NodeService {
             let used: std::collections::HashSet<*const azure::TokenSource> =
                 azures.values().map(|p| Arc::as_ptr(p.tokens())).collect();
             lock(&self.managed_tokens).retain(|_, t| used.contains(&Arc::as_ptr(t)));
+        }
+        if how == Release::Forget {
+            // Dropped here (values zeroized); leases and tokens end at their TTL.
+            return;
         }
         for (key, object) in evicted {
             if object.lease.is_none() {
