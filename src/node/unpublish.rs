@@ -106,9 +106,11 @@ impl NodeService {
             .cache
             .retain(|k| in_use.contains(k) || pending.values().any(|i| *i == k.identity));
         let targets: std::collections::HashSet<String> = {
+            // The same order as above (volumes, then provider mounts): no lock-order deadlock
+            // between two concurrent releases.
+            let vols = lock(&self.volumes);
             let mounts = lock(&self.provider_mounts);
-            lock(&self.volumes)
-                .keys()
+            vols.keys()
                 .chain(mounts.keys())
                 .chain(pending.keys())
                 .map(|t| t.to_string_lossy().into_owned())
